@@ -1,0 +1,143 @@
+"""One exact record per request, and the per-process file that keeps them.
+
+Every number an SLO verdict uses comes from these records, never from Locust's bucketed response
+times. Each process appends its records to its own JSONL file as they complete, flushed per record, so
+a killed process loses at most the request in flight; after a run the report is recomputed from the
+union of those files and must equal what the live verdict saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import IO, Iterable
+
+from agentperf_users.errors import AgentperfError
+
+RECORD_FILE_PATTERN = "records-*.jsonl"
+
+
+class Status(str, Enum):
+    """How a request ended. Anything but ``OK`` counts as a miss for every SLO tier."""
+
+    OK = "ok"
+    HTTP_4XX = "http_4xx"
+    HTTP_5XX = "http_5xx"
+    TIMEOUT = "timeout"  # no response (headers) within the connect/response timeout
+    STALL = "stall"  # the stream went silent for longer than the stall timeout
+    DISCONNECT = "disconnect"  # the connection closed before [DONE]
+    BAD_STREAM = "bad_stream"  # unparseable SSE/JSON, or an in-band error event
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """Everything measured about one request. Times ending ``_epoch_s`` are wall clock (comparable
+    across hosts only as far as their clocks agree); durations ending ``_s`` come from the monotonic
+    clock of the process that measured them. ``None`` means "not reached" (e.g. no first token)."""
+
+    run_id: str
+    worker_id: str
+    agent: int  # global agent index across all workers
+    trajectory: str  # trajectory id (with the cache-namespace suffix when the set wrapped around)
+    turn: int  # 0-based turn index within the trajectory
+    load_step: int  # the load step (agent-count level) that was active when the request started
+    scheduled_start_epoch_s: float  # when the agent meant to send it (previous end + tool wait)
+    start_epoch_s: float  # when it was actually sent
+    end_epoch_s: float  # when the last byte arrived (or the request failed)
+    ttfb_s: float | None  # time to the first response byte
+    ttft_s: float | None  # time to the first chunk carrying content, reasoning or tool-call text
+    e2e_s: float  # send to end
+    itl_p50_s: float | None  # inter-token gaps (between content-carrying chunks)
+    itl_p95_s: float | None
+    itl_max_s: float | None
+    output_tokens: int
+    output_tokens_estimated: bool  # True when no usage arrived and chunks were counted instead
+    prompt_tokens: int | None
+    cached_tokens: int | None
+    output_tps: float | None  # (output_tokens - 1) / (last token time - first token time)
+    status: Status
+    message: str = ""  # short, redacted: never contains an API key or the request body
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RequestRecord":
+        return cls(**{**data, "status": Status(data["status"])})
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+
+class RecordWriter:
+    """Appends records to ``<directory>/records-<process_id>.jsonl``, one flushed line per record."""
+
+    def __init__(self, directory: str | os.PathLike, process_id: str) -> None:
+        self.path = Path(directory) / f"records-{process_id}.jsonl"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file: IO[str] = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise AgentperfError(f"{self.path}: cannot open the records file: {exc.strerror}") from None
+
+    def write(self, record: RequestRecord) -> None:
+        self._file.write(record.to_json() + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_records(paths: Iterable[str | os.PathLike]) -> list[RequestRecord]:
+    """Records from JSONL files (or folders of ``records-*.jsonl``). A torn last line, as a killed
+    process may leave, is skipped; any other malformed line is a one-line error."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files.extend(sorted(path.glob(RECORD_FILE_PATTERN)) if path.is_dir() else [path])
+    records = []
+    for file in files:
+        lines = file.read_text(encoding="utf-8").split("\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(RequestRecord.from_dict(json.loads(line)))
+            except (ValueError, TypeError, KeyError) as exc:
+                if number == len(lines) and not line.endswith("}"):
+                    continue  # torn final write of a killed process
+                raise AgentperfError(f"{file}:{number}: not a request record ({exc})") from None
+    return records
+
+
+class RecordLog:
+    """Where an agent's records go in one process: its own file first (the source of truth that
+    survives a killed process), then a buffer that aggregation drains towards the master."""
+
+    def __init__(self, writer: RecordWriter | None) -> None:
+        self._writer = writer
+        self._pending: list[RequestRecord] = []
+
+    @property
+    def path(self) -> Path | None:
+        return self._writer.path if self._writer else None
+
+    def add(self, record: RequestRecord) -> None:
+        if self._writer:
+            self._writer.write(record)
+        self._pending.append(record)
+
+    def drain(self) -> list[RequestRecord]:
+        """The records added since the last drain (each record is drained exactly once)."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
