@@ -1,0 +1,397 @@
+"""Performance profiles: one GPU setup serving one model, read from a strict YAML file.
+
+A profile is everything the simulated engine needs to behave like a given deployment: how much KV cache
+fits, how long one engine step takes for the work scheduled in it, the scheduler limits, and how long
+replies are when a request does not pin its length. Bundled profiles live in ``profiles/*.yaml`` next to
+this module; ``profiles/README.md`` derives every constant and states its source.
+
+Why strict parsing: a typo in a profile silently changes the "known capacity" a load test is scored
+against, so unknown keys, missing keys, wrong types and non-positive numbers are errors naming the file
+and the field. Why a closed-form step time (see :class:`StepCost`): the capacity of a simulated server
+must be computable, and a roofline with efficiency factors is what vidur, BLIS and llm-d use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agentperf_users.simulator.tokenizer import BLOCK_SIZE
+
+PROFILES_DIR = Path(__file__).with_name("profiles")
+DEFAULT_PROFILE = "h100-llama3.1-8b"
+GIB = 1024**3
+DESCRIBE_CONTEXT_TOKENS = 2048
+"""Context length per sequence at which ``describe()`` reports decode step times (the notes' anchors)."""
+P95_Z = 1.6448536269514722
+"""Standard normal quantile of 0.95: turns the p95/median ratio into the lognormal's sigma."""
+
+
+class SimulatorError(Exception):
+    """Base of the simulator's errors; the message is one line fit to show a user or return to a client."""
+
+
+class ProfileError(SimulatorError):
+    """A profile file is malformed: ``"<file>: <field.path>: expected ..., got ..."``."""
+
+
+FRACTION = {"le": 1.0}
+"""Field metadata: a number in (0, 1]. Every other number must merely be positive."""
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    count: int
+    """GPUs serving one engine with tensor parallelism (the TP degree)."""
+    memory_gib: float
+    """Per GPU, as CUDA reports it (e.g. 79.2 GiB for an 80 GB H100)."""
+    bandwidth_gb_s: float
+    bf16_tflops: float
+    """Dense (not sparse) BF16 tensor-core peak per GPU."""
+    tdp_w: float
+    idle_w: float
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    layers: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class MoE:
+    experts: int
+    experts_per_token: int
+    expert_weights_gib: float
+    """Resident bytes of all routed experts; the rest of ``weights_gib`` is read every step."""
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    params_b: float
+    active_params_b: float
+    """Parameters used per token (all of them for a dense model); FLOPs are 2 per active parameter."""
+    weights_gib: float
+    """Resident weight memory as vLLM logs it ("Model loading took ... GiB"), summed over GPUs."""
+    layers: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    kv_bytes_per_value: int
+    max_context_tokens: int
+    sliding_window: SlidingWindow | None = None
+    moe: MoE | None = None
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_waiting_requests: int
+    block_size: int
+    gpu_memory_utilization: float = dataclasses.field(metadata=FRACTION)
+    activation_reserve_gib: float
+    """Per GPU: peak activations, CUDA graphs and non-torch memory, which vLLM subtracts before sizing KV."""
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    bandwidth: float = dataclasses.field(metadata=FRACTION)
+    mfu: float = dataclasses.field(metadata=FRACTION)
+    step_overhead_ms: float
+
+
+@dataclass(frozen=True)
+class OutputLength:
+    """Lognormal reply length for requests that do not set ``ignore_eos``."""
+
+    median_tokens: int
+    p95_tokens: int
+
+    @property
+    def sigma(self) -> float:
+        return math.log(self.p95_tokens / self.median_tokens) / P95_Z
+
+
+@dataclass(frozen=True)
+class Anchors:
+    """Published or derived reference numbers, keyed like ``Profile.describe()``, to compare against."""
+
+    source: str
+    kv_capacity_tokens: float | None = None
+    decode_step_b1_ms: float | None = None
+    decode_step_b64_ms: float | None = None
+    prefill_tok_s: float | None = None
+
+    def values(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "source" and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    gpu: GPU
+    model: Model
+    engine: EngineLimits
+    efficiency: Efficiency
+    output_tokens: OutputLength
+    anchors: Anchors | None = None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token costs in full-attention layers, summed over the TP GPUs.
+
+        Each GPU holds ``ceil(kv_heads / tp)`` heads (replicated when there are fewer heads than GPUs).
+        """
+        full_layers = self.model.layers - self.sliding_layers
+        heads_per_gpu = -(-self.model.kv_heads // self.gpu.count)
+        return 2 * full_layers * heads_per_gpu * self.gpu.count * self.model.head_dim * self.model.kv_bytes_per_value
+
+    @property
+    def sliding_layers(self) -> int:
+        return self.model.sliding_window.layers if self.model.sliding_window else 0
+
+    @property
+    def kv_cache_bytes(self) -> float:
+        per_gpu_gib = (self.gpu.memory_gib * self.engine.gpu_memory_utilization
+                       - self.model.weights_gib / self.gpu.count - self.engine.activation_reserve_gib)
+        return per_gpu_gib * GIB * self.gpu.count
+
+    @property
+    def kv_capacity_blocks(self) -> int:
+        return max(0, int(self.kv_cache_bytes // (self.kv_bytes_per_token * self.engine.block_size)))
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_capacity_blocks * self.engine.block_size
+
+    @property
+    def window_blocks_per_request(self) -> int:
+        """Blocks a request holds for its sliding-window layers, in full-attention block units.
+
+        vLLM's hybrid allocator gives sliding-window layers only the last ``window`` tokens (plus the
+        block being written) from the same block pool, so their cost is a constant per request.
+        """
+        window = self.model.sliding_window
+        if window is None:
+            return 0
+        blocks = -(-window.tokens // self.engine.block_size) + 1
+        return math.ceil(window.layers / (self.model.layers - window.layers) * blocks)
+
+    @cached_property
+    def cost(self) -> StepCost:
+        return StepCost(self)
+
+    def step_time_s(self, prefill_tokens: int = 0, prefill_context_tokens: int = 0, prefill_attention_pairs: int = 0,
+                    decode_batch: int = 0, decode_context_tokens: int = 0) -> float:
+        """Duration of one engine step doing exactly this work (see :meth:`StepCost.step_time_s`)."""
+        return self.cost.step_time_s(prefill_tokens, prefill_context_tokens, prefill_attention_pairs,
+                                     decode_batch, decode_context_tokens)
+
+    def decode_step_s(self, batch: int, context_tokens: int = DESCRIBE_CONTEXT_TOKENS) -> float:
+        """One decode step for ``batch`` sequences that each attend over ``context_tokens``."""
+        return self.step_time_s(decode_batch=batch, decode_context_tokens=batch * context_tokens)
+
+    def prefill_tok_s(self) -> float:
+        """Prefill rate of full ``max_num_batched_tokens`` chunks of fresh prompts (no prior context)."""
+        chunk = self.engine.max_num_batched_tokens
+        return chunk / self.step_time_s(prefill_tokens=chunk, prefill_attention_pairs=attention_pairs(chunk, 0))
+
+    def describe(self) -> dict[str, Any]:
+        """The derived numbers (KV capacity, step times, power) next to the profile's anchors."""
+        b1, b64 = self.decode_step_s(1), self.decode_step_s(64)
+        return {
+            "profile": self.name,
+            "gpu": f"{self.gpu.count}x {self.gpu.name}",
+            "model": self.model.name,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_cache_gib": round(self.kv_cache_bytes / GIB, 2),
+            "kv_capacity_blocks": self.kv_capacity_blocks,
+            "kv_capacity_tokens": self.kv_capacity_tokens,
+            "max_concurrency_at_max_context": round(self.kv_capacity_tokens / self.model.max_context_tokens, 2),
+            "decode_context_tokens": DESCRIBE_CONTEXT_TOKENS,
+            "decode_step_b1_ms": round(b1 * 1e3, 3),
+            "decode_step_b64_ms": round(b64 * 1e3, 3),
+            "decode_tok_s_b1": round(1 / b1, 1),
+            "decode_tok_s_b64": round(64 / b64, 1),
+            "prefill_tok_s": round(self.prefill_tok_s()),
+            "power_idle_w": self.gpu.idle_w * self.gpu.count,
+            "power_tdp_w": self.gpu.tdp_w * self.gpu.count,
+            "anchors": self.anchors.values() if self.anchors else {},
+            "anchor_source": self.anchors.source if self.anchors else "",
+        }
+
+
+def attention_pairs(new_tokens: int, context_tokens: int) -> int:
+    """(query, key) pairs a prefill chunk of ``new_tokens`` after ``context_tokens`` computes (causal)."""
+    return new_tokens * context_tokens + new_tokens * (new_tokens + 1) // 2
+
+
+class StepCost:
+    """The roofline step time, with every per-profile constant folded once (``step()`` calls it a lot).
+
+    ``step = overhead + max(memory_s, compute_s)`` where, summed over the TP GPUs,
+
+    * ``memory_s = (weight bytes read + KV bytes read) / (bandwidth * count * efficiency)``: dense weights
+      are read once per step; an MoE reads its shared weights plus the fraction of experts the step's
+      tokens route to, ``1 - (1 - k/E)^tokens`` in expectation. KV read is each decode's context, each
+      prefill chunk's prior context and new tokens; sliding-window layers read at most the window.
+    * ``compute_s = FLOPs / (peak * count * MFU)`` with FLOPs = 2 * active params * tokens + 4 * heads *
+      head_dim per layer per attended (query, key) pair.
+    """
+
+    __slots__ = ("_overhead_s", "_dense_bytes", "_expert_bytes", "_expert_miss", "_kv_token_bytes", "_window_kv_bytes",
+                 "_window_kv_bytes_per_seq", "_bandwidth", "_flops_per_token", "_pair_flops", "_window_token_flops",
+                 "_flops_per_s")
+
+    def __init__(self, profile: Profile) -> None:
+        model, gpu = profile.model, profile.gpu
+        moe = model.moe
+        expert_gib = moe.expert_weights_gib if moe else 0.0
+        self._overhead_s = profile.efficiency.step_overhead_ms / 1e3
+        self._dense_bytes = (model.weights_gib - expert_gib) * GIB
+        self._expert_bytes = expert_gib * GIB
+        self._expert_miss = 1 - moe.experts_per_token / moe.experts if moe else 0.0
+        self._kv_token_bytes = profile.kv_bytes_per_token
+        window_tokens = model.sliding_window.tokens if model.sliding_window else 0
+        per_layer_token_bytes = profile.kv_bytes_per_token / (model.layers - profile.sliding_layers)
+        self._window_kv_bytes = per_layer_token_bytes * profile.sliding_layers
+        self._window_kv_bytes_per_seq = self._window_kv_bytes * window_tokens
+        self._bandwidth = gpu.bandwidth_gb_s * 1e9 * gpu.count * profile.efficiency.bandwidth
+        self._flops_per_token = 2 * model.active_params_b * 1e9
+        pair_flops_per_layer = 4 * model.attention_heads * model.head_dim
+        self._pair_flops = pair_flops_per_layer * (model.layers - profile.sliding_layers)
+        self._window_token_flops = pair_flops_per_layer * profile.sliding_layers * window_tokens
+        self._flops_per_s = gpu.bf16_tflops * 1e12 * gpu.count * profile.efficiency.mfu
+
+    def step_time_s(self, prefill_tokens: int, prefill_context_tokens: int, prefill_attention_pairs: int,
+                    decode_batch: int, decode_context_tokens: int) -> float:
+        """Seconds for one step: ``prefill_*`` sum over the step's prefill chunks (context = tokens already
+        computed before the chunk, pairs from :func:`attention_pairs`), ``decode_context_tokens`` sums each
+        decoding sequence's attended length (its computed tokens plus the one being decoded)."""
+        tokens = prefill_tokens + decode_batch
+        if tokens == 0:
+            return 0.0
+        weight_bytes = self._dense_bytes + self._expert_bytes * (1 - self._expert_miss**tokens)
+        kv_bytes = (self._kv_token_bytes * (decode_context_tokens + prefill_context_tokens + prefill_tokens)
+                    + self._window_kv_bytes * prefill_tokens + self._window_kv_bytes_per_seq * decode_batch)
+        memory_s = (weight_bytes + kv_bytes) / self._bandwidth
+        flops = (self._flops_per_token * tokens + self._pair_flops * (prefill_attention_pairs + decode_context_tokens)
+                 + self._window_token_flops * tokens)
+        return self._overhead_s + max(memory_s, flops / self._flops_per_s)
+
+
+def list_profiles() -> list[str]:
+    """Names of the bundled profiles (file stems in ``profiles/``)."""
+    return sorted(path.stem for path in PROFILES_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> Profile:
+    """A bundled profile by name, or a profile YAML file by path; :class:`ProfileError` when malformed."""
+    bundled = PROFILES_DIR / f"{name_or_path}.yaml"
+    path = bundled if str(name_or_path) in list_profiles() else Path(name_or_path)
+    if not path.is_file():
+        raise ProfileError(f"{name_or_path}: no such profile file; bundled profiles: {', '.join(list_profiles())}")
+    source = str(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "top level"
+        raise ProfileError(f"{source}: {where}: expected valid YAML, got {getattr(exc, 'problem', exc)}") from None
+    profile = _build(Profile, data, "", source, {"name": path.stem})
+    _check_consistency(profile, source)
+    return profile
+
+
+def _fail(source: str, path: str, expected: str, got: Any) -> typing.NoReturn:
+    raise ProfileError(f"{source}: {path or 'top level'}: expected {expected}, got {got!r}")
+
+
+def _build(cls: type, data: Any, path: str, source: str, given: dict[str, Any] | None = None) -> Any:
+    """Instantiate dataclass ``cls`` from a YAML mapping, checking keys, types and ranges."""
+    given = given or {}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in given}
+    if not isinstance(data, dict):
+        _fail(source, path, f"a mapping with keys {', '.join(fields)}", type(data).__name__)
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            _fail(source, f"{path}.{key}" if path else str(key), f"one of the keys {', '.join(fields)}",
+                  "an unknown key")
+    values = dict(given)
+    for name, field in fields.items():
+        field_path = f"{path}.{name}" if path else name
+        if name in data:
+            values[name] = _value(hints[name], data[name], field_path, source, field.metadata)
+        elif field.default is dataclasses.MISSING:
+            _fail(source, field_path, f"a value ({_type_name(hints[name])})", "nothing: the key is missing")
+    return cls(**values)
+
+
+def _value(hint: Any, value: Any, path: str, source: str, limits: Any) -> Any:
+    if isinstance(hint, types.UnionType):  # ``X | None``: an optional section or number
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        if value is None:
+            return None
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, source)
+    if hint is str:
+        if not isinstance(value, str) or not value.strip():
+            _fail(source, path, "a non-empty string", value)
+        return value
+    numeric = (int,) if hint is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        _fail(source, path, "a positive integer" if hint is int else "a positive number", value)
+    high = limits.get("le")
+    if value <= 0 or (high is not None and value > high):
+        _fail(source, path, f"a number in (0, {high}]" if high is not None else "a positive number", value)
+    return hint(value)
+
+
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string"}.get(hint, "a mapping")
+
+
+def _check_consistency(profile: Profile, source: str) -> None:
+    """Cross-field rules that a per-field type check cannot see."""
+    model, engine, gpu = profile.model, profile.engine, profile.gpu
+    if engine.block_size != BLOCK_SIZE:
+        _fail(source, "engine.block_size", f"{BLOCK_SIZE} (the tokenizer hashes {BLOCK_SIZE}-token blocks)",
+              engine.block_size)
+    if model.active_params_b > model.params_b:
+        _fail(source, "model.active_params_b", f"at most params_b ({model.params_b})", model.active_params_b)
+    if model.kv_heads > model.attention_heads:
+        _fail(source, "model.kv_heads", f"at most attention_heads ({model.attention_heads})", model.kv_heads)
+    if model.sliding_window and model.sliding_window.layers >= model.layers:
+        _fail(source, "model.sliding_window.layers", f"fewer than model.layers ({model.layers})",
+              model.sliding_window.layers)
+    if model.moe and model.moe.experts_per_token > model.moe.experts:
+        _fail(source, "model.moe.experts_per_token", f"at most experts ({model.moe.experts})",
+              model.moe.experts_per_token)
+    if model.moe and model.moe.expert_weights_gib >= model.weights_gib:
+        _fail(source, "model.moe.expert_weights_gib", f"less than weights_gib ({model.weights_gib})",
+              model.moe.expert_weights_gib)
+    if gpu.idle_w >= gpu.tdp_w:
+        _fail(source, "gpu.idle_w", f"less than tdp_w ({gpu.tdp_w})", gpu.idle_w)
+    if profile.output_tokens.p95_tokens <= profile.output_tokens.median_tokens:
+        _fail(source, "output_tokens.p95_tokens", f"more than median_tokens ({profile.output_tokens.median_tokens})",
+              profile.output_tokens.p95_tokens)
+    needed_blocks = -(-model.max_context_tokens // engine.block_size) + profile.window_blocks_per_request
+    if needed_blocks > profile.kv_capacity_blocks:  # vLLM refuses to start in this case too
+        _fail(source, "model.max_context_tokens",
+              f"a context that fits the KV cache ({profile.kv_capacity_tokens} tokens after "
+              f"{gpu.count}x {gpu.memory_gib} GiB x {engine.gpu_memory_utilization} minus weights and reserve)",
+              model.max_context_tokens)
