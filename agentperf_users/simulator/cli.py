@@ -1,0 +1,183 @@
+"""``agentperf simulate`` (also ``python -m agentperf_users.simulator``): serve, describe or list profiles.
+
+The simulator imports nothing from the harness, so :func:`run` turns its own errors (a bad profile, a
+port in use) into one line on stderr and an exit code itself. :class:`SimulatorProcess` starts the
+server as a child process and reads the URL from its startup line, for the harness, tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from agentperf_users.simulator.profile import DEFAULT_PROFILE, Profile, SimulatorError, list_profiles, load_profile
+from agentperf_users.simulator.server import API_KEY_ENV, ServerOptions, serve
+
+STARTUP_PREFIX = "agentperf simulator: serving "
+STARTUP_TIMEOUT_S = 30.0
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, metavar="NAME|FILE",
+                        help=f"bundled profile name or profile YAML file (default: {DEFAULT_PROFILE})")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer <key>' on /v1 routes (default: ${API_KEY_ENV}; prefer the "
+                             "variable, since a key on the command line shows in ps)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="model name(s) to accept and report; the first is reported (default: the profile's model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the engine and of reply lengths (default: 0)")
+    parser.add_argument("--tool-call-probability", type=float, default=0.0, metavar="P",
+                        help="chance that an answer to a request with tools and tool_choice auto is a tool call")
+    parser.add_argument("--reasoning-share", type=float, default=0.0, metavar="S",
+                        help="share of each answer's tokens streamed first as reasoning deltas (default: 0)")
+    parser.add_argument("--describe", action="store_true",
+                        help="print the profile's derived capacity numbers and exit")
+    parser.add_argument("--json", action="store_true", help="with --describe: print JSON")
+    parser.add_argument("--list-profiles", action="store_true", help="print the bundled profile names and exit")
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``simulate`` to the ``agentperf`` command."""
+    parser = subparsers.add_parser(
+        "simulate", help="run the simulated OpenAI-compatible inference server",
+        description="Serve a simulated LLM engine (continuous batching, prefix cache, finite KV) over the "
+                    "OpenAI chat completions API, with vLLM-named Prometheus metrics at /metrics.")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out ``simulate``; returns the exit code, and never lets a user error out as a traceback."""
+    try:
+        return _simulate(args)
+    except SimulatorError as exc:
+        print(f"agentperf simulate: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:  # before the server installed its own SIGINT handler
+        return EXIT_INTERRUPTED
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    if args.list_profiles:
+        print("\n".join(list_profiles()))
+        return 0
+    for name, value in (("--tool-call-probability", args.tool_call_probability),
+                        ("--reasoning-share", args.reasoning_share)):
+        if not 0 <= value <= 1:
+            raise SimulatorError(f"{name}: expected a number between 0 and 1, got {value}")
+    try:
+        profile = load_profile(args.profile)
+    except OSError as exc:
+        raise SimulatorError(f"{args.profile}: cannot read the profile: {exc.strerror or exc}") from None
+    if args.describe:
+        print(json.dumps(profile.describe(), indent=2) if args.json else describe_text(profile))
+        return 0
+    options = ServerOptions(
+        served_model_names=tuple(args.served_model_name or ()),
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        tool_call_probability=args.tool_call_probability,
+        reasoning_share=args.reasoning_share,
+        seed=args.seed,
+    )
+    try:
+        serve(profile, args.host, args.port, options=options)
+    except OSError as exc:  # binding is the only OSError serve() lets out
+        raise SimulatorError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def describe_text(profile: Profile) -> str:
+    """The numbers a capacity planner checks first, as aligned lines."""
+    d = profile.describe()
+    lines = [
+        ("profile", f"{d['profile']}: {d['model']} on {d['gpu']}"),
+        ("KV cache", f"{d['kv_cache_gib']} GiB = {d['kv_capacity_tokens']:,} tokens ({d['kv_capacity_blocks']:,} blocks); "
+                     f"{d['max_concurrency_at_max_context']}x the max context"),
+        ("decode", f"{d['decode_step_b1_ms']} ms/step at batch 1 ({d['decode_tok_s_b1']:,} tok/s), "
+                   f"{d['decode_step_b64_ms']} ms/step at batch 64 ({d['decode_tok_s_b64']:,} tok/s); "
+                   f"{d['decode_context_tokens']}-token contexts"),
+        ("prefill", f"{d['prefill_tok_s']:,} tok/s"),
+        ("power", f"{d['power_idle_w']:g} W idle, {d['power_tdp_w']:g} W at full load "
+                  "(/metrics DCGM_FI_DEV_POWER_USAGE scales between them with the engine's busy share)"),
+    ]
+    for key, anchor in d["anchors"].items():
+        lines.append(("anchor", f"{key} {anchor:,g} (derived {d[key]:,}, {d[key] / anchor:.2f}x)"))
+    if d["anchor_source"]:
+        lines.append(("source", d["anchor_source"]))
+    return "\n".join(f"{label:<9} {text}" for label, text in lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agentperf_users.simulator``: the ``simulate`` options as a standalone command."""
+    parser = argparse.ArgumentParser(prog="python -m agentperf_users.simulator",
+                                     description="Serve the agentperf simulated inference engine.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+class SimulatorProcess:
+    """The simulator in a child process, stopped on exit: ``with SimulatorProcess(["--port", "0"]) as sim``.
+
+    ``cli_args`` are ``simulate`` options; ``cpus`` pins the child to those CPUs. The URL comes from the
+    startup line, so ``--port 0`` works. The child's stderr is inherited.
+    """
+
+    def __init__(self, cli_args: Sequence[str] = ("--port", "0"), cpus: set[int] | None = None,
+                 env: dict[str, str] | None = None):
+        self._command = [sys.executable, "-m", "agentperf_users.simulator", *cli_args]
+        self._cpus = cpus
+        self._env = env
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def __enter__(self) -> "SimulatorProcess":
+        cpus = self._cpus
+        self.process = subprocess.Popen(
+            self._command, stdout=subprocess.PIPE, text=True, env=self._env,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        try:
+            self.url = self._read_url()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _read_url(self) -> str:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([self.process.stdout], [], [], 0.1)
+            if readable:
+                line = self.process.stdout.readline()
+                if line.startswith(STARTUP_PREFIX):
+                    return line.rsplit(" on ", 1)[1].strip()
+                if not line and self.process.poll() is not None:
+                    break
+        code = self.process.poll()
+        raise SimulatorError(f"simulator did not start ({'exit code ' + str(code) if code is not None else 'timed out'}); "
+                             "see its stderr")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (the server closes its streams with an in-band error), SIGKILL after ``timeout_s``."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
