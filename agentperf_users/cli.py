@@ -30,9 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "passes_unknown_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return int(args.func(args) or 0)
+        return int((args.func(args, unknown) if unknown else args.func(args)) or 0)
     except AgentperfError as exc:
         print(f"agentperf: error: {exc}", file=sys.stderr)
         return exc.exit_code

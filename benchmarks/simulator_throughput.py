@@ -36,7 +36,8 @@ import yaml
 
 from agentperf_users.simulator.cli import SimulatorProcess
 from agentperf_users.simulator.profile import PROFILES_DIR
-from agentperf_users.simulator.server import WORDS, new_event_loop
+from agentperf_users.simulator.reply import WORDS
+from agentperf_users.simulator.server import new_event_loop
 
 MODEL = "bench-model"
 TARGET_TOK_S, TARGET_LAG_P99_MS = 50_000, 5.0

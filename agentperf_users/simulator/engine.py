@@ -42,6 +42,13 @@ class ContextLengthError(SimulatorError):
     """Prompt plus requested output exceed the model's context (the server answers 400)."""
 
 
+def context_overflow_message(max_context: int, prompt_tokens: int, output_tokens: int) -> str:
+    """vLLM's text for a request over the context, which clients match on; the engine and server both send it."""
+    return (f"This model's maximum context length is {max_context} tokens. However, you requested "
+            f"{prompt_tokens + output_tokens} tokens ({prompt_tokens} in the messages, {output_tokens} in "
+            "the completion). Please reduce the length of the messages or completion.")
+
+
 @dataclass(eq=False)
 class EngineRequest:
     """One generation request as the engine sees it; the engine fills in the fields after ``arrival_s``."""
@@ -87,11 +94,8 @@ class EngineCounters:
     """Prompt tokens of requests that got their first token."""
     generation_tokens_total: int = 0
     requests_finished_total: int = 0
-    steps_total: int = 0
     busy_s_total: float = 0.0
     """Sum of step durations: the simulated GPU's busy time (for utilisation and power)."""
-    last_step_ttfts_s: tuple[float, ...] = ()
-    """``first_token_s - arrival_s`` of requests whose first token came in the last step."""
 
 
 class _Seq:
@@ -142,10 +146,7 @@ class Engine:
             raise ValueError(f"request {request.request_id!r}: needs a unique id, a prompt and >= 1 output token")
         max_context = self.profile.model.max_context_tokens
         if prompt_tokens + output_tokens > max_context:
-            raise ContextLengthError(
-                f"This model's maximum context length is {max_context} tokens. However, you requested "
-                f"{prompt_tokens + output_tokens} tokens ({prompt_tokens} in the messages, {output_tokens} in "
-                "the completion). Please reduce the length of the messages or completion.")
+            raise ContextLengthError(context_overflow_message(max_context, prompt_tokens, output_tokens))
         needed_blocks = -(-(prompt_tokens + output_tokens) // BLOCK_SIZE) + self._window_blocks
         if needed_blocks > self._kv.num_blocks:
             raise ContextLengthError(
@@ -266,12 +267,10 @@ class Engine:
         end_s = now_s + duration_s
         counters = self.counters
         emitted = [seq.req for seq in prefills] + [seq.req for seq in decodes]
-        ttfts = []
         for seq in prefills:
             req = seq.req
             if req.first_token_s is None:
                 req.first_token_s = end_s
-                ttfts.append(end_s - req.arrival_s)
                 counters.prompt_tokens_total += req.prompt.num_tokens
         finished = []
         for req in emitted:
@@ -286,9 +285,7 @@ class Engine:
             self._running = [seq for seq in self._running if seq.running]
         counters.generation_tokens_total += len(emitted)
         counters.requests_finished_total += len(finished)
-        counters.steps_total += 1
         counters.busy_s_total += duration_s
-        counters.last_step_ttfts_s = tuple(ttfts)
         self._sync_counters()
         return StepResult(now_s, duration_s, tuple(emitted), tuple(finished), prefill_tokens, len(decodes))
 

@@ -88,24 +88,22 @@ class _EngineCollector(Collector):
         c = self._counters
         labels = ["model_name"]
         value = [self._model_name]
-        for name, doc, number in (
-            ("vllm:num_requests_running", "Number of requests in model execution batches.", c.num_running),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", c.num_waiting),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", c.kv_usage),
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        for family, name, doc, number in (
+            (gauge, "vllm:num_requests_running", "Number of requests in model execution batches.", c.num_running),
+            (gauge, "vllm:num_requests_waiting", "Number of requests waiting to be processed.", c.num_waiting),
+            (gauge, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", c.kv_usage),
+            (counter, "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+             c.prefix_queries_tokens),
+            (counter, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+             c.prefix_hits_tokens),
+            (counter, "vllm:num_preemptions", "Cumulative number of preemptions from the engine.", c.preemptions_total),
+            (counter, "vllm:prompt_tokens", "Number of prefill tokens processed.", c.prompt_tokens_total),
+            (counter, "vllm:generation_tokens", "Number of generation tokens processed.", c.generation_tokens_total),
         ):
-            gauge = GaugeMetricFamily(name, doc, labels=labels)
-            gauge.add_metric(value, number)
-            yield gauge
-        for name, doc, number in (
-            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", c.prefix_queries_tokens),
-            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", c.prefix_hits_tokens),
-            ("vllm:num_preemptions", "Cumulative number of preemptions from the engine.", c.preemptions_total),
-            ("vllm:prompt_tokens", "Number of prefill tokens processed.", c.prompt_tokens_total),
-            ("vllm:generation_tokens", "Number of generation tokens processed.", c.generation_tokens_total),
-        ):
-            counter = CounterMetricFamily(name, doc, labels=labels)
-            counter.add_metric(value, number)
-            yield counter
+            metric = family(name, doc, labels=labels)
+            metric.add_metric(value, number)
+            yield metric
         spec = self._power.spec
         power = GaugeMetricFamily(
             "DCGM_FI_DEV_POWER_USAGE",

@@ -229,15 +229,6 @@ def test_abort_frees_blocks_of_running_and_waiting_requests(tmp_path):
     assert not engine.has_work() and engine.step(1.0) is None
 
 
-def test_ttfts_of_the_last_step_are_exposed(profile):
-    engine = Engine(profile)
-    engine.submit(request("a", 500, 3, arrival_s=-0.25))
-    first = engine.step(0.0)
-    assert engine.counters.last_step_ttfts_s == pytest.approx((first.duration_s + 0.25,))
-    engine.step(first.duration_s)
-    assert engine.counters.last_step_ttfts_s == ()
-
-
 def test_same_submits_at_same_steps_give_identical_runs(profile):
     def run() -> list[tuple]:
         engine = Engine(profile, seed=11)

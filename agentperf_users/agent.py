@@ -1,0 +1,378 @@
+"""``AgentUser``: one Locust user is one coding agent replaying trajectories, turn by turn.
+
+Each turn sends the whole conversation so far (the turn's messages) as one streaming chat request,
+records it, then waits the tool time before the next turn: *scheduled* start = previous end + tool
+wait, and both that and the actual start are recorded, so a load generator that falls behind shows up
+instead of hiding in the numbers (coordinated omission).
+
+Which trajectory an agent plays: the master deals *sessions* from one counter per test (custom
+messages ``agentperf_claim`` / ``agentperf_claimed``; a LocalRunner answers itself in-process). A
+new agent also gets the next global agent index. Session ``s`` plays trajectory ``s mod len(set)`` in
+pass ``s div len(set)``, so no two agents on any worker replay the same trajectory until the whole set
+is in play, and a later pass gets a fresh cache namespace (``--cache-namespace``); its records name the
+trajectory ``<id>#<pass>``. Why not
+``worker_index`` arithmetic: a worker does not know how many workers there are, Locust's dispatcher
+spreads users unevenly, and indices of reconnected workers grow; one counter on the master is right
+whatever the dispatch. A claim is one round trip per trajectory (minutes of load), never per request.
+
+Options are Locust custom arguments (command line, ``locust.conf``, ``LOCUST_*`` variables, the web
+UI's start form); workers receive them with the test start, so everything that depends on them (the
+trajectory set, the model name) is set up in ``test_start``. The API key is read from the environment
+variable named by ``--api-key-env`` and goes nowhere but the Authorization header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import requests
+from gevent.event import AsyncResult
+from locust import FastHttpUser, constant, events, task
+from locust.env import Environment
+from locust.exception import StopUser
+from locust.runners import MasterRunner, WorkerRunner
+
+from agentperf_users import aggregate
+from agentperf_users.client import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    DEFAULT_STALL_TIMEOUT_S,
+    ChatBodyEncoder,
+    ChatResult,
+    ChatStreamClient,
+    api_url,
+    redact,
+)
+from agentperf_users.errors import AgentperfError
+from agentperf_users.readers import FORMATS
+from agentperf_users.records import RequestRecord
+from agentperf_users.replay import (
+    NAMESPACE_MODES,
+    TOOL_WAIT_MODES,
+    ReplaySettings,
+    add_replay_arguments,
+    agent_rng,
+    namespace_marker,
+    session_trajectory,
+    tool_wait_s,
+)
+from agentperf_users.trajectory import Trajectory, TrajectorySet, load_trajectories
+
+CLAIM_MESSAGE = "agentperf_claim"
+CLAIMED_MESSAGE = "agentperf_claimed"
+CLAIM_TIMEOUT_S = 30.0  # a master that does not answer a claim in this long is gone
+MODELS_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 30.0
+_ENV_ATTRIBUTE = "agentperf_agents"
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """The agent options of one test, read from Locust's parsed options."""
+
+    trajectories: str
+    trajectory_format: str
+    model: str
+    api_key_env: str
+    request_timeout_s: float
+    stall_timeout_s: float
+    replay: ReplaySettings  # the rules the ground truth shares (agentperf_users/replay.py)
+
+    @classmethod
+    def from_options(cls, options: argparse.Namespace) -> AgentSettings:
+        """Settings from Locust's options (the web UI may have replaced any of them with a string)."""
+        for name, value, allowed in (
+            ("--tool-wait", options.tool_wait, TOOL_WAIT_MODES),
+            ("--cache-namespace", options.cache_namespace, NAMESPACE_MODES),
+            ("--trajectory-format", options.trajectory_format, FORMATS),
+        ):
+            if value not in allowed:
+                raise AgentperfError(f"{name} {value!r}: expected one of {', '.join(allowed)}")
+        return cls(
+            trajectories=str(options.trajectories),
+            trajectory_format=str(options.trajectory_format),
+            model=str(options.model or ""),
+            api_key_env=str(options.api_key_env),
+            request_timeout_s=_positive(options.request_timeout, "--request-timeout"),
+            stall_timeout_s=_positive(options.stall_timeout, "--stall-timeout"),
+            replay=ReplaySettings(
+                ignore_eos=bool(options.ignore_eos),
+                tool_wait=str(options.tool_wait),
+                tool_wait_median_s=_positive(options.tool_wait_median, "--tool-wait-median"),
+                tool_wait_sigma=_positive(options.tool_wait_sigma, "--tool-wait-sigma", allow_zero=True),
+                cache_namespace=str(options.cache_namespace),
+                seed=_integer(options.seed, "--seed"),
+            ),
+        )
+
+
+def _positive(value: Any, option: str, allow_zero: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (number >= 0 if allow_zero else number > 0) or math.isinf(number):
+        raise AgentperfError(f"{option} {value!r}: expected a {'non-negative' if allow_zero else 'positive'} number")
+    return number
+
+
+def _integer(value: Any, option: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise AgentperfError(f"{option} {value!r}: expected an integer") from None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the master dealt: the agent's global index (on its first claim) and a session number."""
+
+    agent: int | None
+    session: int
+
+
+@dataclass
+class _ProcessState:
+    """This process's agent state, kept on the Environment (one per test process)."""
+
+    settings: AgentSettings | None = None
+    trajectories: TrajectorySet | None = None
+    model: str = ""
+    api_key: str | None = None
+    error: str | None = None  # why this test cannot run (users stop the test with it)
+    next_agent: int = 0  # dealer counters (master or LocalRunner)
+    next_session: int = 0
+    tickets: itertools.count = field(default_factory=itertools.count)
+    pending: dict[int, AsyncResult] = field(default_factory=dict)  # claims awaiting the master's answer
+
+
+def add_arguments(parser: Any) -> None:
+    """The agent options. Added on the parser itself, not a group: only then does Locust show them in the
+    web UI's start form. Each can also be set as ``LOCUST_<NAME>`` or in ``locust.conf``."""
+
+    def option(name: str, **kwargs: Any) -> None:
+        parser.add_argument(name, env_var="LOCUST_" + name[2:].upper().replace("-", "_"), **kwargs)
+
+    option("--trajectories", default="demo", help="agentperf: trajectory file, folder, manifest or bundled set name")
+    option("--trajectory-format", default="auto", choices=FORMATS, help="agentperf: trajectory format (auto: sniffed)")
+    option("--model", default="", help="agentperf: model to request; empty: the first of the server's /v1/models")
+    add_replay_arguments(option)  # --ignore-eos, --tool-wait(-median, -sigma), --cache-namespace, --seed
+    option("--api-key-env", default="OPENAI_API_KEY",
+           help="agentperf: name of the environment variable that holds the API key (sent as a Bearer token)")
+    option("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+           help="agentperf: seconds a request may wait for its response and first token")
+    option("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
+           help="agentperf: seconds a stream may stay silent once its first token arrived")
+
+
+def _state(environment: Environment) -> _ProcessState:
+    state = getattr(environment, _ENV_ATTRIBUTE, None)
+    if state is None:
+        state = _ProcessState()
+        setattr(environment, _ENV_ATTRIBUTE, state)
+    return state
+
+
+def install(environment: Environment, **_: Any) -> None:
+    """Register the claim messages on this process's runner (Locust's ``init`` event)."""
+    runner = environment.runner
+    state = _state(environment)
+    if not isinstance(runner, WorkerRunner):  # the dealer: master or LocalRunner
+        runner.register_message(CLAIM_MESSAGE, lambda msg, **_: _deal(runner, state, msg))
+    if not isinstance(runner, MasterRunner):
+        runner.register_message(CLAIMED_MESSAGE, lambda msg, **_: _claimed(state, msg.data))
+
+
+def _deal(runner: Any, state: _ProcessState, msg: Any) -> None:
+    agent = None
+    if msg.data["new_agent"]:
+        agent, state.next_agent = state.next_agent, state.next_agent + 1
+    session, state.next_session = state.next_session, state.next_session + 1
+    runner.send_message(CLAIMED_MESSAGE, {"ticket": msg.data["ticket"], "agent": agent, "session": session}, msg.node_id)
+
+
+def _claimed(state: _ProcessState, data: dict) -> None:
+    result = state.pending.pop(data["ticket"], None)
+    if result is not None:
+        result.set(Claim(data["agent"], data["session"]))
+
+
+def claim(environment: Environment, new_agent: bool) -> Claim:
+    """Ask the master (or this LocalRunner) for the next session, and an agent index if ``new_agent``.
+    A master that does not answer stops the test (and this agent)."""
+    state = _state(environment)
+    ticket = next(state.tickets)
+    result = state.pending[ticket] = AsyncResult()
+    environment.runner.send_message(CLAIM_MESSAGE, {"ticket": ticket, "new_agent": new_agent})
+    try:
+        return result.get(timeout=CLAIM_TIMEOUT_S)
+    except gevent.Timeout:
+        state.pending.pop(ticket, None)
+        stop_test(environment, f"agentperf: the master did not deal a trajectory within {CLAIM_TIMEOUT_S:g} s")
+        raise StopUser() from None
+
+
+def on_test_start(environment: Environment, **_: Any) -> None:
+    """Load this test's settings and trajectory set (and find the model) once per process; on bad
+    input, stop the test with a one-line error."""
+    state = _state(environment)
+    state.next_agent = state.next_session = 0
+    try:
+        state.settings = settings = AgentSettings.from_options(environment.parsed_options)
+        state.trajectories = load_trajectories(settings.trajectories, settings.trajectory_format)
+        state.api_key = os.environ.get(settings.api_key_env) or None
+        if not isinstance(environment.runner, MasterRunner):
+            state.model = settings.model or _served_model(environment.host, state.api_key)
+        state.error = None
+    except AgentperfError as exc:
+        state.error = f"agentperf: {exc}"
+        stop_test(environment, state.error)
+        return
+    # Keep everything loaded so far (Locust, the set) out of the garbage collector's full passes: on a
+    # loaded worker one took ~30 ms, long enough for a stream's next chunks to pile up behind a read.
+    gc.collect()
+    gc.freeze()
+
+
+def on_test_stop(environment: Environment, **_: Any) -> None:
+    gc.unfreeze()  # what the next test start no longer needs can be collected again
+
+
+def stop_test(environment: Environment, message: str) -> None:
+    """Log ``message`` as one line and end the test as Locust ends one on ``StopTest`` (quit when
+    headless or on a worker, stop in the web UI), exiting with ``AgentperfError.exit_code``. Runs the stop
+    in its own greenlet: this may be called from inside the runner's start."""
+    logger.error(message)
+    environment.process_exit_code = AgentperfError.exit_code
+    runner = environment.runner
+    headless = bool(getattr(environment.parsed_options, "headless", False))
+    gevent.spawn(runner.quit if headless or isinstance(runner, WorkerRunner) else runner.stop)
+
+
+def _served_model(host: str | None, api_key: str | None) -> str:
+    """The first model of ``{host}/v1/models`` (used when ``--model`` is empty)."""
+    if not host:
+        raise AgentperfError("no --host given, so there is no server to ask for a model")
+    url = api_url(host, "models")
+    try:
+        response = requests.get(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, timeout=MODELS_TIMEOUT_S)
+        response.raise_for_status()
+        return str(response.json()["data"][0]["id"])
+    except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as exc:
+        reason = redact(f"{type(exc).__name__}: {exc}", (api_key or "",))
+        raise AgentperfError(f"--model not given and {url} did not name one ({reason})") from None
+
+
+class AgentUser(FastHttpUser):
+    """One coding agent: plays a dealt trajectory turn by turn, then the next one it is dealt."""
+
+    wait_time = constant(0)  # pacing is the tool wait, applied as a scheduled start
+
+    def __init__(self, environment: Environment) -> None:
+        state = _state(environment)
+        self._process = state
+        if state.settings is not None:  # (None: the test is stopping with a one-line error)
+            self.network_timeout = state.settings.request_timeout_s  # response headers must come within it
+            self.connection_timeout = min(CONNECT_TIMEOUT_S, state.settings.request_timeout_s)
+        super().__init__(environment)
+        self.stream = ChatStreamClient(
+            self.client, api_key=state.api_key,
+            request_timeout_s=self.network_timeout, stall_timeout_s=getattr(state.settings, "stall_timeout_s", 0.0),
+        )
+        self._encoder = ChatBodyEncoder()
+        self.agent = -1
+        self._rng: random.Random | None = None  # seeded per agent when it joins
+        self._trajectory: Trajectory | None = None
+        self._label = ""
+        self._turn = 0
+        self._scheduled_perf_s = self._scheduled_epoch_s = 0.0
+
+    def _join(self) -> None:
+        """Become an agent: take a global index and a first session from the master."""
+        first = claim(self.environment, new_agent=True)
+        self.agent = first.agent
+        self._rng = agent_rng(self._process.settings.replay.seed, self.agent)
+        self._scheduled_perf_s, self._scheduled_epoch_s = time.perf_counter(), time.time()
+        self._begin(first.session)
+
+    def _begin(self, session: int) -> None:
+        trajectories, replay = self._process.trajectories, self._process.settings.replay
+        index, rounds = session_trajectory(session, len(trajectories))
+        trajectory = trajectories.trajectory(index)
+        marker = namespace_marker(replay.cache_namespace, aggregate.run_id(self.environment), session, len(trajectories))
+        self._trajectory = trajectory.with_namespace(marker) if marker else trajectory
+        self._label = trajectory.id if rounds == 0 else f"{trajectory.id}#{rounds}"
+        self._turn = 0
+        self._encoder.clear()
+
+    @task
+    def turn(self) -> None:
+        """Send the next turn at its scheduled start, record it, and schedule the one after."""
+        if self._process.error or self._process.settings is None:
+            raise StopUser()  # quietly: the test is stopping and its error was logged once
+        if self._trajectory is None:
+            self._join()
+        while (delay_s := self._scheduled_perf_s - time.perf_counter()) > 0:  # a loop timer may fire a bit early
+            gevent.sleep(delay_s)
+        turn = self._trajectory.turns[self._turn]
+        settings = self._process.settings
+        params: dict[str, Any] = {
+            "model": self._process.model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_completion_tokens": turn.output_tokens,
+            "max_tokens": turn.output_tokens,
+        }
+        if settings.replay.ignore_eos:
+            params["ignore_eos"] = True
+        load_step = aggregate.current_load_step(self.environment)
+        result = self.stream.post(self._encoder.body(params, turn.messages, turn.tools), {"agent": self.agent})
+        aggregate.get_record_log(self.environment).add(self._record(result, load_step))
+        replay = settings.replay
+        wait_s = tool_wait_s(replay.tool_wait, turn.tool_wait_s, self._rng, replay.tool_wait_median_s, replay.tool_wait_sigma)
+        self._scheduled_perf_s, self._scheduled_epoch_s = result.end_perf_s + wait_s, result.end_epoch_s + wait_s
+        self._turn += 1
+        if self._turn == len(self._trajectory.turns):
+            self._begin(claim(self.environment, new_agent=False).session)
+
+    def _record(self, result: ChatResult, load_step: int) -> RequestRecord:
+        return RequestRecord(
+            run_id=aggregate.run_id(self.environment),
+            worker_id=aggregate.process_id(self.environment),
+            agent=self.agent,
+            trajectory=self._label,
+            turn=self._turn,
+            load_step=load_step,
+            scheduled_start_epoch_s=self._scheduled_epoch_s,
+            start_epoch_s=result.start_epoch_s,
+            end_epoch_s=result.end_epoch_s,
+            ttfb_s=result.ttfb_s,
+            ttft_s=result.ttft_s,
+            e2e_s=result.e2e_s,
+            itl_p50_s=result.itl_p50_s,
+            itl_p95_s=result.itl_p95_s,
+            itl_max_s=result.itl_max_s,
+            output_tokens=result.output_tokens,
+            output_tokens_estimated=result.output_tokens_estimated,
+            prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens,
+            output_tps=result.output_tps,
+            status=result.status,
+            message=result.message,
+        )
+
+
+events.init_command_line_parser.add_listener(add_arguments)
+events.init.add_listener(install)
+events.test_start.add_listener(on_test_start)
+events.test_stop.add_listener(on_test_stop)

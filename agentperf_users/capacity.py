@@ -1,0 +1,225 @@
+"""``agentperf capacity``: the whole capacity search in one command.
+
+It starts the embedded simulator when no ``--host`` is given, a real Locust master with ``--workers``
+local worker processes running ``locustfiles/capacity.py`` headless (the same processes a distributed
+run uses, on one machine), streams the search's progress lines, and writes a run folder:
+``report.json``, ``report.html``, ``steps.csv``, ``records.jsonl`` (the merged records), the
+per-process record files under ``records/``, ``search.json`` (the live search) and ``locust.log``.
+Against the embedded simulator the report also carries the ground truth from the same engine on a
+virtual clock (``agentperf truth``).
+
+Exit codes: 0 every tier located; 3 some tier fails already at the smallest count or never fails up
+to ``--max-agents`` (no capacity located); 4 the search did not finish (a Locust error, a lost master);
+130 interrupted (the report is still written from every record taken); 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Sequence
+
+import agentperf_users
+from agentperf_users import replay
+from agentperf_users.errors import AgentperfError
+from agentperf_users.records import read_records
+from agentperf_users.report import RunContext, build_report, capacity_lines, write_run
+from agentperf_users.search import SearchParameters, add_search_arguments
+from agentperf_users.slo import load_slo
+from agentperf_users.trajectory import load_trajectories
+
+LOCUSTFILE = Path(agentperf_users.__file__).parent / "locustfiles" / "capacity.py"
+PROGRESS_MARKERS = ("/agentperf_users.", "/ERROR/", "/CRITICAL/")  # master log lines shown live
+MASTER_EXIT_GRACE_S = 30.0
+EXIT_NOT_LOCATED = 3
+EXIT_INCOMPLETE = 4
+EXIT_INTERRUPTED = 130
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "capacity",
+        help="find how many concurrent agents each SLO tier holds (embedded simulator unless --host)",
+        description="Step the number of agents up, then bisect, judging every step against the SLO tiers on exact "
+        "numbers from all workers; write a capacity report. Options not listed here are passed to Locust.",
+    )
+    parser.add_argument("--host", default="", help="OpenAI-compatible server; empty: start the embedded simulator")
+    parser.add_argument("--profile", default="", help="simulator profile (embedded target only; default: the simulator's)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local Locust worker processes")
+    parser.add_argument("--out", default="", help="run folder; default: a new timestamped folder under ./agentperf-runs/")
+    parser.add_argument("--accelerators", type=int, default=0, help="accelerators serving the target (normalisation)")
+    parser.add_argument("--power-watts", type=float, default=0.0, help="power drawn by the target, watts")
+    parser.add_argument("--no-truth", action="store_true", help="skip the ground truth (embedded simulator only)")
+    parser.add_argument("--trajectories", default="default", help="trajectory file, folder or bundled set")
+    parser.add_argument("--trajectory-format", default="auto")
+    parser.add_argument("--slo", default="", help="SLO tiers YAML file; empty: the bundled default tiers")
+    parser.add_argument("--model", default="", help="model to request; empty: the server's first model")
+    replay.add_replay_arguments(parser.add_argument)
+    add_search_arguments(parser.add_argument)
+    parser.set_defaults(func=run, passes_unknown_options=True)
+
+
+def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
+    spec = load_slo(args.slo or None)  # every input is checked before anything starts
+    trajectories = load_trajectories(args.trajectories, args.trajectory_format)
+    params = SearchParameters.from_options(args)
+    if args.workers < 1:
+        raise AgentperfError(f"--workers: expected an integer >= 1, got {args.workers}")
+    profile = None
+    if not args.host:
+        from agentperf_users.simulator.profile import DEFAULT_PROFILE, SimulatorError, load_profile
+
+        try:
+            profile = load_profile(args.profile or DEFAULT_PROFILE)
+        except SimulatorError as exc:
+            raise AgentperfError(str(exc)) from None
+    elif args.profile:
+        raise AgentperfError("--profile describes the embedded simulator; it cannot be combined with --host")
+    out = _run_folder(args.out)
+    print(f"agentperf: run folder {out}", flush=True)
+
+    interrupted, master_code = False, None
+    with contextlib.ExitStack() as stack:
+        host = args.host
+        if profile is not None:
+            from agentperf_users.simulator.cli import SimulatorProcess
+
+            simulator = stack.enter_context(SimulatorProcess(
+                ["--profile", args.profile or profile.name, "--port", "0", "--seed", str(args.seed)]))
+            host = simulator.url
+            print(f"agentperf: embedded simulator ({profile.name}) at {host}", flush=True)
+        command = _locust_command(args, host, out, locust_args)
+        try:
+            master_code = _run_locust(command, args.workers, out)
+        except KeyboardInterrupt:
+            interrupted = True
+    return _report(args, out, spec, params, trajectories, profile, host, interrupted, master_code)
+
+
+def _locust_command(args: argparse.Namespace, host: str, out: Path, extra: Sequence[str]) -> list[str]:
+    options = {
+        "host": host, "records-dir": str(out / "records"), "run-id": out.name,
+        "capacity-json": str(out / "search.json"), "trajectories": args.trajectories,
+        "trajectory-format": args.trajectory_format, "slo": args.slo, "model": args.model,
+    }
+    for action_dest in ("tool_wait", "tool_wait_median", "tool_wait_sigma", "cache_namespace", "seed",
+                        "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
+                        "agent_spawn_rate", "warmup_s", "window_s"):
+        options[action_dest.replace("_", "-")] = getattr(args, action_dest)
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--exit-code-on-error", "0"]
+    for name, value in options.items():
+        command += [f"--{name}", str(value)]
+    command.append("--ignore-eos" if args.ignore_eos else "--no-ignore-eos")
+    if args.no_early_stop:
+        command.append("--no-early-stop")
+    return command + list(extra)
+
+
+def _run_locust(command: list[str], workers: int, out: Path) -> int:
+    """A master and ``workers`` worker processes; progress lines to the console, all lines to locust.log.
+    Children get their own session, so a Ctrl-C reaches only us and we stop them in order."""
+    port = _free_port()
+    log = open(out / "locust.log", "w", encoding="utf-8")
+    master = subprocess.Popen(
+        command + ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
+                   "--expect-workers", str(workers), "--expect-workers-max-wait", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    worker_command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
+                      "--master-host", "127.0.0.1", "--master-port", str(port)]
+    children = [subprocess.Popen(worker_command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                for _ in range(workers)]
+    tail = threading.Thread(target=_tail, args=(master.stdout, log), daemon=True)
+    tail.start()
+    try:
+        code = master.wait()
+    except KeyboardInterrupt:
+        print("agentperf: interrupted; stopping the test and keeping every record taken", flush=True)
+        master.send_signal(signal.SIGTERM)
+        _wait(master, MASTER_EXIT_GRACE_S)
+        raise
+    finally:
+        for child in children:
+            _wait(child, 10.0, terminate_first=child.poll() is None and master.poll() is None)
+        tail.join(timeout=5)
+        log.close()
+    return code
+
+
+def _tail(stream: IO[str], log: IO[str]) -> None:
+    for line in stream:
+        log.write(line)
+        log.flush()
+        if any(marker in line for marker in PROGRESS_MARKERS):
+            message = line.split(": ", 1)[1] if "] " in line and ": " in line else line
+            print(f"  {message.rstrip()}", flush=True)
+
+
+def _wait(process: subprocess.Popen, timeout_s: float, terminate_first: bool = False) -> None:
+    if terminate_first:
+        process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _report(args, out: Path, spec, params, trajectories, profile, host: str, interrupted: bool,
+            master_code: int | None) -> int:
+    summary_path = out / "search.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+    records = read_records([out / "records"]) if (out / "records").exists() else []
+    accelerators = args.accelerators or (profile.gpu.count if profile else None)
+    power_w, power_source = (args.power_watts, "--power-watts") if args.power_watts else (None, None)
+    if not power_w and profile is not None:
+        power_w, power_source = profile.gpu.tdp_w * profile.gpu.count, "simulator profile TDP (nameplate)"
+    context = RunContext(
+        target={"host": host if not profile else "embedded simulator", "model": args.model or None,
+                "simulator_profile": profile.name if profile else None},
+        trajectories=args.trajectories, accelerators=accelerators, power_watts=power_w,
+        power_source=power_source, interrupted=interrupted)
+    truth = None
+    if profile is not None and not args.no_truth and not interrupted:
+        from agentperf_users import truth as truth_module
+
+        print("agentperf: computing the ground truth on the simulator's engine (virtual clock)", flush=True)
+        result = truth_module.find_capacity(profile, trajectories, spec, params,
+                                            replay.settings_from_args(args))
+        truth = result.to_dict(spec)
+    report = build_report(summary, records, spec, context, truth)
+    write_run(out, report, records)
+    for line in capacity_lines(report):
+        print(line, flush=True)
+    print(f"agentperf: report {out / 'report.html'}", flush=True)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if master_code not in (0, None) or not summary.get("complete"):
+        print(f"agentperf: the search did not finish (Locust exit code {master_code}); see {out / 'locust.log'}",
+              file=sys.stderr)
+        return EXIT_INCOMPLETE
+    located = all(cap["status"] == "found" for cap in report["capacity"].values())
+    return 0 if located else EXIT_NOT_LOCATED
+
+
+def _run_folder(path: str) -> Path:
+    folder = Path(path) if path else Path("agentperf-runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        folder.mkdir(parents=True, exist_ok=bool(path))
+    except OSError as exc:
+        raise AgentperfError(f"{folder}: cannot create the run folder: {exc.strerror}") from None
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,7 @@
+"""Agents plus the capacity search: the load shape steps the agent count up, then bisects per SLO tier.
+
+    locust -f locustfiles/capacity.py --host http://127.0.0.1:8000 [--slo tiers.yaml] [--max-agents 64]
+"""
+
+from agentperf_users.locustfiles.agents import AgentUser  # noqa: F401  (the user class Locust runs)
+from agentperf_users.shape import CapacitySearchShape  # noqa: F401  (the shape Locust runs)

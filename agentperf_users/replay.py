@@ -1,0 +1,77 @@
+"""The replay rules an agent follows, as pure functions: which trajectory a session plays, which cache
+namespace it gets, and how long it waits after a turn.
+
+Why a module of its own: the live agent (``agent.py``, a Locust user) and the ground truth
+(``truth.py``, the simulator's engine on a virtual clock, which must not import Locust and its gevent
+monkey-patching) have to follow exactly the same rules, or the truth is the answer to another question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+TOOL_WAIT_MODES = ("recorded", "sampled", "none")
+NAMESPACE_MODES = ("on-wrap", "per-run", "per-session")
+
+
+def session_trajectory(session: int, set_size: int) -> tuple[int, int]:
+    """(trajectory index, pass number) of a session: sessions are dealt in order, so no two agents
+    replay the same trajectory until the whole set is in play."""
+    return session % set_size, session // set_size
+
+
+def namespace_marker(mode: str, run_id: str, session: int, set_size: int) -> str | None:
+    """The cache-namespace marker of a session, or None to replay the trajectory unchanged."""
+    if mode == "per-session":
+        return f"{run_id} session {session}"
+    rounds = session // set_size
+    return f"{run_id} pass {rounds}" if mode == "per-run" or rounds > 0 else None
+
+
+def agent_rng(seed: int, agent: int) -> random.Random:
+    """One seeded random stream per agent, the same in every process and in the ground truth."""
+    return random.Random(f"{seed}:{agent}")
+
+
+def tool_wait_s(mode: str, recorded_s: float, rng: random.Random, median_s: float = 1.0, sigma: float = 1.0) -> float:
+    """The pause after a turn: the recorded tool time, a lognormal sample, or none."""
+    if mode == "recorded":
+        return recorded_s
+    if mode == "sampled":
+        return rng.lognormvariate(math.log(median_s), sigma)
+    return 0.0
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """How agents replay their trajectories: the options the ground truth must share with the agents."""
+
+    ignore_eos: bool = True
+    tool_wait: str = "recorded"
+    tool_wait_median_s: float = 1.0
+    tool_wait_sigma: float = 1.0
+    cache_namespace: str = "on-wrap"
+    seed: int = 0
+
+
+def add_replay_arguments(add: Callable[..., object]) -> None:
+    """The replay options, declared once; ``add`` is ``parser.add_argument`` or Locust's variant of it."""
+    add("--ignore-eos", default=True, action=argparse.BooleanOptionalAction,
+        help="send ignore_eos, so that each turn generates exactly its target output tokens")
+    add("--tool-wait", default="recorded", choices=TOOL_WAIT_MODES,
+        help="pause after each turn: the recorded tool time, a seeded lognormal sample, or none")
+    add("--tool-wait-median", type=float, default=1.0, help="median of a sampled tool wait, seconds")
+    add("--tool-wait-sigma", type=float, default=1.0, help="lognormal sigma of a sampled tool wait")
+    add("--cache-namespace", default="on-wrap", choices=NAMESPACE_MODES,
+        help="prefix-cache isolation marker on the first user message, from the second pass over the set on "
+             "(on-wrap), per run and pass (per-run), or per session (per-session)")
+    add("--seed", type=int, default=0, help="seed of the sampled tool waits (one stream per agent)")
+
+
+def settings_from_args(args: argparse.Namespace) -> ReplaySettings:
+    return ReplaySettings(bool(args.ignore_eos), str(args.tool_wait), float(args.tool_wait_median),
+                          float(args.tool_wait_sigma), str(args.cache_namespace), int(args.seed))

@@ -1,0 +1,202 @@
+"""The capacity report: ``report.json``, ``steps.csv``, ``report.html`` and the merged records.
+
+Everything here is recomputed after the run from the per-process record files, the source of truth
+that survives a lost worker or a late final report, and checked against what the live search decided
+on: each step says whether its recomputed verdict equals the live one. Writes go to a temporary name
+first and are renamed into place, so an interrupted run never leaves a half-written report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from agentperf_users.records import RequestRecord
+from agentperf_users.slo import SloSpec, evaluate_step, quantile
+
+MEGAWATT_W = 1_000_000.0
+TTFT_QUANTILES = (0.5, 0.9, 0.95, 0.99)
+SPEED_QUANTILES = (0.05, 0.5, 0.95)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the report says about the run besides its records."""
+
+    target: dict  # {"host": ..., "model": ..., "simulator_profile": name or None}
+    trajectories: str
+    accelerators: int | None
+    power_watts: float | None
+    power_source: str | None  # how power_watts was obtained ("--power-watts", "profile TDP", ...)
+    interrupted: bool
+
+
+def step_stats(records: Sequence[RequestRecord], window_s: float) -> dict:
+    """The numbers a person reads for one step (nearest-rank quantiles, as the verdicts use)."""
+    ok = [r for r in records if r.ok]
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    speeds = [r.output_tps for r in ok if r.output_tps is not None]
+    prompt = sum(r.prompt_tokens or 0 for r in ok)
+    return {
+        "requests": len(records),
+        "errors": len(records) - len(ok),
+        "ttft_s": {f"p{round(q * 100)}": quantile(ttfts, q) if ttfts else None for q in TTFT_QUANTILES},
+        "output_tps": {f"p{round(q * 100)}": quantile(speeds, q) if speeds else None for q in SPEED_QUANTILES},
+        "cached_token_ratio": sum(r.cached_tokens or 0 for r in ok) / prompt if prompt else None,
+        "output_tokens_per_s": sum(r.output_tokens for r in ok) / window_s if window_s > 0 else None,
+    }
+
+
+def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec, context: RunContext,
+                 ground_truth: dict | None = None) -> dict:
+    """report.json's content from the search summary (the shape's) and the records from the files."""
+    steps = []
+    for live in summary.get("steps", []):
+        start, end = live["window_start_epoch_s"], live["window_end_epoch_s"]
+        judged = [r for r in records if start <= r.end_epoch_s < end]
+        verdict = evaluate_step(judged, spec)
+        passed = {v.tier.name: v.passed for v in verdict.tiers}
+        live_passed = {v["tier"]: v["passed"] for v in live["verdict"]["tiers"]}
+        steps.append({
+            "index": live["index"], "agents": live["agents"], "phase": live["phase"],
+            "window_start_epoch_s": start, "window_end_epoch_s": end, "early_stop": live["early_stop"],
+            **step_stats(judged, end - start),
+            "passed": passed,
+            "live_verdict_matches_records": passed == live_passed and verdict.to_dict() == live["verdict"],
+        })
+    capacity = {}
+    for name, cap in summary.get("capacity", {}).items():
+        agents = cap["agents"]
+        per_accelerator = agents / context.accelerators if agents and context.accelerators else None
+        per_mw = agents / (context.power_watts / MEGAWATT_W) if agents and context.power_watts else None
+        capacity[name] = {**cap, "label": spec.tier(name).label, "agents_per_accelerator": per_accelerator,
+                          "agents_per_megawatt": per_mw}
+    report = {
+        "run_id": summary.get("run_id"),
+        "capacity": capacity,
+        "steps": steps,
+        "slo": summary.get("slo"),
+        "search": summary.get("parameters"),
+        "search_complete": summary.get("complete", False),
+        "target": context.target,
+        "trajectories": context.trajectories,
+        "accelerators": context.accelerators,
+        "power_watts": context.power_watts,
+        "power_source": context.power_source,
+        "interrupted": context.interrupted,
+        "records": len(records),
+    }
+    if ground_truth is not None:
+        report["ground_truth"] = ground_truth
+    return report
+
+
+def capacity_lines(report: dict) -> list[str]:
+    """One line per tier: ``capacity @ 20 tok/s, TTFT ≤ 10 s: 37 agents (ground truth 38)``."""
+    lines = []
+    truth = (report.get("ground_truth") or {}).get("capacity", {})
+    for name, cap in report["capacity"].items():
+        answer = {
+            "found": f"{cap['agents']} agents",
+            "none_passed": f"none (fails already at {cap['first_failing_agents']} agents)",
+            "never_failed": f"at least {cap['agents']} agents (never failed up to the maximum)",
+        }.get(cap["status"], f"incomplete (passed at {cap['agents']}, failed at {cap['first_failing_agents']})")
+        if name in truth:
+            answer += f" (ground truth {_truth_words(truth[name])})"
+        lines.append(f"capacity @ {cap['label']}: {answer}")
+    return lines
+
+
+def _truth_words(cap: dict) -> str:
+    if cap["status"] == "found":
+        return str(cap["agents"])
+    if cap["status"] == "never_failed":
+        return f">= {cap['agents']}"
+    return "none" if cap["status"] == "none_passed" else "incomplete"
+
+
+def write_run(directory: Path, report: dict, records: Sequence[RequestRecord]) -> None:
+    """report.json, steps.csv, records.jsonl and report.html, each written atomically."""
+    _atomic_write(directory / "report.json", json.dumps(report, indent=2, allow_nan=False, default=_finite))
+    _atomic_write(directory / "steps.csv", steps_frame(report).to_csv(index=False))
+    _atomic_write(directory / "records.jsonl", "".join(r.to_json() + "\n" for r in records))
+    _atomic_write(directory / "report.html", render_html(report))
+
+
+def _finite(value):
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+def steps_frame(report: dict) -> pd.DataFrame:
+    """One row per step, nested numbers flattened (``ttft_s.p95``, ``passed.<tier>``)."""
+    rows = [pd.json_normalize(step, sep=".").iloc[0].to_dict() for step in report["steps"]]
+    return pd.DataFrame(rows)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def render_html(report: dict) -> str:
+    """A self-contained page: capacity per tier up top, then charts and the step table."""
+    title = f"agentperf capacity report {html.escape(str(report.get('run_id') or ''))}"
+    lines = "".join(f"<li>{html.escape(line)}</li>" for line in capacity_lines(report))
+    note = "<p class=warn>The run was interrupted: steps not measured are missing.</p>" if report["interrupted"] else ""
+    target = html.escape(json.dumps(report["target"]))
+    table = steps_frame(report).to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0) \
+        if report["steps"] else "<p>No step was measured.</p>"
+    charts = "".join(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">' for alt, png in _charts(report))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}} li{{font-size:1.2em;margin:.3em 0}}
+.warn{{color:#a00}} img{{max-width:49%}} table{{border-collapse:collapse;font-size:.8em}}
+td,th{{padding:2px 6px;border-bottom:1px solid #ddd;text-align:right}}</style></head><body>
+<h1>{title}</h1>{note}<h2>Capacity</h2><ul>{lines}</ul>
+<p>Target: <code>{target}</code>; trajectories: <code>{html.escape(str(report['trajectories']))}</code>;
+accelerators: {report['accelerators']}; power: {report['power_watts']} W ({html.escape(str(report['power_source']))}).</p>
+<h2>Steps</h2>{charts}{table}</body></html>"""
+
+
+def _charts(report: dict) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps = sorted(report["steps"], key=lambda s: s["agents"])
+    if not steps:
+        return []
+    agents = [s["agents"] for s in steps]
+    tiers = (report.get("slo") or {}).get("tiers", [])
+    panels = (
+        ("TTFT p95 (s)", [s["ttft_s"]["p95"] for s in steps], [(t["label"], t["ttft_max_s"]) for t in tiers]),
+        ("output speed p5 (tok/s per request)", [s["output_tps"]["p5"] for s in steps],
+         [(t["label"], t["output_tps_min"]) for t in tiers]),
+        ("output throughput (tok/s)", [s["output_tokens_per_s"] for s in steps], []),
+        ("prefix-cache hit ratio", [s["cached_token_ratio"] for s in steps], []),
+    )
+    charts = []
+    for ylabel, values, limits in panels:
+        figure, axes = plt.subplots(figsize=(5.2, 3.4), dpi=100)
+        axes.plot(agents, [v if v is not None else float("nan") for v in values], marker="o")
+        for label, limit in limits:
+            axes.axhline(limit, linestyle="--", linewidth=1, color="grey")
+            axes.annotate(label, (agents[0], limit), fontsize=7, va="bottom")
+        axes.set_xlabel("concurrent agents")
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        plt.close(figure)
+        charts.append((f"{ylabel} against agents", base64.b64encode(buffer.getvalue()).decode("ascii")))
+    return charts

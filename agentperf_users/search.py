@@ -1,0 +1,170 @@
+"""The capacity search's decision policy and its options, with no Locust and no clock.
+
+``CapacitySearch`` decides which agent count to measure next from the verdicts so far: phase 1 steps
+the count up (by ``--step-agents``, or by ``--step-factor`` when that is 0) until every tier has failed
+or ``--max-agents`` is reached; phase 2 bisects, tier by tier, between the largest passing count below
+the tier's first failing count and that failing count, until they are at most ``--resolution-agents``
+apart. Every step is judged on every tier, so a count measured once serves every tier's bracket and is
+never measured again. A tier that fails at the smallest count it is tried at bisects down towards 1.
+
+Why a module of its own: the live search (``shape.CapacitySearchShape``, a Locust LoadTestShape) and
+the ground truth (``truth``, the simulator's engine on a virtual clock, which must not import Locust
+and its gevent monkey-patching) make exactly the same decisions from the same options.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Callable, Sequence
+
+from agentperf_users.errors import AgentperfError
+from agentperf_users.slo import StepVerdict
+
+
+def add_search_arguments(add: Callable[..., object]) -> None:
+    """The search options, declared once; ``add`` is ``parser.add_argument`` or Locust's variant of it."""
+    add("--start-agents", type=int, default=1, help="agents in the first load step")
+    add("--step-agents", type=int, default=0, help="agents added per step; 0: multiply by --step-factor")
+    add("--step-factor", type=float, default=2.0, help="agent multiplier per step when --step-agents is 0")
+    add("--max-agents", type=int, default=256, help="never run more agents than this")
+    add("--resolution-agents", type=int, default=1, help="bisect until pass and fail are this close")
+    add("--agent-spawn-rate", type=float, default=10.0, help="agents started (or stopped) per second")
+    add("--warmup-s", type=float, default=30.0, help="seconds after each ramp that are not judged")
+    add("--window-s", type=float, default=90.0, help="seconds judged per load step")
+    add("--no-early-stop", action="store_true", default=False, help="always measure the whole window")
+
+
+@dataclass(frozen=True)
+class SearchParameters:
+    """The search's options, validated (one line naming the option on a bad value)."""
+
+    start_agents: int
+    step_agents: int
+    step_factor: float
+    max_agents: int
+    resolution_agents: int
+    spawn_rate: float
+    warmup_s: float
+    window_s: float
+    early_stop: bool
+
+    @classmethod
+    def from_options(cls, options) -> "SearchParameters":
+        params = cls(
+            start_agents=options.start_agents,
+            step_agents=options.step_agents,
+            step_factor=options.step_factor,
+            max_agents=options.max_agents,
+            resolution_agents=options.resolution_agents,
+            spawn_rate=options.agent_spawn_rate,
+            warmup_s=options.warmup_s,
+            window_s=options.window_s,
+            early_stop=not options.no_early_stop,
+        )
+        checks = (
+            ("--start-agents", params.start_agents >= 1, "an integer >= 1"),
+            ("--max-agents", params.max_agents >= params.start_agents, "an integer >= --start-agents"),
+            ("--step-agents", params.step_agents >= 0, "an integer >= 0"),
+            ("--step-factor", params.step_agents or params.step_factor > 1, "a number > 1 when --step-agents is 0"),
+            ("--resolution-agents", params.resolution_agents >= 1, "an integer >= 1"),
+            ("--agent-spawn-rate", params.spawn_rate > 0, "a number > 0"),
+            ("--warmup-s", params.warmup_s >= 0, "a number >= 0"),
+            ("--window-s", params.window_s > 0, "a number > 0"),
+        )
+        for option, ok, expected in checks:
+            if not ok:
+                value = getattr(options, option[2:].replace("-", "_"))
+                raise AgentperfError(f"{option}: expected {expected}, got {value}")
+        return params
+
+
+class CapacityStatus(str, Enum):
+    FOUND = "found"  # passes at `agents`, fails at `first_failing_agents`, within the resolution
+    NONE_PASSED = "none_passed"  # failed at every count tried, down to `first_failing_agents`
+    NEVER_FAILED = "never_failed"  # passed up to --max-agents (`agents`): capacity is higher
+    INCOMPLETE = "incomplete"  # the search stopped before this tier was resolved
+
+
+@dataclass(frozen=True)
+class TierCapacity:
+    tier: str
+    status: CapacityStatus
+    agents: int | None  # the largest count that passed below the first failing one
+    first_failing_agents: int | None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "status": self.status.value}
+
+
+class CapacitySearch:
+    """Which agent count to measure next, from the verdicts so far. Pure: no Locust, no clock."""
+
+    def __init__(
+        self,
+        tiers: Sequence[str],
+        start_agents: int,
+        max_agents: int,
+        resolution_agents: int = 1,
+        step_agents: int = 0,
+        step_factor: float = 2.0,
+    ) -> None:
+        self._tiers = tuple(tiers)
+        self._start, self._max, self._resolution = start_agents, max_agents, resolution_agents
+        self._step_agents, self._step_factor = step_agents, step_factor
+        self._passed: dict[int, dict[str, bool]] = {}  # agents -> tier name -> passed
+
+    def record_verdict(self, agents: int, verdict: StepVerdict) -> None:
+        self._passed[agents] = {tier_verdict.tier.name: tier_verdict.passed for tier_verdict in verdict.tiers}
+
+    def bracket(self, tier: str) -> tuple[int, int | None]:
+        """(largest count passing below the first failure, or 0; first failing count, or None)."""
+        first_fail = min((n for n, passed in self._passed.items() if not passed[tier]), default=None)
+        below = (n for n, passed in self._passed.items() if passed[tier] and (first_fail is None or n < first_fail))
+        return max(below, default=0), first_fail
+
+    @property
+    def stepping(self) -> bool:
+        """Phase 1: some tier has not failed yet and --max-agents has not been measured."""
+        if not self._passed:
+            return True
+        return max(self._passed) < self._max and any(self.bracket(tier)[1] is None for tier in self._tiers)
+
+    def next_agents(self) -> int | None:
+        """The next count to measure; None when every tier is resolved."""
+        if not self._passed:
+            return self._start
+        if self.stepping:
+            top = max(self._passed)
+            if self._step_agents:
+                return min(self._max, top + self._step_agents)
+            return min(self._max, max(top + 1, math.ceil(round(top * self._step_factor, 9))))
+        for tier in self._tiers:
+            low, high = self.bracket(tier)
+            if high is not None and high - low > self._resolution:
+                return (low + high) // 2
+        return None
+
+    @property
+    def done(self) -> bool:
+        return self.next_agents() is None
+
+    def undecided_tiers(self, agents: int) -> tuple[str, ...]:
+        """The tiers whose answer a verdict at ``agents`` can still change."""
+        brackets = {tier: self.bracket(tier) for tier in self._tiers}
+        return tuple(tier for tier, (low, high) in brackets.items() if low < agents and (high is None or agents < high))
+
+    def capacity(self) -> dict[str, TierCapacity]:
+        result = {}
+        for tier in self._tiers:
+            low, high = self.bracket(tier)
+            if high is None:
+                resolved = bool(self._passed) and max(self._passed) >= self._max
+                status = CapacityStatus.NEVER_FAILED if resolved else CapacityStatus.INCOMPLETE
+            elif high - low > self._resolution:
+                status = CapacityStatus.INCOMPLETE
+            else:
+                status = CapacityStatus.FOUND if low else CapacityStatus.NONE_PASSED
+            result[tier] = TierCapacity(tier, status, low or None, high)
+        return result

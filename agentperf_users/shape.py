@@ -1,0 +1,270 @@
+"""The live capacity search: a LoadTestShape around ``search.CapacitySearch`` (the decision policy).
+
+``CapacitySearchShape`` is the thin LoadTestShape around it. Per step: ramp to the count, warm up
+for ``--warmup-s`` (cold caches, agents mid-first-turn: excluded from the verdict), measure for
+``--window-s``, then wait (at most ``COVERAGE_TIMEOUT_S``) until every active worker has reported
+records up to the window's end, and judge the records that ended inside the window. At the end it
+stops all agents and waits for their last records, so the master's union is complete.
+
+Early stop (never as a pass): once at least ``EARLY_STOP_MIN_S`` and ``EARLY_STOP_MIN_FRACTION`` of
+the window are covered by reports and ``EARLY_STOP_MIN_REQUESTS`` requests completed, the step ends
+when every tier this count still matters for fails ``slo.surely_fails``: it would fail even if the
+rest of the window, at ``EARLY_STOP_RATE_SLACK`` times the completion rate seen so far, brought only
+requests that meet it. The step is then judged on the covered part of its window, which is the
+window it records.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+from locust import LoadTestShape, events
+
+from agentperf_users import aggregate
+from agentperf_users.errors import AgentperfError
+from agentperf_users.search import (
+    CapacitySearch,
+    CapacityStatus,
+    SearchParameters,
+    TierCapacity,
+    add_search_arguments,
+)
+from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo, percentile_label, surely_fails
+
+logger = logging.getLogger(__name__)
+
+COVERAGE_TIMEOUT_S = 10.0  # longest wait for workers' reports covering a window (reports come every 3 s)
+RAMP_GRACE_S = 15.0  # beyond |agents changed| / spawn rate, before measuring anyway
+EARLY_STOP_MIN_S = 5.0
+EARLY_STOP_MIN_FRACTION = 0.25
+EARLY_STOP_MIN_REQUESTS = 20
+EARLY_STOP_RATE_SLACK = 2.0
+
+
+def add_arguments(parser) -> None:
+    """The search's Locust custom arguments (command line, locust.conf, LOCUST_* variables, web UI)."""
+    option = functools.partial(aggregate.add_option, parser)
+    option("--slo", default="", help="SLO tiers YAML file; empty: the bundled default tiers")
+    add_search_arguments(option)
+    option("--capacity-json", default="", help="write the search summary (steps, capacity) here at test stop")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One measured load step, as the report shows it."""
+
+    index: int
+    agents: int
+    phase: str  # "step" (phase 1) or "bisect"
+    window_start_epoch_s: float
+    window_end_epoch_s: float  # the end of the window judged (earlier than planned after an early stop)
+    verdict: StepVerdict
+    early_stop: bool
+    coverage_complete: bool  # False: judged after COVERAGE_TIMEOUT_S without every worker's reports
+
+    def to_dict(self) -> dict:
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "verdict"}
+        return {**plain, "verdict": self.verdict.to_dict()}
+
+
+def format_step(step: StepResult) -> str:
+    """The live progress line of a finished step."""
+    parts = []
+    for verdict in step.verdict.tiers:
+        q = verdict.tier.quantile
+        ttft = "-" if verdict.ttft_quantile_s is None else f"{verdict.ttft_quantile_s:.3g} s"
+        speed = "-" if verdict.output_tps_quantile is None else f"{verdict.output_tps_quantile:.3g} tok/s"
+        agents = f", {verdict.agents_passed}/{verdict.agents_judged} agents" if verdict.agents_judged else ""
+        outcome = "pass" if verdict.passed else "FAIL"
+        parts.append(
+            f"{verdict.tier.label}: {outcome} (TTFT {percentile_label(q)} {ttft}, "
+            f"output speed {percentile_label(1 - q)} {speed}{agents})"
+        )
+    first = step.verdict.tiers[0]
+    early = ", ended early" if step.early_stop else ""
+    partial = ", without every worker's reports" if not step.coverage_complete else ""
+    return (
+        f"step {step.index} ({step.phase}{early}{partial}): {step.agents} agents, {first.requests} requests, "
+        f"{first.errors} errors | " + " | ".join(parts)
+    )
+
+
+@dataclass
+class _Stage:
+    """Where the shape is within the current step (internal, mutable)."""
+
+    name: str  # ramp, warmup, window, coverage; at the end: stop, flush, finished
+    since_epoch_s: float
+    deadline_epoch_s: float
+
+
+class CapacitySearchShape(LoadTestShape):
+    """Steps agents up, then bisects per tier; see the module docstring. Runs on the master (or in
+    a LocalRunner). After the run: ``steps`` (one ``StepResult`` per measured step), ``capacity()``
+    per tier, and ``summary()`` as plain data (also written to ``--capacity-json`` at test stop)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self._clock = clock
+        self._listening = False
+        self.spec: SloSpec | None = None
+        self.params: SearchParameters | None = None
+        self.search: CapacitySearch | None = None
+        self.steps: list[StepResult] = []
+        self._stage = _Stage("finished", 0.0, 0.0)
+        self._agents = 0
+        self._phase = "step"
+        self._window = (math.nan, math.nan)
+
+    @property
+    def environment(self):
+        return self.runner.environment
+
+    def tick(self) -> tuple[int, float] | None:
+        now = self._clock()
+        if self.runner.shape_last_tick is None and not self._begin(now):  # a fresh shape test
+            return None
+        while self._advance(now):
+            pass
+        return None if self._stage.name == "finished" else (self._agents, self.params.spawn_rate)
+
+    def capacity(self) -> dict[str, TierCapacity]:
+        return self.search.capacity() if self.search else {}
+
+    def summary(self) -> dict:
+        spec, params = self.spec, self.params
+        tiers = [{**asdict(tier), "label": tier.label} for tier in spec.tiers] if spec else []
+        return {
+            "run_id": aggregate.run_id(self.environment),
+            "slo": spec and {"source": spec.source, "tiers": tiers},
+            "parameters": params and asdict(params),
+            "steps": [step.to_dict() for step in self.steps],
+            "capacity": {name: capacity.to_dict() for name, capacity in self.capacity().items()},
+            "complete": bool(self.search and self.search.done),
+        }
+
+    def _begin(self, now: float) -> bool:
+        options = self.environment.parsed_options
+        try:
+            self.params = SearchParameters.from_options(options)
+            self.spec = load_slo(options.slo or None)
+        except AgentperfError as exc:
+            logger.error("agentperf: %s", exc)
+            self.environment.process_exit_code = 2
+            return False
+        params = self.params
+        self.search = CapacitySearch(
+            [tier.name for tier in self.spec.tiers],
+            params.start_agents,
+            params.max_agents,
+            params.resolution_agents,
+            params.step_agents,
+            params.step_factor,
+        )
+        self.steps = []
+        if not self._listening:
+            self.environment.events.test_stop.add_listener(self._write_summary)
+            self._listening = True
+        self._next_step(now)
+        return True
+
+    def _enter(self, name: str, now: float, deadline_epoch_s: float) -> bool:
+        self._stage = _Stage(name, now, deadline_epoch_s)
+        return True
+
+    def _ramp_deadline(self, now: float, agents: int) -> float:
+        return now + abs(agents - self.get_current_user_count()) / self.params.spawn_rate + RAMP_GRACE_S
+
+    def _next_step(self, now: float) -> bool:
+        agents = self.search.next_agents()
+        if agents is None:
+            for capacity in self.search.capacity().values():
+                logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label, _describe(capacity))
+            deadline = self._ramp_deadline(now, 0)
+            self._agents = 0
+            return self._enter("stop", now, deadline)
+        self._phase = "step" if self.search.stepping else "bisect"
+        aggregate.announce_step(self.environment, aggregate.LoadStep(index=len(self.steps), agents=agents))
+        deadline = self._ramp_deadline(now, agents)
+        self._agents = agents
+        return self._enter("ramp", now, deadline)
+
+    def _advance(self, now: float) -> bool:
+        """Move to the next stage when the current one is over; True if it moved."""
+        stage, params = self._stage, self.params
+        aggregator = aggregate.aggregator(self.environment)
+        over = now >= stage.deadline_epoch_s
+        if stage.name == "ramp" and (over or self.get_current_user_count() == self._agents):
+            return self._enter("warmup", now, now + params.warmup_s)
+        if stage.name == "warmup" and over:
+            self._window = (stage.deadline_epoch_s, stage.deadline_epoch_s + params.window_s)
+            return self._enter("window", now, self._window[1])
+        if stage.name == "window":
+            if over:
+                return self._enter("coverage", now, now + COVERAGE_TIMEOUT_S)
+            return self._stop_early(now, aggregator)
+        if stage.name == "coverage":
+            complete = aggregator.covered_until() >= self._window[1]
+            if complete or over:
+                self._finish_step(self._window[1], early=False, complete=complete)
+                return self._next_step(now)
+        if stage.name == "stop" and (over or self.get_current_user_count() == 0):
+            return self._enter("flush", now, now + COVERAGE_TIMEOUT_S)
+        if stage.name == "flush" and (over or aggregator.covered_until() >= stage.since_epoch_s):
+            self._stage = _Stage("finished", now, now)
+        return False
+
+    def _stop_early(self, now: float, aggregator: aggregate.Aggregator) -> bool:
+        start, planned_end = self._window
+        covered = min(aggregator.covered_until(), now)
+        elapsed = covered - start
+        min_elapsed = max(EARLY_STOP_MIN_S, EARLY_STOP_MIN_FRACTION * self.params.window_s)
+        if not self.params.early_stop or elapsed < min_elapsed:
+            return False
+        records = aggregator.records_between(start, covered)
+        if len(records) < EARLY_STOP_MIN_REQUESTS:
+            return False
+        extra_fraction = EARLY_STOP_RATE_SLACK * (planned_end - covered) / elapsed
+        tiers = [self.spec.tier(name) for name in self.search.undecided_tiers(self._agents)]
+        if not tiers or not all(surely_fails(records, tier, self._agents, extra_fraction) for tier in tiers):
+            return False
+        self._finish_step(covered, early=True, complete=True)
+        return self._next_step(now)
+
+    def _finish_step(self, end_epoch_s: float, early: bool, complete: bool) -> None:
+        start = self._window[0]
+        records = aggregate.aggregator(self.environment).records_between(start, end_epoch_s)
+        verdict = evaluate_step(records, self.spec)
+        step = StepResult(len(self.steps), self._agents, self._phase, start, end_epoch_s, verdict, early, complete)
+        self.steps.append(step)
+        self.search.record_verdict(self._agents, verdict)
+        logger.info(format_step(step))
+
+    def _write_summary(self, environment, **_) -> None:
+        path = getattr(environment.parsed_options, "capacity_json", "")
+        if not path or self.params is None:
+            return
+        try:
+            with open(path, "w", encoding="utf-8") as file:
+                json.dump(self.summary(), file, indent=2)
+        except OSError as exc:
+            logger.error("agentperf: %s: cannot write the capacity summary: %s", path, exc.strerror)
+
+
+def _describe(capacity: TierCapacity) -> str:
+    if capacity.status is CapacityStatus.FOUND:
+        return f"{capacity.agents} agents (fails at {capacity.first_failing_agents})"
+    if capacity.status is CapacityStatus.NONE_PASSED:
+        return f"none: fails already at {capacity.first_failing_agents} agents"
+    if capacity.status is CapacityStatus.NEVER_FAILED:
+        return f"at least {capacity.agents} agents (never failed up to --max-agents)"
+    return f"incomplete (passes at {capacity.agents}, fails at {capacity.first_failing_agents})"
+
+
+events.init_command_line_parser.add_listener(add_arguments)

@@ -1,0 +1,384 @@
+"""SLO tiers, and whether a set of request records meets them.
+
+A tier pairs a TTFT ceiling with a per-request output-speed floor (AA-AgentPerf's "20 tok/s, TTFT
+≤ 10 s"). Every verdict (live on the master, recomputed from the record files after the run, and in
+the ground truth) comes from the functions here, so the three can only disagree if their inputs do.
+
+Quantiles are **nearest-rank**: the q-quantile of n values is the k-th smallest, k = ceil(q·n). Unlike
+interpolating methods it always returns an observed value (so a failed request's infinite TTFT shows
+up as ``inf`` instead of poisoning a blend), and it reads as attainment: "p95 TTFT ≤ 10 s" holds
+exactly when at least ceil(0.95·n) requests had TTFT ≤ 10 s. The speed floor is judged on the low
+tail by the same function applied to the negated speeds, so "p5 output speed ≥ 20 tok/s" holds
+exactly when at least ceil(0.95·n) requests ran at ≥ 20 tok/s: both criteria tolerate the same
+number of misses.
+
+What counts:
+
+* a failed request (status other than ``ok``) is a miss for both criteria: TTFT = inf, speed = 0;
+* an ``ok`` request without a first token (``ttft_s`` is None) is a TTFT miss;
+* an ``ok`` request without a speed (one output token, or every token in one chunk, so
+  ``output_tps`` is None) is left out of the speed quantile but counts for TTFT; when no request in
+  the set has a speed, the speed criterion is not applicable and only TTFT decides;
+* a set with no requests at all fails (nothing was shown to meet the tier);
+* separately, the step fails a tier when its error rate exceeds ``max_error_rate``.
+
+Scope ``request`` judges the pooled requests. Scope ``agent`` judges each agent on its own requests
+(same quantiles) and passes when at least ``agents_passing`` of the agents that completed a request
+pass; an agent with no completed request in the set is not judged (its verdict is unknown, not good).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import yaml
+
+from agentperf_users.errors import AgentperfError
+from agentperf_users.records import RequestRecord, read_records
+
+SCOPES = ("request", "agent")
+DEFAULT_SLO_FILE = "slo-default.yaml"
+_RANK_DIGITS = 9  # q·n is rounded before ceil so that 0.95 * 100 is rank 95, not 96
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank q-quantile: the ceil(q·n)-th smallest value (1-based). ``values`` is non-empty."""
+    ordered = sorted(values)
+    return ordered[_rank(len(ordered), q) - 1]
+
+
+def low_quantile(values: Sequence[float], q: float) -> float:
+    """The (1 - q) tail judged like the upper one: -quantile(-values, q), the value at least
+    ceil(q·n) of the values reach or exceed."""
+    return -quantile([-value for value in values], q)
+
+
+def _rank(n: int, q: float) -> int:
+    return max(1, math.ceil(round(q * n, _RANK_DIGITS)))
+
+
+def percentile_label(q: float) -> str:
+    """``0.95`` -> ``p95``; ``0.999`` -> ``p99.9``."""
+    return f"p{round(q * 100, 6):g}"
+
+
+@dataclass(frozen=True)
+class SloTier:
+    """One tier: a TTFT ceiling and an output-speed floor, judged at ``quantile`` over ``scope``."""
+
+    name: str
+    ttft_max_s: float
+    output_tps_min: float
+    quantile: float = 0.95
+    scope: str = "request"  # "request" or "agent"
+    agents_passing: float = 0.95  # agent scope: fraction of judged agents that must pass
+    max_error_rate: float = 0.01
+
+    @property
+    def label(self) -> str:
+        return tier_label(self.output_tps_min, self.ttft_max_s)
+
+
+def tier_label(output_tps_min: float, ttft_max_s: float) -> str:
+    """How a tier is shown (and named when its file gives no name): ``20 tok/s, TTFT ≤ 10 s``."""
+    return f"{output_tps_min:g} tok/s, TTFT ≤ {ttft_max_s:g} s"
+
+
+@dataclass(frozen=True)
+class SloSpec:
+    """The tiers a capacity search reports, in file order."""
+
+    source: str
+    tiers: tuple[SloTier, ...]
+
+    def tier(self, name: str) -> SloTier:
+        return next(tier for tier in self.tiers if tier.name == name)
+
+
+@dataclass(frozen=True)
+class TierVerdict:
+    """One tier's verdict on one set of records, with the numbers it was decided on.
+
+    ``ttft_quantile_s`` and ``output_tps_quantile`` are pooled over all requests in the set for both
+    scopes (the numbers a person reads); in agent scope the pass/fail comes from the agent counts."""
+
+    tier: SloTier
+    passed: bool
+    requests: int
+    errors: int
+    error_rate: float
+    ttft_quantile_s: float | None  # None: no requests; inf: too many misses to have a finite value
+    output_tps_quantile: float | None  # the low tail; None: no request had a speed
+    agents_judged: int | None  # agent scope only
+    agents_passed: int | None
+    agents_passed_fraction: float | None
+    reasons: tuple[str, ...]  # why it failed; empty when it passed
+
+    def to_dict(self) -> dict:
+        return {
+            "tier": self.tier.name,
+            "label": self.tier.label,
+            "passed": self.passed,
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.error_rate,
+            "ttft_quantile_s": _json_number(self.ttft_quantile_s),
+            "output_tps_quantile": self.output_tps_quantile,
+            "agents_judged": self.agents_judged,
+            "agents_passed": self.agents_passed,
+            "agents_passed_fraction": self.agents_passed_fraction,
+            "reasons": list(self.reasons),
+        }
+
+
+@dataclass(frozen=True)
+class StepVerdict:
+    """Every tier's verdict on the same set of records (one load step's measurement window)."""
+
+    tiers: tuple[TierVerdict, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(verdict.passed for verdict in self.tiers)
+
+    def tier(self, name: str) -> TierVerdict:
+        return next(verdict for verdict in self.tiers if verdict.tier.name == name)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "tiers": [verdict.to_dict() for verdict in self.tiers]}
+
+
+def _json_number(value: float | None) -> float | str | None:
+    return "inf" if value is not None and math.isinf(value) else value
+
+
+def _ttft(record: RequestRecord) -> float:
+    return record.ttft_s if record.ok and record.ttft_s is not None else math.inf
+
+
+def _speed(record: RequestRecord) -> float | None:
+    return record.output_tps if record.ok else 0.0
+
+
+def _speeds(records: Iterable[RequestRecord]) -> list[float]:
+    return [speed for speed in map(_speed, records) if speed is not None]
+
+
+def _meets(records: Sequence[RequestRecord], tier: SloTier) -> bool:
+    """The per-request criteria, pooled over ``records`` (non-empty)."""
+    speeds = _speeds(records)
+    return quantile([_ttft(r) for r in records], tier.quantile) <= tier.ttft_max_s and (
+        not speeds or low_quantile(speeds, tier.quantile) >= tier.output_tps_min
+    )
+
+
+def evaluate(records: Iterable[RequestRecord], tier: SloTier) -> TierVerdict:
+    """Whether ``records`` (typically those completed in one step's window) meet ``tier``."""
+    records = list(records)
+    errors = sum(not record.ok for record in records)
+    error_rate = errors / len(records) if records else 0.0
+    speeds = _speeds(records)
+    ttft_q = quantile([_ttft(r) for r in records], tier.quantile) if records else None
+    speed_q = low_quantile(speeds, tier.quantile) if speeds else None
+    agents_judged = agents_passed = fraction = None
+    reasons = []
+    if not records:
+        reasons.append("no request completed in the window")
+    if error_rate > tier.max_error_rate:
+        reasons.append(f"error rate {error_rate:.1%} > {tier.max_error_rate:.1%}")
+    if tier.scope == "request" and records:
+        if ttft_q > tier.ttft_max_s:
+            reasons.append(f"TTFT {percentile_label(tier.quantile)} {ttft_q:.3g} s > {tier.ttft_max_s:g} s")
+        if speed_q is not None and speed_q < tier.output_tps_min:
+            low = percentile_label(1 - tier.quantile)
+            reasons.append(f"output speed {low} {speed_q:.3g} tok/s < {tier.output_tps_min:g} tok/s")
+    if tier.scope == "agent" and records:
+        by_agent = _by_agent(records)
+        agents_judged = len(by_agent)
+        agents_passed = sum(_meets(agent_records, tier) for agent_records in by_agent.values())
+        fraction = agents_passed / agents_judged
+        if fraction < tier.agents_passing:
+            reasons.append(
+                f"{agents_passed}/{agents_judged} agents meet the tier, {tier.agents_passing:.0%} needed"
+            )
+    return TierVerdict(
+        tier=tier,
+        passed=not reasons,
+        requests=len(records),
+        errors=errors,
+        error_rate=error_rate,
+        ttft_quantile_s=ttft_q,
+        output_tps_quantile=speed_q,
+        agents_judged=agents_judged,
+        agents_passed=agents_passed,
+        agents_passed_fraction=fraction,
+        reasons=tuple(reasons),
+    )
+
+
+def evaluate_step(records: Iterable[RequestRecord], spec: SloSpec) -> StepVerdict:
+    records = list(records)
+    return StepVerdict(tuple(evaluate(records, tier) for tier in spec.tiers))
+
+
+def recompute(
+    records_dir: str | os.PathLike,
+    windows: Sequence[tuple[float, float]],
+    spec: SloSpec,
+    run_id: str | None = None,
+) -> list[StepVerdict]:
+    """Judge each ``(start, end)`` window (records that ended in ``[start, end)``) again from the
+    per-process record files, of ``run_id`` when given, as the live search judged it from the
+    records the master aggregated. No Locust here: the report and the ground truth use it."""
+    records = [r for r in read_records([Path(records_dir)]) if run_id is None or r.run_id == run_id]
+    return [evaluate_step(records_in_window(records, start, end), spec) for start, end in windows]
+
+
+def records_in_window(records: Iterable[RequestRecord], start_epoch_s: float, end_epoch_s: float) -> list[RequestRecord]:
+    """The requests a window judges: those that *ended* in ``[start, end)``."""
+    return [record for record in records if start_epoch_s <= record.end_epoch_s < end_epoch_s]
+
+
+def _by_agent(records: Iterable[RequestRecord]) -> dict[int, list[RequestRecord]]:
+    groups: dict[int, list[RequestRecord]] = defaultdict(list)
+    for record in records:
+        groups[record.agent].append(record)
+    return groups
+
+
+def surely_fails(records: Sequence[RequestRecord], tier: SloTier, agents: int, extra_fraction: float) -> bool:
+    """Whether ``tier`` would still fail if ``extra_fraction`` × len(records) more requests (spread
+    over the agents in proportion to what each completed) all met it perfectly.
+
+    This is the early-stop test for a step still in its window: a True answer is a fail that more
+    good data can no longer turn around (within that projection). It implies ``evaluate`` fails on
+    ``records`` too, since that is the same test without the extra requests. ``agents`` is how many
+    agents run in the step (agents not yet judged are assumed to pass)."""
+    if not records:
+        return False
+    extra = math.ceil(len(records) * extra_fraction)
+    errors = sum(not record.ok for record in records)
+    if errors > tier.max_error_rate * (len(records) + extra):
+        return True
+    if tier.scope == "request":
+        return _short_of_hits(records, tier, extra)
+    by_agent = _by_agent(records)
+    failing = sum(
+        _short_of_hits(agent_records, tier, math.ceil(len(agent_records) * extra_fraction))
+        for agent_records in by_agent.values()
+    )
+    population = max(agents, len(by_agent))
+    return (population - failing) / population < tier.agents_passing
+
+
+def _short_of_hits(records: Sequence[RequestRecord], tier: SloTier, extra: int) -> bool:
+    """Too few TTFT or speed hits to reach rank ceil(q·n) even with ``extra`` more hits."""
+    ttft_hits = sum(_ttft(record) <= tier.ttft_max_s for record in records)
+    if ttft_hits + extra < _rank(len(records) + extra, tier.quantile):
+        return True
+    speeds = _speeds(records)
+    speed_hits = sum(speed >= tier.output_tps_min for speed in speeds)
+    return bool(speeds) and speed_hits + extra < _rank(len(speeds) + extra, tier.quantile)
+
+
+# --- the SLO file -------------------------------------------------------------------------------
+
+_TIER_DEFAULT_KEYS = ("quantile", "scope", "agents_passing", "max_error_rate")
+_TOP_LEVEL_KEYS = ("tiers", "defaults")
+
+
+def load_slo(path: str | Path | None = None) -> SloSpec:
+    """Tiers from a YAML file (``None``: the bundled ``data/slo-default.yaml``)."""
+    if path is None:
+        resource = resources.files("agentperf_users") / "data" / DEFAULT_SLO_FILE
+        source, text = f"<bundled {DEFAULT_SLO_FILE}>", resource.read_text(encoding="utf-8")
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise AgentperfError(f"{source}: cannot read the SLO file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise AgentperfError(f"{source}: {where}not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_slo(data, source)
+
+
+def parse_slo(data: object, source: str) -> SloSpec:
+    """Validate already-parsed YAML. Every problem is one line naming the file and the field."""
+
+    def fail(where: str, message: str) -> AgentperfError:
+        return AgentperfError(f"{source}: {where}: {message}")
+
+    if not isinstance(data, dict):
+        raise fail("top level", f"expected a mapping with a 'tiers' list, got {type(data).__name__}")
+    _reject_unknown(data, _TOP_LEVEL_KEYS, "top level", fail)
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise fail("defaults", f"expected a mapping, got {defaults!r}")
+    _reject_unknown(defaults, _TIER_DEFAULT_KEYS, "defaults", fail)
+    tiers_data = data.get("tiers")
+    if not isinstance(tiers_data, list) or not tiers_data:
+        raise fail("tiers", f"expected a non-empty list of tiers, got {tiers_data!r}")
+    tier_keys = tuple(field.name for field in fields(SloTier))
+    tiers = []
+    for index, tier_data in enumerate(tiers_data):
+        where = f"tiers[{index}]"
+        if not isinstance(tier_data, dict):
+            raise fail(where, f"expected a mapping, got {tier_data!r}")
+        _reject_unknown(tier_data, tier_keys, where, fail)
+        merged = {**defaults, **tier_data}
+        for key in ("ttft_max_s", "output_tps_min"):
+            if key not in merged:
+                raise fail(f"{where}.{key}", "missing (required)")
+        values = {}
+        for key, value in merged.items():
+            origin = f"{where}.{key}" if key in tier_data else f"defaults.{key}"
+            values[key] = _checked(key, value, lambda message, origin=origin: fail(origin, message))
+        values.setdefault("name", tier_label(values["output_tps_min"], values["ttft_max_s"]))
+        tiers.append(SloTier(**values))
+    names = [tier.name for tier in tiers]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise fail(f"tiers[{index}].name", f"duplicate tier name {name!r}")
+    return SloSpec(source=source, tiers=tuple(tiers))
+
+
+def _reject_unknown(mapping: dict, allowed: Sequence[str], where: str, fail) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise fail(where, f"unknown key {key!r} (expected one of: {', '.join(allowed)})")
+
+
+def _checked(key: str, value: object, fail) -> object:
+    """One field's value, or ``fail`` with what was expected."""
+    if key == "name":
+        if not isinstance(value, str) or not value.strip():
+            raise fail(f"expected a non-empty string, got {value!r}")
+        return value
+    if key == "scope":
+        if value not in SCOPES:
+            raise fail(f"expected one of {', '.join(SCOPES)}, got {value!r}")
+        return value
+    expected, accept = _NUMBER_CHECKS[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not accept(value):
+        raise fail(f"expected {expected}, got {value!r}")
+    return float(value)
+
+
+_NUMBER_CHECKS = {
+    "ttft_max_s": ("a positive number", lambda v: 0 < v < math.inf),
+    "output_tps_min": ("a number >= 0", lambda v: 0 <= v < math.inf),
+    "quantile": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "agents_passing": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "max_error_rate": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
+}

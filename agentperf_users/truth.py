@@ -1,0 +1,254 @@
+"""Ground truth: the capacity an ideal load generator would find, computed on the simulator's own engine.
+
+``agentperf truth`` runs the same capacity search as a live run (same ``CapacitySearch`` decisions,
+step sizes, spawn rate, warm-up, window and SLO rules, same trajectories dealt in the same order with
+the same tool waits) but the agents are closed loops in this process and the engine runs on a virtual
+clock: a request's tokens exist at the end of the engine step that made them, with no HTTP, no client
+and no scheduling noise. The live answer differs from this one only by what the load generator and the
+real-time server add, which is what ``benchmarks/capacity_accuracy.py`` measures.
+
+Modelling choices (each mirrors the live run):
+
+* Requests that arrive during an engine step join the queue at the end of that step, as with the
+  real-time server, and keep their true arrival time for TTFT.
+* Agents are spawned ``1 / spawn_rate`` apart; when a step lowers the count the newest agents stop
+  and their requests in flight are aborted (Locust stops users in no defined order; newest-first is
+  the deterministic choice). A new agent takes the next session, like the master's dealer.
+* A step ramps, warms up for ``warmup_s``, then judges the requests that *ended* inside its
+  ``window_s`` window. Early stopping is not modelled: it never turns a fail into a pass.
+* A request the engine rejects (queue full, context too long) is a failed record, and the agent goes
+  on after its tool wait, as a live agent does after an error.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from dataclasses import dataclass, field
+
+from agentperf_users import replay
+from agentperf_users.records import RequestRecord, Status
+from agentperf_users.search import CapacitySearch, SearchParameters, TierCapacity, add_search_arguments
+from agentperf_users.simulator.engine import Engine, EngineRequest
+from agentperf_users.simulator.profile import DEFAULT_PROFILE, Profile, SimulatorError, load_profile
+from agentperf_users.simulator.tokenizer import PromptEncoder
+from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo
+from agentperf_users.trajectory import Trajectory, TrajectorySet, load_trajectories
+from agentperf_users.errors import AgentperfError
+
+TRUTH_RUN_ID = "truth"
+
+
+@dataclass(frozen=True)
+class TruthStep:
+    agents: int
+    window_start_s: float
+    window_end_s: float
+    verdict: StepVerdict
+
+
+@dataclass(frozen=True)
+class TruthResult:
+    capacity: dict[str, TierCapacity]
+    steps: tuple[TruthStep, ...]
+    simulated_s: float
+    wall_s: float
+
+    def to_dict(self, spec: SloSpec) -> dict:
+        return {
+            "capacity": {
+                name: {**cap.to_dict(), "label": spec.tier(name).label} for name, cap in self.capacity.items()
+            },
+            "steps": [
+                {"agents": s.agents, "window_start_s": s.window_start_s, "window_end_s": s.window_end_s,
+                 "passed": {v.tier.name: v.passed for v in s.verdict.tiers}}
+                for s in self.steps
+            ],
+            "simulated_s": round(self.simulated_s, 3),
+            "wall_s": round(self.wall_s, 3),
+            "speedup": round(self.simulated_s / self.wall_s, 1) if self.wall_s else None,
+        }
+
+
+@dataclass(eq=False)
+class _Agent:
+    index: int
+    rng: object
+    trajectory: Trajectory | None = None
+    label: str = ""
+    turn: int = 0
+    request: EngineRequest | None = None
+    scheduled_s: float = 0.0
+    stopped: bool = False
+
+
+@dataclass
+class _World:
+    """The closed loop: agents, the engine, and the records they produce, on one virtual clock."""
+
+    engine: Engine
+    trajectories: TrajectorySet
+    settings: replay.ReplaySettings
+    encoder: PromptEncoder = field(default_factory=PromptEncoder)
+    now_s: float = 0.0
+    agents: list[_Agent] = field(default_factory=list)
+    wakes: list[tuple[float, int, _Agent]] = field(default_factory=list)  # heap of (time, seq, agent)
+    in_flight: dict[str, _Agent] = field(default_factory=dict)
+    records: list[RequestRecord] = field(default_factory=list)
+    load_step: int = 0
+    _started: int = 0  # agent indices, like the master's counter: never reused
+    _sessions: int = 0
+    _seq: int = 0
+
+    def set_agents(self, count: int, spawn_rate: float) -> float:
+        """Start or stop agents towards ``count``; returns when the ramp ends."""
+        ramp_end = self.now_s
+        while len(self.agents) > count:
+            agent = self.agents.pop()
+            agent.stopped = True
+            if agent.request is not None:
+                self.engine.abort(agent.request.request_id)
+                del self.in_flight[agent.request.request_id]
+        for k in range(count - len(self.agents)):
+            agent = _Agent(self._started, replay.agent_rng(self.settings.seed, self._started))
+            self._started += 1
+            self.agents.append(agent)
+            ramp_end = self.now_s + (k + 1) / spawn_rate
+            self._deal(agent)
+            self._wake(agent, ramp_end)
+        return ramp_end
+
+    def run_until(self, end_s: float) -> None:
+        while self.now_s < end_s:
+            self._submit_due()
+            if self.engine.has_work():
+                result = self.engine.step(self.now_s)
+                self.now_s = result.start_s + result.duration_s
+                for request in result.finished:
+                    agent = self.in_flight.pop(request.request_id, None)
+                    if agent is not None:
+                        self._finish(agent, request)
+            else:
+                self.now_s = min(end_s, self.wakes[0][0]) if self.wakes else end_s
+
+    def _deal(self, agent: _Agent) -> None:
+        session, self._sessions = self._sessions, self._sessions + 1
+        index, rounds = replay.session_trajectory(session, len(self.trajectories))
+        trajectory = self.trajectories.trajectory(index)
+        marker = replay.namespace_marker(self.settings.cache_namespace, TRUTH_RUN_ID, session, len(self.trajectories))
+        agent.trajectory = trajectory.with_namespace(marker) if marker else trajectory
+        agent.label = trajectory.id if rounds == 0 else f"{trajectory.id}#{rounds}"
+        agent.turn = 0
+
+    def _wake(self, agent: _Agent, at_s: float) -> None:
+        agent.scheduled_s = at_s
+        self._seq += 1
+        heapq.heappush(self.wakes, (at_s, self._seq, agent))
+
+    def _submit_due(self) -> None:
+        while self.wakes and self.wakes[0][0] <= self.now_s:
+            at_s, _, agent = heapq.heappop(self.wakes)
+            if not agent.stopped:
+                self._submit(agent, at_s)
+
+    def _submit(self, agent: _Agent, at_s: float) -> None:
+        turn = agent.trajectory.turns[agent.turn]
+        prompt = self.encoder.encode(turn.messages, turn.tools)
+        output = turn.output_tokens if self.settings.ignore_eos else self.engine.sample_output_tokens(turn.output_tokens)
+        request = EngineRequest(f"{agent.index}-{self._seq}", prompt, output, at_s)
+        self._seq += 1
+        try:
+            self.engine.submit(request)
+        except SimulatorError as exc:
+            self._record(agent, request, Status.HTTP_4XX, end_s=at_s, message=str(exc)[:200])
+            self._next_turn(agent, at_s)
+            return
+        agent.request = request
+        self.in_flight[request.request_id] = agent
+
+    def _finish(self, agent: _Agent, request: EngineRequest) -> None:
+        agent.request = None
+        self._record(agent, request, Status.OK, end_s=request.finished_s)
+        self._next_turn(agent, request.finished_s)
+
+    def _next_turn(self, agent: _Agent, end_s: float) -> None:
+        turn = agent.trajectory.turns[agent.turn]
+        wait_s = replay.tool_wait_s(self.settings.tool_wait, turn.tool_wait_s, agent.rng,
+                                    self.settings.tool_wait_median_s, self.settings.tool_wait_sigma)
+        agent.turn += 1
+        if agent.turn == len(agent.trajectory.turns):
+            self._deal(agent)
+        self._wake(agent, end_s + wait_s)
+
+    def _record(self, agent: _Agent, request: EngineRequest, status: Status, end_s: float, message: str = "") -> None:
+        ok = status is Status.OK
+        first = request.first_token_s
+        speed = None
+        if ok and request.generated > 1 and end_s > first:
+            speed = (request.generated - 1) / (end_s - first)
+        self.records.append(RequestRecord(
+            run_id=TRUTH_RUN_ID, worker_id="truth", agent=agent.index, trajectory=agent.label, turn=agent.turn,
+            load_step=self.load_step, scheduled_start_epoch_s=agent.scheduled_s, start_epoch_s=request.arrival_s,
+            end_epoch_s=end_s, ttfb_s=first - request.arrival_s if ok else None,
+            ttft_s=first - request.arrival_s if ok else None, e2e_s=end_s - request.arrival_s,
+            itl_p50_s=None, itl_p95_s=None, itl_max_s=None,
+            output_tokens=request.generated if ok else 0, output_tokens_estimated=False,
+            prompt_tokens=request.prompt.num_tokens, cached_tokens=request.cached_tokens if ok else None,
+            output_tps=speed, status=status, message=message,
+        ))
+
+
+def find_capacity(
+    profile: Profile,
+    trajectories: TrajectorySet,
+    spec: SloSpec,
+    params: SearchParameters,
+    settings: replay.ReplaySettings = replay.ReplaySettings(),
+) -> TruthResult:
+    """Run the capacity search on the virtual clock and return what it finds per tier."""
+    started = time.perf_counter()
+    world = _World(Engine(profile, seed=settings.seed), trajectories, settings)
+    search = CapacitySearch([t.name for t in spec.tiers], params.start_agents, params.max_agents,
+                            params.resolution_agents, params.step_agents, params.step_factor)
+    steps = []
+    while (agents := search.next_agents()) is not None:
+        world.load_step += 1
+        ramp_end_s = world.set_agents(agents, params.spawn_rate)
+        window_start_s = ramp_end_s + params.warmup_s
+        window_end_s = window_start_s + params.window_s
+        world.run_until(window_end_s)
+        judged = [r for r in world.records if window_start_s <= r.end_epoch_s < window_end_s]
+        verdict = evaluate_step(judged, spec)
+        search.record_verdict(agents, verdict)
+        steps.append(TruthStep(agents, window_start_s, window_end_s, verdict))
+        world.records.clear()  # later records belong to the next step's ramp and warm-up
+    return TruthResult(search.capacity(), tuple(steps), world.now_s, time.perf_counter() - started)
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "truth",
+        help="the true capacity per SLO tier, from the simulator's engine on a virtual clock",
+        description="Run the capacity search against the simulator's engine on a virtual clock (no HTTP, no "
+        "client) and print the capacity per tier as JSON.",
+    )
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="simulator profile name or YAML file")
+    parser.add_argument("--trajectories", default="default", help="trajectory file, folder or bundled set")
+    parser.add_argument("--trajectory-format", default="auto")
+    parser.add_argument("--slo", default="", help="SLO tiers YAML file; empty: the bundled default tiers")
+    replay.add_replay_arguments(parser.add_argument)
+    add_search_arguments(parser.add_argument)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    spec = load_slo(args.slo or None)
+    try:
+        profile = load_profile(args.profile)
+    except SimulatorError as exc:
+        raise AgentperfError(str(exc)) from None
+    result = find_capacity(profile, load_trajectories(args.trajectories, args.trajectory_format), spec,
+                           SearchParameters.from_options(args), replay.settings_from_args(args))
+    print(json.dumps(result.to_dict(spec), indent=2))
+    return 0

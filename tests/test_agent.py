@@ -1,0 +1,154 @@
+"""End to end: a real headless ``locust`` run of a few agents against the real simulator, checked from
+the records it leaves, the trajectory set it replayed and Locust's own statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from agentperf_users.client import bucket_response_time_3sig
+from agentperf_users.records import Status, read_records
+from agentperf_users.simulator.cli import SimulatorProcess
+from agentperf_users.trajectory import load_trajectories
+
+REPO = Path(__file__).resolve().parent.parent
+AGENTS = 4
+TRAJECTORIES = 3  # fewer than the agents: the fourth agent starts the second pass (a new cache namespace)
+TURNS = 4
+RUN_S = 8
+
+
+def _write_set(path: Path) -> None:
+    """Compact-format trajectories whose turns differ in size, output length and tool wait."""
+    lines = []
+    for i in range(TRAJECTORIES):
+        turns = [{"messages": [{"role": "system", "content_tokens": 400, "seed": "system"},
+                               {"role": "user", "content_tokens": 150 + 10 * i}],
+                  "output_tokens": 12, "tool_wait_s": 0.25}]
+        for t in range(1, TURNS):
+            turns.append({"messages": [{"role": "assistant", "content_tokens": 12},
+                                       {"role": "tool", "content_tokens": 80 * t, "tool_call_id": f"c{t}"}],
+                          "output_tokens": 8 + t, "tool_wait_s": 0.1 * t})
+        lines.append(json.dumps({"id": f"t{i}", "turns": turns}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _locust(tmp: Path, *extra: str) -> tuple[list, str]:
+    """Run the locustfile headless against a fresh simulator; returns (records, the process output)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AGENTPERF_TEST_KEY": "sk-agent-test-0123456789"}
+    with SimulatorProcess(["--port", "0", "--api-key", env["AGENTPERF_TEST_KEY"]], env=env) as simulator:
+        completed = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(REPO / "locustfiles" / "agents.py"), "--host", simulator.url,
+             "--headless", "-u", str(AGENTS), "-r", "50", "-t", f"{RUN_S}s", "--stop-timeout", "0",
+             "--trajectories", str(tmp / "set.jsonl"), "--records-dir", str(tmp / "records"),
+             "--api-key-env", "AGENTPERF_TEST_KEY", "--tool-wait", "recorded", *extra],
+            cwd=tmp, env=env, capture_output=True, text=True, timeout=RUN_S + 60,
+        )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return read_records([tmp / "records"]), completed.stdout + completed.stderr
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One local run; returns (records, trajectory set, Locust's JSON stats, the process output)."""
+    tmp = tmp_path_factory.mktemp("agents")
+    _write_set(tmp / "set.jsonl")
+    records, output = _locust(tmp, "--json-file", str(tmp / "stats"))
+    stats = json.loads((tmp / "stats.json").read_text())
+    return records, load_trajectories(str(tmp / "set.jsonl")), stats, output
+
+
+def _sessions(records):
+    """Records per (agent, trajectory play), in the order they were sent."""
+    sessions = defaultdict(list)
+    for record in sorted(records, key=lambda r: r.start_epoch_s):
+        sessions[(record.agent, record.trajectory)].append(record)
+    return sessions
+
+
+@pytest.mark.slow
+def test_every_turn_is_sent_in_order_with_the_trajectorys_messages(run):
+    records, trajectories, _, _ = run
+    assert records and all(r.status is Status.OK for r in records), {r.message for r in records}
+    assert sorted({r.agent for r in records}) == list(range(AGENTS))
+    by_id = {trajectories.trajectory_id(i): trajectories.trajectory(i) for i in range(len(trajectories))}
+    sessions = _sessions(records)
+    first_pass = {label for _, label in sessions if "#" not in label}
+    assert first_pass == set(by_id)  # every trajectory was dealt once before any was replayed
+    assert len({label for _, label in sessions}) == len(sessions)  # no two agents played the same session
+    complete = 0
+    for (agent, label), played in sessions.items():
+        trajectory = by_id[label.split("#")[0]]
+        assert [r.turn for r in played] == list(range(len(played)))
+        complete += len(played) == len(trajectory.turns)
+        marker_tokens = 0 if "#" not in label else played[0].prompt_tokens - trajectory.turns[0].prompt_tokens
+        assert marker_tokens >= 0
+        for record in played:  # the prompt the server counted is exactly this turn's conversation
+            assert record.prompt_tokens == trajectory.turns[record.turn].prompt_tokens + marker_tokens
+            assert record.output_tokens == trajectory.turns[record.turn].output_tokens  # ignore_eos honoured
+    assert complete >= len(by_id)
+
+
+@pytest.mark.slow
+def test_tool_waits_are_honoured_and_records_complete(run):
+    records, trajectories, _, _ = run
+    waits = {trajectories.trajectory_id(i): [t.tool_wait_s for t in trajectories.trajectory(i).turns]
+             for i in range(len(trajectories))}
+    by_agent = defaultdict(list)
+    for record in sorted(records, key=lambda r: r.start_epoch_s):
+        by_agent[record.agent].append(record)
+    gaps = 0
+    for played in by_agent.values():
+        for before, after in zip(played, played[1:]):
+            wait_s = waits[before.trajectory.split("#")[0]][before.turn]
+            assert after.scheduled_start_epoch_s == pytest.approx(before.end_epoch_s + wait_s, abs=1e-6)
+            assert 0 <= after.start_epoch_s - after.scheduled_start_epoch_s < 0.05
+            gaps += 1
+    assert gaps >= AGENTS * (TURNS - 1)
+    for r in records:
+        assert r.run_id and r.worker_id == "local" and r.load_step == 0
+        assert 0 < r.ttfb_s <= r.ttft_s < r.e2e_s
+        assert r.end_epoch_s == pytest.approx(r.start_epoch_s + r.e2e_s)
+        assert r.itl_p50_s <= r.itl_p95_s <= r.itl_max_s and r.output_tps > 0
+        assert not r.output_tokens_estimated and r.cached_tokens is not None and r.message == ""
+
+
+@pytest.mark.slow
+def test_cached_tokens_rise_across_an_agents_turns(run):
+    records, _, _, _ = run
+    for played in _sessions(records).values():
+        cached = [r.cached_tokens for r in played]
+        assert all(b > a for a, b in zip(cached, cached[1:])), cached
+
+
+@pytest.mark.slow
+def test_locust_counts_each_request_once_and_never_sees_the_key(run):
+    records, _, stats, output = run
+    [entry] = stats
+    assert entry["name"] == "chat turn" and entry["method"] == "POST"
+    assert entry["num_requests"] == len(records) and entry["num_failures"] == 0
+    assert entry["total_content_length"] == sum(r.output_tokens for r in records)
+    # Locust's histogram holds exactly the records' end-to-end times, bucketed to 3 significant digits.
+    expected = Counter(str(bucket_response_time_3sig(r.e2e_s * 1000)) for r in records)
+    assert Counter({str(k): v for k, v in entry["response_times"].items()}) == expected
+    assert "sk-agent-test" not in output
+
+
+@pytest.mark.slow
+def test_agents_on_two_workers_get_distinct_indices_and_trajectories(tmp_path):
+    _write_set(tmp_path / "set.jsonl")
+    records, _ = _locust(tmp_path, "--processes", "2")
+    assert records and all(r.status is Status.OK for r in records)
+    workers = {r.worker_id for r in records}
+    assert len(workers) == 2 and all(w.startswith("worker-") for w in workers)
+    agents = {(r.worker_id, r.agent) for r in records}
+    assert sorted(agent for _, agent in agents) == list(range(AGENTS))  # one global index per agent
+    sessions = _sessions(records)
+    assert {label for _, label in sessions if "#" not in label} == {f"t{i}" for i in range(TRAJECTORIES)}
+    assert len({label for _, label in sessions}) == len(sessions)  # no session played twice, on any worker

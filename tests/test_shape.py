@@ -1,0 +1,223 @@
+"""The capacity search: its decisions on scripted verdicts (``search``), and the shape's tick loop on
+a real LocalRunner driven by a controlled clock (``shape``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import pytest
+from locust import User, argument_parser, constant
+from locust.env import Environment
+from locust.event import Events
+
+from agentperf_users import aggregate
+from agentperf_users.search import CapacitySearch, CapacityStatus, SearchParameters
+from agentperf_users.shape import CapacitySearchShape, format_step
+from agentperf_users.slo import SloTier, StepVerdict, TierVerdict
+from tests.test_slo import record
+
+
+def verdict(**passed: bool) -> StepVerdict:
+    """A step verdict with the given pass/fail per tier (numbers are irrelevant to the search)."""
+    return StepVerdict(
+        tuple(
+            TierVerdict(SloTier(name, 1.0, 1.0), ok, 1, 0, 0.0, 1.0, 1.0, None, None, None, () if ok else ("x",))
+            for name, ok in passed.items()
+        )
+    )
+
+
+def run_search(search: CapacitySearch, true_capacity: dict[str, int]) -> list[int]:
+    """Drive the search against tiers that pass exactly up to their true capacity."""
+    measured = []
+    while (agents := search.next_agents()) is not None:
+        assert agents not in measured, "a count is never measured twice"
+        measured.append(agents)
+        search.record_verdict(agents, verdict(**{t: agents <= cap for t, cap in true_capacity.items()}))
+        assert len(measured) < 100
+    return measured
+
+
+def test_steps_up_by_factor_until_every_tier_failed_then_bisects_each():
+    search = CapacitySearch(["loose", "strict"], start_agents=1, max_agents=256, step_factor=2.0)
+    measured = run_search(search, {"loose": 37, "strict": 12})
+    assert measured[:7] == [1, 2, 4, 8, 16, 32, 64]  # strict fails at 16, loose at 64: phase 1 ends
+    assert measured[7:] == [48, 40, 36, 38, 37, 12, 14, 13]  # loose in (32, 64), then strict in (8, 16)
+    capacity = search.capacity()
+    assert (capacity["loose"].status, capacity["loose"].agents, capacity["loose"].first_failing_agents) == (
+        CapacityStatus.FOUND, 37, 38)
+    assert (capacity["strict"].agents, capacity["strict"].first_failing_agents) == (12, 13)
+    assert search.done
+
+
+def test_bisection_reuses_counts_measured_for_another_tier():
+    search = CapacitySearch(["a", "b"], start_agents=10, max_agents=100, step_agents=10)
+    measured = run_search(search, {"a": 25, "b": 24})
+    assert measured[:3] == [10, 20, 30]
+    # a bisects (20, 30): 25 pass, 27 fail, 26 fail; b's bracket is already (20, 25) and then (24, 25).
+    assert measured[3:] == [25, 27, 26, 22, 23, 24]
+    assert {t: c.agents for t, c in search.capacity().items()} == {"a": 25, "b": 24}
+
+
+def test_resolution_stops_bisection_early():
+    search = CapacitySearch(["a"], start_agents=8, max_agents=1000, resolution_agents=8, step_factor=2.0)
+    run_search(search, {"a": 100})
+    capacity = search.capacity()["a"]
+    assert capacity.status is CapacityStatus.FOUND
+    assert capacity.agents <= 100 < capacity.first_failing_agents <= capacity.agents + 8
+
+
+def test_tier_failing_at_the_start_bisects_down_to_one_agent():
+    search = CapacitySearch(["a", "b"], start_agents=8, max_agents=64, step_factor=2.0)
+    measured = run_search(search, {"a": 0, "b": 20})
+    assert 1 in measured and 4 in measured and 2 in measured
+    capacity = search.capacity()
+    assert (capacity["a"].status, capacity["a"].agents, capacity["a"].first_failing_agents) == (
+        CapacityStatus.NONE_PASSED, None, 1)
+    assert capacity["b"].agents == 20
+
+
+def test_tier_never_failing_is_distinguishable_from_found():
+    search = CapacitySearch(["a", "b"], start_agents=4, max_agents=50, step_factor=2.0)
+    measured = run_search(search, {"a": 1000, "b": 10})
+    assert max(measured) == 50 and measured[:5] == [4, 8, 16, 32, 50]  # the last step is --max-agents
+    capacity = search.capacity()
+    assert (capacity["a"].status, capacity["a"].agents, capacity["a"].first_failing_agents) == (
+        CapacityStatus.NEVER_FAILED, 50, None)
+    assert capacity["b"].status is CapacityStatus.FOUND
+
+
+def test_non_monotone_verdicts_use_the_first_failure():
+    search = CapacitySearch(["a", "b"], start_agents=10, max_agents=100, step_agents=10)
+    for agents, a, b in [(10, True, True), (20, False, True), (30, True, True), (40, False, False)]:
+        assert search.next_agents() == agents
+        search.record_verdict(agents, verdict(a=a, b=b))
+    assert search.bracket("a") == (10, 20)
+    assert search.next_agents() == 15
+
+
+def test_incomplete_search_and_undecided_tiers():
+    search = CapacitySearch(["a", "b"], start_agents=10, max_agents=100, step_agents=10)
+    search.record_verdict(10, verdict(a=True, b=True))
+    search.record_verdict(20, verdict(a=True, b=False))
+    assert search.stepping and search.undecided_tiers(30) == ("a",)
+    assert search.undecided_tiers(15) == ("b",)
+    assert {c.status for c in search.capacity().values()} == {CapacityStatus.INCOMPLETE}
+
+
+class IdleUser(User):
+    wait_time = constant(1)
+
+
+SLO_YAML = """
+defaults: {max_error_rate: 0.5}
+tiers:
+  - {name: loose, ttft_max_s: 0.45, output_tps_min: 10}
+  - {name: strict, ttft_max_s: 0.25, output_tps_min: 10}
+"""
+
+
+class Clock:
+    """Seconds in the past of the real clock, so that the LocalRunner's real-time report coverage
+    is always ahead of the windows the shape measures."""
+
+    def __init__(self) -> None:
+        self.now = time.time() - 3600
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def shape_environment(tmp_path, **overrides):
+    slo = tmp_path / "slo.yaml"
+    slo.write_text(SLO_YAML)
+    options = dict(
+        records_dir="", run_id="run", slo=str(slo), start_agents=2, step_agents=2, step_factor=2.0, max_agents=8,
+        resolution_agents=1, agent_spawn_rate=100.0, warmup_s=2.0, window_s=20.0, no_early_stop=False,
+        capacity_json=str(tmp_path / "capacity.json"),
+    )
+    options.update(overrides)
+    clock = Clock()
+    shape = CapacitySearchShape(clock=clock)
+    environment = Environment(
+        user_classes=[IdleUser], shape_class=shape, events=Events(), parsed_options=argparse.Namespace(**options)
+    )
+    environment.create_local_runner()
+    return environment, shape, clock
+
+
+def drive(environment, shape, clock) -> list[tuple]:
+    """Tick as Locust's shape_worker does, once a (virtual) second; every agent of the current step
+    completes one request per second with TTFT 0.1 s × agents and the step index it saw."""
+    log = aggregate.get_record_log(environment)
+    ticks = []
+    while (result := shape.tick()) is not None:
+        environment.runner.shape_last_tick = result
+        ticks.append(result)
+        step = aggregate.current_step(environment)
+        for agent in range(result[0]):
+            log.add(record(agent=agent, ttft_s=0.1 * step.agents, output_tps=50.0, end=clock.now))
+        clock.now += 1.0
+        assert len(ticks) < 2000
+    return ticks
+
+
+def test_shape_runs_the_search_on_a_local_runner(tmp_path):
+    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True)
+    ticks = drive(environment, shape, clock)
+    assert [(s.agents, s.phase) for s in shape.steps] == [
+        (2, "step"), (4, "step"), (6, "step"), (5, "bisect"), (3, "bisect")]
+    assert [(s.verdict.tier("loose").passed, s.verdict.tier("strict").passed) for s in shape.steps] == [
+        (True, True), (True, False), (False, False), (False, False), (True, False)]
+    capacity = shape.capacity()
+    assert (capacity["loose"].agents, capacity["strict"].agents) == (4, 2)
+    for step in shape.steps:
+        assert step.window_end_epoch_s - step.window_start_epoch_s == 20.0
+        assert step.coverage_complete and not step.early_stop
+        assert step.verdict.tiers[0].requests == 20 * step.agents  # one per agent per second of window
+    assert {tick[0] for tick in ticks} == {2, 4, 6, 5, 3}
+    environment.events.test_stop.fire(environment=environment)
+    summary = json.loads((tmp_path / "capacity.json").read_text())
+    assert summary["complete"] and summary["capacity"]["loose"] == {
+        "tier": "loose", "status": "found", "agents": 4, "first_failing_agents": 5}
+    assert [s["agents"] for s in summary["steps"]] == [2, 4, 6, 5, 3]
+    assert summary["steps"][1]["verdict"]["tiers"][1]["ttft_quantile_s"] == pytest.approx(0.4)
+    assert "step 1 (step): 4 agents, 80 requests, 0 errors | 10 tok/s, TTFT ≤ 0.45 s: pass (TTFT p95 0.4 s" in (
+        format_step(shape.steps[1]))
+
+
+def test_hopeless_steps_end_early_and_only_as_fails(tmp_path):
+    environment, shape, clock = shape_environment(tmp_path)
+    drive(environment, shape, clock)
+    early = [s for s in shape.steps if s.early_stop]
+    assert [s.agents for s in early] == [6, 5, 3]  # every tier that still matters fails there by far
+    for step in shape.steps:
+        length_s = step.window_end_epoch_s - step.window_start_epoch_s
+        if step.early_stop:  # after 5 s of window and at least 20 requests, never as a pass
+            assert (length_s, step.verdict.passed) == (max(5.0, math.ceil(20 / step.agents)), False)
+        else:
+            assert length_s == 20.0
+    assert {t: c.agents for t, c in shape.capacity().items()} == {"loose": 4, "strict": 2}
+
+
+def test_bad_options_stop_the_test_with_one_line(tmp_path, caplog):
+    environment, shape, _ = shape_environment(tmp_path, max_agents=1, start_agents=4)
+    assert shape.tick() is None
+    assert environment.process_exit_code == 2
+    assert "--max-agents: expected an integer >= --start-agents, got 1" in caplog.text
+
+
+def test_options_reach_the_web_ui_form_and_locust_conf(tmp_path):
+    extra = argument_parser.ui_extra_args_dict([])
+    expected = {"slo", "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
+                "agent_spawn_rate", "warmup_s", "window_s", "no_early_stop", "capacity_json", "records_dir", "run_id"}
+    assert expected <= set(extra)
+    assert (extra["no_early_stop"]["default_value"], extra["window_s"]["default_value"]) == (False, 90.0)
+    conf = tmp_path / "locust.conf"
+    conf.write_text("start-agents = 4\nstep-factor = 1.5\nslo = tiers.yaml\n")
+    options = argument_parser.get_parser().parse_args(["--config", str(conf)])
+    params = SearchParameters.from_options(options)
+    assert (params.start_agents, params.step_factor, options.slo) == (4, 1.5, "tiers.yaml")
