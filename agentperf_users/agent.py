@@ -43,10 +43,10 @@ from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 
 from agentperf_users import aggregate
+from agentperf_users.body import ChatBodyEncoder
 from agentperf_users.client import (
     DEFAULT_REQUEST_TIMEOUT_S,
     DEFAULT_STALL_TIMEOUT_S,
-    ChatBodyEncoder,
     ChatResult,
     ChatStreamClient,
     api_url,

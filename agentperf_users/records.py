@@ -27,7 +27,7 @@ class Status(str, Enum):
     OK = "ok"
     HTTP_4XX = "http_4xx"
     HTTP_5XX = "http_5xx"
-    TIMEOUT = "timeout"  # no response (headers) within the connect/response timeout
+    TIMEOUT = "timeout"  # no response or no first token within the request timeout
     STALL = "stall"  # the stream went silent for longer than the stall timeout
     DISCONNECT = "disconnect"  # the connection closed before [DONE]
     BAD_STREAM = "bad_stream"  # unparseable SSE/JSON, or an in-band error event

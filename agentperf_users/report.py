@@ -20,7 +20,7 @@ from typing import Sequence
 import pandas as pd
 
 from agentperf_users.records import RequestRecord
-from agentperf_users.slo import SloSpec, evaluate_step, quantile
+from agentperf_users.slo import SloSpec, evaluate_step, quantile, records_in_window
 
 MEGAWATT_W = 1_000_000.0
 TTFT_QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -61,7 +61,7 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
     steps = []
     for live in summary.get("steps", []):
         start, end = live["window_start_epoch_s"], live["window_end_epoch_s"]
-        judged = [r for r in records if start <= r.end_epoch_s < end]
+        judged = records_in_window(records, start, end)
         verdict = evaluate_step(judged, spec)
         passed = {v.tier.name: v.passed for v in verdict.tiers}
         live_passed = {v["tier"]: v["passed"] for v in live["verdict"]["tiers"]}

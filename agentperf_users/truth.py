@@ -33,7 +33,7 @@ from agentperf_users.search import CapacitySearch, SearchParameters, TierCapacit
 from agentperf_users.simulator.engine import Engine, EngineRequest
 from agentperf_users.simulator.profile import DEFAULT_PROFILE, Profile, SimulatorError, load_profile
 from agentperf_users.simulator.tokenizer import PromptEncoder
-from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo
+from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo, records_in_window
 from agentperf_users.trajectory import Trajectory, TrajectorySet, load_trajectories
 from agentperf_users.errors import AgentperfError
 
@@ -218,8 +218,7 @@ def find_capacity(
         window_start_s = ramp_end_s + params.warmup_s
         window_end_s = window_start_s + params.window_s
         world.run_until(window_end_s)
-        judged = [r for r in world.records if window_start_s <= r.end_epoch_s < window_end_s]
-        verdict = evaluate_step(judged, spec)
+        verdict = evaluate_step(records_in_window(world.records, window_start_s, window_end_s), spec)
         search.record_verdict(agents, verdict)
         steps.append(TruthStep(agents, window_start_s, window_end_s, verdict))
         world.records.clear()  # later records belong to the next step's ramp and warm-up

@@ -165,9 +165,10 @@ import gevent  # noqa: E402
 from locust.contrib.fasthttp import FastHttpSession  # noqa: E402
 from locust.event import EventHook  # noqa: E402
 
-from agentperf_users import client as client_module  # noqa: E402
-from agentperf_users.client import ChatBodyEncoder, ChatStreamClient, bucket_response_time_3sig  # noqa: E402
+from agentperf_users.body import ChatBodyEncoder  # noqa: E402
+from agentperf_users.client import ChatStreamClient, bucket_response_time_3sig  # noqa: E402
 from agentperf_users.records import Status  # noqa: E402
+from agentperf_users.timed_io import KERNEL_STAMPS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +255,7 @@ def test_large_body_adds_no_client_side_buffering_to_ttft(server_url):
     assert result.start_perf_s < result.server_timing["arrival"] < sent
 
 
-@pytest.mark.skipif(not client_module._KERNEL_STAMPS, reason="kernel receive timestamps are used on Linux only")
+@pytest.mark.skipif(not KERNEL_STAMPS, reason="kernel receive timestamps are used on Linux only")
 def test_tokens_are_stamped_when_they_arrived_not_when_a_busy_client_read_them(server_url):
     client = _client(server_url)
     assert _post(client, "no_usage").status is Status.OK  # the connection now has SO_TIMESTAMPNS set

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from agentperf_users.client import MAX_SSE_LINE_BYTES, SSEEvent, SSEParser, StreamTally
+from agentperf_users.sse import MAX_SSE_LINE_BYTES, SSEEvent, SSEParser, StreamTally
 
 
 def _chunk(delta: dict | None = None, **extra) -> dict:

@@ -24,12 +24,10 @@ import json
 import random
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
 
 from agentperf_users.simulator.engine import (
     ContextLengthError, Engine, EngineRequest, QueueFullError, StepResult, context_overflow_message,
@@ -262,33 +260,27 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def run_server(profile: Profile, host: str, port: int, options: ServerOptions, stop: asyncio.Event,
-                     started: Callable[[SimulatorServer, str], None]) -> None:
-    """Serve on the running loop until ``stop`` is set; ``started(server, url)`` once listening."""
-    server = SimulatorServer(profile, options)
-    bound = await server.start(host, port)
-    started(server, _url(host, bound))
-    await stop.wait()
-    await server.close()
-
-
 def serve(profile: Profile, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           options: ServerOptions = ServerOptions()) -> None:
     """Serve until SIGINT/SIGTERM. Prints one line with the URL once listening (``port`` 0 picks one).
 
-    Raises ``OSError`` when the address cannot be bound.
+    Raises ``OSError`` when the address cannot be bound. Tests and tools that need a server run it as a
+    child process (:class:`agentperf_users.simulator.cli.SimulatorProcess`), never as a thread of their
+    own: a process that imported locust is monkey-patched by gevent, which turns threads into greenlets.
     """
     if api_key is not None:
         options = dataclasses.replace(options, api_key=api_key)
-
-    def started(server: SimulatorServer, url: str) -> None:
-        print(f"agentperf simulator: serving {server.model_names[0]} ({profile.name}) on {url}", flush=True)
 
     async def main() -> None:
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        await run_server(profile, host, port, options, stop, started)
+        server = SimulatorServer(profile, options)
+        bound = await server.start(host, port)
+        url = _url(host, bound)
+        print(f"agentperf simulator: serving {server.model_names[0]} ({profile.name}) on {url}", flush=True)
+        await stop.wait()
+        await server.close()
 
     loop = new_event_loop()
     try:
@@ -296,53 +288,3 @@ def serve(profile: Profile, host: str = "127.0.0.1", port: int = 8000, api_key: 
     finally:
         loop.close()
 
-
-class ServerThread:
-    """A :class:`SimulatorServer` on its own event loop in a daemon thread, for tests and in-process tools.
-
-    ``with ServerThread(profile) as sim: OpenAI(base_url=sim.url + "/v1")``.
-    """
-
-    def __init__(self, profile: Profile, host: str = "127.0.0.1", port: int = 0, options: ServerOptions = ServerOptions()):
-        self._args = (profile, host, port, options)
-        self._ready = threading.Event()
-        self._loop = new_event_loop()
-        self._stop = asyncio.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="agentperf-simulator", daemon=True)
-        self.server: SimulatorServer | None = None
-        self.url = ""
-
-    def __enter__(self) -> "ServerThread":
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join()
-
-    def call(self, function: Callable[[], Any]) -> Any:
-        """Run ``function`` on the server's loop (the engine is not thread-safe) and return its result."""
-        async def run() -> Any:
-            return function()
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
-
-    def _started(self, server: SimulatorServer, url: str) -> None:
-        self.server, self.url = server, url
-        self._ready.set()
-
-    def _run(self) -> None:
-        try:
-            self._loop.run_until_complete(run_server(*self._args, self._stop, self._started))
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            self._ready.set()
-            self._loop.close()

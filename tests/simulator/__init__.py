@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from agentperf_users.simulator.cli import SimulatorProcess
 from agentperf_users.simulator.profile import DEFAULT_PROFILE, PROFILES_DIR, Profile, load_profile
 from agentperf_users.simulator.tokenizer import BLOCK_SIZE, EncodedPrompt
 
@@ -42,3 +45,29 @@ def make_prompt(num_tokens: int, conversation: int = 0) -> EncodedPrompt:
     share every full block they have in common, as chained hashes of a growing conversation do."""
     hashes = tuple(hash(("conversation", conversation, i)) for i in range(num_tokens // BLOCK_SIZE))
     return EncodedPrompt(num_tokens, hashes)
+
+
+def simulator(*cli_args: str, env: dict[str, str] | None = None) -> SimulatorProcess:
+    """A simulator server in a child process on a free port: ``with simulator("--profile", p) as sim``.
+
+    A child process, not a thread: once any test imports locust, gevent has monkey-patched this
+    process, and a server thread here would become a greenlet that blocks the tests talking to it.
+    """
+    return SimulatorProcess(["--port", "0", *cli_args], env=env)
+
+
+def scrape(url: str) -> dict[str, list]:
+    """The server's ``/metrics`` samples by sample name (e.g. ``vllm:prompt_tokens_total``)."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def requests_in_engine(url: str) -> int:
+    """Requests the server's engine holds, running or waiting (vLLM's two queue gauges)."""
+    samples = scrape(url)
+    return sum(int(s.value) for name in ("vllm:num_requests_running", "vllm:num_requests_waiting")
+               for s in samples[name])

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import pytest
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from agentperf_users.simulator.metrics import POWER_WINDOW_S, PowerModel, PowerSpec
 from agentperf_users.simulator.profile import load_profile
-from agentperf_users.simulator.server import ServerThread
+from tests.simulator import scrape, simulator
 
 PROFILE = load_profile()
 MODEL = PROFILE.model.name
-
-
-def scrape(url: str) -> dict[str, list]:
-    """Samples by sample name (e.g. ``vllm:prompt_tokens_total``)."""
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    samples: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append(sample)
-    return samples
 
 
 def value(samples: dict, name: str) -> float:
@@ -33,7 +20,7 @@ def value(samples: dict, name: str) -> float:
 
 
 def test_counters_and_histograms_move_as_requests_are_served():
-    with ServerThread(PROFILE) as sim, OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0) as sdk:
+    with simulator() as sim, OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0) as sdk:
         before = scrape(sim.url)
         assert value(before, "vllm:num_requests_running") == 0
         assert value(before, "vllm:num_requests_waiting") == 0
@@ -60,9 +47,10 @@ def test_counters_and_histograms_move_as_requests_are_served():
 
 
 def test_power_gauge_per_gpu_between_idle_and_tdp_and_rises_with_load():
-    profile = load_profile("4xh100-llama3.1-70b")
+    name = "4xh100-llama3.1-70b"
+    profile = load_profile(name)
     gpu = profile.gpu
-    with ServerThread(profile) as sim, OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0) as sdk:
+    with simulator("--profile", name) as sim, OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0) as sdk:
         idle = scrape(sim.url)["DCGM_FI_DEV_POWER_USAGE"]
         sdk.chat.completions.create(model=profile.model.name, messages=[{"role": "user", "content": "go"}],
                                     max_tokens=40, extra_body={"ignore_eos": True})

@@ -1,19 +1,25 @@
-"""The simulator's HTTP API against real clients (the official OpenAI SDK, raw HTTP) on loopback."""
+"""The simulator's HTTP API against real clients (the official OpenAI SDK, raw HTTP) on loopback.
+
+Each server is a child process (:func:`tests.simulator.simulator`), so Locust's gevent monkey-patching
+of the test process, once any test imports locust, cannot reach the server's event loop.
+"""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import time
+
 import openai
 import pytest
 from openai import OpenAI
 
 from agentperf_users.simulator.profile import load_profile
-from agentperf_users.simulator.server import ServerOptions, ServerThread
+from agentperf_users.simulator.server import API_KEY_ENV
 from agentperf_users.simulator.tokenizer import BLOCK_SIZE, PromptEncoder, count_prompt_tokens, count_tokens
-from tests.simulator import custom_profile
+from tests.simulator import requests_in_engine, simulator, write_profile
 
 PROFILE = load_profile()
 MODEL = PROFILE.model.name
@@ -28,7 +34,7 @@ def conversation(user_text: str, system_words: int = 400) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sim():
-    with ServerThread(PROFILE, options=ServerOptions(served_model_names=(MODEL, "alias-8b"))) as server:
+    with simulator("--served-model-name", MODEL, "alias-8b") as server:
         yield server
 
 
@@ -204,8 +210,8 @@ def test_context_overflow_and_unknown_model(client):
 
 
 def test_full_waiting_queue_answers_429(tmp_path):
-    profile = custom_profile(tmp_path, {"engine.max_num_seqs": 1, "engine.max_waiting_requests": 1})
-    with ServerThread(profile) as sim, OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0) as sdk:
+    profile = write_profile(tmp_path, {"engine.max_num_seqs": 1, "engine.max_waiting_requests": 1})
+    with simulator("--profile", str(profile)) as sim, OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0) as sdk:
         streams = []
         for text in ("one", "two"):  # the first runs, the second waits
             streams.append(sdk.chat.completions.create(model=MODEL, messages=conversation(text), stream=True,
@@ -217,9 +223,9 @@ def test_full_waiting_queue_answers_429(tmp_path):
             stream.close()
 
 
-def test_api_key_is_required_when_set(monkeypatch):
+def test_api_key_is_required_when_set():
     key = "sk-test-secret-123"
-    with ServerThread(PROFILE, options=ServerOptions(api_key=key)) as sim:
+    with simulator(env={**os.environ, API_KEY_ENV: key}) as sim:
         with OpenAI(base_url=sim.url + "/v1", api_key="wrong", max_retries=0) as sdk:
             with pytest.raises(openai.AuthenticationError) as exc:
                 sdk.chat.completions.create(model=MODEL, messages=conversation("x"), max_tokens=1)
@@ -231,14 +237,14 @@ def test_api_key_is_required_when_set(monkeypatch):
 
 
 def test_shutdown_mid_stream_sends_in_band_error_then_done():
-    sim = ServerThread(PROFILE).__enter__()
+    sim = simulator().__enter__()
     body = json.dumps({"model": MODEL, "messages": conversation("long"), "stream": True, "max_tokens": 5000,
                        "ignore_eos": True}).encode()
     conn, response = raw_request(sim, "POST", "/v1/chat/completions", body)
     assert response.status == 200
     first = response.fp.readline()  # the first chunk-size line: streaming has begun
     assert first.strip()
-    sim.stop()
+    sim.stop()  # SIGTERM
     events = (first + response.fp.read()).decode()
     assert '"error": {"message": "the simulator is shutting down"' in events
     assert events.rstrip().endswith("0")  # terminating chunk after the error and [DONE]
@@ -251,18 +257,11 @@ def test_client_disconnect_aborts_the_engine_request(sim):
                        "ignore_eos": True}).encode()
     conn, response = raw_request(sim, "POST", "/v1/chat/completions", body)
     response.fp.readline()
-    assert sim.call(lambda: sim.server.engine.has_work())
+    assert requests_in_engine(sim.url) > 0
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     deadline = time.monotonic() + 5
-    while sim.call(lambda: sim.server.engine.has_work()) and time.monotonic() < deadline:
+    while requests_in_engine(sim.url) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not sim.call(lambda: sim.server.engine.has_work())
+    assert requests_in_engine(sim.url) == 0
 
-
-def test_server_thread_on_a_taken_port_raises():
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        with pytest.raises(OSError):
-            ServerThread(PROFILE, port=taken.getsockname()[1]).__enter__()

@@ -1,0 +1,152 @@
+"""Response body bytes read as they arrive, stamped with when they reached this host.
+
+Why not ``FastResponse.iter_content`` or ``iter_lines``: geventhttpclient's ``read(n)`` waits until ``n``
+bytes have arrived, so a small SSE event would sit in its buffer until later ones fill it, and every
+timestamp after it would be late. Here each ``recv`` returns whatever the kernel holds; the response's
+own C parser strips the HTTP framing; every read gets its arrival time, which on Linux is the kernel's
+receive timestamp (see :class:`StampingSocket`), so a busy or descheduled client does not add its own
+delay. The waits are bounded by a :class:`Deadline`, one event-loop timer per request, because a socket
+timeout per read costs a large share of a stream's CPU.
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+import struct
+import sys
+import time
+from contextlib import suppress
+from functools import partial
+from typing import Any
+
+import gevent
+import gevent.socket
+
+from agentperf_users.records import Status
+
+RECV_BYTES = 64 * 1024  # at most this much per socket read; a read returns what is there, never waits to fill
+# Kernel receive timestamps: SO_TIMESTAMPNS is 35 in Linux's asm-generic socket.h (x86 and arm), which
+# the socket module does not export; the control message carries a struct timespec (CLOCK_REALTIME).
+SO_TIMESTAMPNS = 35
+KERNEL_STAMPS = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64", "arm64")
+_TIMESPEC = struct.Struct("@ll")
+_ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if KERNEL_STAMPS else 0
+
+
+class StreamFailure(Exception):
+    """How a request failed, as a record status and a message (not yet redacted)."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class StampingSocket(gevent.socket.socket):
+    """A gevent TCP socket whose every ``recv`` keeps the kernel's receive time of the data it returned.
+
+    On Linux, ``SO_TIMESTAMPNS`` makes ``recvmsg`` report when the (last) packet of a read reached this
+    host, so a token that waits in the socket while this process is busy with other streams, or not
+    scheduled at all, is still stamped when it arrived. Overriding ``recv`` (rather than reading with
+    ``recvmsg`` only in this module) stamps the header read that geventhttpclient does as well, which
+    under load often carries the first token too.
+    """
+
+    arrival_realtime_s: float | None = None
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        data, ancillary, _, _ = self.recvmsg(size, _ANCILLARY_BYTES, flags)
+        self.arrival_realtime_s = None
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+                self.arrival_realtime_s = seconds + nanoseconds * 1e-9
+        return data
+
+
+def stamping_socket(family: int, socktype: int, protocol: int) -> StampingSocket:
+    """geventhttpclient's ``ConnectionPool._create_tcp_socket`` hook: every new connection stamps reads."""
+    sock = StampingSocket(family, socktype, protocol)
+    with suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    return sock
+
+
+class BodyReader:
+    """A response's body bytes as they arrive, with the time they reached this host (``perf_counter``).
+
+    The time is the kernel's receive stamp where the socket has one (:class:`StampingSocket`), else the
+    moment the read returned. The reader waits for readability before reading: the next token is usually
+    an engine step away, so gevent's read-first ``recv`` would fail with EAGAIN nearly every time, and
+    that failed call and its exception cost about a fifth of a stream's CPU. Not on TLS sockets, where
+    decrypted bytes can wait in the SSL object while the socket shows none.
+    """
+
+    def __init__(self, response: Any, sock: Any) -> None:
+        self._response = response
+        self._sock = sock
+        plain = sock is not None and not hasattr(sock, "pending") and hasattr(sock, "_wait")
+        self._wait_readable = partial(sock._wait, sock._read_event) if plain else None
+        # Body bytes that came with the headers arrived with the header read's last packet.
+        self._kernel_s = getattr(sock, "arrival_realtime_s", None) if response._body_buffer else None
+
+    def read(self) -> tuple[bytes, float]:
+        """(body bytes, their arrival); b"" when the body ended."""
+        response, buffer = self._response, self._response._body_buffer
+        kernel_s, self._kernel_s = self._kernel_s, None
+        while not buffer:
+            if response.message_complete or response._sock is None:
+                return b"", time.perf_counter()
+            if self._wait_readable is not None:
+                self._wait_readable()
+            data = self._sock.recv(RECV_BYTES)
+            if not data:
+                return b"", time.perf_counter()
+            kernel_s = getattr(self._sock, "arrival_realtime_s", None)
+            response.feed(data)
+        now_s = time.perf_counter()
+        data = bytes(buffer)
+        del buffer[:]
+        if kernel_s is None:
+            return data, now_s
+        return data, min(now_s, kernel_s - (time.time() - now_s))  # the realtime stamp on the monotonic clock
+
+
+class Deadline:
+    """Bounds a stream's reads with one event-loop timer per request.
+
+    A gevent socket timeout arms and cancels a timer on every wait, a sizeable share of the CPU a stream
+    costs. Here the deadline is an attribute: before the first token it is the start plus the request
+    timeout (a miss is a ``timeout``); after it, the last read plus the stall timeout (a miss is a
+    ``stall``), moved forward by a plain assignment per read. The timer fires at the earliest deadline and,
+    when the deadline has moved on, re-arms for the rest; otherwise it throws the failure into the
+    reading greenlet, which is then waiting in ``recv``.
+    """
+
+    def __init__(self, at_s: float, status: Status, message: str) -> None:
+        self._greenlet = gevent.getcurrent()
+        self._loop = gevent.get_hub().loop
+        self._timer = None
+        self.rearm(at_s, status, message)
+
+    def rearm(self, at_s: float, status: Status, message: str) -> None:
+        self.at_s, self.status, self._message = at_s, status, message
+        self._start(at_s - time.perf_counter())
+
+    def _start(self, delay_s: float) -> None:
+        self.cancel()
+        self._timer = self._loop.timer(max(delay_s, 0.0))
+        self._timer.start(self._check)
+
+    def _check(self) -> None:
+        left_s = self.at_s - time.perf_counter()
+        if left_s > 0:
+            self._start(left_s)
+        else:
+            self.cancel()
+            self._greenlet.throw(StreamFailure(self.status, self._message))
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None

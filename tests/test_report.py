@@ -1,0 +1,99 @@
+"""The report: recomputed from records, normalised, written whole or not at all."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from agentperf_users.records import Status
+from agentperf_users.report import RunContext, build_report, capacity_lines, step_stats, write_run
+from agentperf_users.slo import evaluate_step, load_slo
+from tests.test_slo import record as slo_record
+
+
+def record(agent=0, ttft_s=1.0, output_tps=50.0, status=Status.OK, end_epoch_s=100.0, **fields):
+    """A verdict-ready record (tests.test_slo) with any other fields replaced."""
+    return dataclasses.replace(slo_record(agent, ttft_s, output_tps, status, end_epoch_s), **fields)
+
+SPEC = load_slo(None)
+CONTEXT = RunContext(target={"host": "embedded simulator", "model": None, "simulator_profile": "p"},
+                     trajectories="demo", accelerators=2, power_watts=1400.0, power_source="test",
+                     interrupted=False)
+
+
+def window_records():
+    """20 requests in [100, 130): TTFT 0.1..2.0 s, speed 30..49 tok/s, one failure, half cached."""
+    records = [record(agent=i % 4, ttft_s=0.1 * (i + 1), output_tps=30.0 + i, end_epoch_s=100.0 + i,
+                      prompt_tokens=1000, cached_tokens=500, output_tokens=100) for i in range(19)]
+    records.append(record(agent=0, status=Status.HTTP_5XX, end_epoch_s=125.0, ttft_s=None, output_tps=None))
+    records.append(record(agent=1, ttft_s=9.0, output_tps=1.0, end_epoch_s=130.0))  # outside [100, 130)
+    return records
+
+
+def summary_for(records, live_records=None):
+    verdict = evaluate_step([r for r in (live_records or records) if 100.0 <= r.end_epoch_s < 130.0], SPEC)
+    tier = SPEC.tiers[0].name
+    return {
+        "run_id": "r1",
+        "slo": {"source": SPEC.source, "tiers": [{"label": t.label, "ttft_max_s": t.ttft_max_s,
+                                                    "output_tps_min": t.output_tps_min} for t in SPEC.tiers]},
+        "parameters": {"window_s": 30.0},
+        "steps": [{"index": 0, "agents": 4, "phase": "step", "window_start_epoch_s": 100.0,
+                   "window_end_epoch_s": 130.0, "early_stop": False, "verdict": json.loads(json.dumps(verdict.to_dict()))}],
+        "capacity": {t.name: {"tier": t.name, "status": "found" if t.name == tier else "none_passed",
+                              "agents": 4 if t.name == tier else None, "first_failing_agents": 5 if t.name == tier else 1}
+                     for t in SPEC.tiers},
+        "complete": True,
+    }
+
+
+def test_step_stats_are_nearest_rank_over_the_window():
+    stats = step_stats([r for r in window_records() if 100.0 <= r.end_epoch_s < 130.0], 30.0)
+    assert stats["requests"] == 20 and stats["errors"] == 1
+    assert stats["ttft_s"]["p50"] == pytest.approx(1.0)  # ceil(0.5 * 19) = 10th of 0.1..1.9
+    assert stats["ttft_s"]["p95"] == pytest.approx(1.9)  # ceil(0.95 * 19) = 19th
+    assert stats["output_tps"]["p5"] == pytest.approx(30.0)
+    assert stats["cached_token_ratio"] == pytest.approx(0.5)
+    assert stats["output_tokens_per_s"] == pytest.approx(19 * 100 / 30.0)
+
+
+def test_report_normalises_capacity_and_checks_live_verdicts():
+    records = window_records()
+    report = build_report(summary_for(records), records, SPEC, CONTEXT)
+    first = report["capacity"][SPEC.tiers[0].name]
+    assert first["agents_per_accelerator"] == 2.0
+    assert first["agents_per_megawatt"] == pytest.approx(4 / 0.0014)
+    assert report["capacity"][SPEC.tiers[1].name]["agents_per_megawatt"] is None
+    step = report["steps"][0]
+    assert step["requests"] == 20 and step["live_verdict_matches_records"] is True
+
+
+def test_a_record_missing_from_the_live_union_shows_as_a_mismatch():
+    records = window_records()
+    live = [r for r in records if r.ttft_s != pytest.approx(1.9)]  # the live search missed one request
+    report = build_report(summary_for(records, live_records=live), records, SPEC, CONTEXT)
+    assert report["steps"][0]["live_verdict_matches_records"] is False
+
+
+def test_capacity_lines_name_the_tier_and_the_truth():
+    records = window_records()
+    truth = {"capacity": {SPEC.tiers[0].name: {"status": "found", "agents": 5}}}
+    lines = capacity_lines(build_report(summary_for(records), records, SPEC, CONTEXT, truth))
+    assert lines[0] == f"capacity @ {SPEC.tiers[0].label}: 4 agents (ground truth 5)"
+    assert lines[1] == f"capacity @ {SPEC.tiers[1].label}: none (fails already at 1 agents)"
+
+
+def test_write_run_leaves_complete_files_only(tmp_path):
+    records = window_records()
+    report = build_report(summary_for(records), records, SPEC, CONTEXT)
+    write_run(tmp_path, report, records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl", "report.html", "report.json", "steps.csv"]
+    assert json.loads((tmp_path / "report.json").read_text())["records"] == len(records)
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == len(records)
+    page = (tmp_path / "report.html").read_text()
+    assert capacity_lines(report)[0].replace("≤", "&le;") in page or capacity_lines(report)[0] in page
+    assert page.count("data:image/png;base64,") == 4
+    header = (tmp_path / "steps.csv").read_text().splitlines()[0]
+    assert "ttft_s.p95" in header and f"passed.{SPEC.tiers[0].name}" in header

@@ -1,0 +1,107 @@
+"""The ground truth: the capacity search on the simulator's engine, on a virtual clock.
+
+The known-answer case: agents that never pause (no tool wait) always have one request in flight, so
+with at most ``max_num_seqs`` agents every request is admitted at the next step (TTFT ≈ one prefill
+step, ~40 ms here), and with one more agent every request queues until a running one finishes: on
+average a generation time over ``max_num_seqs`` (≥ 130 ms here). A TTFT limit between the two puts the
+capacity at exactly ``max_num_seqs``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from agentperf_users import replay, truth
+from agentperf_users.cli import main
+from agentperf_users.search import SearchParameters
+from agentperf_users.slo import load_slo
+from agentperf_users.trajectory import load_trajectories
+from tests.simulator import custom_profile, write_profile
+
+MAX_NUM_SEQS = 6
+OUTPUT_TOKENS = 200
+NO_WAIT = replay.ReplaySettings(tool_wait="none")
+
+
+def search_params(**overrides) -> SearchParameters:
+    values = dict(start_agents=2, step_agents=0, step_factor=2.0, max_agents=32, resolution_agents=1,
+                  spawn_rate=100.0, warmup_s=5.0, window_s=20.0, early_stop=True)
+    return SearchParameters(**{**values, **overrides})
+
+
+@pytest.fixture
+def trajectories(tmp_path):
+    """Eight one-turn trajectories of ~100-token prompts (so even simultaneous prefills stay cheap), each generating OUTPUT_TOKENS."""
+    document = {"agentperf": 1, "name": "flat", "trajectories": [
+        {"id": f"t{i}", "turns": [{"messages": [{"role": "user", "content_tokens": 100}],
+                                    "output_tokens": OUTPUT_TOKENS}]}
+        for i in range(8)
+    ]}
+    path = tmp_path / "flat.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return load_trajectories(str(path))
+
+
+@pytest.fixture
+def slo(tmp_path):
+    """TTFT ≤ 0.1 s: above one prefill step, below the queueing delay of one agent too many."""
+    path = tmp_path / "slo.yaml"
+    path.write_text(yaml.safe_dump({"tiers": [
+        {"name": "tight", "ttft_max_s": 0.1, "output_tps_min": 1.0, "scope": "request", "quantile": 0.95},
+    ]}))
+    return load_slo(path)
+
+
+def test_capacity_is_max_num_seqs_when_agents_never_pause(tmp_path, trajectories, slo):
+    profile = custom_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS})
+    result = truth.find_capacity(profile, trajectories, slo, search_params(), NO_WAIT)
+    capacity = result.capacity["tight"]
+    assert capacity.status.value == "found"
+    assert capacity.agents == MAX_NUM_SEQS
+    assert capacity.first_failing_agents == MAX_NUM_SEQS + 1
+    # the search stepped 2, 4, 8 and then bisected between 4 and 8
+    assert [step.agents for step in result.steps][:3] == [2, 4, 8]
+    assert result.simulated_s > sum(5.0 + 20.0 for _ in result.steps)
+
+
+def test_step_verdicts_follow_the_profile(tmp_path, trajectories, slo):
+    """The same search on a GPU with twice the sequence slots finds twice the capacity."""
+    profile = custom_profile(tmp_path, {"engine.max_num_seqs": 2 * MAX_NUM_SEQS})
+    result = truth.find_capacity(profile, trajectories, slo, search_params(), NO_WAIT)
+    assert result.capacity["tight"].agents == 2 * MAX_NUM_SEQS
+
+
+def test_truth_is_deterministic(tmp_path, trajectories, slo):
+    profile = custom_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS})
+    first = truth.find_capacity(profile, trajectories, slo, search_params(), NO_WAIT)
+    second = truth.find_capacity(profile, trajectories, slo, search_params(), NO_WAIT)
+    assert [(s.agents, s.verdict) for s in first.steps] == [(s.agents, s.verdict) for s in second.steps]
+
+
+def test_tool_waits_raise_capacity(tmp_path, trajectories, slo):
+    """Agents that pause between turns leave slots free: more of them fit than agents that never pause."""
+    profile = custom_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS})
+    pausing = replay.ReplaySettings(tool_wait="sampled", tool_wait_median_s=2.0, tool_wait_sigma=0.1)
+    result = truth.find_capacity(profile, trajectories, slo, search_params(), pausing)
+    assert result.capacity["tight"].agents > MAX_NUM_SEQS
+
+
+def test_cli_prints_capacity_json(tmp_path, capsys):
+    profile = write_profile(tmp_path, {"engine.max_num_seqs": 4}, name="l4-llama3.2-3b")
+    code = main(["truth", "--profile", str(profile), "--trajectories", "demo", "--start-agents", "2",
+                 "--max-agents", "8", "--warmup-s", "5", "--window-s", "10"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["capacity"]) == {tier.name for tier in load_slo(None).tiers}
+    assert all(step["agents"] <= 8 for step in report["steps"])
+
+
+def test_cli_bad_profile_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gpu: [1, 2]\n")
+    assert main(["truth", "--profile", str(bad), "--trajectories", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(bad) in err and "Traceback" not in err
