@@ -15,8 +15,17 @@ import pytest
 
 from agentperf_users.records import read_records
 
-QUICK_SEARCH = ["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--start-agents", "4",
-                "--max-agents", "16", "--warmup-s", "5", "--window-s", "12", "--workers", "2"]
+QUICK_SEARCH = ["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--start-agents", "6",
+                "--max-agents", "16", "--warmup-s", "5", "--window-s", "15", "--workers", "2"]
+
+
+@pytest.fixture
+def headline_slo(tmp_path):
+    """Only AA's headline tier (the stricter ones have no capacity on an L4 and would add steps), pooled
+    over requests: a test's short windows hold one or two requests per agent, too few for agent scope."""
+    path = tmp_path / "slo.yaml"
+    path.write_text("tiers:\n  - {name: aa-20tps, ttft_max_s: 10, output_tps_min: 20, scope: request}\n")
+    return str(path)
 
 
 def agentperf(*args: str, **kwargs) -> subprocess.Popen:
@@ -25,19 +34,19 @@ def agentperf(*args: str, **kwargs) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_capacity_search_finds_the_ground_truth(tmp_path):
+@pytest.mark.timeout(420)
+def test_capacity_search_finds_the_ground_truth(tmp_path, headline_slo):
     out = tmp_path / "run"
-    process = agentperf("capacity", *QUICK_SEARCH, "--out", str(out))
+    process = agentperf("capacity", *QUICK_SEARCH, "--slo", headline_slo, "--out", str(out))
     stdout, stderr = process.communicate(timeout=400)
     report = json.loads((out / "report.json").read_text())
     headline = report["capacity"]["aa-20tps"]
     truth = report["ground_truth"]["capacity"]["aa-20tps"]
     assert headline["status"] == truth["status"] == "found", stdout + stderr
-    assert abs(headline["agents"] - truth["agents"]) <= max(1, 0.05 * truth["agents"]), stdout
-    # the stricter tiers cannot be met on an L4 at all: both say so
-    for tier in ("example-60tps", "example-100tps"):
-        assert report["capacity"][tier]["status"] == report["ground_truth"]["capacity"][tier]["status"] == "none_passed"
-    assert process.returncode == 3  # a tier was not located
+    # ±2 agents: 15-second windows judge a few dozen requests; benchmarks/capacity_accuracy.py measures
+    # the accuracy of full-length windows against the ±5 % target
+    assert abs(headline["agents"] - truth["agents"]) <= 2, stdout
+    assert process.returncode == 0  # every tier located
     assert all(step["live_verdict_matches_records"] for step in report["steps"])
     # records: the merged file is the union of the per-process files, all from this run, two workers
     per_process = read_records([out / "records"])
@@ -45,14 +54,14 @@ def test_capacity_search_finds_the_ground_truth(tmp_path):
     assert {r.run_id for r in per_process} == {out.name}
     assert len({r.worker_id for r in per_process}) == 2
     assert "capacity @ 20 tok/s, TTFT ≤ 10 s:" in stdout and "(ground truth" in stdout
-    assert "step 0 (step): 4 agents" in stdout  # live progress
+    assert "step 0 (step): 6 agents" in stdout  # live progress
     assert (out / "report.html").read_text().count("data:image/png") == 4
 
 
 @pytest.mark.slow
-def test_interrupted_run_keeps_its_records_and_says_so(tmp_path):
+def test_interrupted_run_keeps_its_records_and_says_so(tmp_path, headline_slo):
     out = tmp_path / "run"
-    process = agentperf("capacity", *QUICK_SEARCH, "--out", str(out))
+    process = agentperf("capacity", *QUICK_SEARCH, "--slo", headline_slo, "--out", str(out))
     records_dir = out / "records"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not any(p.stat().st_size for p in records_dir.glob("*.jsonl")):

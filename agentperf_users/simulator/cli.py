@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chance that an answer to a request with tools and tool_choice auto is a tool call")
     parser.add_argument("--reasoning-share", type=float, default=0.0, metavar="S",
                         help="share of each answer's tokens streamed first as reasoning deltas (default: 0)")
-    parser.add_argument("--describe", action="store_true",
-                        help="print the profile's derived capacity numbers and exit")
+    parser.add_argument("--describe", nargs="?", const="", default=None, metavar="PROFILE",
+                        help="print the derived capacity numbers of PROFILE (default: --profile) and exit")
     parser.add_argument("--json", action="store_true", help="with --describe: print JSON")
     parser.add_argument("--list-profiles", action="store_true", help="print the bundled profile names and exit")
 
@@ -76,11 +76,14 @@ def _simulate(args: argparse.Namespace) -> int:
         if not 0 <= value <= 1:
             raise SimulatorError(f"{name}: expected a number between 0 and 1, got {value}")
     try:
-        profile = load_profile(args.profile)
+        profile = load_profile(args.describe or args.profile)
     except OSError as exc:
         raise SimulatorError(f"{args.profile}: cannot read the profile: {exc.strerror or exc}") from None
-    if args.describe:
-        print(json.dumps(profile.describe(), indent=2) if args.json else describe_text(profile))
+    if args.describe is not None:
+        try:
+            print(json.dumps(profile.describe(), indent=2) if args.json else describe_text(profile), flush=True)
+        except BrokenPipeError:  # `| head` closed the pipe: not an error of ours
+            sys.stderr.close()
         return 0
     options = ServerOptions(
         served_model_names=tuple(args.served_model_name or ()),

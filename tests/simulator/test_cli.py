@@ -59,6 +59,14 @@ def test_describe_prints_capacity_numbers_as_text_and_json():
     assert DEFAULT_PROFILE in listed.stdout.split()
 
 
+def test_describe_names_its_profile():
+    """``--describe PROFILE`` (as a capacity planner types it) describes that profile, not the default."""
+    other = load_profile("l4-llama3.2-3b").describe()
+    named = simulate("--describe", "l4-llama3.2-3b", "--json")
+    assert named.returncode == 0 and json.loads(named.stdout) == other
+    assert_one_line_error(simulate("--describe", "no-such-gpu"), "no-such-gpu")
+
+
 def test_registers_as_an_agentperf_subcommand():
     parser = argparse.ArgumentParser(prog="agentperf")
     cli.register_cli(parser.add_subparsers(dest="command"))
