@@ -24,6 +24,7 @@ variable named by ``--api-key-env`` and goes nowhere but the Authorization heade
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import logging
@@ -160,19 +161,17 @@ def add_arguments(parser: Any) -> None:
     """The agent options. Added on the parser itself, not a group: only then does Locust show them in the
     web UI's start form. Each can also be set as ``LOCUST_<NAME>`` or in ``locust.conf``."""
 
-    def option(name: str, **kwargs: Any) -> None:
-        parser.add_argument(name, env_var="LOCUST_" + name[2:].upper().replace("-", "_"), **kwargs)
-
-    option("--trajectories", default="demo", help="agentperf: trajectory file, folder, manifest or bundled set name")
-    option("--trajectory-format", default="auto", choices=FORMATS, help="agentperf: trajectory format (auto: sniffed)")
-    option("--model", default="", help="agentperf: model to request; empty: the first of the server's /v1/models")
+    option = functools.partial(aggregate.add_option, parser)
+    option("--trajectories", default="demo", help="trajectory file, folder, manifest or bundled set name")
+    option("--trajectory-format", default="auto", choices=FORMATS, help="trajectory format (auto: sniffed)")
+    option("--model", default="", help="model to request; empty: the first of the server's /v1/models")
     add_replay_arguments(option)  # --ignore-eos, --tool-wait(-median, -sigma), --cache-namespace, --seed
     option("--api-key-env", default="OPENAI_API_KEY",
-           help="agentperf: name of the environment variable that holds the API key (sent as a Bearer token)")
+           help="name of the environment variable that holds the API key (sent as a Bearer token)")
     option("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
-           help="agentperf: seconds a request may wait for its response and first token")
+           help="seconds a request may wait for its response and first token")
     option("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
-           help="agentperf: seconds a stream may stay silent once its first token arrived")
+           help="seconds a stream may stay silent once its first token arrived")
 
 
 def _state(environment: Environment) -> _ProcessState:
