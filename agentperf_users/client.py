@@ -25,6 +25,7 @@ from geventhttpclient.response import HTTPConnectionClosed, HTTPParseError
 from geventhttpclient.url import URL
 
 from agentperf_users.records import Status
+from agentperf_users.stats import interpolated_quantile
 from agentperf_users.sse import SSEParser, StreamTally, error_text
 from agentperf_users.timed_io import KERNEL_STAMPS, BodyReader, Deadline, StreamFailure, stamping_socket
 
@@ -50,14 +51,6 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
             text = text.replace(secret, "***")
     text = _SECRET_LIKE.sub("***", " ".join(text.split()))
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 3] + "..."
-
-
-def quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default) of a non-empty sorted sequence."""
-    position = (len(sorted_values) - 1) * q
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
 @dataclass(frozen=True)
@@ -246,8 +239,8 @@ class ChatStreamClient:
             ttfb_s=ttfb,
             ttft_s=times[0] - start if times else None,
             e2e_s=end - start,
-            itl_p50_s=quantile(gaps, 0.5) if gaps else None,
-            itl_p95_s=quantile(gaps, 0.95) if gaps else None,
+            itl_p50_s=interpolated_quantile(gaps, 0.5) if gaps else None,
+            itl_p95_s=interpolated_quantile(gaps, 0.95) if gaps else None,
             itl_max_s=gaps[-1] if gaps else None,
             output_tokens=tokens,
             output_tokens_estimated=estimated,

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import yaml
 
 from agentperf_users.errors import AgentperfError
+from agentperf_users.stats import interpolated_quantile
 from agentperf_users.readers import FORMATS
 from agentperf_users.readers.common import REPLY_TOKENS
 from agentperf_users.simulator.tokenizer import TEMPLATE_OVERHEAD, count_tokens, tools_tokens
@@ -200,13 +201,8 @@ def write_set(path: Path, header: dict, trajectories: list[dict]) -> None:
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) by linear interpolation between closest ranks."""
-    if not sorted_values:
-        return 0.0
-    position = (len(sorted_values) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+    """The ``q``-th percentile (0-100) by linear interpolation between closest ranks; 0 when empty."""
+    return interpolated_quantile(sorted_values, q / 100) if sorted_values else 0.0
 
 
 def _summary(values: list[float], quantiles: Sequence[int]) -> dict[str, float]:
