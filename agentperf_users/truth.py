@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import heapq
 import json
+import random
 import time
 from dataclasses import dataclass, field
 
 from agentperf_users import replay
+from agentperf_users.errors import AgentperfError
 from agentperf_users.records import RequestRecord, Status
 from agentperf_users.search import CapacitySearch, SearchParameters, TierCapacity, add_search_arguments
 from agentperf_users.simulator.engine import Engine, EngineRequest
@@ -35,7 +37,6 @@ from agentperf_users.simulator.profile import DEFAULT_PROFILE, Profile, Simulato
 from agentperf_users.simulator.tokenizer import PromptEncoder
 from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo, records_in_window
 from agentperf_users.trajectory import Trajectory, TrajectorySet, load_trajectories
-from agentperf_users.errors import AgentperfError
 
 TRUTH_RUN_ID = "truth"
 
@@ -74,7 +75,7 @@ class TruthResult:
 @dataclass(eq=False)
 class _Agent:
     index: int
-    rng: object
+    rng: random.Random
     trajectory: Trajectory | None = None
     label: str = ""
     turn: int = 0
