@@ -58,12 +58,14 @@ from agentperf_users.readers import FORMATS
 from agentperf_users.records import RequestRecord
 from agentperf_users.replay import (
     NAMESPACE_MODES,
+    START_TURN_MODES,
     TOOL_WAIT_MODES,
     ReplaySettings,
     add_replay_arguments,
     agent_rng,
     namespace_marker,
     session_trajectory,
+    start_turn,
     tool_wait_s,
 )
 from agentperf_users.trajectory import Trajectory, TrajectorySet, load_trajectories
@@ -95,6 +97,7 @@ class AgentSettings:
         for name, value, allowed in (
             ("--tool-wait", options.tool_wait, TOOL_WAIT_MODES),
             ("--cache-namespace", options.cache_namespace, NAMESPACE_MODES),
+            ("--start-turn", options.start_turn, START_TURN_MODES),
             ("--trajectory-format", options.trajectory_format, FORMATS),
         ):
             if value not in allowed:
@@ -113,6 +116,7 @@ class AgentSettings:
                 tool_wait_sigma=_positive(options.tool_wait_sigma, "--tool-wait-sigma", allow_zero=True),
                 cache_namespace=str(options.cache_namespace),
                 seed=_integer(options.seed, "--seed"),
+                start_turn=str(options.start_turn),
             ),
         )
 
@@ -165,7 +169,7 @@ def add_arguments(parser: Any) -> None:
     option("--trajectories", default="demo", help="trajectory file, folder, manifest or bundled set name")
     option("--trajectory-format", default="auto", choices=FORMATS, help="trajectory format (auto: sniffed)")
     option("--model", default="", help="model to request; empty: the first of the server's /v1/models")
-    add_replay_arguments(option)  # --ignore-eos, --tool-wait(-median, -sigma), --cache-namespace, --seed
+    add_replay_arguments(option)  # --ignore-eos, --tool-wait(-median, -sigma), --cache-namespace, --seed, --start-turn
     option("--api-key-env", default="OPENAI_API_KEY",
            help="name of the environment variable that holds the API key (sent as a Bearer token)")
     option("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
@@ -302,16 +306,16 @@ class AgentUser(FastHttpUser):
         self.agent = first.agent
         self._rng = agent_rng(self._process.settings.replay.seed, self.agent)
         self._scheduled_perf_s, self._scheduled_epoch_s = time.perf_counter(), time.time()
-        self._begin(first.session)
+        self._begin(first.session, first_session=True)
 
-    def _begin(self, session: int) -> None:
+    def _begin(self, session: int, first_session: bool = False) -> None:
         trajectories, replay = self._process.trajectories, self._process.settings.replay
         index, rounds = session_trajectory(session, len(trajectories))
         trajectory = trajectories.trajectory(index)
         marker = namespace_marker(replay.cache_namespace, aggregate.run_id(self.environment), session, len(trajectories))
         self._trajectory = trajectory.with_namespace(marker) if marker else trajectory
         self._label = trajectory.id if rounds == 0 else f"{trajectory.id}#{rounds}"
-        self._turn = 0
+        self._turn = start_turn(replay.start_turn, replay.seed, session, len(trajectory.turns)) if first_session else 0
         self._encoder.clear()
 
     @task

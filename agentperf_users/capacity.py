@@ -111,7 +111,7 @@ def _locust_command(args: argparse.Namespace, host: str, out: Path, extra: Seque
         "capacity-json": str(out / "search.json"), "trajectories": args.trajectories,
         "trajectory-format": args.trajectory_format, "slo": args.slo, "model": args.model,
     }
-    for action_dest in ("tool_wait", "tool_wait_median", "tool_wait_sigma", "cache_namespace", "seed",
+    for action_dest in ("tool_wait", "tool_wait_median", "tool_wait_sigma", "cache_namespace", "seed", "start_turn",
                         "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
                         "agent_spawn_rate", "warmup_s", "window_s"):
         options[action_dest.replace("_", "-")] = getattr(args, action_dest)
@@ -121,6 +121,7 @@ def _locust_command(args: argparse.Namespace, host: str, out: Path, extra: Seque
     command.append("--ignore-eos" if args.ignore_eos else "--no-ignore-eos")
     if args.no_early_stop:
         command.append("--no-early-stop")
+    command.append("--restart-agents" if args.restart_agents else "--no-restart-agents")
     return command + list(extra)
 
 

@@ -27,7 +27,14 @@ from geventhttpclient.url import URL
 from agentperf_users.records import Status
 from agentperf_users.stats import interpolated_quantile
 from agentperf_users.sse import SSEParser, StreamTally, error_text
-from agentperf_users.timed_io import KERNEL_STAMPS, BodyReader, Deadline, StreamFailure, stamping_socket
+from agentperf_users.timed_io import (
+    KERNEL_STAMPS,
+    BodyReader,
+    Deadline,
+    StampingSocket,
+    StreamFailure,
+    stamping_socket,
+)
 
 ERROR_BODY_BYTES = 16 * 1024  # how much of an HTTP error body is read to find its message
 DRAIN_TIMEOUT_S = 1.0  # after [DONE], how long to wait for the end of the HTTP message (keeps the connection)
@@ -173,6 +180,7 @@ class ChatStreamClient:
             deadline = Deadline(start + self._request_timeout_s, Status.TIMEOUT, "no first token within the request timeout")
             parser = SSEParser()
             reader = BodyReader(response, sock)
+            partial_since = None  # arrival of the read in which the parser's unfinished event began
             while tally.done_at is None and tally.error is None:
                 data, arrived_at = reader.read()
                 if not data:
@@ -181,13 +189,19 @@ class ChatStreamClient:
                     events = parser.feed(data)
                 except ValueError as exc:
                     raise StreamFailure(Status.BAD_STREAM, str(exc)) from None
-                for event in events:
-                    tally.add(event, arrived_at)
+                for event in events:  # an event is dated by the read it began in
+                    tally.add(event, arrived_at if partial_since is None else partial_since)
+                    partial_since = None
+                if not parser.has_partial_event:
+                    partial_since = None
+                elif events or partial_since is None:
+                    partial_since = arrived_at
                 if tally.token_times:
                     if deadline.status is Status.STALL:
                         deadline.at_s = arrived_at + self._stall_timeout_s
-                    else:
+                    else:  # the first token: from here on, plain reads (see StampingSocket)
                         deadline.rearm(arrived_at + self._stall_timeout_s, Status.STALL, f"no bytes for {self._stall_timeout_s:g} s")
+                        _first_token_reads(sock, False)
             deadline.cancel()
             if tally.error is not None:
                 raise StreamFailure(Status.BAD_STREAM, tally.error)
@@ -202,6 +216,7 @@ class ChatStreamClient:
             if sock is not None:
                 with suppress(OSError):
                     sock.settimeout(original_timeout)
+                _first_token_reads(sock, True)  # the connection's next request waits for a first token again
             response.release()  # returns a completed connection to the pool, closes an interrupted one
 
     def _http_error(self, response: Any, sock: Any) -> tuple[Status, str]:
@@ -250,6 +265,11 @@ class ChatStreamClient:
             token_times_perf_s=tuple(times),
             server_timing=tally.server_timing,
         )
+
+
+def _first_token_reads(sock: Any, on: bool) -> None:
+    if isinstance(sock, StampingSocket):
+        sock.first_token_reads = on
 
 
 def bucket_response_time_3sig(response_time: float) -> int:

@@ -1,5 +1,5 @@
-"""The replay rules an agent follows, as pure functions: which trajectory a session plays, which cache
-namespace it gets, and how long it waits after a turn.
+"""The replay rules an agent follows, as pure functions: which trajectory a session plays, at which turn
+an agent's first session starts, which cache namespace it gets, and how long it waits after a turn.
 
 Why a module of its own: the live agent (``agent.py``, a Locust user) and the ground truth
 (``truth.py``, the simulator's engine on a virtual clock, which must not import Locust and its gevent
@@ -16,12 +16,26 @@ from typing import Callable
 
 TOOL_WAIT_MODES = ("recorded", "sampled", "none")
 NAMESPACE_MODES = ("on-wrap", "per-run", "per-session")
+START_TURN_MODES = ("random", "first")
 
 
 def session_trajectory(session: int, set_size: int) -> tuple[int, int]:
     """(trajectory index, pass number) of a session: sessions are dealt in order, so no two agents
     replay the same trajectory until the whole set is in play."""
     return session % set_size, session // set_size
+
+
+def start_turn(mode: str, seed: int, session: int, turns: int) -> int:
+    """The turn an agent's *first* session starts at (later sessions start at turn 0).
+
+    ``random`` (a seeded uniform turn per session) is why a load step measures steady state from its
+    start: agents that all began at turn 0 would all carry short contexts at first and long ones later,
+    so a step's verdict would depend on how long it ran. An agent joining at turn k sends turn k's whole
+    conversation, a cold prefill, like an agent whose cache was evicted; the warm-up absorbs it.
+    (InferenceX's AgentX rules start each lane at a random point of its trace for the same reason.)"""
+    if mode == "first" or turns <= 1:
+        return 0
+    return random.Random(f"{seed}:start:{session}").randrange(turns)
 
 
 def namespace_marker(mode: str, run_id: str, session: int, set_size: int) -> str | None:
@@ -56,6 +70,7 @@ class ReplaySettings:
     tool_wait_sigma: float = 1.0
     cache_namespace: str = "on-wrap"
     seed: int = 0
+    start_turn: str = "random"
 
 
 def add_replay_arguments(add: Callable[..., object]) -> None:
@@ -69,9 +84,13 @@ def add_replay_arguments(add: Callable[..., object]) -> None:
     add("--cache-namespace", default="on-wrap", choices=NAMESPACE_MODES,
         help="prefix-cache isolation marker on the first user message, from the second pass over the set on "
              "(on-wrap), per run and pass (per-run), or per session (per-session)")
-    add("--seed", type=int, default=0, help="seed of the sampled tool waits (one stream per agent)")
+    add("--seed", type=int, default=0, help="seed of the sampled tool waits and the random start turns")
+    add("--start-turn", default="random", choices=START_TURN_MODES,
+        help="where an agent's first trajectory starts: a seeded random turn (steady state from the start), "
+             "or turn 0; later trajectories always start at turn 0")
 
 
 def settings_from_args(args: argparse.Namespace) -> ReplaySettings:
     return ReplaySettings(bool(args.ignore_eos), str(args.tool_wait), float(args.tool_wait_median),
-                          float(args.tool_wait_sigma), str(args.cache_namespace), int(args.seed))
+                          float(args.tool_wait_sigma), str(args.cache_namespace), int(args.seed),
+                          str(args.start_turn))

@@ -14,6 +14,7 @@ and its gevent monkey-patching) make exactly the same decisions from the same op
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -34,6 +35,8 @@ def add_search_arguments(add: Callable[..., object]) -> None:
     add("--warmup-s", type=float, default=30.0, help="seconds after each ramp that are not judged")
     add("--window-s", type=float, default=90.0, help="seconds judged per load step")
     add("--no-early-stop", action="store_true", default=False, help="always measure the whole window")
+    add("--restart-agents", default=True, action=argparse.BooleanOptionalAction,
+        help="stop every agent between load steps, so no step inherits the queue of the one before")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class SearchParameters:
     warmup_s: float
     window_s: float
     early_stop: bool
+    restart_agents: bool = True
 
     @classmethod
     def from_options(cls, options) -> "SearchParameters":
@@ -62,6 +66,7 @@ class SearchParameters:
             warmup_s=options.warmup_s,
             window_s=options.window_s,
             early_stop=not options.no_early_stop,
+            restart_agents=bool(options.restart_agents),
         )
         checks = (
             ("--start-agents", params.start_agents >= 1, "an integer >= 1"),

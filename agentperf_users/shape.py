@@ -1,10 +1,17 @@
 """The live capacity search: a LoadTestShape around ``search.CapacitySearch`` (the decision policy).
 
-``CapacitySearchShape`` is the thin LoadTestShape around it. Per step: ramp to the count, warm up
-for ``--warmup-s`` (cold caches, agents mid-first-turn: excluded from the verdict), measure for
-``--window-s``, then wait (at most ``COVERAGE_TIMEOUT_S``) until every active worker has reported
-records up to the window's end, and judge the records that ended inside the window. At the end it
-stops all agents and waits for their last records, so the master's union is complete.
+``CapacitySearchShape`` is the thin LoadTestShape around it. Per step: stop every agent of the previous
+step (``--restart-agents``, the default), ramp to the count, warm up for ``--warmup-s`` (cold caches,
+agents mid-first-turn: excluded from the verdict), measure for ``--window-s``, then wait (at most
+``COVERAGE_TIMEOUT_S``) until every active worker has reported records up to the window's end, and
+judge the records that ended inside the window. At the end it stops all agents and waits for their
+last records, so the master's union is complete.
+
+Why restart: a step below an overloaded one would otherwise inherit its queue (requests waiting
+tens of seconds that no warm-up drains), so its verdict would depend on the path the search took. A
+stopped agent's request in flight is aborted by its closed connection, as with a real client, and
+newly dealt agents start at random turns (``--start-turn``), so each step starts from the same state
+and measures the steady state of its count: the question the ground truth answers.
 
 Early stop (never as a pass): once at least ``EARLY_STOP_MIN_S`` and ``EARLY_STOP_MIN_FRACTION`` of
 the window are covered by reports and ``EARLY_STOP_MIN_REQUESTS`` requests completed, the step ends
@@ -41,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 COVERAGE_TIMEOUT_S = 10.0  # longest wait for workers' reports covering a window (reports come every 3 s)
 RAMP_GRACE_S = 15.0  # beyond |agents changed| / spawn rate, before measuring anyway
+STOP_RATE = 100.0  # agents stopped per second between steps and at the end (Locust warns above 100)
 EARLY_STOP_MIN_S = 5.0
 EARLY_STOP_MIN_FRACTION = 0.25
 EARLY_STOP_MIN_REQUESTS = 20
@@ -99,7 +107,7 @@ def format_step(step: StepResult) -> str:
 class _Stage:
     """Where the shape is within the current step (internal, mutable)."""
 
-    name: str  # ramp, warmup, window, coverage; at the end: stop, flush, finished
+    name: str  # restart, ramp, warmup, window, coverage; at the end: stop, flush, finished
     since_epoch_s: float
     deadline_epoch_s: float
 
@@ -132,7 +140,11 @@ class CapacitySearchShape(LoadTestShape):
             return None
         while self._advance(now):
             pass
-        return None if self._stage.name == "finished" else (self._agents, self.params.spawn_rate)
+        if self._stage.name == "finished":
+            return None
+        if self._stage.name in ("restart", "stop"):
+            return 0, max(self.params.spawn_rate, STOP_RATE)
+        return self._agents, self.params.spawn_rate
 
     def capacity(self) -> dict[str, TierCapacity]:
         return self.search.capacity() if self.search else {}
@@ -178,28 +190,30 @@ class CapacitySearchShape(LoadTestShape):
         self._stage = _Stage(name, now, deadline_epoch_s)
         return True
 
-    def _ramp_deadline(self, now: float, agents: int) -> float:
-        return now + abs(agents - self.get_current_user_count()) / self.params.spawn_rate + RAMP_GRACE_S
+    def _ramp_deadline(self, now: float, agents: int, rate: float | None = None) -> float:
+        return now + abs(agents - self.get_current_user_count()) / (rate or self.params.spawn_rate) + RAMP_GRACE_S
 
     def _next_step(self, now: float) -> bool:
         agents = self.search.next_agents()
         if agents is None:
             for capacity in self.search.capacity().values():
                 logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label, _describe(capacity))
-            deadline = self._ramp_deadline(now, 0)
             self._agents = 0
-            return self._enter("stop", now, deadline)
+            return self._enter("stop", now, self._ramp_deadline(now, 0, STOP_RATE))
         self._phase = "step" if self.search.stepping else "bisect"
         aggregate.announce_step(self.environment, aggregate.LoadStep(index=len(self.steps), agents=agents))
-        deadline = self._ramp_deadline(now, agents)
         self._agents = agents
-        return self._enter("ramp", now, deadline)
+        if self.params.restart_agents and self.get_current_user_count() > 0:
+            return self._enter("restart", now, self._ramp_deadline(now, 0, STOP_RATE))
+        return self._enter("ramp", now, self._ramp_deadline(now, agents))
 
     def _advance(self, now: float) -> bool:
         """Move to the next stage when the current one is over; True if it moved."""
         stage, params = self._stage, self.params
         aggregator = aggregate.aggregator(self.environment)
         over = now >= stage.deadline_epoch_s
+        if stage.name == "restart" and (over or self.get_current_user_count() == 0):
+            return self._enter("ramp", now, self._ramp_deadline(now, self._agents))
         if stage.name == "ramp" and (over or self.get_current_user_count() == self._agents):
             return self._enter("warmup", now, now + params.warmup_s)
         if stage.name == "warmup" and over:

@@ -26,6 +26,9 @@ import gevent.socket
 from agentperf_users.records import Status
 
 RECV_BYTES = 64 * 1024  # at most this much per socket read; a read returns what is there, never waits to fill
+# Before a request's first token, reads are cut this short (see StampingSocket). A token chunk's event is
+# longer: {"id","object","created","model","choices":[{"index","delta"}]} alone is about 100 bytes.
+FIRST_TOKEN_READ_BYTES = 96
 # Kernel receive timestamps: SO_TIMESTAMPNS is 35 in Linux's asm-generic socket.h (x86 and arm), which
 # the socket module does not export; the control message carries a struct timespec (CLOCK_REALTIME).
 SO_TIMESTAMPNS = 35
@@ -45,23 +48,61 @@ class StreamFailure(Exception):
 class StampingSocket(gevent.socket.socket):
     """A gevent TCP socket whose every ``recv`` keeps the kernel's receive time of the data it returned.
 
-    On Linux, ``SO_TIMESTAMPNS`` makes ``recvmsg`` report when the (last) packet of a read reached this
-    host, so a token that waits in the socket while this process is busy with other streams, or not
-    scheduled at all, is still stamped when it arrived. Overriding ``recv`` (rather than reading with
-    ``recvmsg`` only in this module) stamps the header read that geventhttpclient does as well, which
-    under load often carries the first token too.
+    On Linux, ``SO_TIMESTAMPNS`` makes ``recvmsg`` report when a packet of the read reached this host,
+    so a token that waits in the socket while this process is busy with other streams, or not scheduled
+    at all, is still stamped when it arrived. Overriding ``recv`` (rather than reading with ``recvmsg``
+    only in this module) stamps the header read that geventhttpclient does as well, which under load
+    often carries the first token too.
+
+    Before a request's first token (``first_token_reads``, set by the client) two more things hold:
+
+    * A read takes at most ``FIRST_TOKEN_READ_BYTES``, less than any token chunk's event, so the read
+      holding an event's first byte ends inside that event's packet and carries its stamp (the client
+      dates each event by the read it began in), not the stamp of the headers' or a later packet's.
+    * The wait for readability has the event loop's top priority. Linux merges a TCP segment into the
+      unread one before it and keeps the *later* stamp, so the first token is stamped right only if it
+      is read before the next engine step's bytes arrive; when every stream's tokens arrive at once (one
+      engine step), the first-token readers go first instead of behind a step's worth of other streams.
+
+    Both cost a few system calls and a watcher per request, only until its first token.
     """
 
     arrival_realtime_s: float | None = None
+    first_token_reads = True
+    _first_token_event: Any = None
 
     def recv(self, size: int, flags: int = 0) -> bytes:
-        data, ancillary, _, _ = self.recvmsg(size, _ANCILLARY_BYTES, flags)
-        self.arrival_realtime_s = None
-        for level, kind, value in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
-                seconds, nanoseconds = _TIMESPEC.unpack_from(value)
-                self.arrival_realtime_s = seconds + nanoseconds * 1e-9
+        if self.first_token_reads:
+            size = min(size, FIRST_TOKEN_READ_BYTES)
+            while True:
+                try:
+                    data, ancillary, _, _ = self._sock.recvmsg(size, _ANCILLARY_BYTES, flags)  # non-blocking
+                    break
+                except BlockingIOError:
+                    self.wait_readable()
+        else:
+            data, ancillary, _, _ = self.recvmsg(size, _ANCILLARY_BYTES, flags)
+        self.arrival_realtime_s = _kernel_stamp(ancillary)
         return data
+
+    def wait_readable(self) -> None:
+        """Wait until a read would return data (or the socket timeout passes, as gevent's reads do)."""
+        if not self.first_token_reads:
+            self._wait(self._read_event)
+            return
+        if self._first_token_event is None:
+            loop = self.hub.loop
+            self._first_token_event = loop.io(self.fileno(), 1)  # 1: readable
+            self._first_token_event.priority = getattr(loop, "MAXPRI", 0)  # libev; libuv has no priorities
+        self._wait(self._first_token_event)
+
+
+def _kernel_stamp(ancillary: list[tuple[int, int, bytes]]) -> float | None:
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+            return seconds + nanoseconds * 1e-9
+    return None
 
 
 def stamping_socket(family: int, socktype: int, protocol: int) -> StampingSocket:
@@ -86,7 +127,7 @@ class BodyReader:
         self._response = response
         self._sock = sock
         plain = sock is not None and not hasattr(sock, "pending") and hasattr(sock, "_wait")
-        self._wait_readable = partial(sock._wait, sock._read_event) if plain else None
+        self._wait_readable = (getattr(sock, "wait_readable", None) or partial(sock._wait, sock._read_event)) if plain else None
         # Body bytes that came with the headers arrived with the header read's last packet.
         self._kernel_s = getattr(sock, "arrival_realtime_s", None) if response._body_buffer else None
 

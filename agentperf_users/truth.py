@@ -11,9 +11,12 @@ Modelling choices (each mirrors the live run):
 
 * Requests that arrive during an engine step join the queue at the end of that step, as with the
   real-time server, and keep their true arrival time for TTFT.
-* Agents are spawned ``1 / spawn_rate`` apart; when a step lowers the count the newest agents stop
-  and their requests in flight are aborted (Locust stops users in no defined order; newest-first is
-  the deterministic choice). A new agent takes the next session, like the master's dealer.
+* With ``restart_agents`` (the default) every agent stops between steps, at once, and its request in
+  flight is aborted (live, a closed connection does it, within ``1 / STOP_RATE`` s per agent).
+  Agents are spawned ``1 / spawn_rate`` apart; without restarts, a step that lowers the count stops
+  the newest agents (Locust stops users in no defined order; newest-first is the deterministic
+  choice). A new agent takes the next session, like the master's dealer, and its first session
+  starts at ``replay.start_turn``.
 * A step ramps, warms up for ``warmup_s``, then judges the requests that *ended* inside its
   ``window_s`` window. Early stopping is not modelled: it never turns a fail into a pass.
 * A request the engine rejects (queue full, context too long) is a failed record, and the agent goes
@@ -116,7 +119,7 @@ class _World:
             self._started += 1
             self.agents.append(agent)
             ramp_end = self.now_s + (k + 1) / spawn_rate
-            self._deal(agent)
+            self._deal(agent, first_session=True)
             self._wake(agent, ramp_end)
         return ramp_end
 
@@ -133,14 +136,15 @@ class _World:
             else:
                 self.now_s = min(end_s, self.wakes[0][0]) if self.wakes else end_s
 
-    def _deal(self, agent: _Agent) -> None:
+    def _deal(self, agent: _Agent, first_session: bool = False) -> None:
         session, self._sessions = self._sessions, self._sessions + 1
         index, rounds = replay.session_trajectory(session, len(self.trajectories))
         trajectory = self.trajectories.trajectory(index)
         marker = replay.namespace_marker(self.settings.cache_namespace, TRUTH_RUN_ID, session, len(self.trajectories))
         agent.trajectory = trajectory.with_namespace(marker) if marker else trajectory
         agent.label = trajectory.id if rounds == 0 else f"{trajectory.id}#{rounds}"
-        agent.turn = 0
+        agent.turn = (replay.start_turn(self.settings.start_turn, self.settings.seed, session, len(trajectory.turns))
+                      if first_session else 0)
 
     def _wake(self, agent: _Agent, at_s: float) -> None:
         agent.scheduled_s = at_s
@@ -215,6 +219,8 @@ def find_capacity(
     steps = []
     while (agents := search.next_agents()) is not None:
         world.load_step += 1
+        if params.restart_agents:
+            world.set_agents(0, params.spawn_rate)
         ramp_end_s = world.set_agents(agents, params.spawn_rate)
         window_start_s = ramp_end_s + params.warmup_s
         window_end_s = window_start_s + params.window_s

@@ -15,7 +15,7 @@ from locust.event import Events
 
 from agentperf_users import aggregate
 from agentperf_users.search import CapacitySearch, CapacityStatus, SearchParameters
-from agentperf_users.shape import CapacitySearchShape, format_step
+from agentperf_users.shape import STOP_RATE, CapacitySearchShape, format_step
 from agentperf_users.slo import SloTier, StepVerdict, TierVerdict
 from tests.test_slo import record
 
@@ -137,7 +137,7 @@ def shape_environment(tmp_path, **overrides):
     options = dict(
         records_dir="", run_id="run", slo=str(slo), start_agents=2, step_agents=2, step_factor=2.0, max_agents=8,
         resolution_agents=1, agent_spawn_rate=100.0, warmup_s=2.0, window_s=20.0, no_early_stop=False,
-        capacity_json=str(tmp_path / "capacity.json"),
+        restart_agents=True, capacity_json=str(tmp_path / "capacity.json"),
     )
     options.update(overrides)
     clock = Clock()
@@ -189,6 +189,32 @@ def test_shape_runs_the_search_on_a_local_runner(tmp_path):
         format_step(shape.steps[1]))
 
 
+@pytest.mark.parametrize("restart", [True, False])
+def test_agents_restart_between_steps(tmp_path, monkeypatch, restart):
+    """With --restart-agents every step begins from no agents (stopped at STOP_RATE), so no step inherits
+    the queue of the one before; without it the count moves straight from step to step."""
+    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True, restart_agents=restart)
+    running = {"users": 0}  # users follow the shape's last tick at once, as with an instant spawn
+    monkeypatch.setattr(shape, "get_current_user_count", lambda: running["users"])
+    log = aggregate.get_record_log(environment)
+    counts = []
+    while (result := shape.tick()) is not None:
+        environment.runner.shape_last_tick = result
+        running["users"] = result[0]
+        counts.append(result)
+        assert len(counts) < 2000, (counts[:10], counts[-10:], shape._stage)
+        for agent in range(result[0]):
+            log.add(record(agent=agent, ttft_s=0.1 * aggregate.current_step(environment).agents, output_tps=50.0, end=clock.now))
+        clock.now += 1.0
+    distinct = [count for index, count in enumerate(counts) if index == 0 or count != counts[index - 1]]
+    if restart:
+        assert distinct == [(2, 100.0), (0, STOP_RATE), (4, 100.0), (0, STOP_RATE), (6, 100.0), (0, STOP_RATE),
+                            (5, 100.0), (0, STOP_RATE), (3, 100.0), (0, STOP_RATE)]
+    else:
+        assert distinct == [(2, 100.0), (4, 100.0), (6, 100.0), (5, 100.0), (3, 100.0), (0, STOP_RATE)]
+    assert [s.agents for s in shape.steps] == [2, 4, 6, 5, 3]
+
+
 def test_hopeless_steps_end_early_and_only_as_fails(tmp_path):
     environment, shape, clock = shape_environment(tmp_path)
     drive(environment, shape, clock)
@@ -213,7 +239,8 @@ def test_bad_options_stop_the_test_with_one_line(tmp_path, caplog):
 def test_options_reach_the_web_ui_form_and_locust_conf(tmp_path):
     extra = argument_parser.ui_extra_args_dict([])
     expected = {"slo", "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
-                "agent_spawn_rate", "warmup_s", "window_s", "no_early_stop", "capacity_json", "records_dir", "run_id"}
+                "agent_spawn_rate", "warmup_s", "window_s", "no_early_stop", "restart_agents", "capacity_json", "records_dir",
+                "run_id"}
     assert expected <= set(extra)
     assert (extra["no_early_stop"]["default_value"], extra["window_s"]["default_value"]) == (False, 90.0)
     conf = tmp_path / "locust.conf"
