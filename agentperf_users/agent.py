@@ -5,12 +5,13 @@ records it, then waits the tool time before the next turn: *scheduled* start = p
 wait, and both that and the actual start are recorded, so a load generator that falls behind shows up
 instead of hiding in the numbers (coordinated omission).
 
-Which trajectory an agent plays: the master deals *sessions* from one counter per test (custom
-messages ``agentperf_claim`` / ``agentperf_claimed``; a LocalRunner answers itself in-process). A
-new agent also gets the next global agent index. Session ``s`` plays trajectory ``s mod len(set)`` in
-pass ``s div len(set)``, so no two agents on any worker replay the same trajectory until the whole set
-is in play, and a later pass gets a fresh cache namespace (``--cache-namespace``); its records name the
-trajectory ``<id>#<pass>``. Why not
+Which trajectory an agent plays: the master deals *sessions* (``replay.Dealer``, custom messages
+``agentperf_claim`` / ``agentperf_claimed``; a LocalRunner answers itself in-process). A new agent
+also gets the next global agent index, and its first session starts at ``--start-turn``. Session ``s``
+plays trajectory ``s mod len(set)`` in pass ``s div len(set)``, so no two agents on any worker replay
+the same trajectory until the whole set is in play, and a later pass gets a fresh cache namespace
+(``--cache-namespace``); its records name the trajectory ``<id>#<pass>``. A capacity step that
+restarts the agents is dealt from the start again (see ``Dealer``). Why not
 ``worker_index`` arithmetic: a worker does not know how many workers there are, Locust's dispatcher
 spreads users unevenly, and indices of reconnected workers grow; one counter on the master is right
 whatever the dispatch. A claim is one round trip per trajectory (minutes of load), never per request.
@@ -58,6 +59,7 @@ from agentperf_users.readers import FORMATS
 from agentperf_users.records import RequestRecord
 from agentperf_users.replay import (
     NAMESPACE_MODES,
+    Dealer,
     START_TURN_MODES,
     TOOL_WAIT_MODES,
     ReplaySettings,
@@ -140,10 +142,12 @@ def _integer(value: Any, option: str) -> int:
 
 @dataclass(frozen=True)
 class Claim:
-    """What the master dealt: the agent's global index (on its first claim) and a session number."""
+    """What the master dealt: the agent's global index (on its first claim), a session number and the
+    load step it was dealt for (``replay.Dealer``)."""
 
     agent: int | None
     session: int
+    step: int = 0
 
 
 @dataclass
@@ -155,8 +159,7 @@ class _ProcessState:
     model: str = ""
     api_key: str | None = None
     error: str | None = None  # why this test cannot run (users stop the test with it)
-    next_agent: int = 0  # dealer counters (master or LocalRunner)
-    next_session: int = 0
+    dealer: Dealer = field(default_factory=Dealer)  # used on the master or a LocalRunner
     tickets: itertools.count = field(default_factory=itertools.count)
     pending: dict[int, AsyncResult] = field(default_factory=dict)  # claims awaiting the master's answer
 
@@ -191,23 +194,25 @@ def install(environment: Environment, **_: Any) -> None:
     runner = environment.runner
     state = _state(environment)
     if not isinstance(runner, WorkerRunner):  # the dealer: master or LocalRunner
-        runner.register_message(CLAIM_MESSAGE, lambda msg, **_: _deal(runner, state, msg))
+        runner.register_message(CLAIM_MESSAGE, lambda msg, **_: _deal(environment, state, msg))
     if not isinstance(runner, MasterRunner):
         runner.register_message(CLAIMED_MESSAGE, lambda msg, **_: _claimed(state, msg.data))
 
 
-def _deal(runner: Any, state: _ProcessState, msg: Any) -> None:
-    agent = None
-    if msg.data["new_agent"]:
-        agent, state.next_agent = state.next_agent, state.next_agent + 1
-    session, state.next_session = state.next_session, state.next_session + 1
-    runner.send_message(CLAIMED_MESSAGE, {"ticket": msg.data["ticket"], "agent": agent, "session": session}, msg.node_id)
+def _deal(environment: Environment, state: _ProcessState, msg: Any) -> None:
+    step = aggregate.current_step(environment)
+    if step.fresh_agents:
+        state.dealer.restart(step.index, step.agents)
+    agent, session = state.dealer.deal(bool(msg.data["new_agent"]))
+    environment.runner.send_message(
+        CLAIMED_MESSAGE, {"ticket": msg.data["ticket"], "agent": agent, "session": session, "step": state.dealer.step},
+        msg.node_id)
 
 
 def _claimed(state: _ProcessState, data: dict) -> None:
     result = state.pending.pop(data["ticket"], None)
     if result is not None:
-        result.set(Claim(data["agent"], data["session"]))
+        result.set(Claim(data["agent"], data["session"], data["step"]))
 
 
 def claim(environment: Environment, new_agent: bool) -> Claim:
@@ -229,7 +234,7 @@ def on_test_start(environment: Environment, **_: Any) -> None:
     """Load this test's settings and trajectory set (and find the model) once per process; on bad
     input, stop the test with a one-line error."""
     state = _state(environment)
-    state.next_agent = state.next_session = 0
+    state.dealer = Dealer()
     try:
         state.settings = settings = AgentSettings.from_options(environment.parsed_options)
         state.trajectories = load_trajectories(settings.trajectories, settings.trajectory_format)
@@ -306,13 +311,15 @@ class AgentUser(FastHttpUser):
         self.agent = first.agent
         self._rng = agent_rng(self._process.settings.replay.seed, self.agent)
         self._scheduled_perf_s, self._scheduled_epoch_s = time.perf_counter(), time.time()
-        self._begin(first.session, first_session=True)
+        self._begin(first, first_session=True)
 
-    def _begin(self, session: int, first_session: bool = False) -> None:
+    def _begin(self, dealt: Claim, first_session: bool = False) -> None:
         trajectories, replay = self._process.trajectories, self._process.settings.replay
+        session = dealt.session
         index, rounds = session_trajectory(session, len(trajectories))
         trajectory = trajectories.trajectory(index)
-        marker = namespace_marker(replay.cache_namespace, aggregate.run_id(self.environment), session, len(trajectories))
+        marker = namespace_marker(replay.cache_namespace, aggregate.run_id(self.environment), session,
+                                  len(trajectories), dealt.step)
         self._trajectory = trajectory.with_namespace(marker) if marker else trajectory
         self._label = trajectory.id if rounds == 0 else f"{trajectory.id}#{rounds}"
         self._turn = start_turn(replay.start_turn, replay.seed, session, len(trajectory.turns)) if first_session else 0
@@ -346,7 +353,7 @@ class AgentUser(FastHttpUser):
         self._scheduled_perf_s, self._scheduled_epoch_s = result.end_perf_s + wait_s, result.end_epoch_s + wait_s
         self._turn += 1
         if self._turn == len(self._trajectory.turns):
-            self._begin(claim(self.environment, new_agent=False).session)
+            self._begin(claim(self.environment, new_agent=False))
 
     def _record(self, result: ChatResult, load_step: int) -> RequestRecord:
         return RequestRecord(

@@ -49,10 +49,13 @@ _ENV_ATTRIBUTE = "agentperf_aggregation"
 
 @dataclass(frozen=True)
 class LoadStep:
-    """The load step the search is in: records started now carry ``index`` as ``load_step``."""
+    """The load step the search is in: records started now carry ``index`` as ``load_step``. With
+    ``fresh_agents`` the step began from no agents, and the dealer deals its agents from the start
+    (``replay.Dealer``)."""
 
     index: int
     agents: int
+    fresh_agents: bool = False
 
 
 def record_to_wire(record: RequestRecord) -> dict:
@@ -157,7 +160,8 @@ def _active_workers(runner: MasterRunner) -> list[str]:
 
 
 def _set_step(state: _ProcessState, data: dict) -> None:
-    state.step = LoadStep(index=int(data["index"]), agents=int(data["agents"]))
+    state.step = LoadStep(index=int(data["index"]), agents=int(data["agents"]),
+                          fresh_agents=bool(data.get("fresh_agents", False)))
 
 
 def _new_run_id() -> str:

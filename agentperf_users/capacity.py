@@ -6,7 +6,8 @@ run uses, on one machine), streams the search's progress lines, and writes a run
 ``report.json``, ``report.html``, ``steps.csv``, ``records.jsonl`` (the merged records), the
 per-process record files under ``records/``, ``search.json`` (the live search) and ``locust.log``.
 Against the embedded simulator the report also carries the ground truth from the same engine on a
-virtual clock (``agentperf truth``).
+virtual clock (``agentperf truth``): the search's own answer there, and the same steps as the live run
+(its agent counts, in its order) measured without a load generator, step beside step.
 
 Exit codes: 0 every tier located; 3 some tier fails already at the smallest count or never fails up
 to ``--max-agents`` (no capacity located); 4 the search did not finish (a Locust error, a lost master);
@@ -32,7 +33,7 @@ import agentperf_users
 from agentperf_users import replay
 from agentperf_users.errors import AgentperfError
 from agentperf_users.records import read_records
-from agentperf_users.report import RunContext, build_report, capacity_lines, write_run
+from agentperf_users.report import RunContext, build_report, capacity_lines, step_stats, write_run
 from agentperf_users.search import SearchParameters, add_search_arguments
 from agentperf_users.slo import load_slo
 from agentperf_users.trajectory import load_trajectories
@@ -122,6 +123,7 @@ def _locust_command(args: argparse.Namespace, host: str, out: Path, extra: Seque
     if args.no_early_stop:
         command.append("--no-early-stop")
     command.append("--restart-agents" if args.restart_agents else "--no-restart-agents")
+    command.append("--guided-search" if args.guided_search else "--no-guided-search")
     return command + list(extra)
 
 
@@ -193,9 +195,14 @@ def _report(args, out: Path, spec, params, trajectories, profile, host: str, int
         from agentperf_users import truth as truth_module
 
         print("agentperf: computing the ground truth on the simulator's engine (virtual clock)", flush=True)
-        result = truth_module.find_capacity(profile, trajectories, spec, params,
-                                            replay.settings_from_args(args))
-        truth = result.to_dict(spec)
+        settings = replay.settings_from_args(args)
+        truth = truth_module.find_capacity(profile, trajectories, spec, params, settings).to_dict(spec)
+        counts = [step["agents"] for step in summary.get("steps", [])]
+        truth["same_steps"] = [
+            {"agents": step.agents, **step_stats(step.records, step.window_end_s - step.window_start_s),
+             "passed": {verdict.tier.name: verdict.passed for verdict in step.verdict.tiers}}
+            for step in truth_module.measure_steps(profile, trajectories, spec, params, counts, settings)
+        ]
     report = build_report(summary, records, spec, context, truth)
     write_run(out, report, records)
     for line in capacity_lines(report):

@@ -19,6 +19,44 @@ NAMESPACE_MODES = ("on-wrap", "per-run", "per-session")
 START_TURN_MODES = ("random", "first")
 
 
+@dataclass
+class Dealer:
+    """Deals agent indices and sessions, in one process (the master, a LocalRunner, the ground truth).
+
+    Sessions are dealt in order, so no two agents replay the same trajectory until the whole set is in
+    play. A load step that starts from no agents (``restart``) is dealt from the start: its agent k is
+    agent index k with session k, and later sessions follow from the step's agent count. So a step at
+    N agents replays the same agents whatever steps came before it, and N + 1 agents are those N and
+    one more: verdicts that differ between counts differ by the load, not by which agents were drawn.
+    Sessions dealt for a restarted step ``step`` > 0 get a cache namespace of that step
+    (``namespace_marker``), so a step cannot reuse the prefixes an earlier step left in the server's
+    cache: each step starts as cold as the first, whatever the search measured before it.
+    """
+
+    next_agent: int = 0
+    next_session: int = 0
+    step: int = 0  # the load step being dealt (0 until a restart)
+    _reserved: int = 0  # sessions 0 .. _reserved - 1 belong to the step's first agents
+    _restarted: bool = False
+
+    def restart(self, step: int, agents: int) -> None:
+        """Deal load step ``step`` (of ``agents`` agents) from the start; a no-op when already doing so."""
+        if not self._restarted or self.step != step:
+            self.step, self._reserved, self._restarted = step, agents, True
+            self.next_agent, self.next_session = 0, agents
+
+    def deal(self, new_agent: bool) -> tuple[int | None, int]:
+        """(the agent index for a new agent, else None; its next session)."""
+        if not new_agent:
+            session, self.next_session = self.next_session, self.next_session + 1
+            return None, session
+        agent, self.next_agent = self.next_agent, self.next_agent + 1
+        if agent < self._reserved:
+            return agent, agent
+        session, self.next_session = self.next_session, self.next_session + 1
+        return agent, session
+
+
 def session_trajectory(session: int, set_size: int) -> tuple[int, int]:
     """(trajectory index, pass number) of a session: sessions are dealt in order, so no two agents
     replay the same trajectory until the whole set is in play."""
@@ -38,12 +76,14 @@ def start_turn(mode: str, seed: int, session: int, turns: int) -> int:
     return random.Random(f"{seed}:start:{session}").randrange(turns)
 
 
-def namespace_marker(mode: str, run_id: str, session: int, set_size: int) -> str | None:
-    """The cache-namespace marker of a session, or None to replay the trajectory unchanged."""
-    if mode == "per-session":
-        return f"{run_id} session {session}"
+def namespace_marker(mode: str, run_id: str, session: int, set_size: int, step: int = 0) -> str | None:
+    """The cache-namespace marker of a session dealt for load step ``step`` (``Dealer.step``), or None
+    to replay the trajectory unchanged."""
     rounds = session // set_size
-    return f"{run_id} pass {rounds}" if mode == "per-run" or rounds > 0 else None
+    prefix = f"{run_id} step {step}" if step else run_id
+    if mode == "per-session":
+        return f"{prefix} session {session}"
+    return f"{prefix} pass {rounds}" if mode == "per-run" or rounds > 0 or step else None
 
 
 def agent_rng(seed: int, agent: int) -> random.Random:

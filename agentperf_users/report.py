@@ -59,7 +59,8 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
                  ground_truth: dict | None = None) -> dict:
     """report.json's content from the search summary (the shape's) and the records from the files."""
     steps = []
-    for live in summary.get("steps", []):
+    same_steps = (ground_truth or {}).get("same_steps") or []
+    for index, live in enumerate(summary.get("steps", [])):
         start, end = live["window_start_epoch_s"], live["window_end_epoch_s"]
         judged = records_in_window(records, start, end)
         verdict = evaluate_step(judged, spec)
@@ -72,6 +73,8 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
             "passed": passed,
             "live_verdict_matches_records": passed == live_passed and verdict.to_dict() == live["verdict"],
         })
+        if index < len(same_steps) and same_steps[index]["agents"] == live["agents"]:
+            steps[-1]["ground_truth"] = {key: value for key, value in same_steps[index].items() if key != "agents"}
     capacity = {}
     for name, cap in summary.get("capacity", {}).items():
         agents = cap["agents"]
@@ -94,8 +97,8 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
         "interrupted": context.interrupted,
         "records": len(records),
     }
-    if ground_truth is not None:
-        report["ground_truth"] = ground_truth
+    if ground_truth is not None:  # its same_steps went into the steps above
+        report["ground_truth"] = {key: value for key, value in ground_truth.items() if key != "same_steps"}
     return report
 
 
@@ -177,17 +180,22 @@ def _charts(report: dict) -> list[tuple[str, str]]:
         return []
     agents = [s["agents"] for s in steps]
     tiers = (report.get("slo") or {}).get("tiers", [])
-    panels = (
-        ("TTFT p95 (s)", [s["ttft_s"]["p95"] for s in steps], [(t["label"], t["ttft_max_s"]) for t in tiers]),
-        ("output speed p5 (tok/s per request)", [s["output_tps"]["p5"] for s in steps],
+    panels = (  # (y label, the number of a step, the tier limits drawn)
+        ("TTFT p95 (s)", lambda s: s["ttft_s"]["p95"], [(t["label"], t["ttft_max_s"]) for t in tiers]),
+        ("output speed p5 (tok/s per request)", lambda s: s["output_tps"]["p5"],
          [(t["label"], t["output_tps_min"]) for t in tiers]),
-        ("output throughput (tok/s)", [s["output_tokens_per_s"] for s in steps], []),
-        ("prefix-cache hit ratio", [s["cached_token_ratio"] for s in steps], []),
+        ("output throughput (tok/s)", lambda s: s["output_tokens_per_s"], []),
+        ("prefix-cache hit ratio", lambda s: s["cached_token_ratio"], []),
     )
+    truth_steps = [s for s in steps if "ground_truth" in s]
     charts = []
-    for ylabel, values, limits in panels:
+    for ylabel, number, limits in panels:
         figure, axes = plt.subplots(figsize=(5.2, 3.4), dpi=100)
-        axes.plot(agents, [v if v is not None else float("nan") for v in values], marker="o")
+        axes.plot(agents, [_nan_if_none(number(s)) for s in steps], marker="o", label="measured")
+        if truth_steps:
+            axes.plot([s["agents"] for s in truth_steps], [_nan_if_none(number(s["ground_truth"])) for s in truth_steps],
+                      marker="x", linestyle=":", color="black", label="ground truth, same steps")
+            axes.legend(fontsize=7)
         for label, limit in limits:
             axes.axhline(limit, linestyle="--", linewidth=1, color="grey")
             axes.annotate(label, (agents[0], limit), fontsize=7, va="bottom")
@@ -200,3 +208,7 @@ def _charts(report: dict) -> list[tuple[str, str]]:
         plt.close(figure)
         charts.append((f"{ylabel} against agents", base64.b64encode(buffer.getvalue()).decode("ascii")))
     return charts
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value

@@ -1,11 +1,23 @@
 """The capacity search's decision policy and its options, with no Locust and no clock.
 
-``CapacitySearch`` decides which agent count to measure next from the verdicts so far: phase 1 steps
+``CapacitySearch`` decides which agent count to measure next from the verdicts so far. Phase 1 steps
 the count up (by ``--step-agents``, or by ``--step-factor`` when that is 0) until every tier has failed
-or ``--max-agents`` is reached; phase 2 bisects, tier by tier, between the largest passing count below
-the tier's first failing count and that failing count, until they are at most ``--resolution-agents``
-apart. Every step is judged on every tier, so a count measured once serves every tier's bracket and is
-never measured again. A tier that fails at the smallest count it is tried at bisects down towards 1.
+or ``--max-agents`` is reached; phase 2 narrows, tier by tier, the bracket between the largest passing
+count below the tier's first failing count and that failing count, until they are at most
+``--resolution-agents`` apart. Every step is judged on every tier, so a count measured once serves
+every tier's bracket and is never measured again. A tier that fails at the smallest count it is tried
+at narrows down towards 1.
+
+Guided (``--guided-search``, the default): each verdict carries a margin per tier (``slo``: how far
+inside or outside the tier the step was, as a log ratio), which falls as agents are added. Phase 2
+interpolates the count where the margin crosses zero between the bracket's ends (regula falsi) instead
+of taking the midpoint, and phase 1 takes a smaller step than the factor when the trend of its last two
+passing counts predicts that a tier breaks sooner, aiming just past the predicted break. Both are
+safeguarded, so a noisy or curved margin costs steps but never correctness: a guided phase-1 step
+still grows the count by at least a quarter of the factor step, and after an interpolation that did
+not halve its tier's bracket the next count for that tier is the midpoint, so the bracket at least
+halves every two steps, as plain bisection's does every step. Verdicts, never margins, decide the
+brackets and the answer.
 
 Why a module of its own: the live search (``shape.CapacitySearchShape``, a Locust LoadTestShape) and
 the ground truth (``truth``, the simulator's engine on a virtual clock, which must not import Locust
@@ -37,6 +49,9 @@ def add_search_arguments(add: Callable[..., object]) -> None:
     add("--no-early-stop", action="store_true", default=False, help="always measure the whole window")
     add("--restart-agents", default=True, action=argparse.BooleanOptionalAction,
         help="stop every agent between load steps, so no step inherits the queue of the one before")
+    add("--guided-search", default=True, action=argparse.BooleanOptionalAction,
+        help="pick the next agent count from the SLO margins measured so far (interpolation), not only by "
+             "doubling and bisecting")
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,7 @@ class SearchParameters:
     window_s: float
     early_stop: bool
     restart_agents: bool = True
+    guided: bool = True
 
     @classmethod
     def from_options(cls, options) -> "SearchParameters":
@@ -67,6 +83,7 @@ class SearchParameters:
             window_s=options.window_s,
             early_stop=not options.no_early_stop,
             restart_agents=bool(options.restart_agents),
+            guided=bool(options.guided_search),
         )
         checks = (
             ("--start-agents", params.start_agents >= 1, "an integer >= 1"),
@@ -114,14 +131,29 @@ class CapacitySearch:
         resolution_agents: int = 1,
         step_agents: int = 0,
         step_factor: float = 2.0,
+        guided: bool = True,
     ) -> None:
         self._tiers = tuple(tiers)
         self._start, self._max, self._resolution = start_agents, max_agents, resolution_agents
         self._step_agents, self._step_factor = step_agents, step_factor
+        self._guided = guided
         self._passed: dict[int, dict[str, bool]] = {}  # agents -> tier name -> passed
+        self._margins: dict[int, dict[str, float]] = {}  # agents -> tier name -> margin, where usable
+        self._interpolated_width: dict[str, int] = {}  # tier -> its bracket's width at its last interpolation
+        self._next: int | None = start_agents
+
+    @classmethod
+    def from_parameters(cls, tiers: Sequence[str], params: SearchParameters) -> "CapacitySearch":
+        return cls(tiers, params.start_agents, params.max_agents, params.resolution_agents, params.step_agents,
+                   params.step_factor, params.guided)
 
     def record_verdict(self, agents: int, verdict: StepVerdict) -> None:
         self._passed[agents] = {tier_verdict.tier.name: tier_verdict.passed for tier_verdict in verdict.tiers}
+        self._margins[agents] = {
+            tier_verdict.tier.name: tier_verdict.margin for tier_verdict in verdict.tiers
+            if _usable_margin(tier_verdict.margin, tier_verdict.passed)
+        }
+        self._next = self._plan()
 
     def bracket(self, tier: str) -> tuple[int, int | None]:
         """(largest count passing below the first failure, or 0; first failing count, or None)."""
@@ -138,23 +170,55 @@ class CapacitySearch:
 
     def next_agents(self) -> int | None:
         """The next count to measure; None when every tier is resolved."""
-        if not self._passed:
-            return self._start
+        return self._next
+
+    def _plan(self) -> int | None:
         if self.stepping:
             top = max(self._passed)
             if self._step_agents:
-                return min(self._max, top + self._step_agents)
-            return min(self._max, max(top + 1, math.ceil(round(top * self._step_factor, 9))))
+                step = top + self._step_agents
+            else:
+                step = max(top + 1, math.ceil(round(top * self._step_factor, 9)))
+            predicted = self._predicted_break() if self._guided else None
+            if predicted is not None:
+                step = min(step, max(predicted, top + max(1, math.ceil((step - top) / 4))))
+            return min(self._max, step)
         for tier in self._tiers:
             low, high = self.bracket(tier)
             if high is not None and high - low > self._resolution:
-                return (low + high) // 2
+                return self._narrow(tier, low, high)
         return None
+
+    def _predicted_break(self) -> int | None:
+        """Phase 1's guess: the smallest count where a tier that has not failed yet is predicted to
+        fail, from the straight line through the margins of its two largest passing counts."""
+        guesses = []
+        for tier in self._tiers:
+            if self.bracket(tier)[1] is not None:
+                continue
+            points = sorted((n, margins[tier]) for n, margins in self._margins.items() if tier in margins)[-2:]
+            if len(points) == 2:
+                (n1, m1), (n2, m2) = points
+                if m2 < m1:
+                    guesses.append(math.floor(n2 + m2 * (n2 - n1) / (m1 - m2)) + 1)
+        return min(guesses, default=None)
+
+    def _narrow(self, tier: str, low: int, high: int) -> int:
+        """The next count inside (low, high) for ``tier``: interpolated where its margin crosses zero,
+        or the midpoint when there is nothing to interpolate or the last interpolation did too little."""
+        width = high - low
+        margins = self._margins.get(low, {}).get(tier), self._margins.get(high, {}).get(tier)
+        last_width = self._interpolated_width.pop(tier, None)
+        if self._guided and None not in margins and (last_width is None or 2 * width <= last_width):
+            m_low, m_high = margins
+            self._interpolated_width[tier] = width
+            crossing = low + width * m_low / (m_low - m_high)
+            return min(high - 1, max(low + 1, round(crossing)))
+        return (low + high) // 2
 
     @property
     def done(self) -> bool:
         return self.next_agents() is None
-
     def undecided_tiers(self, agents: int) -> tuple[str, ...]:
         """The tiers whose answer a verdict at ``agents`` can still change."""
         brackets = {tier: self.bracket(tier) for tier in self._tiers}
@@ -173,3 +237,9 @@ class CapacitySearch:
                 status = CapacityStatus.FOUND if low else CapacityStatus.NONE_PASSED
             result[tier] = TierCapacity(tier, status, low or None, high)
         return result
+
+
+def _usable_margin(margin: float | None, passed: bool) -> bool:
+    """A margin the search can steer by: finite, and on the side of zero that the verdict is (a step
+    can fail on its error rate with its quantile criteria met)."""
+    return margin is not None and math.isfinite(margin) and (margin >= 0) == passed

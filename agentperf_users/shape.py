@@ -170,15 +170,7 @@ class CapacitySearchShape(LoadTestShape):
             logger.error("agentperf: %s", exc)
             self.environment.process_exit_code = 2
             return False
-        params = self.params
-        self.search = CapacitySearch(
-            [tier.name for tier in self.spec.tiers],
-            params.start_agents,
-            params.max_agents,
-            params.resolution_agents,
-            params.step_agents,
-            params.step_factor,
-        )
+        self.search = CapacitySearch.from_parameters([tier.name for tier in self.spec.tiers], self.params)
         self.steps = []
         if not self._listening:
             self.environment.events.test_stop.add_listener(self._write_summary)
@@ -201,11 +193,16 @@ class CapacitySearchShape(LoadTestShape):
             self._agents = 0
             return self._enter("stop", now, self._ramp_deadline(now, 0, STOP_RATE))
         self._phase = "step" if self.search.stepping else "bisect"
-        aggregate.announce_step(self.environment, aggregate.LoadStep(index=len(self.steps), agents=agents))
         self._agents = agents
         if self.params.restart_agents and self.get_current_user_count() > 0:
             return self._enter("restart", now, self._ramp_deadline(now, 0, STOP_RATE))
-        return self._enter("ramp", now, self._ramp_deadline(now, agents))
+        return self._ramp(now)
+
+    def _ramp(self, now: float) -> bool:
+        """Announce the step (after any restart, so no stopping agent is dealt its agents) and ramp."""
+        step = aggregate.LoadStep(index=len(self.steps), agents=self._agents, fresh_agents=self.params.restart_agents)
+        aggregate.announce_step(self.environment, step)
+        return self._enter("ramp", now, self._ramp_deadline(now, self._agents))
 
     def _advance(self, now: float) -> bool:
         """Move to the next stage when the current one is over; True if it moved."""
@@ -213,7 +210,7 @@ class CapacitySearchShape(LoadTestShape):
         aggregator = aggregate.aggregator(self.environment)
         over = now >= stage.deadline_epoch_s
         if stage.name == "restart" and (over or self.get_current_user_count() == 0):
-            return self._enter("ramp", now, self._ramp_deadline(now, self._agents))
+            return self._ramp(now)
         if stage.name == "ramp" and (over or self.get_current_user_count() == self._agents):
             return self._enter("warmup", now, now + params.warmup_s)
         if stage.name == "warmup" and over:

@@ -25,6 +25,12 @@ What counts:
 Scope ``request`` judges the pooled requests. Scope ``agent`` judges each agent on its own requests
 (same quantiles) and passes when at least ``agents_passing`` of the agents that completed a request
 pass; an agent with no completed request in the set is not judged (its verdict is unknown, not good).
+
+Every verdict also carries a **margin**: how far inside (> 0) or outside (< 0) the quantile criteria
+the step was, as the natural log of the binding criterion's ratio (``ln(ttft_max / TTFT quantile)``
+or ``ln(speed quantile / speed_min)``, the smaller); in agent scope, the margin that ``agents_passing``
+of the agents reach. Its sign is the quantile criteria's verdict, and its size is what lets the
+capacity search interpolate where a tier breaks instead of only bisecting (``search``).
 """
 
 from __future__ import annotations
@@ -119,6 +125,7 @@ class TierVerdict:
     agents_passed: int | None
     agents_passed_fraction: float | None
     reasons: tuple[str, ...]  # why it failed; empty when it passed
+    margin: float | None = None  # >= 0 exactly when the quantile criteria hold (module docstring); None: no requests
 
     def to_dict(self) -> dict:
         return {
@@ -134,6 +141,7 @@ class TierVerdict:
             "agents_passed": self.agents_passed,
             "agents_passed_fraction": self.agents_passed_fraction,
             "reasons": list(self.reasons),
+            "margin": _json_number(self.margin),
         }
 
 
@@ -155,7 +163,10 @@ class StepVerdict:
 
 
 def _json_number(value: float | None) -> float | str | None:
-    return "inf" if value is not None and math.isinf(value) else value
+    """JSON has no infinities: they are written as the strings ``inf`` and ``-inf``."""
+    if value is not None and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
 
 
 def _ttft(record: RequestRecord) -> float:
@@ -170,12 +181,28 @@ def _speeds(records: Iterable[RequestRecord]) -> list[float]:
     return [speed for speed in map(_speed, records) if speed is not None]
 
 
-def _meets(records: Sequence[RequestRecord], tier: SloTier) -> bool:
-    """The per-request criteria, pooled over ``records`` (non-empty)."""
+def _log_ratio(numerator: float, denominator: float) -> float:
+    """ln(numerator / denominator) for non-negative values, with 0 and inf at either end allowed."""
+    if numerator == denominator:
+        return 0.0
+    if numerator == 0 or math.isinf(denominator):
+        return -math.inf
+    if denominator == 0 or math.isinf(numerator):
+        return math.inf
+    return math.log(numerator / denominator)
+
+
+def _criteria_margin(ttft_q: float, speed_q: float | None, tier: SloTier) -> float:
+    """The pooled criteria's margin: >= 0 exactly when TTFT quantile <= max and speed quantile >= min."""
+    ttft_margin = _log_ratio(tier.ttft_max_s, ttft_q)
+    return ttft_margin if speed_q is None else min(ttft_margin, _log_ratio(speed_q, tier.output_tps_min))
+
+
+def _margin(records: Sequence[RequestRecord], tier: SloTier) -> float:
+    """The per-request criteria's margin over ``records`` (non-empty): >= 0 exactly when they meet them."""
     speeds = _speeds(records)
-    return quantile([_ttft(r) for r in records], tier.quantile) <= tier.ttft_max_s and (
-        not speeds or low_quantile(speeds, tier.quantile) >= tier.output_tps_min
-    )
+    ttft_q = quantile([_ttft(r) for r in records], tier.quantile)
+    return _criteria_margin(ttft_q, low_quantile(speeds, tier.quantile) if speeds else None, tier)
 
 
 def evaluate(records: Iterable[RequestRecord], tier: SloTier) -> TierVerdict:
@@ -186,23 +213,25 @@ def evaluate(records: Iterable[RequestRecord], tier: SloTier) -> TierVerdict:
     speeds = _speeds(records)
     ttft_q = quantile([_ttft(r) for r in records], tier.quantile) if records else None
     speed_q = low_quantile(speeds, tier.quantile) if speeds else None
-    agents_judged = agents_passed = fraction = None
+    agents_judged = agents_passed = fraction = margin = None
     reasons = []
     if not records:
         reasons.append("no request completed in the window")
     if error_rate > tier.max_error_rate:
         reasons.append(f"error rate {error_rate:.1%} > {tier.max_error_rate:.1%}")
     if tier.scope == "request" and records:
+        margin = _criteria_margin(ttft_q, speed_q, tier)
         if ttft_q > tier.ttft_max_s:
             reasons.append(f"TTFT {percentile_label(tier.quantile)} {ttft_q:.3g} s > {tier.ttft_max_s:g} s")
         if speed_q is not None and speed_q < tier.output_tps_min:
             low = percentile_label(1 - tier.quantile)
             reasons.append(f"output speed {low} {speed_q:.3g} tok/s < {tier.output_tps_min:g} tok/s")
     if tier.scope == "agent" and records:
-        by_agent = _by_agent(records)
-        agents_judged = len(by_agent)
-        agents_passed = sum(_meets(agent_records, tier) for agent_records in by_agent.values())
+        margins = [_margin(agent_records, tier) for agent_records in _by_agent(records).values()]
+        agents_judged = len(margins)
+        agents_passed = sum(agent_margin >= 0 for agent_margin in margins)
         fraction = agents_passed / agents_judged
+        margin = low_quantile(margins, tier.agents_passing)
         if fraction < tier.agents_passing:
             reasons.append(
                 f"{agents_passed}/{agents_judged} agents meet the tier, {tier.agents_passing:.0%} needed"
@@ -219,6 +248,7 @@ def evaluate(records: Iterable[RequestRecord], tier: SloTier) -> TierVerdict:
         agents_passed=agents_passed,
         agents_passed_fraction=fraction,
         reasons=tuple(reasons),
+        margin=margin,
     )
 
 

@@ -15,8 +15,8 @@ Modelling choices (each mirrors the live run):
   flight is aborted (live, a closed connection does it, within ``1 / STOP_RATE`` s per agent).
   Agents are spawned ``1 / spawn_rate`` apart; without restarts, a step that lowers the count stops
   the newest agents (Locust stops users in no defined order; newest-first is the deterministic
-  choice). A new agent takes the next session, like the master's dealer, and its first session
-  starts at ``replay.start_turn``.
+  choice). Agents and sessions come from a ``replay.Dealer`` as on the master (dealt from the start
+  on every restarted step), and a new agent's first session starts at ``replay.start_turn``.
 * A step ramps, warms up for ``warmup_s``, then judges the requests that *ended* inside its
   ``window_s`` window. Early stopping is not modelled: it never turns a fail into a pass.
 * A request the engine rejects (queue full, context too long) is a failed record, and the agent goes
@@ -30,6 +30,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from agentperf_users import replay
 from agentperf_users.errors import AgentperfError
@@ -50,6 +51,7 @@ class TruthStep:
     window_start_s: float
     window_end_s: float
     verdict: StepVerdict
+    records: tuple[RequestRecord, ...]  # the requests the window judged
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,22 @@ class _World:
     in_flight: dict[str, _Agent] = field(default_factory=dict)
     records: list[RequestRecord] = field(default_factory=list)
     load_step: int = 0
-    _started: int = 0  # agent indices, like the master's counter: never reused
-    _sessions: int = 0
+    dealer: replay.Dealer = field(default_factory=replay.Dealer)  # as the master's
     _seq: int = 0
+
+    def measure(self, agents: int, params: SearchParameters, spec: SloSpec) -> TruthStep:
+        """One load step at ``agents``: (restart,) ramp, warm up, and judge the window."""
+        if params.restart_agents:
+            self.set_agents(0, params.spawn_rate)
+            self.dealer.restart(self.load_step, agents)
+        ramp_end_s = self.set_agents(agents, params.spawn_rate)
+        window_start_s = ramp_end_s + params.warmup_s
+        window_end_s = window_start_s + params.window_s
+        self.run_until(window_end_s)
+        judged = tuple(records_in_window(self.records, window_start_s, window_end_s))
+        self.records.clear()  # later records belong to the next step's ramp and warm-up
+        self.load_step += 1
+        return TruthStep(agents, window_start_s, window_end_s, evaluate_step(judged, spec), judged)
 
     def set_agents(self, count: int, spawn_rate: float) -> float:
         """Start or stop agents towards ``count``; returns when the ramp ends."""
@@ -115,11 +130,11 @@ class _World:
                 self.engine.abort(agent.request.request_id)
                 del self.in_flight[agent.request.request_id]
         for k in range(count - len(self.agents)):
-            agent = _Agent(self._started, replay.agent_rng(self.settings.seed, self._started))
-            self._started += 1
+            index, session = self.dealer.deal(new_agent=True)
+            agent = _Agent(index, replay.agent_rng(self.settings.seed, index))
             self.agents.append(agent)
             ramp_end = self.now_s + (k + 1) / spawn_rate
-            self._deal(agent, first_session=True)
+            self._play(agent, session, first_session=True)
             self._wake(agent, ramp_end)
         return ramp_end
 
@@ -136,11 +151,11 @@ class _World:
             else:
                 self.now_s = min(end_s, self.wakes[0][0]) if self.wakes else end_s
 
-    def _deal(self, agent: _Agent, first_session: bool = False) -> None:
-        session, self._sessions = self._sessions, self._sessions + 1
+    def _play(self, agent: _Agent, session: int, first_session: bool = False) -> None:
         index, rounds = replay.session_trajectory(session, len(self.trajectories))
         trajectory = self.trajectories.trajectory(index)
-        marker = replay.namespace_marker(self.settings.cache_namespace, TRUTH_RUN_ID, session, len(self.trajectories))
+        marker = replay.namespace_marker(self.settings.cache_namespace, TRUTH_RUN_ID, session, len(self.trajectories),
+                                         self.dealer.step)
         agent.trajectory = trajectory.with_namespace(marker) if marker else trajectory
         agent.label = trajectory.id if rounds == 0 else f"{trajectory.id}#{rounds}"
         agent.turn = (replay.start_turn(self.settings.start_turn, self.settings.seed, session, len(trajectory.turns))
@@ -183,7 +198,7 @@ class _World:
                                     self.settings.tool_wait_median_s, self.settings.tool_wait_sigma)
         agent.turn += 1
         if agent.turn == len(agent.trajectory.turns):
-            self._deal(agent)
+            self._play(agent, self.dealer.deal(new_agent=False)[1])
         self._wake(agent, end_s + wait_s)
 
     def _record(self, agent: _Agent, request: EngineRequest, status: Status, end_s: float, message: str = "") -> None:
@@ -214,22 +229,26 @@ def find_capacity(
     """Run the capacity search on the virtual clock and return what it finds per tier."""
     started = time.perf_counter()
     world = _World(Engine(profile, seed=settings.seed), trajectories, settings)
-    search = CapacitySearch([t.name for t in spec.tiers], params.start_agents, params.max_agents,
-                            params.resolution_agents, params.step_agents, params.step_factor)
+    search = CapacitySearch.from_parameters([t.name for t in spec.tiers], params)
     steps = []
     while (agents := search.next_agents()) is not None:
-        world.load_step += 1
-        if params.restart_agents:
-            world.set_agents(0, params.spawn_rate)
-        ramp_end_s = world.set_agents(agents, params.spawn_rate)
-        window_start_s = ramp_end_s + params.warmup_s
-        window_end_s = window_start_s + params.window_s
-        world.run_until(window_end_s)
-        verdict = evaluate_step(records_in_window(world.records, window_start_s, window_end_s), spec)
-        search.record_verdict(agents, verdict)
-        steps.append(TruthStep(agents, window_start_s, window_end_s, verdict))
-        world.records.clear()  # later records belong to the next step's ramp and warm-up
+        steps.append(world.measure(agents, params, spec))
+        search.record_verdict(agents, steps[-1].verdict)
     return TruthResult(search.capacity(), tuple(steps), world.now_s, time.perf_counter() - started)
+
+
+def measure_steps(
+    profile: Profile,
+    trajectories: TrajectorySet,
+    spec: SloSpec,
+    params: SearchParameters,
+    counts: Sequence[int],
+    settings: replay.ReplaySettings = replay.ReplaySettings(),
+) -> tuple[TruthStep, ...]:
+    """The truth's verdicts on a given sequence of agent counts (a live run's steps, in its order): the
+    same steps measured without a load generator, so each live step has its ideal counterpart."""
+    world = _World(Engine(profile, seed=settings.seed), trajectories, settings)
+    return tuple(world.measure(agents, params, spec) for agents in counts)
 
 
 def register_cli(subparsers) -> None:

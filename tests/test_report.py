@@ -97,3 +97,18 @@ def test_write_run_leaves_complete_files_only(tmp_path):
     assert page.count("data:image/png;base64,") == 4
     header = (tmp_path / "steps.csv").read_text().splitlines()[0]
     assert "ttft_s.p95" in header and f"passed.{SPEC.tiers[0].name}" in header
+
+
+def test_ground_truth_steps_sit_beside_the_live_ones(tmp_path):
+    records = window_records()
+    truth_stats = step_stats([r for r in records if 100.0 <= r.end_epoch_s < 110.0], 30.0)
+    truth = {"capacity": {}, "same_steps": [{"agents": 4, **truth_stats, "passed": {SPEC.tiers[0].name: False}}]}
+    report = build_report(summary_for(records), records, SPEC, CONTEXT, truth)
+    step = report["steps"][0]
+    assert step["ground_truth"]["ttft_s"]["p95"] == truth_stats["ttft_s"]["p95"] != step["ttft_s"]["p95"]
+    assert step["ground_truth"]["passed"] == {SPEC.tiers[0].name: False}
+    assert "same_steps" not in report["ground_truth"]  # once, in the steps
+    write_run(tmp_path, report, records)
+    assert "ground_truth.ttft_s.p95" in (tmp_path / "steps.csv").read_text().splitlines()[0]
+    mismatched = {"capacity": {}, "same_steps": [{"agents": 8, **truth_stats, "passed": {}}]}
+    assert "ground_truth" not in build_report(summary_for(records), records, SPEC, CONTEXT, mismatched)["steps"][0]

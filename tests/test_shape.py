@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
 
 import pytest
@@ -108,6 +109,85 @@ def test_incomplete_search_and_undecided_tiers():
     assert {c.status for c in search.capacity().values()} == {CapacityStatus.INCOMPLETE}
 
 
+def margin_verdict(margins: dict[str, float]) -> StepVerdict:
+    """A step verdict whose tiers pass exactly when their margin is >= 0, as ``slo.evaluate`` makes them."""
+    return StepVerdict(tuple(
+        TierVerdict(SloTier(name, 1.0, 1.0), m >= 0, 1, 0, 0.0, 1.0, 1.0, None, None, None, () if m >= 0 else ("x",), m)
+        for name, m in margins.items()
+    ))
+
+
+def run_guided(search: CapacitySearch, margin_of) -> list[int]:
+    """Drive the search with ``margin_of(tier, agents)``: each tier passes while its margin is >= 0."""
+    measured = []
+    while (agents := search.next_agents()) is not None:
+        assert agents not in measured and 1 <= agents <= search._max
+        measured.append(agents)
+        search.record_verdict(agents, margin_verdict({t: margin_of(t, agents) for t in ("loose", "strict")}))
+        assert len(measured) < 100
+    return measured
+
+
+CROSSINGS = {"loose": 37.4, "strict": 12.6}  # capacity 37 and 12
+MARGIN_SHAPES = {
+    "linear": lambda tier, n: 0.05 * (CROSSINGS[tier] - n),
+    "log": lambda tier, n: math.log(CROSSINGS[tier] / n),  # convex, like a speed ratio
+    "cliff": lambda tier, n: 0.3 if n <= CROSSINGS[tier] else -3.0 * (n - CROSSINGS[tier]),  # flat, then a queue
+}
+
+
+@pytest.mark.parametrize("shape", MARGIN_SHAPES)
+def test_guided_search_finds_the_same_capacity(shape):
+    margin_of = MARGIN_SHAPES[shape]
+    counts = {}
+    for guided in (True, False):
+        search = CapacitySearch(["loose", "strict"], start_agents=1, max_agents=256, guided=guided)
+        counts[guided] = run_guided(search, margin_of)
+        assert {t: (c.status, c.agents, c.first_failing_agents) for t, c in search.capacity().items()} == {
+            "loose": (CapacityStatus.FOUND, 37, 38), "strict": (CapacityStatus.FOUND, 12, 13)}
+    if shape == "cliff":  # a flat margin says nothing about distance: it costs, within the 2x safeguard
+        assert len(counts[True]) <= 2 * len(counts[False])
+    else:
+        assert len(counts[True]) <= len(counts[False]) - 2
+
+
+def test_guided_phase_one_steps_stay_between_a_quarter_and_the_whole_factor_step():
+    search = CapacitySearch(["loose", "strict"], start_agents=4, max_agents=1000, guided=True)
+    measured = run_guided(search, MARGIN_SHAPES["linear"])
+    stepping = measured[:measured.index(next(n for n in measured if n > CROSSINGS["loose"])) + 1]
+    for before, after in zip(stepping, stepping[1:]):
+        assert before + max(1, math.ceil(before / 4)) <= after <= 2 * before
+    assert stepping[:3] == [4, 8, 13]  # 4 and 8 predict strict's break at 13
+
+
+def test_misleading_margins_cost_at_most_twice_the_bisection():
+    """Margins whose size is noise (only their sign is right) must not stall the search: each tier's
+    bracket still at least halves every two steps, and verdicts alone decide the answer."""
+    rng = random.Random(5)
+    for trial in range(20):
+        noise = {n: rng.uniform(0.01, 5.0) for n in range(1, 257)}
+
+        def noisy(tier: str, n: int) -> float:
+            return noise[n] if n <= CROSSINGS[tier] else -noise[n]
+
+        plain = run_guided(CapacitySearch(["loose", "strict"], 1, 256, guided=False), noisy)
+        search = CapacitySearch(["loose", "strict"], 1, 256, guided=True)
+        guided = run_guided(search, noisy)
+        assert {t: c.agents for t, c in search.capacity().items()} == {"loose": 37, "strict": 12}
+        assert len(guided) <= 2 * len(plain) + 1, trial
+
+
+def test_a_margin_that_contradicts_its_verdict_is_not_used():
+    """A tier can fail on its error rate with its quantile criteria met (margin >= 0): the search then
+    bisects rather than interpolating from a margin on the wrong side."""
+    search = CapacitySearch(["loose"], start_agents=10, max_agents=100, step_agents=10, guided=True)
+    search.record_verdict(10, margin_verdict({"loose": 1.0}))
+    errors = StepVerdict((TierVerdict(SloTier("loose", 1.0, 1.0), False, 1, 1, 1.0, 1.0, 1.0, None, None, None,
+                                      ("error rate",), 0.5),))
+    search.record_verdict(20, errors)
+    assert search.next_agents() == 15
+
+
 class IdleUser(User):
     wait_time = constant(1)
 
@@ -132,12 +212,14 @@ class Clock:
 
 
 def shape_environment(tmp_path, **overrides):
+    """A LocalRunner with the search shape; plain bisection unless overridden, so that the counts the
+    shape tests expect follow from pass/fail alone (the guided policy has tests of its own)."""
     slo = tmp_path / "slo.yaml"
     slo.write_text(SLO_YAML)
     options = dict(
         records_dir="", run_id="run", slo=str(slo), start_agents=2, step_agents=2, step_factor=2.0, max_agents=8,
         resolution_agents=1, agent_spawn_rate=100.0, warmup_s=2.0, window_s=20.0, no_early_stop=False,
-        restart_agents=True, capacity_json=str(tmp_path / "capacity.json"),
+        restart_agents=True, guided_search=False, capacity_json=str(tmp_path / "capacity.json"),
     )
     options.update(overrides)
     clock = Clock()
@@ -239,7 +321,7 @@ def test_bad_options_stop_the_test_with_one_line(tmp_path, caplog):
 def test_options_reach_the_web_ui_form_and_locust_conf(tmp_path):
     extra = argument_parser.ui_extra_args_dict([])
     expected = {"slo", "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
-                "agent_spawn_rate", "warmup_s", "window_s", "no_early_stop", "restart_agents", "capacity_json", "records_dir",
+                "agent_spawn_rate", "warmup_s", "window_s", "no_early_stop", "restart_agents", "guided_search", "capacity_json", "records_dir",
                 "run_id"}
     assert expected <= set(extra)
     assert (extra["no_early_stop"]["default_value"], extra["window_s"]["default_value"]) == (False, 90.0)

@@ -149,6 +149,34 @@ def test_agent_scope_judges_each_agent_on_its_own_requests():
     assert evaluate(slow_agent, tier).agents_passed == 19
 
 
+def test_margin_is_the_binding_criterions_log_ratio():
+    verdict = evaluate([record(ttft_s=5.0, output_tps=30.0) for _ in range(20)], TIER)
+    assert verdict.margin == pytest.approx(math.log(30 / 20))  # speed binds: ln 1.5 < ln 2
+    verdict = evaluate([record(ttft_s=8.0, output_tps=80.0) for _ in range(20)], TIER)
+    assert verdict.margin == pytest.approx(math.log(10 / 8))
+    assert evaluate([record(ttft_s=20.0)], TIER).margin == pytest.approx(math.log(0.5))
+    failed = evaluate([record(status=Status.TIMEOUT, ttft_s=None, output_tps=None)], TIER)
+    assert failed.margin == -math.inf and failed.to_dict()["margin"] == "-inf"
+    assert evaluate([], TIER).margin is None
+    agents = [record(agent=a, ttft_s=float(a + 1), output_tps=100.0) for a in range(20)]
+    agent_tier = dataclasses.replace(TIER, scope="agent", agents_passing=0.9)
+    assert evaluate(agents, agent_tier).margin == pytest.approx(math.log(10 / 18))  # 18 of 20 agents reach it
+
+
+@pytest.mark.parametrize("scope", ["request", "agent"])
+def test_margin_sign_is_the_quantile_verdict(scope):
+    """The search steers by the margin and trusts its sign: >= 0 exactly when the criteria hold."""
+    rng = random.Random(11)
+    for _ in range(300):
+        tier = SloTier("t", ttft_max_s=rng.uniform(1, 5), output_tps_min=rng.choice([0.0, 20.0, 40.0]),
+                       quantile=rng.choice([0.5, 0.9, 0.95, 1.0]), scope=scope,
+                       agents_passing=rng.choice([0.5, 0.8, 0.95, 1.0]), max_error_rate=1.0)
+        records = [record(agent=rng.randrange(6), ttft_s=rng.choice([rng.uniform(0, 8), None]),
+                          output_tps=rng.choice([rng.uniform(5, 60), None])) for _ in range(rng.randint(1, 40))]
+        verdict = evaluate(records, tier)
+        assert (verdict.margin >= 0) == verdict.passed
+
+
 def test_step_verdict_covers_every_tier():
     spec = SloSpec("x", (TIER, SloTier(name="fast", ttft_max_s=2.0, output_tps_min=60.0, max_error_rate=1.0)))
     step = evaluate_step([record(ttft_s=1.5, output_tps=50.0) for _ in range(10)], spec)
