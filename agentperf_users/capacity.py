@@ -114,7 +114,7 @@ def _locust_command(args: argparse.Namespace, host: str, out: Path, extra: Seque
     }
     for action_dest in ("tool_wait", "tool_wait_median", "tool_wait_sigma", "cache_namespace", "seed", "start_turn",
                         "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
-                        "agent_spawn_rate", "warmup_s", "window_s"):
+                        "agent_spawn_rate", "warmup_s", "window_s", "min_requests"):
         options[action_dest.replace("_", "-")] = getattr(args, action_dest)
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--exit-code-on-error", "0"]
     for name, value in options.items():

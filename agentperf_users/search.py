@@ -11,13 +11,11 @@ at narrows down towards 1.
 Guided (``--guided-search``, the default): each verdict carries a margin per tier (``slo``: how far
 inside or outside the tier the step was, as a log ratio), which falls as agents are added. Phase 2
 interpolates the count where the margin crosses zero between the bracket's ends (regula falsi) instead
-of taking the midpoint, and phase 1 takes a smaller step than the factor when the trend of its last two
-passing counts predicts that a tier breaks sooner, aiming just past the predicted break. Both are
-safeguarded, so a noisy or curved margin costs steps but never correctness: a guided phase-1 step
-still grows the count by at least a quarter of the factor step, and after an interpolation that did
-not halve its tier's bracket the next count for that tier is the midpoint, so the bracket at least
-halves every two steps, as plain bisection's does every step. Verdicts, never margins, decide the
-brackets and the answer.
+of taking the midpoint. It is safeguarded, so a noisy or curved margin costs steps but never
+correctness: after an interpolation that did not halve its tier's bracket, the next count for that
+tier is the midpoint, so the bracket at least halves every two steps, as plain bisection's does every
+step. Verdicts, never margins, decide the brackets and the answer. (Phase 1 does not extrapolate: on
+the simulator's profiles, margins at small counts predicted the break too poorly to save steps.)
 
 Why a module of its own: the live search (``shape.CapacitySearchShape``, a Locust LoadTestShape) and
 the ground truth (``truth``, the simulator's engine on a virtual clock, which must not import Locust
@@ -30,10 +28,12 @@ import argparse
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from agentperf_users.errors import AgentperfError
 from agentperf_users.slo import StepVerdict
+
+MAX_WINDOW_FACTOR = 4.0  # how far --min-requests may extend a window
 
 
 def add_search_arguments(add: Callable[..., object]) -> None:
@@ -46,6 +46,8 @@ def add_search_arguments(add: Callable[..., object]) -> None:
     add("--agent-spawn-rate", type=float, default=10.0, help="agents started (or stopped) per second")
     add("--warmup-s", type=float, default=30.0, help="seconds after each ramp that are not judged")
     add("--window-s", type=float, default=90.0, help="seconds judged per load step")
+    add("--min-requests", type=int, default=1,
+        help=f"a window is extended (up to {MAX_WINDOW_FACTOR:g}x --window-s) until this many requests ended in it")
     add("--no-early-stop", action="store_true", default=False, help="always measure the whole window")
     add("--restart-agents", default=True, action=argparse.BooleanOptionalAction,
         help="stop every agent between load steps, so no step inherits the queue of the one before")
@@ -69,6 +71,7 @@ class SearchParameters:
     early_stop: bool
     restart_agents: bool = True
     guided: bool = True
+    min_requests: int = 1
 
     @classmethod
     def from_options(cls, options) -> "SearchParameters":
@@ -84,6 +87,7 @@ class SearchParameters:
             early_stop=not options.no_early_stop,
             restart_agents=bool(options.restart_agents),
             guided=bool(options.guided_search),
+            min_requests=options.min_requests,
         )
         checks = (
             ("--start-agents", params.start_agents >= 1, "an integer >= 1"),
@@ -94,12 +98,31 @@ class SearchParameters:
             ("--agent-spawn-rate", params.spawn_rate > 0, "a number > 0"),
             ("--warmup-s", params.warmup_s >= 0, "a number >= 0"),
             ("--window-s", params.window_s > 0, "a number > 0"),
+            ("--min-requests", params.min_requests >= 0, "an integer >= 0"),
         )
         for option, ok, expected in checks:
             if not ok:
                 value = getattr(options, option[2:].replace("-", "_"))
                 raise AgentperfError(f"{option}: expected {expected}, got {value}")
         return params
+
+
+def window_end(start_s: float, params: SearchParameters, ended_s: Iterable[float], seen_until_s: float) -> float | None:
+    """Where a step's window ends, given the end times of the requests that ended after ``start_s``
+    (all of them up to ``seen_until_s``); None while that is not known yet.
+
+    The window is ``--window-s`` long, extended up to ``MAX_WINDOW_FACTOR`` times that until
+    ``--min-requests`` requests ended in it: a window in which nothing ended (one agent on a turn longer
+    than the window, say) shows nothing, neither a pass nor a fail. The live shape and the ground truth
+    both end their windows here, so they judge the same requests."""
+    planned, cap = start_s + params.window_s, start_s + MAX_WINDOW_FACTOR * params.window_s
+    ends = sorted(end for end in ended_s if start_s <= end < min(seen_until_s, cap))
+    if len(ends) >= params.min_requests:
+        needed = ends[params.min_requests - 1] if params.min_requests else start_s
+        if needed < planned:
+            return planned if seen_until_s >= planned else None
+        return math.nextafter(needed, math.inf)  # the window [start, end) holds that request
+    return cap if seen_until_s >= cap else None
 
 
 class CapacityStatus(str, Enum):
@@ -176,32 +199,13 @@ class CapacitySearch:
         if self.stepping:
             top = max(self._passed)
             if self._step_agents:
-                step = top + self._step_agents
-            else:
-                step = max(top + 1, math.ceil(round(top * self._step_factor, 9)))
-            predicted = self._predicted_break() if self._guided else None
-            if predicted is not None:
-                step = min(step, max(predicted, top + max(1, math.ceil((step - top) / 4))))
-            return min(self._max, step)
+                return min(self._max, top + self._step_agents)
+            return min(self._max, max(top + 1, math.ceil(round(top * self._step_factor, 9))))
         for tier in self._tiers:
             low, high = self.bracket(tier)
             if high is not None and high - low > self._resolution:
                 return self._narrow(tier, low, high)
         return None
-
-    def _predicted_break(self) -> int | None:
-        """Phase 1's guess: the smallest count where a tier that has not failed yet is predicted to
-        fail, from the straight line through the margins of its two largest passing counts."""
-        guesses = []
-        for tier in self._tiers:
-            if self.bracket(tier)[1] is not None:
-                continue
-            points = sorted((n, margins[tier]) for n, margins in self._margins.items() if tier in margins)[-2:]
-            if len(points) == 2:
-                (n1, m1), (n2, m2) = points
-                if m2 < m1:
-                    guesses.append(math.floor(n2 + m2 * (n2 - n1) / (m1 - m2)) + 1)
-        return min(guesses, default=None)
 
     def _narrow(self, tier: str, low: int, high: int) -> int:
         """The next count inside (low, high) for ``tier``: interpolated where its margin crosses zero,

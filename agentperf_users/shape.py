@@ -2,16 +2,19 @@
 
 ``CapacitySearchShape`` is the thin LoadTestShape around it. Per step: stop every agent of the previous
 step (``--restart-agents``, the default), ramp to the count, warm up for ``--warmup-s`` (cold caches,
-agents mid-first-turn: excluded from the verdict), measure for ``--window-s``, then wait (at most
+agents mid-first-turn: excluded from the verdict), measure for ``--window-s`` (longer when fewer
+than ``--min-requests`` requests ended in it: ``search.window_end``), then wait (at most
 ``COVERAGE_TIMEOUT_S``) until every active worker has reported records up to the window's end, and
 judge the records that ended inside the window. At the end it stops all agents and waits for their
 last records, so the master's union is complete.
 
 Why restart: a step below an overloaded one would otherwise inherit its queue (requests waiting
 tens of seconds that no warm-up drains), so its verdict would depend on the path the search took. A
-stopped agent's request in flight is aborted by its closed connection, as with a real client, and
-newly dealt agents start at random turns (``--start-turn``), so each step starts from the same state
-and measures the steady state of its count: the question the ground truth answers.
+stopped agent's request in flight is aborted by its closed connection, as with a real client; the
+restarted step's agents are dealt the same sessions as at any other time the search visits that
+count, with a cache namespace of the step's own (``replay.Dealer``), and start at random turns
+(``--start-turn``). So each step starts from the same state and measures the steady state of its
+count, whatever the search measured before: the question the ground truth answers.
 
 Early stop (never as a pass): once at least ``EARLY_STOP_MIN_S`` and ``EARLY_STOP_MIN_FRACTION`` of
 the window are covered by reports and ``EARLY_STOP_MIN_REQUESTS`` requests completed, the step ends
@@ -41,6 +44,7 @@ from agentperf_users.search import (
     SearchParameters,
     TierCapacity,
     add_search_arguments,
+    window_end,
 )
 from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo, percentile_label, surely_fails
 
@@ -107,7 +111,7 @@ def format_step(step: StepResult) -> str:
 class _Stage:
     """Where the shape is within the current step (internal, mutable)."""
 
-    name: str  # restart, ramp, warmup, window, coverage; at the end: stop, flush, finished
+    name: str  # restart, ramp, warmup, window; at the end: stop, flush, finished
     since_epoch_s: float
     deadline_epoch_s: float
 
@@ -215,21 +219,27 @@ class CapacitySearchShape(LoadTestShape):
             return self._enter("warmup", now, now + params.warmup_s)
         if stage.name == "warmup" and over:
             self._window = (stage.deadline_epoch_s, stage.deadline_epoch_s + params.window_s)
-            return self._enter("window", now, self._window[1])
+            return self._enter("window", now, math.inf)
         if stage.name == "window":
-            if over:
-                return self._enter("coverage", now, now + COVERAGE_TIMEOUT_S)
-            return self._stop_early(now, aggregator)
-        if stage.name == "coverage":
-            complete = aggregator.covered_until() >= self._window[1]
-            if complete or over:
-                self._finish_step(self._window[1], early=False, complete=complete)
-                return self._next_step(now)
+            return self._end_window(now, aggregator) or self._stop_early(now, aggregator)
         if stage.name == "stop" and (over or self.get_current_user_count() == 0):
             return self._enter("flush", now, now + COVERAGE_TIMEOUT_S)
         if stage.name == "flush" and (over or aggregator.covered_until() >= stage.since_epoch_s):
             self._stage = _Stage("finished", now, now)
         return False
+
+    def _end_window(self, now: float, aggregator: aggregate.Aggregator) -> bool:
+        """Judge the step once its window's end is known (``search.window_end``) and every active worker
+        has reported up to it; a worker that does not report is waited for ``COVERAGE_TIMEOUT_S``."""
+        start = self._window[0]
+        covered = aggregator.covered_until()
+        seen = max(min(covered, now), now - COVERAGE_TIMEOUT_S)
+        ends = [record.end_epoch_s for record in aggregator.records_between(start, math.inf)]
+        end = window_end(start, self.params, ends, seen)
+        if end is None:
+            return False
+        self._finish_step(end, early=False, complete=covered >= end)
+        return self._next_step(now)
 
     def _stop_early(self, now: float, aggregator: aggregate.Aggregator) -> bool:
         start, planned_end = self._window

@@ -11,6 +11,7 @@ timeout per read costs a large share of a stream's CPU.
 
 from __future__ import annotations
 
+import math
 import platform
 import socket
 import struct
@@ -25,6 +26,8 @@ import gevent.socket
 
 from agentperf_users.records import Status
 
+OFFSET_READS = 3  # at most this many bracketed clock reads per conversion (realtime_offset_s)
+OFFSET_GOOD_WIDTH_S = 10e-6  # a bracket this tight needs no further read
 RECV_BYTES = 64 * 1024  # at most this much per socket read; a read returns what is there, never waits to fill
 # Before a request's first token, reads are cut this short (see StampingSocket). A token chunk's event is
 # longer: {"id","object","created","model","choices":[{"index","delta"}]} alone is about 100 bytes.
@@ -150,7 +153,23 @@ class BodyReader:
         del buffer[:]
         if kernel_s is None:
             return data, now_s
-        return data, min(now_s, kernel_s - (time.time() - now_s))  # the realtime stamp on the monotonic clock
+        return data, min(now_s, kernel_s - realtime_offset_s())  # the realtime stamp on the monotonic clock
+
+
+def realtime_offset_s() -> float:
+    """``time.time() - time.perf_counter()``, read so that being descheduled between the two reads
+    (common on a loaded machine) cannot skew it: the realtime read is bracketed by two perf_counter
+    reads, and the tightest of a few brackets gives the offset, off by at most half its width."""
+    best_width, best_offset = math.inf, 0.0
+    for _ in range(OFFSET_READS):
+        before = time.perf_counter()
+        real = time.time()
+        after = time.perf_counter()
+        if after - before < best_width:
+            best_width, best_offset = after - before, real - (before + after) / 2
+        if best_width < OFFSET_GOOD_WIDTH_S:
+            break
+    return best_offset
 
 
 class Deadline:

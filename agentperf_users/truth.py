@@ -18,7 +18,8 @@ Modelling choices (each mirrors the live run):
   choice). Agents and sessions come from a ``replay.Dealer`` as on the master (dealt from the start
   on every restarted step), and a new agent's first session starts at ``replay.start_turn``.
 * A step ramps, warms up for ``warmup_s``, then judges the requests that *ended* inside its
-  ``window_s`` window. Early stopping is not modelled: it never turns a fail into a pass.
+  window (``search.window_end``: ``window_s``, extended for ``min_requests``). Early stopping is not
+  modelled: it never turns a fail into a pass.
 * A request the engine rejects (queue full, context too long) is a failed record, and the agent goes
   on after its tool wait, as a live agent does after an error.
 """
@@ -35,7 +36,7 @@ from typing import Sequence
 from agentperf_users import replay
 from agentperf_users.errors import AgentperfError
 from agentperf_users.records import RequestRecord, Status
-from agentperf_users.search import CapacitySearch, SearchParameters, TierCapacity, add_search_arguments
+from agentperf_users.search import CapacitySearch, SearchParameters, TierCapacity, add_search_arguments, window_end
 from agentperf_users.simulator.engine import Engine, EngineRequest
 from agentperf_users.simulator.profile import DEFAULT_PROFILE, Profile, SimulatorError, load_profile
 from agentperf_users.simulator.tokenizer import PromptEncoder
@@ -43,6 +44,7 @@ from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo, r
 from agentperf_users.trajectory import Trajectory, TrajectorySet, load_trajectories
 
 TRUTH_RUN_ID = "truth"
+WINDOW_EXTENSION_STEP_S = 1.0  # how far the clock runs on while a window waits for --min-requests
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,10 @@ class _World:
             self.dealer.restart(self.load_step, agents)
         ramp_end_s = self.set_agents(agents, params.spawn_rate)
         window_start_s = ramp_end_s + params.warmup_s
-        window_end_s = window_start_s + params.window_s
-        self.run_until(window_end_s)
+        self.run_until(window_start_s + params.window_s)
+        while (window_end_s := window_end(window_start_s, params, (r.end_epoch_s for r in self.records),
+                                          self.now_s)) is None:
+            self.run_until(self.now_s + WINDOW_EXTENSION_STEP_S)
         judged = tuple(records_in_window(self.records, window_start_s, window_end_s))
         self.records.clear()  # later records belong to the next step's ramp and warm-up
         self.load_step += 1

@@ -273,7 +273,8 @@ def test_tokens_are_stamped_when_they_arrived_not_when_a_busy_client_read_them(s
     sends = result.server_timing["send_times"]
     late_ms = [(arrived - sent) * 1000 for arrived, sent in zip(result.token_times_perf_s, sends)]
     # "b" arrived at +150 ms while the loop was blocked until ~+350 ms: it is still stamped on arrival.
-    assert all(0 <= late < 20 for late in late_ms), late_ms
+    # Never before it was sent (10 us: the clock conversion's own bound), whatever else loads the machine.
+    assert all(-0.01 <= late < 20 for late in late_ms), late_ms
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ a real LocalRunner driven by a controlled clock (``shape``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -15,7 +16,7 @@ from locust.env import Environment
 from locust.event import Events
 
 from agentperf_users import aggregate
-from agentperf_users.search import CapacitySearch, CapacityStatus, SearchParameters
+from agentperf_users.search import CapacitySearch, CapacityStatus, SearchParameters, window_end
 from agentperf_users.shape import STOP_RATE, CapacitySearchShape, format_step
 from agentperf_users.slo import SloTier, StepVerdict, TierVerdict
 from tests.test_slo import record
@@ -145,19 +146,8 @@ def test_guided_search_finds_the_same_capacity(shape):
         counts[guided] = run_guided(search, margin_of)
         assert {t: (c.status, c.agents, c.first_failing_agents) for t, c in search.capacity().items()} == {
             "loose": (CapacityStatus.FOUND, 37, 38), "strict": (CapacityStatus.FOUND, 12, 13)}
-    if shape == "cliff":  # a flat margin says nothing about distance: it costs, within the 2x safeguard
-        assert len(counts[True]) <= 2 * len(counts[False])
-    else:
-        assert len(counts[True]) <= len(counts[False]) - 2
-
-
-def test_guided_phase_one_steps_stay_between_a_quarter_and_the_whole_factor_step():
-    search = CapacitySearch(["loose", "strict"], start_agents=4, max_agents=1000, guided=True)
-    measured = run_guided(search, MARGIN_SHAPES["linear"])
-    stepping = measured[:measured.index(next(n for n in measured if n > CROSSINGS["loose"])) + 1]
-    for before, after in zip(stepping, stepping[1:]):
-        assert before + max(1, math.ceil(before / 4)) <= after <= 2 * before
-    assert stepping[:3] == [4, 8, 13]  # 4 and 8 predict strict's break at 13
+    saved = {"linear": 2, "log": 1, "cliff": -len(counts[False])}[shape]  # a flat margin says nothing about
+    assert len(counts[True]) <= len(counts[False]) - saved  # distance: it may cost, within the 2x safeguard
 
 
 def test_misleading_margins_cost_at_most_twice_the_bisection():
@@ -186,6 +176,38 @@ def test_a_margin_that_contradicts_its_verdict_is_not_used():
                                       ("error rate",), 0.5),))
     search.record_verdict(20, errors)
     assert search.next_agents() == 15
+
+
+def test_window_end_waits_for_min_requests_up_to_a_cap():
+    params = SearchParameters(start_agents=1, step_agents=0, step_factor=2.0, max_agents=8, resolution_agents=1,
+                              spawn_rate=1.0, warmup_s=0.0, window_s=10.0, early_stop=False, min_requests=3)
+    assert window_end(100.0, params, [101.0, 102.0, 103.0], seen_until_s=105.0) is None  # planned end not seen
+    assert window_end(100.0, params, [101.0, 102.0, 103.0, 150.0], seen_until_s=112.0) == 110.0
+    assert window_end(100.0, params, [99.0, 101.0, 102.0], seen_until_s=120.0) is None  # 99 is before the window
+    end = window_end(100.0, params, [99.0, 101.0, 102.0, 125.0, 126.0], seen_until_s=130.0)
+    assert 125.0 < end < 125.0 + 1e-9  # just past the third request: [100, end) holds exactly three
+    assert window_end(100.0, params, [], seen_until_s=139.0) is None
+    assert window_end(100.0, params, [141.0], seen_until_s=150.0) == 140.0  # MAX_WINDOW_FACTOR x 10 s
+    none_needed = dataclasses.replace(params, min_requests=0)
+    assert window_end(100.0, none_needed, [], seen_until_s=110.0) == 110.0
+
+
+def test_a_window_with_too_few_requests_is_extended(tmp_path):
+    """One agent whose turns take 7 s, a 5 s window: the window stays open until 3 requests ended."""
+    environment, shape, clock = shape_environment(tmp_path, start_agents=1, max_agents=1, window_s=5.0,
+                                                  min_requests=3, no_early_stop=True)
+    log = aggregate.get_record_log(environment)
+    ticks = 0
+    while (result := shape.tick()) is not None:
+        environment.runner.shape_last_tick = result
+        if result[0] and ticks % 7 == 0:
+            log.add(record(agent=0, ttft_s=0.1, output_tps=50.0, end=clock.now))
+        clock.now += 1.0
+        ticks += 1
+        assert ticks < 500
+    step = shape.steps[0]
+    assert step.verdict.tiers[0].requests == 3 and step.verdict.passed
+    assert 5.0 < step.window_end_epoch_s - step.window_start_epoch_s < 4 * 5.0
 
 
 class IdleUser(User):
@@ -219,7 +241,7 @@ def shape_environment(tmp_path, **overrides):
     options = dict(
         records_dir="", run_id="run", slo=str(slo), start_agents=2, step_agents=2, step_factor=2.0, max_agents=8,
         resolution_agents=1, agent_spawn_rate=100.0, warmup_s=2.0, window_s=20.0, no_early_stop=False,
-        restart_agents=True, guided_search=False, capacity_json=str(tmp_path / "capacity.json"),
+        restart_agents=True, guided_search=False, min_requests=1, capacity_json=str(tmp_path / "capacity.json"),
     )
     options.update(overrides)
     clock = Clock()
@@ -321,7 +343,7 @@ def test_bad_options_stop_the_test_with_one_line(tmp_path, caplog):
 def test_options_reach_the_web_ui_form_and_locust_conf(tmp_path):
     extra = argument_parser.ui_extra_args_dict([])
     expected = {"slo", "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
-                "agent_spawn_rate", "warmup_s", "window_s", "no_early_stop", "restart_agents", "guided_search", "capacity_json", "records_dir",
+                "agent_spawn_rate", "warmup_s", "window_s", "no_early_stop", "restart_agents", "guided_search", "min_requests", "capacity_json", "records_dir",
                 "run_id"}
     assert expected <= set(extra)
     assert (extra["no_early_stop"]["default_value"], extra["window_s"]["default_value"]) == (False, 90.0)

@@ -14,7 +14,7 @@ import json
 import pytest
 import yaml
 
-from agentperf_users import replay, truth
+from agentperf_users import replay, search, truth
 from agentperf_users.cli import main
 from agentperf_users.search import SearchParameters
 from agentperf_users.slo import load_slo
@@ -105,3 +105,19 @@ def test_cli_bad_profile_is_one_line(tmp_path, capsys):
     assert main(["truth", "--profile", str(bad), "--trajectories", "demo"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and str(bad) in err and "Traceback" not in err
+
+
+def test_a_short_window_waits_for_min_requests(tmp_path, trajectories, slo):
+    """One agent's requests take 1.38 s; a 0.2 s window holds none of them (an empty window proves
+    nothing, and fails), so it is extended until --min-requests ended in it, as the live shape does,
+    but never beyond MAX_WINDOW_FACTOR windows."""
+    profile = custom_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS})
+    results = {}
+    for min_requests, window_s in ((0, 0.2), (1, 0.2), (2, 1.0), (3, 0.5)):
+        params = search_params(start_agents=1, max_agents=1, window_s=window_s, min_requests=min_requests)
+        (step,) = truth.find_capacity(profile, trajectories, slo, params, NO_WAIT).steps
+        results[min_requests] = (len(step.records), step.verdict.passed, step.window_end_s - step.window_start_s)
+    assert results[0] == (0, False, pytest.approx(0.2))
+    assert results[1][:2] == (1, True) and 0.2 < results[1][2] < 1.4
+    assert results[2][:2] == (2, True) and 1.4 < results[2][2] < 2 * 1.4
+    assert results[3][0] < 3 and results[3][2] == pytest.approx(search.MAX_WINDOW_FACTOR * 0.5)
