@@ -303,6 +303,7 @@ class AgentUser(FastHttpUser):
         self._trajectory: Trajectory | None = None
         self._label = ""
         self._turn = 0
+        self._cold_join = False  # the next request is this agent's first since it joined
         self._scheduled_perf_s = self._scheduled_epoch_s = 0.0
 
     def _join(self) -> None:
@@ -311,6 +312,7 @@ class AgentUser(FastHttpUser):
         self.agent = first.agent
         self._rng = agent_rng(self._process.settings.replay.seed, self.agent)
         self._scheduled_perf_s, self._scheduled_epoch_s = time.perf_counter(), time.time()
+        self._cold_join = True
         self._begin(first, first_session=True)
 
     def _begin(self, dealt: Claim, first_session: bool = False) -> None:
@@ -348,6 +350,7 @@ class AgentUser(FastHttpUser):
         load_step = aggregate.current_load_step(self.environment)
         result = self.stream.post(self._encoder.body(params, turn.messages, turn.tools), {"agent": self.agent})
         aggregate.get_record_log(self.environment).add(self._record(result, load_step))
+        self._cold_join = False
         replay = settings.replay
         wait_s = tool_wait_s(replay.tool_wait, turn.tool_wait_s, self._rng, replay.tool_wait_median_s, replay.tool_wait_sigma)
         self._scheduled_perf_s, self._scheduled_epoch_s = result.end_perf_s + wait_s, result.end_epoch_s + wait_s
@@ -379,6 +382,7 @@ class AgentUser(FastHttpUser):
             output_tps=result.output_tps,
             status=result.status,
             message=result.message,
+            cold_join=self._cold_join,
         )
 
 

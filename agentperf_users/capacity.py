@@ -197,11 +197,12 @@ def _report(args, out: Path, spec, params, trajectories, profile, host: str, int
         print("agentperf: computing the ground truth on the simulator's engine (virtual clock)", flush=True)
         settings = replay.settings_from_args(args)
         truth = truth_module.find_capacity(profile, trajectories, spec, params, settings).to_dict(spec)
-        counts = [step["agents"] for step in summary.get("steps", [])]
+        live = [(step["agents"], step["window_end_epoch_s"] - step["window_start_epoch_s"])
+                for step in summary.get("steps", [])]
         truth["same_steps"] = [
             {"agents": step.agents, **step_stats(step.records, step.window_end_s - step.window_start_s),
              "passed": {verdict.tier.name: verdict.passed for verdict in step.verdict.tiers}}
-            for step in truth_module.measure_steps(profile, trajectories, spec, params, counts, settings)
+            for step in truth_module.measure_steps(profile, trajectories, spec, params, live, settings)
         ]
     report = build_report(summary, records, spec, context, truth)
     write_run(out, report, records)

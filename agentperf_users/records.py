@@ -61,6 +61,9 @@ class RequestRecord:
     output_tps: float | None  # (output_tokens - 1) / (last token time - first token time)
     status: Status
     message: str = ""  # short, redacted: never contains an API key or the request body
+    # The agent's first request after it joined the load step: the whole conversation so far, nothing of
+    # it cached anywhere. Not a steady-state request: windows never judge it (``slo.records_in_window``).
+    cold_join: bool = False
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

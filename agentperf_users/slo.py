@@ -20,6 +20,8 @@ What counts:
   ``output_tps`` is None) is left out of the speed quantile but counts for TTFT; when no request in
   the set has a speed, the speed criterion is not applicable and only TTFT decides;
 * a set with no requests at all fails (nothing was shown to meet the tier);
+* an agent's cold join (its first request in a load step, sending the whole conversation so far with
+  nothing cached) is never in a window's set: ``records_in_window``;
 * separately, the step fails a tier when its error rate exceeds ``max_error_rate``.
 
 Scope ``request`` judges the pooled requests. Scope ``agent`` judges each agent on its own requests
@@ -271,8 +273,10 @@ def recompute(
 
 
 def records_in_window(records: Iterable[RequestRecord], start_epoch_s: float, end_epoch_s: float) -> list[RequestRecord]:
-    """The requests a window judges: those that *ended* in ``[start, end)``."""
-    return [record for record in records if start_epoch_s <= record.end_epoch_s < end_epoch_s]
+    """The requests a window judges: those that *ended* in ``[start, end)``, but no agent's cold join
+    (``RequestRecord.cold_join``): like the warm-up, it is the step getting to its steady state, and
+    with long contexts it often ends after the warm-up."""
+    return [record for record in records if start_epoch_s <= record.end_epoch_s < end_epoch_s and not record.cold_join]
 
 
 def _by_agent(records: Iterable[RequestRecord]) -> dict[int, list[RequestRecord]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class _Agent:
     request: EngineRequest | None = None
     scheduled_s: float = 0.0
     stopped: bool = False
+    cold_join: bool = True  # its next request is its first since it joined
 
 
 @dataclass
@@ -108,21 +110,27 @@ class _World:
     dealer: replay.Dealer = field(default_factory=replay.Dealer)  # as the master's
     _seq: int = 0
 
-    def measure(self, agents: int, params: SearchParameters, spec: SloSpec) -> TruthStep:
-        """One load step at ``agents``: (restart,) ramp, warm up, and judge the window."""
+    def measure(self, agents: int, params: SearchParameters, spec: SloSpec, window_s: float | None = None) -> TruthStep:
+        """One load step at ``agents``: (restart,) ramp, warm up, and judge the window (``window_s``
+        long when given, as a live step's was, else as ``search.window_end`` says)."""
         if params.restart_agents:
             self.set_agents(0, params.spawn_rate)
             self.dealer.restart(self.load_step, agents)
         ramp_end_s = self.set_agents(agents, params.spawn_rate)
         window_start_s = ramp_end_s + params.warmup_s
-        self.run_until(window_start_s + params.window_s)
-        while (window_end_s := window_end(window_start_s, params, (r.end_epoch_s for r in self.records),
-                                          self.now_s)) is None:
+        self.run_until(window_start_s + (params.window_s if window_s is None else window_s))
+        while (window_end_s := window_end(window_start_s, params, self._judged_ends(window_start_s),
+                                          self.now_s)) is None and window_s is None:
             self.run_until(self.now_s + WINDOW_EXTENSION_STEP_S)
+        if window_s is not None:
+            window_end_s = window_start_s + window_s
         judged = tuple(records_in_window(self.records, window_start_s, window_end_s))
         self.records.clear()  # later records belong to the next step's ramp and warm-up
         self.load_step += 1
         return TruthStep(agents, window_start_s, window_end_s, evaluate_step(judged, spec), judged)
+
+    def _judged_ends(self, start_s: float) -> list[float]:
+        return [record.end_epoch_s for record in records_in_window(self.records, start_s, math.inf)]
 
     def set_agents(self, count: int, spawn_rate: float) -> float:
         """Start or stop agents towards ``count``; returns when the ramp ends."""
@@ -219,8 +227,9 @@ class _World:
             itl_p50_s=None, itl_p95_s=None, itl_max_s=None,
             output_tokens=request.generated if ok else 0, output_tokens_estimated=False,
             prompt_tokens=request.prompt.num_tokens, cached_tokens=request.cached_tokens if ok else None,
-            output_tps=speed, status=status, message=message,
+            output_tps=speed, status=status, message=message, cold_join=agent.cold_join,
         ))
+        agent.cold_join = False
 
 
 def find_capacity(
@@ -246,13 +255,14 @@ def measure_steps(
     trajectories: TrajectorySet,
     spec: SloSpec,
     params: SearchParameters,
-    counts: Sequence[int],
+    steps: Sequence[tuple[int, float]],
     settings: replay.ReplaySettings = replay.ReplaySettings(),
 ) -> tuple[TruthStep, ...]:
-    """The truth's verdicts on a given sequence of agent counts (a live run's steps, in its order): the
-    same steps measured without a load generator, so each live step has its ideal counterpart."""
+    """The truth's verdicts on given steps, (agent count, window length) each, in order: a live run's
+    steps measured without a load generator, window for window (an early-stopped or extended live
+    window included), so each live step has its ideal counterpart."""
     world = _World(Engine(profile, seed=settings.seed), trajectories, settings)
-    return tuple(world.measure(agents, params, spec) for agents in counts)
+    return tuple(world.measure(agents, params, spec, window_s) for agents, window_s in steps)
 
 
 def register_cli(subparsers) -> None:

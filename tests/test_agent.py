@@ -14,6 +14,7 @@ import pytest
 
 from agentperf_users.client import bucket_response_time_3sig
 from agentperf_users.records import Status, read_records
+from agentperf_users.replay import start_turn
 from agentperf_users.simulator.cli import SimulatorProcess
 from agentperf_users.trajectory import load_trajectories
 
@@ -56,10 +57,11 @@ def _locust(tmp: Path, *extra: str) -> tuple[list, str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One local run; returns (records, trajectory set, Locust's JSON stats, the process output)."""
+    """One local run; returns (records, trajectory set, Locust's JSON stats, the process output). Agents
+    start at turn 0, so every turn of a first session is checked (random start turns: the two-worker test)."""
     tmp = tmp_path_factory.mktemp("agents")
     _write_set(tmp / "set.jsonl")
-    records, output = _locust(tmp, "--json-file", str(tmp / "stats"))
+    records, output = _locust(tmp, "--json-file", str(tmp / "stats"), "--start-turn", "first")
     stats = json.loads((tmp / "stats.json").read_text())
     return records, load_trajectories(str(tmp / "set.jsonl")), stats, output
 
@@ -111,6 +113,8 @@ def test_tool_waits_are_honoured_and_records_complete(run):
             assert 0 <= after.start_epoch_s - after.scheduled_start_epoch_s < 0.05
             gaps += 1
     assert gaps >= AGENTS * (TURNS - 1)
+    assert [played[0].cold_join for played in by_agent.values()] == [True] * AGENTS  # each agent's first
+    assert not any(r.cold_join for played in by_agent.values() for r in played[1:])  # and only that one
     for r in records:
         assert r.run_id and r.worker_id == "local" and r.load_step == 0
         assert 0 < r.ttfb_s <= r.ttft_s < r.e2e_s
@@ -152,3 +156,9 @@ def test_agents_on_two_workers_get_distinct_indices_and_trajectories(tmp_path):
     sessions = _sessions(records)
     assert {label for _, label in sessions if "#" not in label} == {f"t{i}" for i in range(TRAJECTORIES)}
     assert len({label for _, label in sessions}) == len(sessions)  # no session played twice, on any worker
+    # random start turns (the default): agent k's first session k starts at its seeded turn, a cold join
+    for (agent, label), played in sessions.items():
+        if "#" not in label and played[0].cold_join:
+            assert played[0].turn == start_turn("random", seed=0, session=agent, turns=TURNS)
+    assert sum(played[0].cold_join for played in sessions.values()) == AGENTS
+    assert len({played[0].turn for played in sessions.values() if played[0].cold_join}) > 1

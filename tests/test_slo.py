@@ -19,6 +19,7 @@ from agentperf_users.slo import (
     low_quantile,
     percentile_label,
     quantile,
+    records_in_window,
     surely_fails,
 )
 
@@ -147,6 +148,12 @@ def test_agent_scope_judges_each_agent_on_its_own_requests():
     assert evaluate(two_bad_agents, dataclasses.replace(tier, scope="request")).passed
     slow_agent = [r for r in records if r.agent != 3] + [record(agent=3, output_tps=5.0)] * 10
     assert evaluate(slow_agent, tier).agents_passed == 19
+
+
+def test_windows_judge_requests_that_ended_in_them_but_no_cold_join():
+    inside, joined = record(end=105.0), dataclasses.replace(record(end=106.0), cold_join=True)
+    records = [record(end=99.0), inside, joined, record(end=110.0)]
+    assert records_in_window(records, 100.0, 110.0) == [inside]
 
 
 def test_margin_is_the_binding_criterions_log_ratio():

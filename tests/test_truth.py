@@ -62,6 +62,8 @@ def test_capacity_is_max_num_seqs_when_agents_never_pause(tmp_path, trajectories
     assert capacity.status.value == "found"
     assert capacity.agents == MAX_NUM_SEQS
     assert capacity.first_failing_agents == MAX_NUM_SEQS + 1
+    # every agent's first request (its cold join) ended in the warm-up here, and no judged one is a join
+    assert not any(r.cold_join for step in result.steps for r in step.records)
     # the search stepped 2, 4, 8 and then bisected between 4 and 8
     assert [step.agents for step in result.steps][:3] == [2, 4, 8]
     assert result.simulated_s > sum(5.0 + 20.0 for _ in result.steps)
@@ -121,3 +123,17 @@ def test_a_short_window_waits_for_min_requests(tmp_path, trajectories, slo):
     assert results[1][:2] == (1, True) and 0.2 < results[1][2] < 1.4
     assert results[2][:2] == (2, True) and 1.4 < results[2][2] < 2 * 1.4
     assert results[3][0] < 3 and results[3][2] == pytest.approx(search.MAX_WINDOW_FACTOR * 0.5)
+
+
+def test_measure_steps_replays_a_runs_steps_window_for_window(tmp_path, trajectories, slo):
+    """The live report's twin steps: the same counts in the same order give the search's own verdicts,
+    and a shorter window (a live step that ended early) judges only what ended within it."""
+    profile = custom_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS})
+    params = search_params()
+    searched = truth.find_capacity(profile, trajectories, slo, params, NO_WAIT).steps
+    lengths = [(s.agents, s.window_end_s - s.window_start_s) for s in searched]
+    again = truth.measure_steps(profile, trajectories, slo, params, lengths, NO_WAIT)
+    assert [(s.agents, s.verdict) for s in again] == [(s.agents, s.verdict) for s in searched]
+    (short,) = truth.measure_steps(profile, trajectories, slo, params, [(searched[0].agents, 5.0)], NO_WAIT)
+    assert short.window_end_s - short.window_start_s == pytest.approx(5.0)
+    assert 0 < len(short.records) < len(searched[0].records)
