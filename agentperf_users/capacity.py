@@ -197,6 +197,11 @@ def _report(args, out: Path, spec, params, trajectories, profile, host: str, int
         print("agentperf: computing the ground truth on the simulator's engine (virtual clock)", flush=True)
         settings = replay.settings_from_args(args)
         truth = truth_module.find_capacity(profile, trajectories, spec, params, settings).to_dict(spec)
+        located = [cap["first_failing_agents"] for caps in (summary.get("capacity", {}), truth["capacity"])
+                   for cap in caps.values() if cap["status"] == "found"]
+        if located:  # every count up to where the located tiers failed: how far from monotone the truth is
+            bands = truth_module.verdict_bands(profile, trajectories, spec, params, max(located), settings)
+            truth["bands"] = {name: band.to_dict() for name, band in bands.items()}
         live = [(step["agents"], step["window_end_epoch_s"] - step["window_start_epoch_s"])
                 for step in summary.get("steps", [])]
         truth["same_steps"] = [

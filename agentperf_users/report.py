@@ -106,6 +106,7 @@ def capacity_lines(report: dict) -> list[str]:
     """One line per tier: ``capacity @ 20 tok/s, TTFT ≤ 10 s: 37 agents (ground truth 38)``."""
     lines = []
     truth = (report.get("ground_truth") or {}).get("capacity", {})
+    bands = (report.get("ground_truth") or {}).get("bands", {})
     for name, cap in report["capacity"].items():
         answer = {
             "found": f"{cap['agents']} agents",
@@ -113,7 +114,10 @@ def capacity_lines(report: dict) -> list[str]:
             "never_failed": f"at least {cap['agents']} agents (never failed up to the maximum)",
         }.get(cap["status"], f"incomplete (passed at {cap['agents']}, failed at {cap['first_failing_agents']})")
         if name in truth:
-            answer += f" (ground truth {_truth_words(truth[name])})"
+            band = bands.get(name)
+            flips = (f"; true verdicts flip between {band['passes_up_to'] + 1} and {band['fails_above']} agents"
+                     if band and band["fails_above"] > band["passes_up_to"] else "")
+            answer += f" (ground truth {_truth_words(truth[name])}{flips})"
         lines.append(f"capacity @ {cap['label']}: {answer}")
     return lines
 

@@ -31,7 +31,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from agentperf_users import replay
@@ -255,14 +255,49 @@ def measure_steps(
     trajectories: TrajectorySet,
     spec: SloSpec,
     params: SearchParameters,
-    steps: Sequence[tuple[int, float]],
+    steps: Sequence[tuple[int, float | None]],
     settings: replay.ReplaySettings = replay.ReplaySettings(),
 ) -> tuple[TruthStep, ...]:
-    """The truth's verdicts on given steps, (agent count, window length) each, in order: a live run's
-    steps measured without a load generator, window for window (an early-stopped or extended live
+    """The truth's verdicts on given steps, (agent count, window length or None) each, in order: a live
+    run's steps measured without a load generator, window for window (an early-stopped or extended live
     window included), so each live step has its ideal counterpart."""
     world = _World(Engine(profile, seed=settings.seed), trajectories, settings)
     return tuple(world.measure(agents, params, spec, window_s) for agents, window_s in steps)
+
+
+@dataclass(frozen=True)
+class VerdictBand:
+    """One tier's true verdicts at every count from 1 to ``measured_up_to``: every count up to
+    ``passes_up_to`` passes, none above ``fails_above`` does. Where the two differ the true verdict is
+    not monotone in the number of agents (which agents sit on long contexts at once matters more than
+    one agent more), and any capacity in ``[passes_up_to, fails_above]`` is as true as another."""
+
+    passes_up_to: int
+    fails_above: int
+    measured_up_to: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def verdict_bands(
+    profile: Profile,
+    trajectories: TrajectorySet,
+    spec: SloSpec,
+    params: SearchParameters,
+    up_to: int,
+    settings: replay.ReplaySettings = replay.ReplaySettings(),
+) -> dict[str, VerdictBand]:
+    """Each tier's band, from the truth's verdict at every count 1 .. ``up_to`` (a +1 ladder)."""
+    steps = measure_steps(profile, trajectories, spec, params, [(agents, None) for agents in range(1, up_to + 1)],
+                          settings)
+    bands = {}
+    for tier in spec.tiers:
+        passed = [step.verdict.tier(tier.name).passed for step in steps]
+        first_fail = passed.index(False) + 1 if False in passed else up_to + 1
+        last_pass = max((n for n, ok in enumerate(passed, 1) if ok), default=0)
+        bands[tier.name] = VerdictBand(first_fail - 1, last_pass, up_to)
+    return bands
 
 
 def register_cli(subparsers) -> None:

@@ -43,9 +43,16 @@ def test_capacity_search_finds_the_ground_truth(tmp_path, headline_slo):
     headline = report["capacity"]["aa-20tps"]
     truth = report["ground_truth"]["capacity"]["aa-20tps"]
     assert headline["status"] == truth["status"] == "found", stdout + stderr
-    # ±2 agents: 15-second windows judge a few dozen requests; benchmarks/capacity_accuracy.py measures
-    # the accuracy of full-length windows against the ±5 % target
-    assert abs(headline["agents"] - truth["agents"]) <= 2, stdout
+    # The truth's verdict at every count: the live answer lies where the true verdicts turn from pass to
+    # fail (±1: 15-second windows judge a few dozen requests; benchmarks/capacity_accuracy.py measures
+    # the accuracy against the ±5 % target).
+    band = report["ground_truth"]["bands"]["aa-20tps"]
+    assert band["passes_up_to"] - 1 <= headline["agents"] <= band["fails_above"] + 1, (band, stdout)
+    assert band["passes_up_to"] - 1 <= truth["agents"] <= band["fails_above"]
+    # each live step beside the truth's same step: the harness's own error flips at most one verdict
+    twins = [step for step in report["steps"] if "ground_truth" in step]
+    assert len(twins) == len(report["steps"]) > 2
+    assert sum(step["passed"] != step["ground_truth"]["passed"] for step in twins) <= 1, stdout
     assert process.returncode == 0  # every tier located
     assert all(step["live_verdict_matches_records"] for step in report["steps"])
     # records: the merged file is the union of the per-process files, all from this run, two workers
