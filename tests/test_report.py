@@ -83,6 +83,10 @@ def test_capacity_lines_name_the_tier_and_the_truth():
     lines = capacity_lines(build_report(summary_for(records), records, SPEC, CONTEXT, truth))
     assert lines[0] == f"capacity @ {SPEC.tiers[0].label}: 4 agents (ground truth 5)"
     assert lines[1] == f"capacity @ {SPEC.tiers[1].label}: none (fails already at 1 agents)"
+    truth["bands"] = {SPEC.tiers[0].name: {"passes_up_to": 3, "fails_above": 6, "measured_up_to": 8}}
+    lines = capacity_lines(build_report(summary_for(records), records, SPEC, CONTEXT, truth))
+    assert lines[0] == (f"capacity @ {SPEC.tiers[0].label}: 4 agents "
+                        f"(ground truth 5; true verdicts flip between 4 and 6 agents)")
 
 
 def test_write_run_leaves_complete_files_only(tmp_path):

@@ -137,3 +137,11 @@ def test_measure_steps_replays_a_runs_steps_window_for_window(tmp_path, trajecto
     (short,) = truth.measure_steps(profile, trajectories, slo, params, [(searched[0].agents, 5.0)], NO_WAIT)
     assert short.window_end_s - short.window_start_s == pytest.approx(5.0)
     assert 0 < len(short.records) < len(searched[0].records)
+
+
+def test_verdict_bands_measure_every_count(tmp_path, trajectories, slo):
+    """A monotone truth (the known answer: passes up to max_num_seqs, fails above) has a band of one count."""
+    profile = custom_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS})
+    bands = truth.verdict_bands(profile, trajectories, slo, search_params(), MAX_NUM_SEQS + 3, NO_WAIT)
+    assert bands["tight"] == truth.VerdictBand(passes_up_to=MAX_NUM_SEQS, fails_above=MAX_NUM_SEQS,
+                                               measured_up_to=MAX_NUM_SEQS + 3)
