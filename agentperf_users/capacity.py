@@ -192,23 +192,8 @@ def _report(args, out: Path, spec, params, trajectories, profile, host: str, int
         power_source=power_source, interrupted=interrupted)
     truth = None
     if profile is not None and not args.no_truth and not interrupted:
-        from agentperf_users import truth as truth_module
-
         print("agentperf: computing the ground truth on the simulator's engine (virtual clock)", flush=True)
-        settings = replay.settings_from_args(args)
-        truth = truth_module.find_capacity(profile, trajectories, spec, params, settings).to_dict(spec)
-        located = [cap["first_failing_agents"] for caps in (summary.get("capacity", {}), truth["capacity"])
-                   for cap in caps.values() if cap["status"] == "found"]
-        if located:  # every count up to where the located tiers failed: how far from monotone the truth is
-            bands = truth_module.verdict_bands(profile, trajectories, spec, params, max(located), settings)
-            truth["bands"] = {name: band.to_dict() for name, band in bands.items()}
-        live = [(step["agents"], step["window_end_epoch_s"] - step["window_start_epoch_s"])
-                for step in summary.get("steps", [])]
-        truth["same_steps"] = [
-            {"agents": step.agents, **step_stats(step.records, step.window_end_s - step.window_start_s),
-             "passed": {verdict.tier.name: verdict.passed for verdict in step.verdict.tiers}}
-            for step in truth_module.measure_steps(profile, trajectories, spec, params, live, settings)
-        ]
+        truth = _ground_truth(profile, trajectories, spec, params, replay.settings_from_args(args), summary)
     report = build_report(summary, records, spec, context, truth)
     write_run(out, report, records)
     for line in capacity_lines(report):
@@ -222,6 +207,27 @@ def _report(args, out: Path, spec, params, trajectories, profile, host: str, int
         return EXIT_INCOMPLETE
     located = all(cap["status"] == "found" for cap in report["capacity"].values())
     return 0 if located else EXIT_NOT_LOCATED
+
+
+def _ground_truth(profile, trajectories, spec, params, settings, summary: dict) -> dict:
+    """The truth's search, its verdict band per tier (every count up to where a located tier failed, live
+    or in the truth) and the live steps' twins (``same_steps``, which the report puts beside them)."""
+    from agentperf_users import truth as truth_module
+
+    truth = truth_module.find_capacity(profile, trajectories, spec, params, settings).to_dict(spec)
+    located = [cap["first_failing_agents"] for caps in (summary.get("capacity", {}), truth["capacity"])
+               for cap in caps.values() if cap["status"] == "found"]
+    if located:
+        bands = truth_module.verdict_bands(profile, trajectories, spec, params, max(located), settings)
+        truth["bands"] = {name: band.to_dict() for name, band in bands.items()}
+    live = [(step["agents"], step["window_end_epoch_s"] - step["window_start_epoch_s"])
+            for step in summary.get("steps", [])]
+    truth["same_steps"] = [
+        {"agents": step.agents, **step_stats(step.records, step.window_end_s - step.window_start_s),
+         "passed": {verdict.tier.name: verdict.passed for verdict in step.verdict.tiers}}
+        for step in truth_module.measure_steps(profile, trajectories, spec, params, live, settings)
+    ]
+    return truth
 
 
 def _run_folder(path: str) -> Path:

@@ -118,12 +118,14 @@ class _World:
             self.dealer.restart(self.load_step, agents)
         ramp_end_s = self.set_agents(agents, params.spawn_rate)
         window_start_s = ramp_end_s + params.warmup_s
-        self.run_until(window_start_s + (params.window_s if window_s is None else window_s))
-        while (window_end_s := window_end(window_start_s, params, self._judged_ends(window_start_s),
-                                          self.now_s)) is None and window_s is None:
-            self.run_until(self.now_s + WINDOW_EXTENSION_STEP_S)
-        if window_s is not None:
+        if window_s is None:
+            self.run_until(window_start_s + params.window_s)
+            while (window_end_s := window_end(window_start_s, params, self._judged_ends(window_start_s),
+                                              self.now_s)) is None:
+                self.run_until(self.now_s + WINDOW_EXTENSION_STEP_S)
+        else:
             window_end_s = window_start_s + window_s
+            self.run_until(window_end_s)
         judged = tuple(records_in_window(self.records, window_start_s, window_end_s))
         self.records.clear()  # later records belong to the next step's ramp and warm-up
         self.load_step += 1
