@@ -11,7 +11,7 @@ virtual clock (``agentperf truth``): the search's own answer there, and the same
 
 Exit codes: 0 every tier located; 3 some tier fails already at the smallest count or never fails up
 to ``--max-agents`` (no capacity located); 4 the search did not finish (a Locust error, a lost master);
-130 interrupted (the report is still written from every record taken); 2 bad input.
+130 interrupted by Ctrl-C or SIGTERM (the report is still written from every record taken); 2 bad input.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
         raise AgentperfError("--profile describes the embedded simulator; it cannot be combined with --host")
     out = _run_folder(args.out)
     print(f"agentperf: run folder {out}", flush=True)
+    _interrupt_on_signals()
 
     interrupted, master_code = False, None
     with contextlib.ExitStack() as stack:
@@ -104,6 +105,14 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
         except KeyboardInterrupt:
             interrupted = True
     return _report(args, out, spec, params, trajectories, profile, host, interrupted, master_code)
+
+
+def _interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM (what Kubernetes and ``docker stop`` send) both end the run as an interrupt:
+    Locust stops and the report is written from every record taken. SIGINT is set explicitly because a
+    shell starts a background job with it ignored, and a Python started so keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _locust_command(args: argparse.Namespace, host: str, out: Path, extra: Sequence[str]) -> list[str]:
