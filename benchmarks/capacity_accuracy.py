@@ -57,7 +57,12 @@ def agrees(live: dict, truth: dict) -> bool:
         return False
     if live["status"] != "found":
         return True
-    return abs(live["agents"] - truth["agents"]) <= max(1, TOLERANCE * truth["agents"])
+    return abs(live["agents"] - truth["agents"]) <= _tolerance(truth["agents"])
+
+
+def _tolerance(agents: int) -> float:
+    """±5 %, at least one agent."""
+    return max(1, TOLERANCE * agents)
 
 
 def within_band(live: dict, band: dict | None) -> bool | None:
@@ -66,11 +71,12 @@ def within_band(live: dict, band: dict | None) -> bool | None:
     if band is None or live["status"] != "found":
         return None
     low, high = band["passes_up_to"], band["fails_above"]
-    return low - max(1, TOLERANCE * low) <= live["agents"] <= high + max(1, TOLERANCE * high)
+    return low - _tolerance(low) <= live["agents"] <= high + _tolerance(high)
 
 
 def truth_over_seeds(profile: str, trajectories: str, args: argparse.Namespace) -> dict[str, list]:
-    """The truth's search answer per tier under seeds 0 .. --seeds - 1 (None: no count passed)."""
+    """The truth's search answer per tier under seeds 0 .. --seeds - 1 (agents, or the status when it
+    located none)."""
     from agentperf_users import replay, truth
     from agentperf_users.search import SearchParameters
     from agentperf_users.simulator.profile import load_profile
