@@ -12,17 +12,22 @@ timeout per read costs a large share of a stream's CPU.
 from __future__ import annotations
 
 import math
+import os
 import platform
+import select
 import socket
 import struct
 import sys
 import time
+from collections import deque
 from contextlib import suppress
 from functools import partial
 from typing import Any
 
 import gevent
+import gevent.monkey
 import gevent.socket
+from gevent.hub import Waiter
 
 from agentperf_users.records import Status
 
@@ -57,47 +62,180 @@ class StampingSocket(gevent.socket.socket):
     only in this module) stamps the header read that geventhttpclient does as well, which under load
     often carries the first token too.
 
-    Before a request's first token (``first_token_reads``, set by the client) two more things hold:
-
-    * A read takes at most ``FIRST_TOKEN_READ_BYTES``, less than any token chunk's event, so the read
-      holding an event's first byte ends inside that event's packet and carries its stamp (the client
-      dates each event by the read it began in), not the stamp of the headers' or a later packet's.
-    * The wait for readability has the event loop's top priority. Linux merges a TCP segment into the
-      unread one before it and keeps the *later* stamp, so the first token is stamped right only if it
-      is read before the next engine step's bytes arrive; when every stream's tokens arrive at once (one
-      engine step), the first-token readers go first instead of behind a step's worth of other streams.
-
-    Both cost a few system calls and a watcher per request, only until its first token.
+    A stamp is exact only if its packet is read before the next one arrives: Linux merges a TCP segment
+    into the unread one before it and keeps the *later* stamp. For the first token that would cost a whole
+    engine step of TTFT whenever one event-loop iteration (a step's tokens for hundreds of streams)
+    outlasts an engine step. So until a request's first token (``first_token_reads``, set by the client)
+    the socket is read by :class:`FirstTokenReader`'s OS thread, which no loop iteration delays, and
+    ``recv`` hands out what it read, in order and with each read's stamp. Its reads are cut to
+    ``FIRST_TOKEN_READ_BYTES``, less than any token chunk's event, so the read holding an event's first
+    byte ends inside that event's packet and carries its stamp (the client dates each event by the read
+    it began in), not the stamp of the headers' or a later packet's.
     """
 
     arrival_realtime_s: float | None = None
-    first_token_reads = True
-    _first_token_event: Any = None
+    _first_token_reads = True
+    _watched = False  # read by the FirstTokenReader thread (which alone changes it back to False)
+    _waiter: Any = None  # the greenlet waiting in recv for the thread's reads
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._thread_reads: deque[tuple[bytes | OSError, float | None]] = deque()
+
+    @property
+    def first_token_reads(self) -> bool:
+        return self._first_token_reads
+
+    @first_token_reads.setter
+    def first_token_reads(self, on: bool) -> None:
+        """Set by the client: True once a request's response begins, False at its first token. The
+        reader thread starts reading at the next ``recv`` (when a request is out), not while the
+        connection idles in the pool, where geventhttpclient checks for a closed one itself."""
+        self._first_token_reads = on
+        if self._watched:
+            FirstTokenReader.get().unwatch(self)
 
     def recv(self, size: int, flags: int = 0) -> bytes:
-        if self.first_token_reads:
-            size = min(size, FIRST_TOKEN_READ_BYTES)
-            while True:
-                try:
-                    data, ancillary, _, _ = self._sock.recvmsg(size, _ANCILLARY_BYTES, flags)  # non-blocking
-                    break
-                except BlockingIOError:
-                    self.wait_readable()
-        else:
-            data, ancillary, _, _ = self.recvmsg(size, _ANCILLARY_BYTES, flags)
+        if self._first_token_reads and not self._watched and not flags:
+            FirstTokenReader.get().watch(self)
+        if self._thread_has_read():
+            return self._take_thread_read(size)
+        data, ancillary, _, _ = self.recvmsg(size, _ANCILLARY_BYTES, flags)
         self.arrival_realtime_s = _kernel_stamp(ancillary)
         return data
 
     def wait_readable(self) -> None:
         """Wait until a read would return data (or the socket timeout passes, as gevent's reads do)."""
-        if not self.first_token_reads:
+        if not self._thread_has_read():
             self._wait(self._read_event)
-            return
-        if self._first_token_event is None:
-            loop = self.hub.loop
-            self._first_token_event = loop.io(self.fileno(), 1)  # 1: readable
-            self._first_token_event.priority = getattr(loop, "MAXPRI", 0)  # libev; libuv has no priorities
-        self._wait(self._first_token_event)
+
+    def close(self) -> None:
+        if self._watched:
+            FirstTokenReader.get().unwatch(self)  # before the descriptor can be reused
+        super().close()
+
+    def read_available(self) -> bool:
+        """Called on the reader thread: queue what the kernel holds; True when the stream has ended."""
+        while True:
+            try:
+                data, ancillary, _, _ = self._sock.recvmsg(FIRST_TOKEN_READ_BYTES, _ANCILLARY_BYTES)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                self._thread_reads.append((exc, None))
+                return True
+            self._thread_reads.append((data, _kernel_stamp(ancillary)))
+            if not data:
+                return True
+
+    def _thread_has_read(self) -> bool:
+        """Whether the reader thread left data (or the stream's end) to hand out; while it still reads
+        this socket, wait for that. False: read the socket directly."""
+        while self._watched and not self._thread_reads:
+            self._wait_for_thread()
+        return bool(self._thread_reads)
+
+    def _take_thread_read(self, size: int) -> bytes:
+        data, stamp = self._thread_reads[0]
+        if isinstance(data, OSError):
+            self._thread_reads.popleft()
+            raise data
+        if len(data) > size:
+            self._thread_reads[0] = (data[size:], stamp)
+            data = data[:size]
+        else:
+            self._thread_reads.popleft()
+        self.arrival_realtime_s = stamp
+        return data
+
+    def _wait_for_thread(self) -> None:
+        waiter = self._waiter = Waiter()
+        try:
+            if self._thread_reads or not self._watched:  # it read (or stopped) since the caller looked
+                return
+            timeout_s = self.gettimeout()
+            if timeout_s is None:
+                waiter.get()
+            else:
+                with gevent.Timeout(timeout_s, TimeoutError("timed out")):
+                    waiter.get()
+        finally:
+            self._waiter = None
+
+
+class FirstTokenReader:
+    """One OS thread per process that reads the sockets whose request still waits for its first token.
+
+    A greenlet reads a socket only when the event loop gets round to it, which under load is after a
+    whole iteration of other streams; a real thread blocked in ``epoll`` runs as soon as data arrives
+    (Python hands it the interpreter lock within ``sys.getswitchinterval()``, 5 ms, well inside an engine
+    step), so the first token's packet is read, and keeps its own kernel stamp, before the next step's
+    packet could be merged into it. It only reads and queues; parsing and timing stay on the loop, which
+    one ``async`` watcher wakes. The lock keeps a socket from being read by the thread and the loop at
+    once: ``unwatch`` returns only when the thread is not inside that socket's read.
+    """
+
+    _instance: FirstTokenReader | None = None
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._epoll = gevent.monkey.get_original("select", "epoll")()
+        self._lock = gevent.monkey.get_original("_thread", "allocate_lock")()
+        self._sockets: dict[int, StampingSocket] = {}
+        self._ready: deque[StampingSocket] = deque()
+        self._wakeup = gevent.get_hub().loop.async_(ref=False)
+        self._wakeup.start(self._wake_readers)
+        gevent.monkey.get_original("_thread", "start_new_thread")(self._run, ())
+
+    @classmethod
+    def get(cls) -> FirstTokenReader:
+        """This process's reader (a forked child, as with ``locust --processes``, starts its own)."""
+        if cls._instance is None or cls._instance._pid != os.getpid():
+            cls._instance = cls()
+        return cls._instance
+
+    def watch(self, sock: StampingSocket) -> None:
+        fd = sock.fileno()
+        with self._lock:
+            self._sockets[fd] = sock
+            sock._watched = True
+            try:
+                self._epoll.register(fd, select.EPOLLIN)
+            except FileExistsError:  # the descriptor's last socket was closed without unwatch
+                self._epoll.modify(fd, select.EPOLLIN)
+
+    def unwatch(self, sock: StampingSocket) -> None:
+        with self._lock:
+            self._stop(sock)
+        if sock._waiter is not None:  # another greenlet waits for this socket's reads: it reads it itself now
+            self._ready.append(sock)
+            self._wakeup.send()
+
+    def _stop(self, sock: StampingSocket) -> None:
+        fd = sock.fileno()
+        if sock._watched and self._sockets.get(fd) is sock:
+            del self._sockets[fd]
+            with suppress(OSError):
+                self._epoll.unregister(fd)
+        sock._watched = False
+
+    def _run(self) -> None:
+        while True:
+            events = self._epoll.poll()
+            with self._lock:
+                for fd, _ in events:
+                    sock = self._sockets.get(fd)
+                    if sock is not None:
+                        if sock.read_available():
+                            self._stop(sock)  # at the end of the stream the socket stays readable
+                        self._ready.append(sock)
+            self._wakeup.send()
+
+    def _wake_readers(self) -> None:
+        while self._ready:
+            waiter = self._ready.popleft()._waiter
+            if waiter is not None:
+                waiter.switch(None)
 
 
 def _kernel_stamp(ancillary: list[tuple[int, int, bytes]]) -> float | None:

@@ -12,9 +12,9 @@ On Linux the agentperf client stamps arrivals with the kernel's receive time (SO
 error comes from loopback delivery plus the reads that pick up several chunks at once (a stamp is the
 last packet's): that happens when the process falls more than an inter-token gap behind, from its own
 load or from other processes taking its CPU (the "wait" column: time it was runnable but not running).
-Until a request's first token its reads are cut short and served first (``timed_io.StampingSocket``),
-so the first token keeps its own packet's stamp longer than later tokens do: TTFT stays exact closer to
-saturation than the gaps.
+Until a request's first token its socket is read by a native thread (``timed_io.FirstTokenReader``),
+which no event-loop iteration delays, so the first token keeps its own packet's stamp even when the
+loop falls behind: TTFT stays exact up to saturation, where the gaps no longer are.
 
 The client runs as ONE gevent process, exactly as in a Locust worker (monkey-patched, FastHttpSession,
 every request fired into a Locust ``RequestStats``), with rising numbers of concurrent agents; the

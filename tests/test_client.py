@@ -16,6 +16,7 @@ import pytest
 API_KEY = "sk-test-5ecret-v4lue-0123456789"
 ROLE_TO_FIRST_TOKEN_S = 0.15
 TOKEN_GAP_S = 0.05
+CLOSE_GAP_S = 0.08
 
 
 def _sse(payload) -> bytes:
@@ -111,6 +112,16 @@ class _Handler(BaseHTTPRequestHandler):
         """Three tokens at known times (the client blocks its own loop over the second)."""
         self._start_stream()
         sends = [self._write(_sse(_delta(content=w)), delay) for w, delay in (("a", 0.0), ("b", 0.15), ("c", 0.45))]
+        self._write(_sse({"choices": [], "usage": {**USAGE, "completion_tokens": 3}, "agentperf_timing": {"send_times": sends}}))
+        self._write(_sse(b"[DONE]"))
+        self._end()
+
+    def scenario_close_pair(self, request, arrival) -> None:
+        """The first token, then the next ones one short engine step apart (the client blocks its loop
+        over all of them, so unread segments pile up in its socket)."""
+        self._start_stream()
+        self._write(_sse(_delta(role="assistant", content="")))
+        sends = [self._write(_sse(_delta(content=w)), delay) for w, delay in (("a", 0.1), ("b", CLOSE_GAP_S), ("c", CLOSE_GAP_S))]
         self._write(_sse({"choices": [], "usage": {**USAGE, "completion_tokens": 3}, "agentperf_timing": {"send_times": sends}}))
         self._write(_sse(b"[DONE]"))
         self._end()
@@ -275,6 +286,28 @@ def test_tokens_are_stamped_when_they_arrived_not_when_a_busy_client_read_them(s
     # "b" arrived at +150 ms while the loop was blocked until ~+350 ms: it is still stamped on arrival.
     # Never before it was sent (10 us: the clock conversion's own bound), whatever else loads the machine.
     assert all(-0.01 <= late < 20 for late in late_ms), late_ms
+
+
+@pytest.mark.skipif(not KERNEL_STAMPS, reason="kernel receive timestamps are used on Linux only")
+def test_the_first_token_keeps_its_stamp_when_the_next_arrives_before_the_loop_reads(server_url):
+    """Linux merges a segment into the unread one before it and keeps the later stamp; the first token is
+    read off the socket by a thread, so a blocked loop does not let that happen to it."""
+    client = _client(server_url)
+    assert _post(client, "no_usage").status is Status.OK
+
+    def hog_the_loop() -> None:
+        gevent.sleep(0.05)  # the request is out; its first token comes at +100 ms, the next two 20 ms apart
+        until = time.perf_counter() + 0.4
+        while time.perf_counter() < until:
+            pass
+
+    hog = gevent.spawn(hog_the_loop)
+    result = _post(client, "close_pair")
+    hog.join()
+    assert result.status is Status.OK
+    sends = result.server_timing["send_times"]
+    first_late_ms = (result.token_times_perf_s[0] - sends[0]) * 1000
+    assert -0.01 <= first_late_ms < CLOSE_GAP_S * 1000 / 2, first_late_ms  # merged, it would be >= 80 ms late
 
 
 @pytest.mark.parametrize(
