@@ -266,20 +266,27 @@ def test_large_body_adds_no_client_side_buffering_to_ttft(server_url):
     assert result.start_perf_s < result.server_timing["arrival"] < sent
 
 
-@pytest.mark.skipif(not KERNEL_STAMPS, reason="kernel receive timestamps are used on Linux only")
-def test_tokens_are_stamped_when_they_arrived_not_when_a_busy_client_read_them(server_url):
-    client = _client(server_url)
-    assert _post(client, "no_usage").status is Status.OK  # the connection now has SO_TIMESTAMPNS set
+def _post_with_the_loop_blocked(url, scenario, block_s):
+    """Post ``scenario`` on a connection that already has SO_TIMESTAMPNS set, while another greenlet
+    blocks the event loop with CPU-bound work from 50 ms after the request is out for ``block_s``."""
+    client = _client(url)
+    assert _post(client, "no_usage").status is Status.OK
 
-    def hog_the_loop() -> None:  # CPU-bound work in another greenlet: nothing else runs meanwhile
+    def hog_the_loop() -> None:
         gevent.sleep(0.05)
-        until = time.perf_counter() + 0.3
+        until = time.perf_counter() + block_s
         while time.perf_counter() < until:
             pass
 
     hog = gevent.spawn(hog_the_loop)
-    result = _post(client, "spaced")
+    result = _post(client, scenario)
     hog.join()
+    return result
+
+
+@pytest.mark.skipif(not KERNEL_STAMPS, reason="kernel receive timestamps are used on Linux only")
+def test_tokens_are_stamped_when_they_arrived_not_when_a_busy_client_read_them(server_url):
+    result = _post_with_the_loop_blocked(server_url, "spaced", 0.3)
     assert result.status is Status.OK
     sends = result.server_timing["send_times"]
     late_ms = [(arrived - sent) * 1000 for arrived, sent in zip(result.token_times_perf_s, sends)]
@@ -292,18 +299,7 @@ def test_tokens_are_stamped_when_they_arrived_not_when_a_busy_client_read_them(s
 def test_the_first_token_keeps_its_stamp_when_the_next_arrives_before_the_loop_reads(server_url):
     """Linux merges a segment into the unread one before it and keeps the later stamp; the first token is
     read off the socket by a thread, so a blocked loop does not let that happen to it."""
-    client = _client(server_url)
-    assert _post(client, "no_usage").status is Status.OK
-
-    def hog_the_loop() -> None:
-        gevent.sleep(0.05)  # the request is out; its first token comes at +100 ms, the next two 20 ms apart
-        until = time.perf_counter() + 0.4
-        while time.perf_counter() < until:
-            pass
-
-    hog = gevent.spawn(hog_the_loop)
-    result = _post(client, "close_pair")
-    hog.join()
+    result = _post_with_the_loop_blocked(server_url, "close_pair", 0.4)  # tokens at +100, +180, +260 ms
     assert result.status is Status.OK
     sends = result.server_timing["send_times"]
     first_late_ms = (result.token_times_perf_s[0] - sends[0]) * 1000
