@@ -229,14 +229,22 @@ def _ground_truth(profile, trajectories, spec, params, settings, summary: dict) 
     if located:
         bands = truth_module.verdict_bands(profile, trajectories, spec, params, max(located), settings)
         truth["bands"] = {name: band.to_dict() for name, band in bands.items()}
-    live = [(step["agents"], step["window_end_epoch_s"] - step["window_start_epoch_s"])
-            for step in summary.get("steps", [])]
     truth["same_steps"] = [
         {"agents": step.agents, **step_stats(step.records, step.window_end_s - step.window_start_s),
          "passed": {verdict.tier.name: verdict.passed for verdict in step.verdict.tiers}}
-        for step in truth_module.measure_steps(profile, trajectories, spec, params, live, settings)
+        for step in truth_module.measure_steps(profile, trajectories, spec, params, twin_windows(summary), settings)
     ]
     return truth
+
+
+def twin_windows(summary: dict) -> list[tuple[int, float | None]]:
+    """The live steps as ``truth.measure_steps`` replays them: (agents, window). A step that ended early
+    gets its actual window (the truth has no early stop); any other gets None, the truth's own window
+    rule, so that a window the live run extended for ``--min-requests`` is extended by the same rule in
+    the truth, until *its* requests ended, not cut at the live length, where a request that ended a few
+    milliseconds later in the truth would leave it empty."""
+    return [(step["agents"], step["window_end_epoch_s"] - step["window_start_epoch_s"] if step["early_stop"] else None)
+            for step in summary.get("steps", [])]
 
 
 def _run_folder(path: str) -> Path:

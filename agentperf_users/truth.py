@@ -261,8 +261,9 @@ def measure_steps(
     settings: replay.ReplaySettings = replay.ReplaySettings(),
 ) -> tuple[TruthStep, ...]:
     """The truth's verdicts on given steps, (agent count, window length or None) each, in order: a live
-    run's steps measured without a load generator, window for window (an early-stopped or extended live
-    window included), so each live step has its ideal counterpart."""
+    run's steps measured without a load generator, so each live step has its ideal counterpart. None
+    ends the window by the search's own rule (``search.window_end``, extension included); a length (a
+    live step that ended early) ends it there."""
     world = _World(Engine(profile, seed=settings.seed), trajectories, settings)
     return tuple(world.measure(agents, params, spec, window_s) for agents, window_s in steps)
 

@@ -104,3 +104,15 @@ def test_unknown_trajectory_set_is_one_line(tmp_path):
     process = agentperf("capacity", "--trajectories", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r"))
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 2 and len(stderr.strip().splitlines()) == 1 and "missing.jsonl" in stderr
+
+
+def test_twin_steps_end_windows_by_the_truths_own_rule_unless_the_live_step_ended_early():
+    """An extended live window (``--min-requests``) is not cut at its live length in the truth, where the
+    request that ended it may end milliseconds later and leave the twin's window empty."""
+    from agentperf_users.capacity import twin_windows
+
+    def step(agents, start, end, early):
+        return {"agents": agents, "window_start_epoch_s": start, "window_end_epoch_s": end, "early_stop": early}
+
+    summary = {"steps": [step(1, 100.0, 145.7, False), step(16, 200.0, 211.5, True), step(8, 300.0, 320.0, False)]}
+    assert twin_windows(summary) == [(1, None), (16, pytest.approx(11.5)), (8, None)]
