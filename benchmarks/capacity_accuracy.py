@@ -177,8 +177,9 @@ def print_run(case: str, seed: int, report: dict, args: argparse.Namespace, wall
     floor = bisection_floor(report)
     print(f"\n{case} (warm-up {args.warmup_s:g} s, window {args.window_s:g} s, seed {seed}; "
           f"{wall_s:.0f} s with truth and report)")
-    print(f"  capacity: " + ", ".join(f"{cap['label']}: {_answer(cap)} (truth {_answer(report['ground_truth']['capacity'][name])})"
-                                      for name, cap in report["capacity"].items()))
+    truth = report["ground_truth"]["capacity"]
+    print("  capacity: " + ", ".join(f"{cap['label']}: {_answer(cap)} (truth {_answer(truth[name])})"
+                                     for name, cap in report["capacity"].items()))
     print(f"  same steps as the truth: verdicts differ on {len(errors['differ'])} of {errors['verdicts']} "
           f"(step:tier) {' '.join(errors['differ'])}")
     print(f"  |TTFT p95 error| {_percent(errors['ttft'])}; |output speed p5 error| {_percent(errors['speed'])}")
