@@ -146,7 +146,7 @@ def search_cost(report: dict) -> tuple[float, float, int]:
     return ends[-1] - ends[0] + full, (ladder - 1) * full + early, ladder
 
 
-def bisection_floor(report: dict) -> int:
+def plain_bisection_steps(report: dict) -> int:
     """How many steps plain doubling and bisection (this run's start, factor and resolution; no margins
     to interpolate) takes on a perfectly repeatable target whose answers are this run's. The ladder ratio
     is read against it: at a capacity of about 10 even this takes over half a +1 ladder's steps (8 of 14
@@ -174,7 +174,7 @@ def _percent(values: list[float]) -> str:
 def print_run(case: str, seed: int, report: dict, args: argparse.Namespace, wall_s: float) -> None:
     errors = step_errors(report)
     search_s, ladder_s, ladder = search_cost(report)
-    floor = bisection_floor(report)
+    plain = plain_bisection_steps(report)
     print(f"\n{case} (warm-up {args.warmup_s:g} s, window {args.window_s:g} s, seed {seed}; "
           f"{wall_s:.0f} s with truth and report)")
     truth = report["ground_truth"]["capacity"]
@@ -185,7 +185,7 @@ def print_run(case: str, seed: int, report: dict, args: argparse.Namespace, wall
     print(f"  |TTFT p95 error| {_percent(errors['ttft'])}; |output speed p5 error| {_percent(errors['speed'])}")
     print(f"  search {len(report['steps'])} steps, {search_s:.0f} s; a +1 ladder 1..{ladder}: "
           f"~{ladder_s:.0f} s; time ratio {search_s / ladder_s:.2f} (plain doubling and bisection on a "
-          f"perfectly repeatable target: {floor} steps, {floor / ladder:.2f} of the ladder's)", flush=True)
+          f"perfectly repeatable target: {plain} steps, {plain / ladder:.2f} of the ladder's)", flush=True)
 
 
 def main() -> int:
