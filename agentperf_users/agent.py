@@ -11,7 +11,9 @@ also gets the next global agent index, and its first session starts at ``--start
 plays trajectory ``s mod len(set)`` in pass ``s div len(set)``, so no two agents on any worker replay
 the same trajectory until the whole set is in play, and a later pass gets a fresh cache namespace
 (``--cache-namespace``); its records name the trajectory ``<id>#<pass>``. A capacity step that
-restarts the agents is dealt from the start again (see ``Dealer``). Why not
+restarts the agents is dealt from the start again (see ``Dealer``), and its agents' first requests
+are spaced one per ``1 / spawn rate`` seconds from the ramp's start (``replay.join_offset_s``), not
+sent in Locust's once-a-second batches. Why not
 ``worker_index`` arithmetic: a worker does not know how many workers there are, Locust's dispatcher
 spreads users unevenly, and indices of reconnected workers grow; one counter on the master is right
 whatever the dispatch. A claim is one round trip per trajectory (minutes of load), never per request.
@@ -65,6 +67,7 @@ from agentperf_users.replay import (
     ReplaySettings,
     add_replay_arguments,
     agent_rng,
+    join_offset_s,
     namespace_marker,
     session_trajectory,
     start_turn,
@@ -142,12 +145,14 @@ def _integer(value: Any, option: str) -> int:
 
 @dataclass(frozen=True)
 class Claim:
-    """What the master dealt: the agent's global index (on its first claim), a session number and the
-    load step it was dealt for (``replay.Dealer``)."""
+    """What the master dealt: the agent's global index (on its first claim), a session number, the
+    load step it was dealt for (``replay.Dealer``) and, for an agent of a step that started from no
+    agents, when its first request is due (epoch seconds; 0: at once)."""
 
     agent: int | None
     session: int
     step: int = 0
+    start_epoch_s: float = 0.0
 
 
 @dataclass
@@ -204,15 +209,19 @@ def _deal(environment: Environment, state: _ProcessState, msg: Any) -> None:
     if step.fresh_agents:
         state.dealer.restart(step.index, step.agents)
     agent, session = state.dealer.deal(bool(msg.data["new_agent"]))
+    start_epoch_s = 0.0
+    if step.fresh_agents and agent is not None and step.spawn_rate > 0:
+        start_epoch_s = step.ramp_start_epoch_s + join_offset_s(agent, step.spawn_rate)
     environment.runner.send_message(
-        CLAIMED_MESSAGE, {"ticket": msg.data["ticket"], "agent": agent, "session": session, "step": state.dealer.step},
+        CLAIMED_MESSAGE, {"ticket": msg.data["ticket"], "agent": agent, "session": session, "step": state.dealer.step,
+                          "start_epoch_s": start_epoch_s},
         msg.node_id)
 
 
 def _claimed(state: _ProcessState, data: dict) -> None:
     result = state.pending.pop(data["ticket"], None)
     if result is not None:
-        result.set(Claim(data["agent"], data["session"], data["step"]))
+        result.set(Claim(data["agent"], data["session"], data["step"], data.get("start_epoch_s", 0.0)))
 
 
 def claim(environment: Environment, new_agent: bool) -> Claim:
@@ -307,11 +316,13 @@ class AgentUser(FastHttpUser):
         self._scheduled_perf_s = self._scheduled_epoch_s = 0.0
 
     def _join(self) -> None:
-        """Become an agent: take a global index and a first session from the master."""
+        """Become an agent: take a global index, a first session and when to start from the master."""
         first = claim(self.environment, new_agent=True)
         self.agent = first.agent
         self._rng = agent_rng(self._process.settings.replay.seed, self.agent)
-        self._scheduled_perf_s, self._scheduled_epoch_s = time.perf_counter(), time.time()
+        now_perf_s, now_epoch_s = time.perf_counter(), time.time()
+        delay_s = max(0.0, first.start_epoch_s - now_epoch_s)
+        self._scheduled_perf_s, self._scheduled_epoch_s = now_perf_s + delay_s, now_epoch_s + delay_s
         self._cold_join = True
         self._begin(first, first_session=True)
 

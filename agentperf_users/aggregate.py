@@ -51,11 +51,14 @@ _ENV_ATTRIBUTE = "agentperf_aggregation"
 class LoadStep:
     """The load step the search is in: records started now carry ``index`` as ``load_step``. With
     ``fresh_agents`` the step began from no agents, and the dealer deals its agents from the start
-    (``replay.Dealer``)."""
+    (``replay.Dealer``) and times their first requests from ``ramp_start_epoch_s`` at ``spawn_rate``
+    (``replay.join_offset_s``)."""
 
     index: int
     agents: int
     fresh_agents: bool = False
+    ramp_start_epoch_s: float = 0.0
+    spawn_rate: float = 0.0
 
 
 def record_to_wire(record: RequestRecord) -> dict:
@@ -161,7 +164,9 @@ def _active_workers(runner: MasterRunner) -> list[str]:
 
 def _set_step(state: _ProcessState, data: dict) -> None:
     state.step = LoadStep(index=int(data["index"]), agents=int(data["agents"]),
-                          fresh_agents=bool(data.get("fresh_agents", False)))
+                          fresh_agents=bool(data.get("fresh_agents", False)),
+                          ramp_start_epoch_s=float(data.get("ramp_start_epoch_s", 0.0)),
+                          spawn_rate=float(data.get("spawn_rate", 0.0)))
 
 
 def _new_run_id() -> str:

@@ -86,6 +86,23 @@ def namespace_marker(mode: str, run_id: str, session: int, set_size: int, step: 
     return f"{prefix} pass {rounds}" if mode == "per-run" or rounds > 0 or step else None
 
 
+JOIN_LEAD_S = 0.5  # more than Locust's dispatch and a claim's round trip to the master take (~0.2 s)
+
+
+def join_offset_s(ordinal: int, spawn_rate: float) -> float:
+    """When the ``ordinal``-th agent (from 0) of a load step that starts from no agents sends its first
+    request, in seconds after the step's ramp began: one agent every ``1 / spawn_rate`` seconds, from
+    ``JOIN_LEAD_S`` on (an agent whose time has passed when it is dealt would start at once, on top of
+    another).
+
+    Locust starts users in batches (``floor(spawn_rate)`` at once, a batch a second). Agents that sent
+    their cold joins at the same instant would reach the server in an order set by how long the client
+    takes to serialise each conversation (the longest last), and that order decides whose cold prefill
+    queues behind whose, so verdicts near the KV-memory limit would hang on client CPU time. Spaced as
+    the spawn rate says, the order is the agents' own, live and in the ground truth alike."""
+    return JOIN_LEAD_S + ordinal / spawn_rate
+
+
 def agent_rng(seed: int, agent: int) -> random.Random:
     """One seeded random stream per agent, the same in every process and in the ground truth."""
     return random.Random(f"{seed}:{agent}")

@@ -223,6 +223,7 @@ class CapacitySearch:
     @property
     def done(self) -> bool:
         return self.next_agents() is None
+
     def undecided_tiers(self, agents: int) -> tuple[str, ...]:
         """The tiers whose answer a verdict at ``agents`` can still change."""
         brackets = {tier: self.bracket(tier) for tier in self._tiers}

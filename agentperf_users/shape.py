@@ -204,7 +204,8 @@ class CapacitySearchShape(LoadTestShape):
 
     def _ramp(self, now: float) -> bool:
         """Announce the step (after any restart, so no stopping agent is dealt its agents) and ramp."""
-        step = aggregate.LoadStep(index=len(self.steps), agents=self._agents, fresh_agents=self.params.restart_agents)
+        step = aggregate.LoadStep(index=len(self.steps), agents=self._agents, fresh_agents=self.params.restart_agents,
+                                  ramp_start_epoch_s=now, spawn_rate=self.params.spawn_rate)
         aggregate.announce_step(self.environment, step)
         return self._enter("ramp", now, self._ramp_deadline(now, self._agents))
 

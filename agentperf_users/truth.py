@@ -13,7 +13,12 @@ Modelling choices (each mirrors the live run):
   real-time server, and keep their true arrival time for TTFT.
 * With ``restart_agents`` (the default) every agent stops between steps, at once, and its request in
   flight is aborted (live, a closed connection does it, within ``1 / STOP_RATE`` s per agent).
-  Agents are spawned ``1 / spawn_rate`` apart; without restarts, a step that lowers the count stops
+  Locust starts users in batches (``floor(spawn_rate)`` at once, a batch every ``batch /
+  spawn_rate`` seconds) and ticks the shape once a second, so the live warm-up begins at the first
+  tick that counts every agent started: a tick after the ramp began, or the tick of the last batch
+  (``ramp_end_s``). In a step that starts from no agents (``restart_agents``) the agents' first
+  requests are spaced ``replay.join_offset_s`` apart, as the live agents space them; agents added to
+  running ones start with their batch. Without restarts, a step that lowers the count stops
   the newest agents (Locust stops users in no defined order; newest-first is the deterministic
   choice). Agents and sessions come from a ``replay.Dealer`` as on the master (dealt from the start
   on every restarted step), and a new agent's first session starts at ``replay.start_turn``.
@@ -46,6 +51,7 @@ from agentperf_users.trajectory import Trajectory, TrajectorySet, load_trajector
 
 TRUTH_RUN_ID = "truth"
 WINDOW_EXTENSION_STEP_S = 1.0  # how far the clock runs on while a window waits for --min-requests
+SHAPE_TICK_S = 1.0  # Locust calls a LoadTestShape's tick() once a second
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ class _World:
         if params.restart_agents:
             self.set_agents(0, params.spawn_rate)
             self.dealer.restart(self.load_step, agents)
-        ramp_end_s = self.set_agents(agents, params.spawn_rate)
+        ramp_end_s = self.set_agents(agents, params.spawn_rate, spaced=params.restart_agents)
         window_start_s = ramp_end_s + params.warmup_s
         if window_s is None:
             self.run_until(window_start_s + params.window_s)
@@ -134,8 +140,10 @@ class _World:
     def _judged_ends(self, start_s: float) -> list[float]:
         return [record.end_epoch_s for record in records_in_window(self.records, start_s, math.inf)]
 
-    def set_agents(self, count: int, spawn_rate: float) -> float:
-        """Start or stop agents towards ``count``; returns when the ramp ends."""
+    def set_agents(self, count: int, spawn_rate: float, spaced: bool = False) -> float:
+        """Start or stop agents towards ``count``, the new ones' first requests ``spaced`` by
+        ``replay.join_offset_s`` or with their batch; returns when the live shape would see the ramp
+        done (module docstring)."""
         ramp_end = self.now_s
         while len(self.agents) > count:
             agent = self.agents.pop()
@@ -143,13 +151,18 @@ class _World:
             if agent.request is not None:
                 self.engine.abort(agent.request.request_id)
                 del self.in_flight[agent.request.request_id]
-        for k in range(count - len(self.agents)):
+        batch = max(1, math.floor(spawn_rate))
+        new = count - len(self.agents)
+        for k in range(new):
             index, session = self.dealer.deal(new_agent=True)
             agent = _Agent(index, replay.agent_rng(self.settings.seed, index))
             self.agents.append(agent)
-            ramp_end = self.now_s + (k + 1) / spawn_rate
             self._play(agent, session, first_session=True)
-            self._wake(agent, ramp_end)
+            start_s = replay.join_offset_s(k, spawn_rate) if spaced else k // batch * batch / spawn_rate
+            self._wake(agent, self.now_s + start_s)
+        if new > 0:
+            last_batch_s = (new - 1) // batch * batch / spawn_rate
+            ramp_end = self.now_s + max(SHAPE_TICK_S, SHAPE_TICK_S * math.ceil(round(last_batch_s / SHAPE_TICK_S, 9)))
         return ramp_end
 
     def run_until(self, end_s: float) -> None:

@@ -13,13 +13,12 @@ engine on a virtual clock, with the same options and seed:
   both the truth's search and that band.
 
 It also runs the truth's search under other seeds (other start turns and tool waits: the same
-workload, sampled again). Their spread is the workload's own variability at this window length, the
-floor under any live-against-truth comparison: a live answer cannot be expected closer to the truth
-than the truth is to itself under another seed. A verdict near a tier's limit can hinge on one request
-(one agent's request caught behind another's long prefill, a race of a few milliseconds that the live
-run and the virtual clock need not decide alike), so one live run may land a few agents off its own
-truth. ``--live-seeds N`` runs the live search under N seeds and compares the median live answer with
-the truth's median over seeds: the same workload, sampled again on both sides.
+workload, sampled again). Their spread is the workload's own variability at this window length. The
+default window (60 s) judges enough requests per step that one live run is expected on its own truth;
+at 20 s a verdict near a tier's limit judges a handful of requests and can hinge on one of them, so
+one run may land a few agents off. ``--live-seeds N`` runs the live search under N seeds and compares
+the median live answer with the truth's median over seeds: the same workload, sampled again on both
+sides.
 
 Cost: the search's wall time from its first step to its last, against a linear ladder (+1 agent per
 step from 1 up to the count where every tier has failed, the same resolution) whose steps each cost
@@ -27,8 +26,8 @@ what this run's steps cost (measured: a full step, and a step that ended early f
 failing step). Beside it, the steps plain doubling and bisection would take on a perfectly repeatable
 target with the same answers: at a capacity of about 10 that is already over half the ladder.
 
-    python benchmarks/capacity_accuracy.py                     # the two default cases, ~10 minutes
-    python benchmarks/capacity_accuracy.py --live-seeds 4      # each case under 4 seeds, ~40 minutes
+    python benchmarks/capacity_accuracy.py                     # the two default cases, ~25 minutes
+    python benchmarks/capacity_accuracy.py --window-s 20 --live-seeds 4   # 20 s windows, 4 seeds, ~45 minutes
     python benchmarks/capacity_accuracy.py --case l4-llama3.2-3b:demo --window-s 30 --seeds 8
 """
 
@@ -194,7 +193,7 @@ def main() -> int:
     parser.add_argument("--start-agents", type=int, default=1)
     parser.add_argument("--max-agents", type=int, default=64)
     parser.add_argument("--warmup-s", type=float, default=10.0)
-    parser.add_argument("--window-s", type=float, default=20.0)
+    parser.add_argument("--window-s", type=float, default=60.0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="the (first) live run's seed (and its truth's)")
     parser.add_argument("--live-seeds", type=int, default=1, help="live runs under seeds --seed .. --seed + N - 1")

@@ -162,3 +162,32 @@ def test_agents_on_two_workers_get_distinct_indices_and_trajectories(tmp_path):
             assert played[0].turn == start_turn("random", seed=0, session=agent, turns=TURNS)
     assert sum(played[0].cold_join for played in sessions.values()) == AGENTS
     assert len({played[0].turn for played in sessions.values() if played[0].cold_join}) > 1
+
+
+def test_a_restarted_steps_agents_are_dealt_first_requests_one_per_spawn_interval():
+    """Locust starts users a batch at a time; the master spaces the first requests of a step that began
+    from no agents by the spawn rate instead, from the ramp's start (and leaves other claims alone)."""
+    import argparse
+
+    from locust import User, constant
+    from locust.env import Environment
+    from locust.event import Events
+
+    from agentperf_users import agent, aggregate
+
+    class Idle(User):
+        wait_time = constant(1)
+
+    environment = Environment(user_classes=[Idle], events=Events(),
+                              parsed_options=argparse.Namespace(run_id="r", records_dir=""))
+    environment.create_local_runner()
+    agent.install(environment)
+    aggregate.announce_step(environment, aggregate.LoadStep(index=1, agents=3, fresh_agents=True,
+                                                            ramp_start_epoch_s=1000.0, spawn_rate=4.0))
+    claims = [agent.claim(environment, new_agent=True) for _ in range(3)]
+    assert [(c.agent, c.step, c.start_epoch_s) for c in claims] == [(0, 1, 1000.5), (1, 1, 1000.75), (2, 1, 1001.0)]
+    assert agent.claim(environment, new_agent=False).start_epoch_s == 0.0  # a next session: at once
+    aggregate.announce_step(environment, aggregate.LoadStep(index=2, agents=5, fresh_agents=False,
+                                                            ramp_start_epoch_s=2000.0, spawn_rate=4.0))
+    added = agent.claim(environment, new_agent=True)
+    assert (added.agent, added.start_epoch_s) == (3, 0.0)  # joins running agents: with its batch

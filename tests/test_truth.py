@@ -17,6 +17,7 @@ import yaml
 from agentperf_users import replay, search, truth
 from agentperf_users.cli import main
 from agentperf_users.search import SearchParameters
+from agentperf_users.simulator.engine import Engine
 from agentperf_users.slo import load_slo
 from agentperf_users.trajectory import load_trajectories
 from tests.simulator import custom_profile, write_profile
@@ -110,13 +111,15 @@ def test_cli_bad_profile_is_one_line(tmp_path, capsys):
 
 
 def test_a_short_window_waits_for_min_requests(tmp_path, trajectories, slo):
-    """One agent's requests take 1.38 s; a 0.2 s window holds none of them (an empty window proves
-    nothing, and fails), so it is extended until --min-requests ended in it, as the live shape does,
-    but never beyond MAX_WINDOW_FACTOR windows."""
+    """One agent's requests take 1.38 s, back to back from 0.5 s (``replay.JOIN_LEAD_S``); the window
+    opens 6.8 s in (a one-batch ramp is seen done at the shape's first tick, 1 s, then 5.8 s of
+    warm-up), 0.6 s before one ends. A 0.2 s
+    window holds none of them (an empty window proves nothing, and fails), so it is extended until
+    --min-requests ended in it, as the live shape does, but never beyond MAX_WINDOW_FACTOR windows."""
     profile = custom_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS})
     results = {}
     for min_requests, window_s in ((0, 0.2), (1, 0.2), (2, 1.0), (3, 0.5)):
-        params = search_params(start_agents=1, max_agents=1, window_s=window_s, min_requests=min_requests)
+        params = search_params(start_agents=1, max_agents=1, warmup_s=5.8, window_s=window_s, min_requests=min_requests)
         (step,) = truth.find_capacity(profile, trajectories, slo, params, NO_WAIT).steps
         results[min_requests] = (len(step.records), step.verdict.passed, step.window_end_s - step.window_start_s)
     assert results[0] == (0, False, pytest.approx(0.2))
@@ -145,3 +148,17 @@ def test_verdict_bands_measure_every_count(tmp_path, trajectories, slo):
     bands = truth.verdict_bands(profile, trajectories, slo, search_params(), MAX_NUM_SEQS + 3, NO_WAIT)
     assert bands["tight"] == truth.VerdictBand(passes_up_to=MAX_NUM_SEQS, fails_above=MAX_NUM_SEQS,
                                                measured_up_to=MAX_NUM_SEQS + 3)
+
+
+@pytest.mark.parametrize(("count", "rate", "spaced", "starts", "ramp_end"), [
+    (5, 2.0, True, [0.5, 1.0, 1.5, 2.0, 2.5], 2.0),  # a restarted step: first requests 1 / rate apart
+    (5, 2.0, False, [0.0, 0.0, 1.0, 1.0, 2.0], 2.0),  # agents added to running ones: Locust's batches
+    (3, 10.0, True, [0.5, 0.6, 0.7], 1.0),  # one batch: the shape sees it done at its next tick
+    (25, 10.0, False, [0.0] * 10 + [1.0] * 10 + [2.0] * 5, 2.0),
+])
+def test_agents_start_as_the_live_run_starts_them(tmp_path, trajectories, count, rate, spaced, starts, ramp_end):
+    profile = custom_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS})
+    world = truth._World(Engine(profile), trajectories, NO_WAIT)
+    world.now_s = 100.0
+    assert world.set_agents(count, rate, spaced=spaced) == pytest.approx(100.0 + ramp_end)
+    assert sorted(at_s - 100.0 for at_s, _, _ in world.wakes) == pytest.approx(starts)
