@@ -16,7 +16,7 @@ import pytest
 from agentperf_users.records import read_records
 
 QUICK_SEARCH = ["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--start-agents", "6",
-                "--max-agents", "16", "--warmup-s", "5", "--window-s", "15", "--workers", "2"]
+                "--max-agents", "24", "--warmup-s", "5", "--window-s", "15", "--workers", "2"]
 
 
 @pytest.fixture
