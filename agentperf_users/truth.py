@@ -15,8 +15,8 @@ Modelling choices (each mirrors the live run):
   flight is aborted (live, a closed connection does it, within ``1 / STOP_RATE`` s per agent).
   Locust starts users in batches (``floor(spawn_rate)`` at once, a batch every ``batch /
   spawn_rate`` seconds) and ticks the shape once a second, so the live warm-up begins at the first
-  tick that counts every agent started: a tick after the ramp began, or the tick of the last batch
-  (``ramp_end_s``). In a step that starts from no agents (``restart_agents``) the agents' first
+  tick that counts every agent started: a tick after the ramp began, or the tick of the last batch.
+  In a step that starts from no agents (``restart_agents``) the agents' first
   requests are spaced ``replay.join_offset_s`` apart, as the live agents space them; agents added to
   running ones start with their batch. Without restarts, a step that lowers the count stops
   the newest agents (Locust stops users in no defined order; newest-first is the deterministic
