@@ -33,6 +33,7 @@ from agentperf_users.timed_io import (
     Deadline,
     StampingSocket,
     StreamFailure,
+    realtime_offset_s,
     stamping_socket,
 )
 
@@ -72,7 +73,7 @@ class ChatResult:
     end_epoch_s: float
     start_perf_s: float
     end_perf_s: float
-    ttfb_s: float | None  # response headers received
+    ttfb_s: float | None  # the response headers arrived
     ttft_s: float | None  # first token chunk received
     e2e_s: float
     itl_p50_s: float | None
@@ -130,13 +131,15 @@ class ChatStreamClient:
         """Send one streaming request; never raises for a failed request (the result says how it ended)."""
         start_epoch = time.time()
         start = time.perf_counter()
+        realtime_offset = realtime_offset_s()
         tally = StreamTally()
         ttfb = end = http_status = None
         try:
             response = self._http.request("POST", self._uri, body=body, headers=self._headers)
-            ttfb = time.perf_counter() - start
+            reader = BodyReader(response, realtime_offset)
+            ttfb = reader.headers_arrived_s - start
             http_status = response.status_code
-            end = self._read(response, tally, start)
+            end = self._read(response, reader, tally, start)
             status, message = Status.OK, ""
         except StreamFailure as failure:
             status, message = failure.status, redact(str(failure), self._secrets)
@@ -162,14 +165,14 @@ class ChatStreamClient:
         )
         return result
 
-    def _read(self, response: Any, tally: StreamTally, start: float) -> float:
+    def _read(self, response: Any, reader: BodyReader, tally: StreamTally, start: float) -> float:
         """Read the body as it arrives; return the arrival time of [DONE]."""
         sock = response._sock  # None when the whole response came with the headers
         original_timeout = sock.gettimeout() if sock is not None else None
         deadline = None
         try:
             if response.status_code >= 400:
-                raise StreamFailure(*self._http_error(response, sock))
+                raise StreamFailure(*self._http_error(response, reader, sock))
             if response.status_code != 200:
                 raise StreamFailure(Status.BAD_STREAM, f"unexpected HTTP {response.status_code}")
             content_type = response.get("content-type")
@@ -179,7 +182,6 @@ class ChatStreamClient:
                 sock.settimeout(None)  # the deadline below bounds the waits
             deadline = Deadline(start + self._request_timeout_s, Status.TIMEOUT, "no first token within the request timeout")
             parser = SSEParser()
-            reader = BodyReader(response, sock)
             partial_since = None  # arrival of the read in which the parser's unfinished event began
             while tally.done_at is None and tally.error is None:
                 data, arrived_at = reader.read()
@@ -219,8 +221,8 @@ class ChatStreamClient:
                 _first_token_reads(sock, True)  # the connection's next request waits for a first token again
             response.release()  # returns a completed connection to the pool, closes an interrupted one
 
-    def _http_error(self, response: Any, sock: Any) -> tuple[Status, str]:
-        body, reader = bytearray(), BodyReader(response, sock)
+    def _http_error(self, response: Any, reader: BodyReader, sock: Any) -> tuple[Status, str]:
+        body = bytearray()
         with suppress(Exception):
             if sock is not None:
                 sock.settimeout(self._stall_timeout_s)

@@ -258,24 +258,30 @@ class BodyReader:
     """A response's body bytes as they arrive, with the time they reached this host (``perf_counter``).
 
     The time is the kernel's receive stamp where the socket has one (:class:`StampingSocket`), else the
-    moment the read returned. The reader waits for readability before reading: the next token is usually
-    an engine step away, so gevent's read-first ``recv`` would fail with EAGAIN nearly every time, and
-    that failed call and its exception cost about a fifth of a stream's CPU. Not on TLS sockets, where
-    decrypted bytes can wait in the SSL object while the socket shows none.
+    moment the read returned; the headers are dated the same way, so a first token that came in the
+    headers' packet has their time, never an earlier one. Kernel stamps are on the realtime clock and
+    are converted with one offset per response (``realtime_offset_s``): NTP slews both clocks alike, so
+    the offset moves only when the clock is stepped, and one packet's stamp always converts to one time.
+    The reader waits for readability before reading: the next token is usually an engine step away, so
+    gevent's read-first ``recv`` would fail with EAGAIN nearly every time, and that failed call and its
+    exception cost about a fifth of a stream's CPU. Not on TLS sockets, where decrypted bytes can wait in
+    the SSL object while the socket shows none.
     """
 
-    def __init__(self, response: Any, sock: Any) -> None:
+    def __init__(self, response: Any, realtime_offset: float) -> None:
         self._response = response
-        self._sock = sock
+        self._sock = sock = response._sock  # None when the whole response came with the headers
+        self._realtime_offset = realtime_offset
         plain = sock is not None and not hasattr(sock, "pending") and hasattr(sock, "_wait")
         self._wait_readable = (getattr(sock, "wait_readable", None) or partial(sock._wait, sock._read_event)) if plain else None
-        # Body bytes that came with the headers arrived with the header read's last packet.
-        self._kernel_s = getattr(sock, "arrival_realtime_s", None) if response._body_buffer else None
+        self.headers_arrived_s = self._last_read_arrival_s()
+        # Body bytes that came with the headers arrived when the headers did.
+        self._buffered_arrived_s = self.headers_arrived_s if response._body_buffer else None
 
     def read(self) -> tuple[bytes, float]:
         """(body bytes, their arrival); b"" when the body ended."""
         response, buffer = self._response, self._response._body_buffer
-        kernel_s, self._kernel_s = self._kernel_s, None
+        arrived_s, self._buffered_arrived_s = self._buffered_arrived_s, None
         while not buffer:
             if response.message_complete or response._sock is None:
                 return b"", time.perf_counter()
@@ -284,14 +290,16 @@ class BodyReader:
             data = self._sock.recv(RECV_BYTES)
             if not data:
                 return b"", time.perf_counter()
-            kernel_s = getattr(self._sock, "arrival_realtime_s", None)
+            arrived_s = None
             response.feed(data)
-        now_s = time.perf_counter()
         data = bytes(buffer)
         del buffer[:]
-        if kernel_s is None:
-            return data, now_s
-        return data, min(now_s, kernel_s - realtime_offset_s())  # the realtime stamp on the monotonic clock
+        return data, self._last_read_arrival_s() if arrived_s is None else arrived_s
+
+    def _last_read_arrival_s(self) -> float:
+        now_s = time.perf_counter()
+        kernel_s = getattr(self._sock, "arrival_realtime_s", None)
+        return now_s if kernel_s is None else min(now_s, kernel_s - self._realtime_offset)  # on the perf_counter clock
 
 
 def realtime_offset_s() -> float:

@@ -116,6 +116,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._write(_sse(b"[DONE]"))
         self._end()
 
+    def scenario_token_with_headers(self, request, arrival) -> None:
+        """The headers and the first token leave in one write (one packet), the rest later."""
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        first = _sse(_delta(content="a"))
+        self.wfile.write(head + b"%x\r\n%s\r\n" % (len(first), first))
+        self._write(_sse(_delta(content="b")), TOKEN_GAP_S)
+        self._write(_sse(b"[DONE]"))
+        self._end()
+
     def scenario_close_pair(self, request, arrival) -> None:
         """The first token, then the next ones one short engine step apart (the client blocks its loop
         over all of them, so unread segments pile up in its socket)."""
@@ -282,6 +291,17 @@ def _post_with_the_loop_blocked(url, scenario, block_s):
     result = _post(client, scenario)
     hog.join()
     return result
+
+
+def test_a_first_token_in_the_headers_packet_is_dated_with_them(server_url):
+    """Both are the arrival of one packet (its kernel stamp, where there is one): the first token is never
+    dated before the headers, as a headers time read after parsing them would make it."""
+    client = _client(server_url)
+    for _ in range(2):  # a new connection and a reused one
+        result = _post(client, "token_with_headers")
+        assert result.status is Status.OK and result.output_tokens == 2
+        assert result.ttfb_s == result.ttft_s
+        assert result.token_times_perf_s[1] - result.token_times_perf_s[0] >= TOKEN_GAP_S * 0.9
 
 
 @pytest.mark.skipif(not KERNEL_STAMPS, reason="kernel receive timestamps are used on Linux only")
