@@ -18,8 +18,10 @@ Locust itself assumes. Contract for whoever adds records: add a record within
 ``RECORD_ADD_GRACE_S`` of its ``end_epoch_s``.
 
 After the run the per-process JSONL files are the source of truth (Locust's master waits only
-0.5 s for final reports on quit); ``slo.recompute`` judges the same windows from them (it lives
-there so that the report and the ground truth need not import Locust and its monkey-patching).
+0.5 s for final reports on quit); the master's own file (``records-master.jsonl``) holds a copy of
+every record it received, so with workers on other hosts the master's disk alone has every record
+that any verdict judged. ``slo.recompute`` judges the same windows from the files (it lives there so
+that the report and the ground truth need not import Locust and its monkey-patching).
 """
 
 from __future__ import annotations
@@ -80,11 +82,14 @@ class Aggregator:
         self,
         active_sources: Callable[[], Collection[str]],
         local_log: Callable[[], RecordLog | None] | None = None,
+        received: Callable[[list[RequestRecord]], None] | None = None,
     ) -> None:
         """:param active_sources: the sources (worker client ids) whose coverage a verdict waits for
-        :param local_log: in a LocalRunner, the process's own log, pulled on every query"""
+        :param local_log: in a LocalRunner, the process's own log, pulled on every query
+        :param received: on a master, given every worker report's records as they arrive"""
         self._active_sources = active_sources
         self._local_log = local_log
+        self._received = received
         self._records: list[RequestRecord] = []
         self._covered: dict[str, float] = {}
 
@@ -92,7 +97,10 @@ class Aggregator:
         """Take one report (a ``worker_report`` payload); payloads without our keys are ignored."""
         if COVERED_KEY not in data:
             return
-        self._records.extend(RequestRecord.from_dict(item) for item in data[RECORDS_KEY])
+        records = [RequestRecord.from_dict(item) for item in data[RECORDS_KEY]]
+        self._records.extend(records)
+        if self._received is not None:
+            self._received(records)
         self._covered[source] = max(self._covered.get(source, -math.inf), data[COVERED_KEY])
 
     def _pull_local(self) -> None:
@@ -135,7 +143,8 @@ def install(environment: Environment) -> _ProcessState:
         return state
     runner = environment.runner
     if isinstance(runner, MasterRunner):
-        state = _ProcessState(Aggregator(lambda: _active_workers(runner)))
+        state = _ProcessState(Aggregator(lambda: _active_workers(runner),
+                                         received=lambda records: get_record_log(environment).keep(records)))
         aggregator = state.aggregator
         environment.events.worker_report.add_listener(
             lambda client_id, data, **_: aggregator.receive(client_id, data)

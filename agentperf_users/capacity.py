@@ -2,9 +2,11 @@
 
 It starts the embedded simulator when no ``--host`` is given, a real Locust master with ``--workers``
 local worker processes running ``locustfiles/capacity.py`` headless (the same processes a distributed
-run uses, on one machine), streams the search's progress lines, and writes a run folder:
-``report.json``, ``report.html``, ``steps.csv``, ``records.jsonl`` (the merged records), the
-per-process record files under ``records/``, ``search.json`` (the live search) and ``locust.log``.
+run uses, on one machine) and waits for ``--remote-workers`` more from other hosts (docker compose, the
+Helm chart), streams the search's progress lines, and writes a run folder: ``report.json``,
+``report.html``, ``steps.csv``, ``records.jsonl`` (the merged records), the per-process record files
+under ``records/`` (the master's holds a copy of every record its workers reported, so remote workers'
+records are there too), ``search.json`` (the live search) and ``locust.log``.
 Against the embedded simulator the report also carries the ground truth from the same engine on a
 virtual clock (``agentperf truth``): the search's own answer there, and the same steps as the live run
 (its agent counts, in its order) measured without a load generator, step beside step.
@@ -41,6 +43,8 @@ from agentperf_users.trajectory import load_trajectories
 LOCUSTFILE = Path(agentperf_users.__file__).parent / "locustfiles" / "capacity.py"
 PROGRESS_MARKERS = ("/agentperf_users.", "/ERROR/", "/CRITICAL/")  # master log lines shown live
 MASTER_EXIT_GRACE_S = 30.0
+DEFAULT_MASTER_PORT = 5557  # Locust's, where remote workers look by default
+EXPECT_WORKERS_MAX_WAIT_S = 60
 EXIT_NOT_LOCATED = 3
 EXIT_INCOMPLETE = 4
 EXIT_INTERRUPTED = 130
@@ -56,6 +60,13 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--host", default="", help="OpenAI-compatible server; empty: start the embedded simulator")
     parser.add_argument("--profile", default="", help="simulator profile (embedded target only; default: the simulator's)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local Locust worker processes")
+    parser.add_argument("--remote-workers", type=int, default=0,
+                        help="workers started elsewhere (locust -f locustfiles/capacity.py --worker --master-host "
+                        "THIS-HOST) that the search also waits for")
+    parser.add_argument("--master-bind-host", default="",
+                        help="interface the master listens on; default: 127.0.0.1, or all with --remote-workers")
+    parser.add_argument("--master-bind-port", type=int, default=0,
+                        help="port the master listens on; default: a free one, or 5557 with --remote-workers")
     parser.add_argument("--out", default="", help="run folder; default: a new timestamped folder under ./agentperf-runs/")
     parser.add_argument("--accelerators", type=int, default=0, help="accelerators serving the target (normalisation)")
     parser.add_argument("--power-watts", type=float, default=0.0, help="power drawn by the target, watts")
@@ -73,8 +84,9 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
     spec = load_slo(args.slo or None)  # every input is checked before anything starts
     trajectories = load_trajectories(args.trajectories, args.trajectory_format)
     params = SearchParameters.from_options(args)
-    if args.workers < 1:
-        raise AgentperfError(f"--workers: expected an integer >= 1, got {args.workers}")
+    if args.workers < 0 or args.remote_workers < 0 or args.workers + args.remote_workers < 1:
+        raise AgentperfError(f"--workers and --remote-workers: expected integers >= 0, at least one worker in all, "
+                             f"got {args.workers} and {args.remote_workers}")
     profile = None
     if not args.host:
         from agentperf_users.simulator.profile import DEFAULT_PROFILE, SimulatorError, load_profile
@@ -99,9 +111,8 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
                 ["--profile", args.profile or profile.name, "--port", "0", "--seed", str(args.seed)]))
             host = simulator.url
             print(f"agentperf: embedded simulator ({profile.name}) at {host}", flush=True)
-        command = _locust_command(args, host, out, locust_args)
         try:
-            master_code = _run_locust(command, args.workers, out)
+            master_code = _run_locust(_locust_command(args, host, out), locust_args, args, out)
         except KeyboardInterrupt:
             interrupted = True
     return _report(args, out, spec, params, trajectories, profile, host, interrupted, master_code)
@@ -115,7 +126,7 @@ def _interrupt_on_signals() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
-def _locust_command(args: argparse.Namespace, host: str, out: Path, extra: Sequence[str]) -> list[str]:
+def _locust_command(args: argparse.Namespace, host: str, out: Path) -> list[str]:
     options = {
         "host": host, "records-dir": str(out / "records"), "run-id": out.name,
         "capacity-json": str(out / "search.json"), "trajectories": args.trajectories,
@@ -133,22 +144,30 @@ def _locust_command(args: argparse.Namespace, host: str, out: Path, extra: Seque
         command.append("--no-early-stop")
     command.append("--restart-agents" if args.restart_agents else "--no-restart-agents")
     command.append("--guided-search" if args.guided_search else "--no-guided-search")
-    return command + list(extra)
+    return command
 
 
-def _run_locust(command: list[str], workers: int, out: Path) -> int:
-    """A master and ``workers`` worker processes; progress lines to the console, all lines to locust.log.
-    Children get their own session, so a Ctrl-C reaches only us and we stop them in order."""
-    port = _free_port()
+def _run_locust(command: list[str], locust_args: Sequence[str], args: argparse.Namespace, out: Path) -> int:
+    """A master and ``--workers`` local worker processes (``--remote-workers`` more connect from other
+    hosts); progress lines to the console, all lines to locust.log. Options passed on to Locust come last,
+    so they win (``--expect-workers-max-wait``, say). Children get their own session, so a Ctrl-C reaches
+    only us and we stop them in order."""
+    remote = args.remote_workers > 0
+    bind_host = args.master_bind_host or ("*" if remote else "127.0.0.1")
+    port = args.master_bind_port or (DEFAULT_MASTER_PORT if remote else _free_port())
     log = open(out / "locust.log", "w", encoding="utf-8")
     master = subprocess.Popen(
-        command + ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
-                   "--expect-workers", str(workers), "--expect-workers-max-wait", "60"],
+        command + ["--master", "--master-bind-host", bind_host, "--master-bind-port", str(port),
+                   "--expect-workers", str(args.workers + args.remote_workers), "--expect-workers-max-wait",
+                   str(EXPECT_WORKERS_MAX_WAIT_S), *locust_args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if remote:
+        print(f"agentperf: waiting for {args.remote_workers} remote worker(s): locust -f locustfiles/capacity.py "
+              f"--worker --master-host <this host> --master-port {port}", flush=True)
     worker_command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
                       "--master-host", "127.0.0.1", "--master-port", str(port)]
     children = [subprocess.Popen(worker_command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-                for _ in range(workers)]
+                for _ in range(args.workers)]
     tail = threading.Thread(target=_tail, args=(master.stdout, log), daemon=True)
     tail.start()
     try:

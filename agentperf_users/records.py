@@ -2,8 +2,9 @@
 
 Every number an SLO verdict uses comes from these records, never from Locust's bucketed response
 times. Each process appends its records to its own JSONL file as they complete, flushed per record, so
-a killed process loses at most the request in flight; after a run the report is recomputed from the
-union of those files and must equal what the live verdict saw.
+a killed process loses at most the request in flight; the master's file also keeps a copy of every record
+its workers reported. After a run the report is recomputed from the union of those files and must equal
+what the live verdict saw.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ class RecordWriter:
 
 
 def read_records(paths: Iterable[str | os.PathLike]) -> list[RequestRecord]:
-    """Records from JSONL files (or folders of ``records-*.jsonl``). A torn last line, as a killed
+    """Records from JSONL files (or folders of ``records-*.jsonl``), each request once: the master's file
+    holds a copy of what its workers reported, beside their own files where those are on the same disk
+    (records are equal field for field: floats survive JSON exactly). A torn last line, as a killed
     process may leave, is skipped; any other malformed line is a one-line error."""
     files: list[Path] = []
     for path in map(Path, paths):
@@ -116,7 +119,7 @@ def read_records(paths: Iterable[str | os.PathLike]) -> list[RequestRecord]:
                 if number == len(lines) and not line.endswith("}"):
                     continue  # torn final write of a killed process
                 raise AgentperfError(f"{file}:{number}: not a request record ({exc})") from None
-    return records
+    return list(dict.fromkeys(records))
 
 
 class RecordLog:
@@ -135,6 +138,14 @@ class RecordLog:
         if self._writer:
             self._writer.write(record)
         self._pending.append(record)
+
+    def keep(self, records: Iterable[RequestRecord]) -> None:
+        """Other processes' records, received here: written to this process's file only (never drained).
+        The master keeps what its workers report, so a run whose workers are on other hosts, or lose their
+        disk with their pod, still has every reported record on the master's."""
+        if self._writer:
+            for record in records:
+                self._writer.write(record)
 
     def drain(self) -> list[RequestRecord]:
         """The records added since the last drain (each record is drained exactly once)."""

@@ -14,7 +14,7 @@ from locust.rpc.protocol import Message
 
 from agentperf_users import aggregate
 from agentperf_users.aggregate import Aggregator, LoadStep, build_report
-from agentperf_users.records import RecordLog, Status, read_records
+from agentperf_users.records import RecordLog, RecordWriter, Status, read_records
 from agentperf_users.slo import SloSpec, SloTier, evaluate_step, recompute
 from tests.test_slo import record
 
@@ -78,6 +78,19 @@ def test_records_between_is_half_open_on_end_time():
     wire = [aggregate.record_to_wire(record(end=t)) for t in (9.9, 10.0, 15.0, 20.0)]
     aggregator.receive("a", {aggregate.COVERED_KEY: 99.0, aggregate.RECORDS_KEY: wire})
     assert [r.end_epoch_s for r in aggregator.records_between(10.0, 20.0)] == [10.0, 15.0]
+
+
+def test_the_masters_copy_and_a_workers_own_file_count_each_request_once(tmp_path):
+    """On one disk (local workers, or a volume the hosts share) a request is in two files."""
+    reported = [record(agent=i, end=10.0 + i) for i in range(3)]
+    worker = RecordLog(RecordWriter(tmp_path, "worker-0-1"))
+    for item in reported:
+        worker.add(item)
+    master = RecordLog(RecordWriter(tmp_path, "master"))
+    master.keep(reported[:2])  # the last report did not reach the master
+    assert master.drain() == []  # kept records are not the master's own to report
+    assert len(read_records([tmp_path / "records-master.jsonl"])) == 2
+    assert sorted(read_records([tmp_path]), key=lambda r: r.agent) == reported
 
 
 def test_local_runner_takes_the_report_path_and_matches_the_files(tmp_path):

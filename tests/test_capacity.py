@@ -100,6 +100,13 @@ def test_bad_input_is_one_line_and_starts_nothing(tmp_path):
     assert "Traceback" not in stderr and not out.exists()
 
 
+def test_a_search_without_workers_is_one_line(tmp_path):
+    process = agentperf("capacity", "--workers", "0", "--out", str(tmp_path / "r"))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2 and len(stderr.strip().splitlines()) == 1 and "--remote-workers" in stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_unknown_trajectory_set_is_one_line(tmp_path):
     process = agentperf("capacity", "--trajectories", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r"))
     _, stderr = process.communicate(timeout=60)

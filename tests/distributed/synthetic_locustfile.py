@@ -1,17 +1,14 @@
 """Synthetic agents for the distributed aggregation test: no HTTP, each "request" sleeps and adds a
 record with known values to the process's RecordLog. TTFT is 0.1 s times the agent count of the
 load step the request saw (via the master's step broadcast), so the capacity per tier is known.
-The master also dumps its aggregated union of records at test stop, for comparison with the files.
 """
 
 import itertools
-import os
 import time
 
 import gevent
 import locust.runners
-from locust import User, constant, events, task
-from locust.runners import MasterRunner
+from locust import User, constant, task
 
 from agentperf_users import aggregate
 from agentperf_users.records import RequestRecord, Status
@@ -22,7 +19,6 @@ locust.runners.WORKER_REPORT_INTERVAL = 1.0  # reports every second instead of 3
 TTFT_PER_AGENT_S = 0.1
 REQUEST_S = 0.25
 FAIL_EVERY = 10
-MASTER_UNION_FILE = "master-union.jsonl"
 
 _local_agent_numbers = itertools.count()  # test fixture: unique agent numbers within this process
 
@@ -71,11 +67,3 @@ class SyntheticAgent(User):
         )
         self.turn += 1
 
-
-@events.test_stop.add_listener
-def dump_master_union(environment, **_) -> None:
-    if isinstance(environment.runner, MasterRunner):
-        path = os.path.join(environment.parsed_options.records_dir, MASTER_UNION_FILE)
-        with open(path, "w", encoding="utf-8") as file:
-            for record in aggregate.aggregator(environment).records():
-                file.write(record.to_json() + "\n")
