@@ -125,6 +125,11 @@ class Aggregator:
         self._pull_local()
         return list(self._records)
 
+    def records_from(self, index: int) -> list[RequestRecord]:
+        """The records after the first ``index`` to arrive (arrival order never changes)."""
+        self._pull_local()
+        return self._records[index:]
+
 
 @dataclass
 class _ProcessState:

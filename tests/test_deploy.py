@@ -75,7 +75,22 @@ def test_workers_find_the_master_and_the_master_waits_for_all_of_them():
     assert option(worker, "-f").startswith(IMAGE_ROOT)
     assert (REPO / option(worker, "-f").removeprefix(IMAGE_ROOT)).is_file()
     args, unknown = build_parser().parse_known_args(master[1:])  # capacity's own options, and Locust's
-    assert (args.warmup_s, args.window_s, unknown) == (30.0, 90.0, ["--expect-workers-max-wait", "300"])
+    assert (args.warmup_s, args.window_s) == (30.0, 90.0)
+    assert unknown == ["--expect-workers-max-wait", "300", "--metrics-port", "9646"]
+
+
+def test_the_masters_metrics_are_served_announced_and_optional():
+    objects = render({"master": {"metricsPort": 9700}})
+    job = objects[("Job", "cap-agentperf-master")]
+    master = container(job)
+    assert option(master["command"], "--metrics-port") == "9700"
+    assert {"name": "metrics", "containerPort": 9700} in master["ports"]
+    assert job["spec"]["template"]["metadata"]["annotations"] == {"prometheus.io/scrape": "true",
+                                                                   "prometheus.io/port": "9700"}
+    ports = objects[("Service", "cap-agentperf-master")]["spec"]["ports"]
+    assert {"name": "metrics", "port": 9700, "targetPort": "metrics"} in ports
+    off = render({"master": {"metricsPort": 0}})[("Job", "cap-agentperf-master")]
+    assert "--metrics-port" not in container(off)["command"] and "annotations" not in off["spec"]["template"]["metadata"]
 
 
 def test_the_simulator_is_the_target_unless_a_host_is_given():
@@ -150,7 +165,8 @@ def test_the_charts_commands_run_a_distributed_search(tmp_path):
     slo = tmp_path / "slo.yaml"
     slo.write_text("tiers:\n  - {name: aa-20tps, ttft_max_s: 10, output_tps_min: 20, scope: request}\n")
     objects = render({
-        "simulator": {"port": _free_port()}, "master": {"port": _free_port(), "expectWorkersMaxWaitS": 60},
+        "simulator": {"port": _free_port()},
+        "master": {"port": _free_port(), "metricsPort": _free_port(), "expectWorkersMaxWaitS": 60},
         "capacity": {"trajectories": "demo", "args": [
             "--slo", str(slo), "--start-agents", "2", "--max-agents", "4", "--warmup-s", "3", "--window-s", "6"]},
     })

@@ -5,6 +5,7 @@
 
 import locust.stats
 
+import agentperf_users.metrics  # noqa: F401  (--metrics-port)
 from agentperf_users.agent import AgentUser  # noqa: F401  (the user class Locust runs)
 from agentperf_users.client import bucket_response_time_3sig
 

@@ -1,0 +1,51 @@
+"""The run's Prometheus metrics, read back through prometheus_client's own text parser: request counts
+by status and the histograms equal what the records say, counted once however often Prometheus scrapes.
+(tests/distributed/test_metrics_scrape.py has a real Prometheus server scrape a real master.)"""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+from prometheus_client.core import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentperf_users import aggregate
+from agentperf_users.metrics import TTFT_BUCKETS_S, RunCollector
+from agentperf_users.records import Status
+from tests.test_aggregate import local_environment
+from tests.test_slo import record
+
+
+def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
+    samples = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_counts_and_histograms_follow_the_records_once_each():
+    environment = local_environment()
+    registry = CollectorRegistry()
+    registry.register(RunCollector(environment))
+    log = aggregate.get_record_log(environment)
+    ttfts = [0.05, 0.3, 0.3, 4.0, 50.0]
+    for i, ttft in enumerate(ttfts):
+        log.add(record(agent=i, ttft_s=ttft, output_tps=25.0, end=100.0 + i))
+    log.add(record(agent=9, ttft_s=None, output_tps=None, status=Status.TIMEOUT, end=110.0))
+    first = scrape(registry)
+    assert first == scrape(registry)  # a second scrape adds nothing
+    assert first[("agentperf_requests_total", (("status", "ok"),))] == 5
+    assert first[("agentperf_requests_total", (("status", "timeout"),))] == 1
+    assert first[("agentperf_requests_total", (("status", "stall"),))] == 0  # every status, from the start
+    for bound in TTFT_BUCKETS_S:
+        expected = sum(ttft <= bound for ttft in ttfts)
+        assert first[("agentperf_request_ttft_seconds_bucket", (("le", str(bound)),))] == expected, bound
+    assert first[("agentperf_request_ttft_seconds_count", ())] == 5
+    assert first[("agentperf_request_ttft_seconds_sum", ())] == sum(ttfts)
+
+    log.add(record(agent=1, ttft_s=0.3, output_tps=25.0, end=120.0))
+    later = scrape(registry)
+    assert later[("agentperf_requests_total", (("status", "ok"),))] == 6
+    assert later[("agentperf_request_ttft_seconds_bucket", (("le", "0.5"),))] == 4
+    assert later[("agentperf_load_step", ())] == 0 and later[("agentperf_agents_running", ())] == 0
+    assert not [name for name, _ in later if name.startswith("agentperf_step_")]  # no search in this run
