@@ -46,7 +46,7 @@ from agentperf_users.search import (
     add_search_arguments,
     window_end,
 )
-from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo, percentile_label, surely_fails
+from agentperf_users.slo import SloSpec, StepVerdict, TierVerdict, evaluate_step, load_slo, percentile_label, surely_fails
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +85,26 @@ class StepResult:
         return {**plain, "verdict": self.verdict.to_dict()}
 
 
+def ttft_text(verdict: TierVerdict) -> str:
+    """``p95 1.23 s``: the TTFT a tier's verdict was decided on (the progress line, the web UI)."""
+    value = "-" if verdict.ttft_quantile_s is None else f"{verdict.ttft_quantile_s:.3g} s"
+    return f"{percentile_label(verdict.tier.quantile)} {value}"
+
+
+def speed_text(verdict: TierVerdict) -> str:
+    """``p5 31.2 tok/s``: the output speed a tier's verdict was decided on."""
+    value = "-" if verdict.output_tps_quantile is None else f"{verdict.output_tps_quantile:.3g} tok/s"
+    return f"{percentile_label(1 - verdict.tier.quantile)} {value}"
+
+
 def format_step(step: StepResult) -> str:
     """The live progress line of a finished step."""
     parts = []
     for verdict in step.verdict.tiers:
-        q = verdict.tier.quantile
-        ttft = "-" if verdict.ttft_quantile_s is None else f"{verdict.ttft_quantile_s:.3g} s"
-        speed = "-" if verdict.output_tps_quantile is None else f"{verdict.output_tps_quantile:.3g} tok/s"
         agents = f", {verdict.agents_passed}/{verdict.agents_judged} agents" if verdict.agents_judged else ""
         outcome = "pass" if verdict.passed else "FAIL"
-        parts.append(
-            f"{verdict.tier.label}: {outcome} (TTFT {percentile_label(q)} {ttft}, "
-            f"output speed {percentile_label(1 - q)} {speed}{agents})"
-        )
+        parts.append(f"{verdict.tier.label}: {outcome} (TTFT {ttft_text(verdict)}, "
+                     f"output speed {speed_text(verdict)}{agents})")
     first = step.verdict.tiers[0]
     early = ", ended early" if step.early_stop else ""
     partial = ", without every worker's reports" if not step.coverage_complete else ""
@@ -193,7 +200,7 @@ class CapacitySearchShape(LoadTestShape):
         agents = self.search.next_agents()
         if agents is None:
             for capacity in self.search.capacity().values():
-                logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label, _describe(capacity))
+                logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label, describe_capacity(capacity))
             self._agents = 0
             return self._enter("stop", now, self._ramp_deadline(now, 0, STOP_RATE))
         self._phase = "step" if self.search.stepping else "bisect"
@@ -279,7 +286,8 @@ class CapacitySearchShape(LoadTestShape):
             logger.error("agentperf: %s: cannot write the capacity summary: %s", path, exc.strerror)
 
 
-def _describe(capacity: TierCapacity) -> str:
+def describe_capacity(capacity: TierCapacity) -> str:
+    """A tier's capacity as the progress log and the web UI say it."""
     if capacity.status is CapacityStatus.FOUND:
         return f"{capacity.agents} agents (fails at {capacity.first_failing_agents})"
     if capacity.status is CapacityStatus.NONE_PASSED:
