@@ -176,6 +176,12 @@ def _active_workers(runner: MasterRunner) -> list[str]:
     return [node.id for node in runner.clients.ready + runner.clients.spawning + runner.clients.running]
 
 
+def active_workers(environment: Environment) -> frozenset[str]:
+    """The workers a master counts on now (ready, spawning or running); none outside a master."""
+    runner = environment.runner
+    return frozenset(_active_workers(runner)) if isinstance(runner, MasterRunner) else frozenset()
+
+
 def _set_step(state: _ProcessState, data: dict) -> None:
     state.step = LoadStep(index=int(data["index"]), agents=int(data["agents"]),
                           fresh_agents=bool(data.get("fresh_agents", False)),

@@ -16,6 +16,11 @@ count, with a cache namespace of the step's own (``replay.Dealer``), and start a
 (``--start-turn``). So each step starts from the same state and measures the steady state of its
 count, whatever the search measured before: the question the ground truth answers.
 
+A worker lost during a step (killed, or its host gone: Locust marks it missing after a few silent
+heartbeats) takes its agents with it, and Locust does not hand them to the other workers; the step is
+then started again from no agents on the workers left, rather than judged with fewer agents than it
+names. A lost worker's records stay in its file, and those it reported in the master's.
+
 Early stop (never as a pass): once at least ``EARLY_STOP_MIN_S`` and ``EARLY_STOP_MIN_FRACTION`` of
 the window are covered by reports and ``EARLY_STOP_MIN_REQUESTS`` requests completed, the step ends
 when every tier this count still matters for fails ``slo.surely_fails``: it would fail even if the
@@ -140,6 +145,7 @@ class CapacitySearchShape(LoadTestShape):
         self._agents = 0
         self._phase = "step"
         self._window = (math.nan, math.nan)
+        self._workers: frozenset[str] = frozenset()  # the workers the step in progress was ramped on
 
     @property
     def environment(self):
@@ -214,13 +220,27 @@ class CapacitySearchShape(LoadTestShape):
         step = aggregate.LoadStep(index=len(self.steps), agents=self._agents, fresh_agents=self.params.restart_agents,
                                   ramp_start_epoch_s=now, spawn_rate=self.params.spawn_rate)
         aggregate.announce_step(self.environment, step)
+        self._workers = aggregate.active_workers(self.environment)
         return self._enter("ramp", now, self._ramp_deadline(now, self._agents))
+
+    def _lost_a_worker(self, now: float) -> bool:
+        """A worker lost during a step took its agents with it (Locust does not hand them to the others),
+        so the step would be judged with fewer agents than it names: start it again, from no agents, on
+        the workers left. Its records so far stay in the files; they are just not judged."""
+        lost = self._workers - aggregate.active_workers(self.environment)
+        if not lost or self._stage.name not in ("ramp", "warmup", "window"):
+            return False
+        logger.warning("agentperf: step %d: lost %d worker(s) (%s); measuring its %d agents again on the others",
+                       len(self.steps), len(lost), ", ".join(sorted(lost)), self._agents)
+        return self._enter("restart", now, self._ramp_deadline(now, 0, STOP_RATE))
 
     def _advance(self, now: float) -> bool:
         """Move to the next stage when the current one is over; True if it moved."""
         stage, params = self._stage, self.params
         aggregator = aggregate.aggregator(self.environment)
         over = now >= stage.deadline_epoch_s
+        if self._lost_a_worker(now):
+            return True
         if stage.name == "restart" and (over or self.get_current_user_count() == 0):
             return self._ramp(now)
         if stage.name == "ramp" and (over or self.get_current_user_count() == self._agents):

@@ -233,3 +233,49 @@ def test_the_slo_tabs_show_what_the_search_decided(search_run):
     assert capacity == {labels[name]: f"{c['agents']} agents (fails at {c['first_failing_agents']})"
                         for name, c in summary["capacity"].items()}
     assert capacity[labels["loose"]] == "3 agents (fails at 4)"  # the synthetic agents' known answer
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_step_that_loses_a_worker_is_measured_again_on_the_others(tmp_path):
+    """Locust does not give a lost worker's agents to the others: judged as it stood, the step would name
+    more agents than ran. Killed (SIGKILL) once the second step's agents run, the step is measured again
+    on the worker left, and every record either worker took is still on disk."""
+    from tests.distributed.synthetic_locustfile import REQUEST_S
+
+    records_dir, master_port, log = tmp_path / "records", str(free_port()), tmp_path / "master.log"
+    master = locust(
+        "--master", "--headless", "--expect-workers", "2", "--expect-workers-max-wait", "30",
+        "--master-bind-host", "127.0.0.1", "--master-bind-port", master_port, "--records-dir", str(records_dir),
+        "--run-id", "lost", "--slo", str(SLO_FILE), "--start-agents", "2", "--step-agents", "2", "--max-agents", "4",
+        "--agent-spawn-rate", "20", "--warmup-s", "1", "--window-s", "3", "--capacity-json", str(tmp_path / "c.json"),
+        log=log,
+    )
+    workers = [locust("--worker", "--master-host", "127.0.0.1", "--master-port", master_port,
+                      log=tmp_path / f"worker{i}.log") for i in range(2)]
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while "Sending spawn jobs of 4 users" not in log.read_text():  # the second step's ramp
+            assert time.monotonic() < deadline and master.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)  # its agents run (a step lost before its ramp just ramps on the workers left)
+        workers[1].kill()
+        master_rc = master.wait(timeout=RUN_TIMEOUT_S + 30)
+    finally:
+        for process in [master, *workers]:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    master_log = log.read_text()
+    assert master_rc == 0, master_log[-3000:]
+    assert "lost 1 worker(s)" in master_log and "measuring its 4 agents again" in master_log
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert [s["agents"] for s in summary["steps"]] == [2, 4, 3]
+    for step in summary["steps"]:  # each agent ends a request every REQUEST_S: as many agents ran as named
+        window_s = step["window_end_epoch_s"] - step["window_start_epoch_s"]
+        requests = step["verdict"]["tiers"][0]["requests"]
+        assert requests == pytest.approx(step["agents"] * window_s / REQUEST_S, rel=0.2), step["agents"]
+    files = sorted(records_dir.glob("records-worker-*.jsonl"))
+    assert len(files) == 2  # the killed worker's file too: flushed per record, nothing it took is lost
+    kept = set(read_records([records_dir / "records-master.jsonl"]))
+    assert kept <= set(read_records(files)) and len(read_records([files[0]])) and len(read_records([files[1]]))
