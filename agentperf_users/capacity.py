@@ -6,7 +6,8 @@ run uses, on one machine) and waits for ``--remote-workers`` more from other hos
 Helm chart), streams the search's progress lines, and writes a run folder: ``report.json``,
 ``report.html``, ``steps.csv``, ``records.jsonl`` (the merged records), the per-process record files
 under ``records/`` (the master's holds a copy of every record its workers reported, so remote workers'
-records are there too), ``search.json`` (the live search) and ``locust.log``.
+records are there too), ``power.jsonl`` (power readings: ``power``), ``search.json`` (the live search)
+and ``locust.log``.
 Against the embedded simulator the report also carries the ground truth from the same engine on a
 virtual clock (``agentperf truth``): the search's own answer there, and the same steps as the live run
 (its agent counts, in its order) measured without a load generator, step beside step.
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import IO, Sequence
 
 import agentperf_users
-from agentperf_users import replay
+from agentperf_users import power, replay
 from agentperf_users.errors import AgentperfError
 from agentperf_users.records import read_records
 from agentperf_users.report import RunContext, build_report, capacity_lines, step_stats, write_run
@@ -69,7 +70,13 @@ def register_cli(subparsers) -> None:
                         help="port the master listens on; default: a free one, or 5557 with --remote-workers")
     parser.add_argument("--out", default="", help="run folder; default: a new timestamped folder under ./agentperf-runs/")
     parser.add_argument("--accelerators", type=int, default=0, help="accelerators serving the target (normalisation)")
-    parser.add_argument("--power-watts", type=float, default=0.0, help="power drawn by the target, watts")
+    parser.add_argument("--power-watts", type=float, default=0.0,
+                        help="power drawn by the target, watts, where none is measured (--power-metrics-url)")
+    parser.add_argument("--power-metrics-url", default="",
+                        help="Prometheus endpoint with the accelerators' power (a DCGM exporter's /metrics), read "
+                        "every second; default: the embedded simulator's own, none against --host")
+    parser.add_argument("--power-metric", default=power.DEFAULT_METRIC,
+                        help=f"the power metric there, watts, summed over its series (default: {power.DEFAULT_METRIC})")
     parser.add_argument("--no-truth", action="store_true", help="skip the ground truth (embedded simulator only)")
     parser.add_argument("--trajectories", default="default", help="trajectory file, folder or bundled set")
     parser.add_argument("--trajectory-format", default="auto")
@@ -97,6 +104,8 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
             raise AgentperfError(str(exc)) from None
     elif args.profile:
         raise AgentperfError("--profile describes the embedded simulator; it cannot be combined with --host")
+    if args.power_metrics_url and not args.power_metrics_url.startswith(("http://", "https://")):
+        raise AgentperfError(f"--power-metrics-url: expected an http:// or https:// URL, got {args.power_metrics_url!r}")
     out = _run_folder(args.out)
     print(f"agentperf: run folder {out}", flush=True)
     _interrupt_on_signals()
@@ -111,11 +120,18 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
                 ["--profile", args.profile or profile.name, "--port", "0", "--seed", str(args.seed)]))
             host = simulator.url
             print(f"agentperf: embedded simulator ({profile.name}) at {host}", flush=True)
+        power_url = args.power_metrics_url or (f"{host}/metrics" if profile is not None else "")
+        measured_from = None
+        if power_url:
+            stack.enter_context(power.PowerSampler(power_url, out / power.POWER_FILE, args.power_metric))
+            modelled = "" if args.power_metrics_url else " (the simulator's power model)"
+            measured_from = f"{args.power_metric} at {power.endpoint_name(power_url)}{modelled}"
+            print(f"agentperf: reading power every {power.SAMPLE_INTERVAL_S:g} s: {measured_from}", flush=True)
         try:
             master_code = _run_locust(_locust_command(args, host, out), locust_args, args, out)
         except KeyboardInterrupt:
             interrupted = True
-    return _report(args, out, spec, params, trajectories, profile, host, interrupted, master_code)
+    return _report(args, out, spec, params, trajectories, profile, host, interrupted, master_code, measured_from)
 
 
 def _interrupt_on_signals() -> None:
@@ -205,7 +221,7 @@ def _wait(process: subprocess.Popen, timeout_s: float, terminate_first: bool = F
 
 
 def _report(args, out: Path, spec, params, trajectories, profile, host: str, interrupted: bool,
-            master_code: int | None) -> int:
+            master_code: int | None, measured_from: str | None) -> int:
     summary_path = out / "search.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
     records = read_records([out / "records"]) if (out / "records").exists() else []
@@ -217,7 +233,9 @@ def _report(args, out: Path, spec, params, trajectories, profile, host: str, int
         target={"host": host if not profile else "embedded simulator", "model": args.model or None,
                 "simulator_profile": profile.name if profile else None},
         trajectories=args.trajectories, accelerators=accelerators, power_watts=power_w,
-        power_source=power_source, interrupted=interrupted)
+        power_source=power_source, interrupted=interrupted,
+        power_samples=tuple(power.read_samples(out / power.POWER_FILE)),
+        power_measured_from=measured_from)
     truth = None
     if profile is not None and not args.no_truth and not interrupted:
         print("agentperf: computing the ground truth on the simulator's engine (virtual clock)", flush=True)

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from agentperf_users.power import PowerSample, mean_watts
 from agentperf_users.records import RequestRecord
 from agentperf_users.slo import SloSpec, evaluate_step, quantile, records_in_window
 
@@ -34,9 +35,11 @@ class RunContext:
     target: dict  # {"host": ..., "model": ..., "simulator_profile": name or None}
     trajectories: str
     accelerators: int | None
-    power_watts: float | None
+    power_watts: float | None  # given, or nameplate: per megawatt where nothing was measured
     power_source: str | None  # how power_watts was obtained ("--power-watts", "profile TDP", ...)
     interrupted: bool
+    power_samples: tuple[PowerSample, ...] = ()  # measured during the run (``power``)
+    power_measured_from: str | None = None  # the endpoint and metric they came from
 
 
 def step_stats(records: Sequence[RequestRecord], window_s: float) -> dict:
@@ -70,6 +73,7 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
             "index": live["index"], "agents": live["agents"], "phase": live["phase"],
             "window_start_epoch_s": start, "window_end_epoch_s": end, "early_stop": live["early_stop"],
             **step_stats(judged, end - start),
+            "power_watts": mean_watts(context.power_samples, start, end),
             "passed": passed,
             "live_verdict_matches_records": passed == live_passed and verdict.to_dict() == live["verdict"],
         })
@@ -79,9 +83,13 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
     for name, cap in summary.get("capacity", {}).items():
         agents = cap["agents"]
         per_accelerator = agents / context.accelerators if agents and context.accelerators else None
-        per_mw = agents / (context.power_watts / MEGAWATT_W) if agents and context.power_watts else None
+        watts, basis = _power_at(steps, agents), "measured"
+        if watts is None:
+            watts, basis = context.power_watts, context.power_source
+        per_mw = agents / (watts / MEGAWATT_W) if agents and watts else None
         capacity[name] = {**cap, "label": spec.tier(name).label, "agents_per_accelerator": per_accelerator,
-                          "agents_per_megawatt": per_mw}
+                          "agents_per_megawatt": per_mw, "power_watts": watts if per_mw else None,
+                          "power_basis": basis if per_mw else None}
     report = {
         "run_id": summary.get("run_id"),
         "capacity": capacity,
@@ -94,12 +102,21 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
         "accelerators": context.accelerators,
         "power_watts": context.power_watts,
         "power_source": context.power_source,
+        "power_measured": {"source": context.power_measured_from, "samples": len(context.power_samples)}
+        if context.power_measured_from else None,
         "interrupted": context.interrupted,
         "records": len(records),
     }
     if ground_truth is not None:  # its same_steps went into the steps above
         report["ground_truth"] = {key: value for key, value in ground_truth.items() if key != "same_steps"}
     return report
+
+
+def _power_at(steps: list[dict], agents: int | None) -> float | None:
+    """The power measured at a capacity: at the step with that many agents (the mean, in the rare
+    search that measured a count twice)."""
+    watts = [s["power_watts"] for s in steps if s["agents"] == agents and s["power_watts"] is not None]
+    return sum(watts) / len(watts) if watts else None
 
 
 def capacity_lines(report: dict) -> list[str]:
@@ -169,8 +186,15 @@ def render_html(report: dict) -> str:
 td,th{{padding:2px 6px;border-bottom:1px solid #ddd;text-align:right}}</style></head><body>
 <h1>{title}</h1>{note}<h2>Capacity</h2><ul>{lines}</ul>
 <p>Target: <code>{target}</code>; trajectories: <code>{html.escape(str(report['trajectories']))}</code>;
-accelerators: {report['accelerators']}; power: {report['power_watts']} W ({html.escape(str(report['power_source']))}).</p>
+accelerators: {report['accelerators']}; power: {_power_words(report)}.</p>
 <h2>Steps</h2>{charts}{table}</body></html>"""
+
+
+def _power_words(report: dict) -> str:
+    measured = report.get("power_measured")
+    if measured:
+        return html.escape(f"measured at every step ({measured['samples']} readings of {measured['source']})")
+    return html.escape(f"{report['power_watts']} W ({report['power_source']})")
 
 
 def _charts(report: dict) -> list[tuple[str, str]]:
@@ -191,12 +215,14 @@ def _charts(report: dict) -> list[tuple[str, str]]:
         ("output throughput (tok/s)", lambda s: s["output_tokens_per_s"], []),
         ("prefix-cache hit ratio", lambda s: s["cached_token_ratio"], []),
     )
+    if any(s["power_watts"] is not None for s in steps):  # (the truth has no power: number() gives None)
+        panels += (("power, measured (W)", lambda s: s.get("power_watts"), []),)
     truth_steps = [s for s in steps if "ground_truth" in s]
     charts = []
     for ylabel, number, limits in panels:
         figure, axes = plt.subplots(figsize=(5.2, 3.4), dpi=100)
         axes.plot(agents, [_nan_if_none(number(s)) for s in steps], marker="o", label="measured")
-        if truth_steps:
+        if truth_steps and any(number(s["ground_truth"]) is not None for s in truth_steps):
             axes.plot([s["agents"] for s in truth_steps], [_nan_if_none(number(s["ground_truth"])) for s in truth_steps],
                       marker="x", linestyle=":", color="black", label="ground truth, same steps")
             axes.legend(fontsize=7)

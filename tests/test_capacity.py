@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agentperf_users.records import read_records
+from agentperf_users.simulator.profile import load_profile
 
 QUICK_SEARCH = ["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--start-agents", "6",
                 "--max-agents", "24", "--warmup-s", "5", "--window-s", "15", "--workers", "2"]
@@ -62,7 +63,13 @@ def test_capacity_search_finds_the_ground_truth(tmp_path, headline_slo):
     assert len({r.worker_id for r in per_process}) == 2
     assert "capacity @ 20 tok/s, TTFT ≤ 10 s:" in stdout and "(ground truth" in stdout
     assert "step 0 (step): 6 agents" in stdout  # live progress
-    assert (out / "report.html").read_text().count("data:image/png") == 4
+    assert (out / "report.html").read_text().count("data:image/png") == 5  # with the measured power
+    # agents per megawatt from the power the simulator's gauge showed at the capacity step, not its nameplate
+    gpu = load_profile("l4-llama3.2-3b").gpu
+    assert headline["power_basis"] == "measured" and report["power_measured"]["samples"] > 0
+    assert gpu.count * gpu.idle_w < headline["power_watts"] <= gpu.count * gpu.tdp_w
+    assert headline["agents_per_megawatt"] == pytest.approx(headline["agents"] / (headline["power_watts"] / 1e6))
+    assert all(step["power_watts"] is not None for step in report["steps"])
 
 
 @pytest.mark.slow

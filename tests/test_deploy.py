@@ -100,12 +100,19 @@ def test_the_simulator_is_the_target_unless_a_host_is_given():
     assert option(simulator, "--profile") == "h100-llama3.1-8b" and option(simulator, "--port") == "8100"
     assert objects[("Service", "cap-agentperf-simulator")]["spec"]["ports"][0]["port"] == 8100
     assert option(container(master)["command"], "--host") == "http://cap-agentperf-simulator:8100"
+    assert option(container(master)["command"], "--power-metrics-url") == "http://cap-agentperf-simulator:8100/metrics"
     assert "http://cap-agentperf-simulator:8100/health" in container(master, init=True)["command"][-1]
 
     real = render({"target": {"host": "http://vllm.inference:8000"}})
     assert not [key for key in real if "simulator" in key[1]]
     master = real[("Job", "cap-agentperf-master")]
     assert option(container(master)["command"], "--host") == "http://vllm.inference:8000"
+    assert "--power-metrics-url" not in container(master)["command"]  # no power endpoint unless named
+    dcgm = render({"target": {"host": "http://vllm:8000"},
+                   "capacity": {"powerMetricsUrl": "http://dcgm:9400/metrics", "powerMetric": "DCGM_FI_DEV_POWER_USAGE"}})
+    command = container(dcgm[("Job", "cap-agentperf-master")])["command"]
+    assert (option(command, "--power-metrics-url"), option(command, "--power-metric")) == (
+        "http://dcgm:9400/metrics", "DCGM_FI_DEV_POWER_USAGE")
     assert "initContainers" not in master["spec"]["template"]["spec"]
 
 
@@ -131,6 +138,7 @@ def test_compose_wires_the_same_roles():
     assert option(master, "--remote-workers") == "3" == str(services["worker"]["deploy"]["replicas"])
     assert option(master, "--workers") == "0" and option(worker, "--master-host") == "master"
     assert option(master, "--host") == f"http://simulator:{option(simulator, '--port')}"
+    assert option(master, "--power-metrics-url") == option(master, "--host") + "/metrics"
     assert option(simulator, "--host") == "0.0.0.0"
     assert (REPO / option(worker, "-f").removeprefix(IMAGE_ROOT)).is_file()
     for command in (master, simulator):
@@ -202,6 +210,7 @@ def test_the_charts_commands_run_a_distributed_search(tmp_path):
     assert len({r.worker_id for r in records}) == 2 and report["records"] == len(records) > 0
     assert [step["agents"] for step in report["steps"]] == [2, 4]
     assert all(step["live_verdict_matches_records"] for step in report["steps"])
+    assert report["power_measured"]["samples"] > 0 and all(step["power_watts"] for step in report["steps"])
     last_window_end = json.loads((run / "search.json").read_text())["steps"][-1]["window_end_epoch_s"]
     for name in ("worker-a", "worker-b"):  # each worker's own file, on its own "host"
         (own,) = (folders[name] / "agentperf-runs" / run.name / "records").iterdir()

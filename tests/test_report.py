@@ -8,7 +8,8 @@ import json
 import pytest
 
 from agentperf_users.records import Status
-from agentperf_users.report import RunContext, build_report, capacity_lines, step_stats, write_run
+from agentperf_users.power import PowerSample
+from agentperf_users.report import RunContext, build_report, capacity_lines, render_html, step_stats, steps_frame, write_run
 from agentperf_users.slo import evaluate_step, load_slo
 from tests.test_slo import record as slo_record
 
@@ -68,6 +69,21 @@ def test_report_normalises_capacity_and_checks_live_verdicts():
     assert report["capacity"][SPEC.tiers[1].name]["agents_per_megawatt"] is None
     step = report["steps"][0]
     assert step["requests"] == 20 and step["live_verdict_matches_records"] is True
+    assert (first["power_watts"], first["power_basis"], step["power_watts"]) == (1400.0, "test", None)
+
+
+def test_measured_power_at_the_capacity_step_sets_agents_per_megawatt():
+    records = window_records()
+    samples = tuple(PowerSample(t, w) for t, w in ((95.0, 150.0), (100.0, 900.0), (115.0, 1100.0), (130.0, 2000.0)))
+    context = dataclasses.replace(CONTEXT, power_samples=samples, power_measured_from="DCGM at x")
+    report = build_report(summary_for(records), records, SPEC, context)
+    assert report["steps"][0]["power_watts"] == 1000.0  # the readings inside [100, 130)
+    first = report["capacity"][SPEC.tiers[0].name]
+    assert (first["power_watts"], first["power_basis"]) == (1000.0, "measured")
+    assert first["agents_per_megawatt"] == pytest.approx(4 / 0.001)  # not the nameplate's 4 / 0.0014
+    assert report["power_measured"] == {"source": "DCGM at x", "samples": 4}
+    assert "measured at every step (4 readings of DCGM at x)" in render_html(report)
+    assert "power_watts" in steps_frame(report).columns
 
 
 def test_a_record_missing_from_the_live_union_shows_as_a_mismatch():
