@@ -293,6 +293,7 @@ def _post_with_the_loop_blocked(url, scenario, block_s):
     return result
 
 
+@pytest.mark.skipif(not KERNEL_STAMPS, reason="kernel receive timestamps are used on Linux only")
 def test_a_first_token_in_the_headers_packet_is_dated_with_them(server_url):
     """Both are the arrival of one packet (its kernel stamp, where there is one): the first token is never
     dated before the headers, as a headers time read after parsing them would make it."""
