@@ -148,7 +148,7 @@ def install(environment: Environment) -> _ProcessState:
         return state
     runner = environment.runner
     if isinstance(runner, MasterRunner):
-        state = _ProcessState(Aggregator(lambda: _active_workers(runner),
+        state = _ProcessState(Aggregator(lambda: active_workers(environment),
                                          received=lambda records: get_record_log(environment).keep(records)))
         aggregator = state.aggregator
         environment.events.worker_report.add_listener(
@@ -172,14 +172,12 @@ def install(environment: Environment) -> _ProcessState:
     return state
 
 
-def _active_workers(runner: MasterRunner) -> list[str]:
-    return [node.id for node in runner.clients.ready + runner.clients.spawning + runner.clients.running]
-
-
 def active_workers(environment: Environment) -> frozenset[str]:
     """The workers a master counts on now (ready, spawning or running); none outside a master."""
     runner = environment.runner
-    return frozenset(_active_workers(runner)) if isinstance(runner, MasterRunner) else frozenset()
+    if not isinstance(runner, MasterRunner):
+        return frozenset()
+    return frozenset(node.id for node in runner.clients.ready + runner.clients.spawning + runner.clients.running)
 
 
 def _set_step(state: _ProcessState, data: dict) -> None:
