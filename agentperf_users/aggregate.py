@@ -250,9 +250,11 @@ def add_option(parser, name: str, **kwargs) -> None:
 
 
 def add_arguments(parser) -> None:
-    """``--records-dir`` and ``--run-id``; workers receive the master's values with the test start."""
+    """``--records-dir``, ``--run-id`` and ``--slo`` (the tiers the records are judged on: by the search,
+    and live in the web UI); workers receive the master's values with the test start."""
     add_option(parser, "--records-dir", default="", help="folder for the per-process record files; empty: none")
     add_option(parser, "--run-id", default="", help="id stamped on every record; empty: the master makes one")
+    add_option(parser, "--slo", default="", help="SLO tiers YAML file; empty: the bundled default tiers")
 
 
 events.init_command_line_parser.add_listener(add_arguments)

@@ -51,7 +51,7 @@ from agentperf_users.search import (
     add_search_arguments,
     window_end,
 )
-from agentperf_users.slo import SloSpec, StepVerdict, TierVerdict, evaluate_step, load_slo, percentile_label, surely_fails
+from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo, speed_text, surely_fails, ttft_text
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ EARLY_STOP_RATE_SLACK = 2.0
 def add_arguments(parser) -> None:
     """The search's Locust custom arguments (command line, locust.conf, LOCUST_* variables, web UI)."""
     option = functools.partial(aggregate.add_option, parser)
-    option("--slo", default="", help="SLO tiers YAML file; empty: the bundled default tiers")
     add_search_arguments(option)
     option("--capacity-json", default="", help="write the search summary (steps, capacity) here at test stop")
 
@@ -88,18 +87,6 @@ class StepResult:
     def to_dict(self) -> dict:
         plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "verdict"}
         return {**plain, "verdict": self.verdict.to_dict()}
-
-
-def ttft_text(verdict: TierVerdict) -> str:
-    """``p95 1.23 s``: the TTFT a tier's verdict was decided on (the progress line, the web UI)."""
-    value = "-" if verdict.ttft_quantile_s is None else f"{verdict.ttft_quantile_s:.3g} s"
-    return f"{percentile_label(verdict.tier.quantile)} {value}"
-
-
-def speed_text(verdict: TierVerdict) -> str:
-    """``p5 31.2 tok/s``: the output speed a tier's verdict was decided on."""
-    value = "-" if verdict.output_tps_quantile is None else f"{verdict.output_tps_quantile:.3g} tok/s"
-    return f"{percentile_label(1 - verdict.tier.quantile)} {value}"
 
 
 def format_step(step: StepResult) -> str:

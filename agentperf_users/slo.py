@@ -147,6 +147,18 @@ class TierVerdict:
         }
 
 
+def ttft_text(verdict: TierVerdict) -> str:
+    """``p95 1.23 s``: the TTFT a tier's verdict was decided on (progress lines, the web UI)."""
+    value = "-" if verdict.ttft_quantile_s is None else f"{verdict.ttft_quantile_s:.3g} s"
+    return f"{percentile_label(verdict.tier.quantile)} {value}"
+
+
+def speed_text(verdict: TierVerdict) -> str:
+    """``p5 31.2 tok/s``: the output speed a tier's verdict was decided on."""
+    value = "-" if verdict.output_tps_quantile is None else f"{verdict.output_tps_quantile:.3g} tok/s"
+    return f"{percentile_label(1 - verdict.tier.quantile)} {value}"
+
+
 @dataclass(frozen=True)
 class StepVerdict:
     """Every tier's verdict on the same set of records (one load step's measurement window)."""

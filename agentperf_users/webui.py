@@ -1,27 +1,30 @@
-"""The SLO tabs of Locust's web UI, for a capacity search (``locust -f locustfiles/capacity.py``).
+"""agentperf's tabs in Locust's web UI, and the one every run has: "SLO now", each tier's verdict on the
+requests that ended in the last ``--slo-window-s`` seconds, for a person ramping agents by hand.
 
-"SLO capacity" shows each tier's capacity as far as the search has got and the verdict of the latest step;
-"SLO steps" every judged step, tier by tier, with the numbers it was decided on. They use Locust's own
-extension points, so the page stays Locust's: tabs and table columns in the index page's template
-arguments (set at ``init``), and rows under ``extended_stats`` in the ``/stats/requests`` JSON that the
-page polls every 2 s (added after Locust's view made it). The rows are the shape's verdicts on the
-master, on the exact union of every worker's records: the same ones the search acts on.
+The tabs use Locust's own extension points, so the page stays Locust's: tabs and table columns in the
+index page's template arguments (set at ``init``), and rows under ``extended_stats`` in the
+``/stats/requests`` JSON that the page polls every 2 s (added after Locust's view made it). Rows come
+from the master's exact union of every worker's records (``aggregate``), never from Locust's bucketed
+statistics. The capacity search adds its own tabs the same way (``search_tabs``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any
+import time
+from typing import Any, Callable
 
 from flask import Response, request
 from locust import events
 from locust.env import Environment
 
-from agentperf_users.search import CapacityStatus
-from agentperf_users.shape import CapacitySearchShape, describe_capacity, speed_text, ttft_text
+from agentperf_users import aggregate
+from agentperf_users.errors import AgentperfError
+from agentperf_users.slo import SloSpec, TierVerdict, evaluate_step, load_slo, speed_text, ttft_text
 
-CAPACITY_TAB = "agentperf-capacity"
-STEPS_TAB = "agentperf-steps"
+LIVE_TAB = "agentperf-slo-now"
+DEFAULT_LIVE_WINDOW_S = 60.0
 VERDICT_COLUMNS = [
     {"key": "verdict", "title": "Verdict"},
     {"key": "ttft", "title": "TTFT"},
@@ -29,71 +32,72 @@ VERDICT_COLUMNS = [
     {"key": "requests", "title": "Requests"},
     {"key": "errors", "title": "Errors"},
 ]
+_TABS_ATTRIBUTE = "agentperf_tabs"
 
 
-def capacity_rows(shape: CapacitySearchShape) -> list[dict[str, Any]]:
-    """One row per tier: its capacity so far, and the latest step's verdict on it."""
-    if shape.spec is None:
-        return []
-    latest = shape.steps[-1] if shape.steps else None
-    capacity = shape.capacity()
-    rows = []
-    for tier in shape.spec.tiers:
-        row: dict[str, Any] = {"tier": tier.label, "capacity": _capacity_text(shape, capacity.get(tier.name))}
-        if latest is not None:
-            row.update(latest_agents=latest.agents, **_verdict_cells(latest.verdict.tier(tier.name)))
-        rows.append(row)
-    return rows
+def add_tab(web_ui, key: str, title: str, columns: list[dict[str, str]], rows: Callable[[], list[dict]]) -> None:
+    """A table tab: its columns in the page's template arguments, ``rows()`` in every ``/stats/requests``
+    answer. The tabs of every module share one hook."""
+    tabs = getattr(web_ui, _TABS_ATTRIBUTE, None)
+    if tabs is None:
+        tabs = {}
+        setattr(web_ui, _TABS_ATTRIBUTE, tabs)
+        web_ui.app.after_request(functools.partial(_add_rows, tabs))
+    tabs[key] = rows
+    web_ui.template_args.setdefault("extended_tabs", []).append({"title": title, "key": key})
+    web_ui.template_args.setdefault("extended_tables", []).append({"key": key, "structure": columns})
 
 
-def step_rows(shape: CapacitySearchShape) -> list[dict[str, Any]]:
-    """One row per judged step and tier, newest first."""
-    return [
-        {"step": step.index, "phase": step.phase + (", ended early" if step.early_stop else ""), "agents": step.agents,
-         "tier": verdict.tier.label, **_verdict_cells(verdict)}
-        for step in reversed(shape.steps) for verdict in step.verdict.tiers
-    ]
+def _add_rows(tabs: dict[str, Callable[[], list[dict]]], response: Response) -> Response:
+    if request.path != "/stats/requests" or not response.is_json:
+        return response
+    data = response.get_json()
+    data["extended_stats"] = [{"key": key, "data": rows()} for key, rows in tabs.items()]
+    response.set_data(json.dumps(data))
+    return response
 
 
-def _verdict_cells(verdict) -> dict[str, Any]:
+def verdict_cells(verdict: TierVerdict) -> dict[str, Any]:
+    """A tier verdict's cells under ``VERDICT_COLUMNS``."""
     return {"verdict": "pass" if verdict.passed else "FAIL", "ttft": ttft_text(verdict),
             "output_speed": speed_text(verdict), "requests": verdict.requests, "errors": verdict.errors}
 
 
-def _capacity_text(shape: CapacitySearchShape, capacity) -> str:
-    if capacity is None:
-        return "-"
-    if capacity.status is CapacityStatus.INCOMPLETE and not shape.search.done:
-        passes = "-" if capacity.agents is None else capacity.agents
-        fails = "-" if capacity.first_failing_agents is None else capacity.first_failing_agents
-        return f"searching (passes at {passes}, fails at {fails})"
-    return describe_capacity(capacity)
+@functools.lru_cache(maxsize=4)
+def _spec(path: str) -> SloSpec:
+    return load_slo(path or None)
+
+
+def live_rows(environment: Environment) -> list[dict[str, Any]]:
+    """Each tier's verdict on the requests that ended in the last ``--slo-window-s`` seconds up to where
+    every worker has reported (cold joins left out, as in any window)."""
+    options = environment.parsed_options
+    window_s = float(getattr(options, "slo_window_s", DEFAULT_LIVE_WINDOW_S))
+    try:
+        spec = _spec(getattr(options, "slo", "") or "")
+    except AgentperfError as exc:
+        return [{"tier": str(exc)}]
+    aggregator = aggregate.aggregator(environment)
+    end = min(time.time(), aggregator.covered_until())
+    verdict = evaluate_step(aggregator.records_between(end - window_s, end), spec)
+    agents = environment.runner.user_count
+    return [{"tier": tier.tier.label, **verdict_cells(tier), "agents": agents, "window": f"last {window_s:g} s"}
+            for tier in verdict.tiers]
+
+
+def add_arguments(parser) -> None:
+    aggregate.add_option(parser, "--slo-window-s", type=float, default=DEFAULT_LIVE_WINDOW_S,
+                         help="the web UI's SLO now tab judges the requests that ended in this many last seconds")
 
 
 def install(environment: Environment, web_ui=None, **_) -> None:
-    """Add the tabs on Locust's ``init``; nothing without a web UI (headless, or on a worker)."""
-    if web_ui is None:
-        return
-    web_ui.template_args["extended_tabs"] = [{"title": "SLO capacity", "key": CAPACITY_TAB},
-                                             {"title": "SLO steps", "key": STEPS_TAB}]
-    web_ui.template_args["extended_tables"] = [
-        {"key": CAPACITY_TAB, "structure": [{"key": "tier", "title": "SLO tier"}, {"key": "capacity", "title": "Capacity"},
-                                            {"key": "latest_agents", "title": "Latest step: agents"}, *VERDICT_COLUMNS]},
-        {"key": STEPS_TAB, "structure": [{"key": "step", "title": "Step"}, {"key": "phase", "title": "Phase"},
-                                         {"key": "agents", "title": "Agents"}, {"key": "tier", "title": "SLO tier"},
-                                         *VERDICT_COLUMNS]},
-    ]
-
-    @web_ui.app.after_request
-    def add_slo_rows(response: Response) -> Response:
-        shape = environment.shape_class
-        if request.path != "/stats/requests" or not response.is_json or not isinstance(shape, CapacitySearchShape):
-            return response
-        data = response.get_json()
-        data["extended_stats"] = [{"key": CAPACITY_TAB, "data": capacity_rows(shape)},
-                                  {"key": STEPS_TAB, "data": step_rows(shape)}]
-        response.set_data(json.dumps(data))
-        return response
+    """The SLO now tab, on Locust's ``init``; nothing without a web UI (headless, or on a worker)."""
+    if web_ui is not None:
+        add_tab(web_ui, LIVE_TAB, "SLO now",
+                [{"key": "tier", "title": "SLO tier"}, *VERDICT_COLUMNS, {"key": "agents", "title": "Agents running"},
+                 {"key": "window", "title": "Window"}],
+                functools.partial(live_rows, environment))
 
 
+events.init_command_line_parser.add_listener(add_arguments)
 events.init.add_listener(install)

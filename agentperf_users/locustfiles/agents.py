@@ -6,6 +6,7 @@
 import locust.stats
 
 import agentperf_users.metrics  # noqa: F401  (--metrics-port)
+import agentperf_users.webui  # noqa: F401  (the SLO now tab of the web UI)
 from agentperf_users.agent import AgentUser  # noqa: F401  (the user class Locust runs)
 from agentperf_users.client import bucket_response_time_3sig
 

@@ -11,7 +11,8 @@ import locust.runners
 from locust import User, constant, task
 
 import agentperf_users.metrics  # noqa: F401  (--metrics-port)
-import agentperf_users.webui  # noqa: F401  (the SLO tabs)
+import agentperf_users.search_tabs  # noqa: F401  (the search's tabs)
+import agentperf_users.webui  # noqa: F401  (the SLO now tab)
 from agentperf_users import aggregate
 from agentperf_users.records import RequestRecord, Status
 from agentperf_users.shape import CapacitySearchShape  # noqa: F401  (the shape Locust runs)

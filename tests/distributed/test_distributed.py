@@ -127,7 +127,7 @@ def search_run(tmp_path_factory):
             time.sleep(0.5)
         if CHROMIUM:
             time.sleep(0.5)
-            for tab in ("agentperf-steps", "agentperf-capacity"):
+            for tab in ("agentperf-steps", "agentperf-capacity", "agentperf-slo-now"):
                 tabs[tab] = rendered_rows(f"http://127.0.0.1:{web_port}/?tab={tab}", folder / f"chromium-{tab}")
         master.send_signal(signal.SIGTERM)  # as a user ends a web UI run
         exit_codes = [master.wait(timeout=20)] + [worker.wait(timeout=10) for worker in workers]
@@ -233,6 +233,13 @@ def test_the_slo_tabs_show_what_the_search_decided(search_run):
     assert capacity == {labels[name]: f"{c['agents']} agents (fails at {c['first_failing_agents']})"
                         for name, c in summary["capacity"].items()}
     assert capacity[labels["loose"]] == "3 agents (fails at 4)"  # the synthetic agents' known answer
+
+    now_table = tabs["agentperf-slo-now"]  # the last 60 s: the whole search, every agent stopped by now
+    assert now_table[0] == ["SLO tier", "Verdict", "TTFT", "Output speed", "Requests", "Errors", "Agents running",
+                            "Window"]
+    assert [row[0] for row in now_table[1:]] == [labels[name] for name in labels]
+    judged = sum(step["verdict"]["tiers"][0]["requests"] for step in summary["steps"])
+    assert all(int(row[4]) >= judged and row[6] == "0" and row[7] == "last 60 s" for row in now_table[1:])
 
 
 @pytest.mark.slow
