@@ -4,12 +4,10 @@ processes, the search, the report and the ground truth."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
