@@ -27,6 +27,7 @@ that the report and the ground truth need not import Locust and its monkey-patch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -39,13 +40,14 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 from agentperf_users.records import RecordLog, RecordWriter, RequestRecord
-from agentperf_users.slo import records_in_window
+from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo, records_in_window
 
 RECORDS_KEY = "agentperf_records"
 COVERED_KEY = "agentperf_covered_until_epoch_s"
 STEP_MESSAGE = "agentperf_step"
 LOCAL_SOURCE = "local"
 RECORD_ADD_GRACE_S = 0.5  # a record is added at most this long after its end time
+DEFAULT_SLO_NOW_WINDOW_S = 60.0
 _ENV_ATTRIBUTE = "agentperf_aggregation"
 
 
@@ -242,6 +244,24 @@ def announce_step(environment: Environment, step: LoadStep) -> None:
         environment.runner.send_message(STEP_MESSAGE, dataclasses.asdict(step))
 
 
+@functools.lru_cache(maxsize=4)
+def _spec(path: str) -> SloSpec:
+    return load_slo(path or None)
+
+
+def slo_now(environment: Environment) -> tuple[StepVerdict, float]:
+    """Each tier's verdict on the requests that ended in the last ``--slo-window-s`` seconds, up to where
+    every worker has reported (cold joins left out, as in any window), and that window's length: what the
+    web UI's SLO now tab and the metrics show while agents are ramped by hand. Raises ``AgentperfError``
+    for a bad ``--slo`` file."""
+    options = environment.parsed_options
+    window_s = float(getattr(options, "slo_window_s", DEFAULT_SLO_NOW_WINDOW_S))
+    spec = _spec(getattr(options, "slo", "") or "")
+    live = aggregator(environment)
+    end = min(time.time(), live.covered_until())
+    return evaluate_step(live.records_between(end - window_s, end), spec), window_s
+
+
 def add_option(parser, name: str, **kwargs) -> None:
     """A Locust custom argument, added on the parser itself (Locust's web UI start form shows only
     those, not arguments in a group), also settable as ``LOCUST_<NAME>`` and in ``locust.conf``."""
@@ -250,11 +270,13 @@ def add_option(parser, name: str, **kwargs) -> None:
 
 
 def add_arguments(parser) -> None:
-    """``--records-dir``, ``--run-id`` and ``--slo`` (the tiers the records are judged on: by the search,
-    and live in the web UI); workers receive the master's values with the test start."""
+    """``--records-dir``, ``--run-id``, ``--slo`` (the tiers the records are judged on: by the search, and
+    live) and ``--slo-window-s``; workers receive the master's values with the test start."""
     add_option(parser, "--records-dir", default="", help="folder for the per-process record files; empty: none")
     add_option(parser, "--run-id", default="", help="id stamped on every record; empty: the master makes one")
     add_option(parser, "--slo", default="", help="SLO tiers YAML file; empty: the bundled default tiers")
+    add_option(parser, "--slo-window-s", type=float, default=DEFAULT_SLO_NOW_WINDOW_S,
+               help="the SLO now verdict (web UI tab, metrics) judges the requests that ended in this many last seconds")
 
 
 events.init_command_line_parser.add_listener(add_arguments)

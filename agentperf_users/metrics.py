@@ -30,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from agentperf_users import aggregate
+from agentperf_users.errors import AgentperfError
 from agentperf_users.records import RequestRecord, Status
 from agentperf_users.search import CapacityStatus
 
@@ -89,6 +90,7 @@ class RunCollector(Collector):
         step = aggregate.current_step(self._environment)
         yield GaugeMetricFamily("agentperf_load_step", "Index of the load step in progress", value=step.index)
         yield GaugeMetricFamily("agentperf_load_step_agents", "Agents of the load step in progress", value=step.agents)
+        yield from _slo_now_metrics(self._environment)
         # Not imported here: importing the shape adds the search's options to every locustfile that imports
         # this one. A shape of that class exists only where its module was imported.
         shape_module = sys.modules.get("agentperf_users.shape")
@@ -104,6 +106,30 @@ class RunCollector(Collector):
             if record.ok and record.output_tps is not None:
                 self._output_tps.observe(record.output_tps)
         self._taken += len(records)
+
+
+def _slo_now_metrics(environment: Environment) -> Iterator[Metric]:
+    """Each tier's verdict on the last ``--slo-window-s`` seconds (``aggregate.slo_now``); none while the
+    ``--slo`` file is bad (the web UI's tab says why)."""
+    try:
+        verdict, window_s = aggregate.slo_now(environment)
+    except AgentperfError:
+        return
+    about = f"over the requests that ended in the last {window_s:g} s"
+    passed = GaugeMetricFamily("agentperf_slo_now_passed", f"1 if the tier holds {about}, else 0", labels=["tier"])
+    ttft = GaugeMetricFamily("agentperf_slo_now_ttft_seconds", f"TTFT at the tier's quantile {about}", labels=["tier"])
+    speed = GaugeMetricFamily("agentperf_slo_now_output_tokens_per_second",
+                              f"Output speed at the tier's low-tail quantile {about}", labels=["tier"])
+    requests = GaugeMetricFamily("agentperf_slo_now_requests", f"Requests judged {about}", labels=["tier"])
+    for tier in verdict.tiers:
+        name = [tier.tier.name]
+        passed.add_metric(name, 1.0 if tier.passed else 0.0)
+        requests.add_metric(name, tier.requests)
+        if tier.ttft_quantile_s is not None:
+            ttft.add_metric(name, tier.ttft_quantile_s)
+        if tier.output_tps_quantile is not None:
+            speed.add_metric(name, tier.output_tps_quantile)
+    yield from (passed, ttft, speed, requests)
 
 
 def _search_metrics(shape: "CapacitySearchShape") -> Iterator[Metric]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from typing import Any, Callable
 
 from flask import Response, request
@@ -21,10 +20,9 @@ from locust.env import Environment
 
 from agentperf_users import aggregate
 from agentperf_users.errors import AgentperfError
-from agentperf_users.slo import SloSpec, TierVerdict, evaluate_step, load_slo, speed_text, ttft_text
+from agentperf_users.slo import TierVerdict, speed_text, ttft_text
 
 LIVE_TAB = "agentperf-slo-now"
-DEFAULT_LIVE_WINDOW_S = 60.0
 VERDICT_COLUMNS = [
     {"key": "verdict", "title": "Verdict"},
     {"key": "ttft", "title": "TTFT"},
@@ -63,31 +61,15 @@ def verdict_cells(verdict: TierVerdict) -> dict[str, Any]:
             "output_speed": speed_text(verdict), "requests": verdict.requests, "errors": verdict.errors}
 
 
-@functools.lru_cache(maxsize=4)
-def _spec(path: str) -> SloSpec:
-    return load_slo(path or None)
-
-
 def live_rows(environment: Environment) -> list[dict[str, Any]]:
-    """Each tier's verdict on the requests that ended in the last ``--slo-window-s`` seconds up to where
-    every worker has reported (cold joins left out, as in any window)."""
-    options = environment.parsed_options
-    window_s = float(getattr(options, "slo_window_s", DEFAULT_LIVE_WINDOW_S))
+    """The SLO now tab: ``aggregate.slo_now``, a row per tier."""
     try:
-        spec = _spec(getattr(options, "slo", "") or "")
+        verdict, window_s = aggregate.slo_now(environment)
     except AgentperfError as exc:
         return [{"tier": str(exc)}]
-    aggregator = aggregate.aggregator(environment)
-    end = min(time.time(), aggregator.covered_until())
-    verdict = evaluate_step(aggregator.records_between(end - window_s, end), spec)
     agents = environment.runner.user_count
     return [{"tier": tier.tier.label, **verdict_cells(tier), "agents": agents, "window": f"last {window_s:g} s"}
             for tier in verdict.tiers]
-
-
-def add_arguments(parser) -> None:
-    aggregate.add_option(parser, "--slo-window-s", type=float, default=DEFAULT_LIVE_WINDOW_S,
-                         help="the web UI's SLO now tab judges the requests that ended in this many last seconds")
 
 
 def install(environment: Environment, web_ui=None, **_) -> None:
@@ -99,5 +81,4 @@ def install(environment: Environment, web_ui=None, **_) -> None:
                 functools.partial(live_rows, environment))
 
 
-events.init_command_line_parser.add_listener(add_arguments)
 events.init.add_listener(install)

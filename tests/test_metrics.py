@@ -4,6 +4,8 @@ by status and the histograms equal what the records say, counted once however of
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import generate_latest
 from prometheus_client.core import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -11,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agentperf_users import aggregate
 from agentperf_users.metrics import TTFT_BUCKETS_S, RunCollector
 from agentperf_users.records import Status
+from agentperf_users.slo import evaluate_step, load_slo
 from tests.test_aggregate import local_environment
 from tests.test_slo import record
 
@@ -49,3 +52,23 @@ def test_counts_and_histograms_follow_the_records_once_each():
     assert later[("agentperf_request_ttft_seconds_bucket", (("le", "0.5"),))] == 4
     assert later[("agentperf_load_step", ())] == 0 and later[("agentperf_agents_running", ())] == 0
     assert not [name for name, _ in later if name.startswith("agentperf_step_")]  # no search in this run
+
+
+def test_slo_now_is_the_verdict_on_the_last_window():
+    environment = local_environment()
+    environment.parsed_options.slo, environment.parsed_options.slo_window_s = "", 30.0
+    registry = CollectorRegistry()
+    registry.register(RunCollector(environment))
+    now = time.time()
+    log = aggregate.get_record_log(environment)
+    added = [record(agent=i % 3, ttft_s=0.5 * i, output_tps=40.0 - i, end=now - 44.25 + i * 2) for i in range(20)]
+    for item in added:
+        log.add(item)
+    samples = scrape(registry)
+    expected = evaluate_step([r for r in added if r.end_epoch_s >= now - 30.5], load_slo(None))  # 13 of 20
+    for tier in expected.tiers:
+        labels = (("tier", tier.tier.name),)
+        assert samples[("agentperf_slo_now_passed", labels)] == (1.0 if tier.passed else 0.0)
+        assert samples[("agentperf_slo_now_requests", labels)] == 13
+        assert samples[("agentperf_slo_now_ttft_seconds", labels)] == tier.ttft_quantile_s
+    assert {tier.passed for tier in expected.tiers} == {True, False}

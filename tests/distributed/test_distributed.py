@@ -207,6 +207,9 @@ def test_prometheus_stores_every_judged_step_as_judged(search_run):
     assert 0 < counted["ok"] <= sum(r.ok for r in records) and counted["timeout"] == 0
     (agents,) = query(port, "max_over_time(agentperf_load_step_agents[10m])")
     assert float(agents["value"][1]) == 4  # the largest step, 2 and 2 agents on two workers
+    judged_now = {series["metric"]["tier"]: float(series["value"][1])
+                  for series in query(port, "max_over_time(agentperf_slo_now_requests[10m])")}
+    assert set(judged_now) == {"loose", "strict"} and min(judged_now.values()) > 0  # the rolling verdict too
     capacity = {series["metric"]["tier"]: float(series["value"][1])
                 for series in query(port, "last_over_time(agentperf_capacity_agents[10m])")}
     assert capacity == {name: c["agents"] for name, c in search_run.summary["capacity"].items()}
