@@ -14,7 +14,7 @@ import bisect
 import logging
 import sys
 from collections import Counter
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from locust import events
 from locust.env import Environment
@@ -33,6 +33,7 @@ from agentperf_users import aggregate
 from agentperf_users.errors import AgentperfError
 from agentperf_users.records import RequestRecord, Status
 from agentperf_users.search import CapacityStatus
+from agentperf_users.slo import TierVerdict
 
 if TYPE_CHECKING:
     from agentperf_users.shape import CapacitySearchShape
@@ -108,6 +109,25 @@ class RunCollector(Collector):
         self._taken += len(records)
 
 
+def _verdict_families(prefix: str, about: str, labels: list[str],
+                      verdicts: Iterable[tuple[list[str], TierVerdict]]) -> tuple[Metric, ...]:
+    """Tier verdicts as four gauges (``<prefix>_passed``, ``_ttft_seconds``, ``_output_tokens_per_second``,
+    ``_requests``), a series per label values."""
+    passed = GaugeMetricFamily(f"{prefix}_passed", f"1 if the tier holds {about}, else 0", labels=labels)
+    ttft = GaugeMetricFamily(f"{prefix}_ttft_seconds", f"TTFT at the tier's quantile {about}", labels=labels)
+    speed = GaugeMetricFamily(f"{prefix}_output_tokens_per_second",
+                              f"Output speed at the tier's low-tail quantile {about}", labels=labels)
+    requests = GaugeMetricFamily(f"{prefix}_requests", f"Requests judged {about}", labels=labels)
+    for key, verdict in verdicts:
+        passed.add_metric(key, 1.0 if verdict.passed else 0.0)
+        requests.add_metric(key, verdict.requests)
+        if verdict.ttft_quantile_s is not None:
+            ttft.add_metric(key, verdict.ttft_quantile_s)
+        if verdict.output_tps_quantile is not None:
+            speed.add_metric(key, verdict.output_tps_quantile)
+    return passed, ttft, speed, requests
+
+
 def _slo_now_metrics(environment: Environment) -> Iterator[Metric]:
     """Each tier's verdict on the last ``--slo-window-s`` seconds (``aggregate.slo_now``); none while the
     ``--slo`` file is bad (the web UI's tab says why)."""
@@ -115,42 +135,17 @@ def _slo_now_metrics(environment: Environment) -> Iterator[Metric]:
         verdict, window_s = aggregate.slo_now(environment)
     except AgentperfError:
         return
-    about = f"over the requests that ended in the last {window_s:g} s"
-    passed = GaugeMetricFamily("agentperf_slo_now_passed", f"1 if the tier holds {about}, else 0", labels=["tier"])
-    ttft = GaugeMetricFamily("agentperf_slo_now_ttft_seconds", f"TTFT at the tier's quantile {about}", labels=["tier"])
-    speed = GaugeMetricFamily("agentperf_slo_now_output_tokens_per_second",
-                              f"Output speed at the tier's low-tail quantile {about}", labels=["tier"])
-    requests = GaugeMetricFamily("agentperf_slo_now_requests", f"Requests judged {about}", labels=["tier"])
-    for tier in verdict.tiers:
-        name = [tier.tier.name]
-        passed.add_metric(name, 1.0 if tier.passed else 0.0)
-        requests.add_metric(name, tier.requests)
-        if tier.ttft_quantile_s is not None:
-            ttft.add_metric(name, tier.ttft_quantile_s)
-        if tier.output_tps_quantile is not None:
-            speed.add_metric(name, tier.output_tps_quantile)
-    yield from (passed, ttft, speed, requests)
+    yield from _verdict_families("agentperf_slo_now", f"over the requests that ended in the last {window_s:g} s",
+                                 ["tier"], (([tier.tier.name], tier) for tier in verdict.tiers))
 
 
 def _search_metrics(shape: "CapacitySearchShape") -> Iterator[Metric]:
     """Every judged step's numbers per tier (labelled by step: a search has tens of steps, not thousands),
     and each tier's capacity as far as it is known."""
-    labels = ["step", "agents", "tier"]
-    passed = GaugeMetricFamily("agentperf_step_passed", "1 if the judged step met the tier, else 0", labels=labels)
-    ttft = GaugeMetricFamily("agentperf_step_ttft_seconds", "The step's TTFT at the tier's quantile", labels=labels)
-    speed = GaugeMetricFamily("agentperf_step_output_tokens_per_second",
-                              "The step's output speed at the tier's low-tail quantile", labels=labels)
-    judged = GaugeMetricFamily("agentperf_step_requests", "Requests the step's verdict judged", labels=labels)
-    for step in shape.steps:
-        for verdict in step.verdict.tiers:
-            key = [str(step.index), str(step.agents), verdict.tier.name]
-            passed.add_metric(key, 1.0 if verdict.passed else 0.0)
-            judged.add_metric(key, verdict.requests)
-            if verdict.ttft_quantile_s is not None:
-                ttft.add_metric(key, verdict.ttft_quantile_s)
-            if verdict.output_tps_quantile is not None:
-                speed.add_metric(key, verdict.output_tps_quantile)
-    yield from (passed, ttft, speed, judged)
+    yield from _verdict_families(
+        "agentperf_step", "in the judged step", ["step", "agents", "tier"],
+        (([str(step.index), str(step.agents), verdict.tier.name], verdict)
+         for step in shape.steps for verdict in step.verdict.tiers))
     capacity = GaugeMetricFamily("agentperf_capacity_agents",
                                  "Agents the tier holds: located, or as far as the search has got (see status)",
                                  labels=["tier"])
