@@ -40,6 +40,7 @@ from typing import Any
 
 import gevent
 import requests
+from gevent import GreenletExit
 from gevent.event import AsyncResult
 from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
@@ -58,7 +59,7 @@ from agentperf_users.client import (
 )
 from agentperf_users.errors import AgentperfError
 from agentperf_users.readers import FORMATS
-from agentperf_users.records import RequestRecord
+from agentperf_users.records import RequestRecord, Status
 from agentperf_users.replay import (
     NAMESPACE_MODES,
     Dealer,
@@ -67,8 +68,10 @@ from agentperf_users.replay import (
     ReplaySettings,
     add_replay_arguments,
     agent_rng,
+    chat_params,
     join_offset_s,
     namespace_marker,
+    request_tools,
     session_trajectory,
     start_turn,
     tool_wait_s,
@@ -78,6 +81,9 @@ from agentperf_users.trajectory import Trajectory, TrajectorySet, load_trajector
 CLAIM_MESSAGE = "agentperf_claim"
 CLAIMED_MESSAGE = "agentperf_claimed"
 CLAIM_TIMEOUT_S = 30.0  # a master that does not answer a claim in this long is gone
+BACKOFF_FIRST_S = 0.5  # the extra pause after a second failure in a row, doubling with each one more
+BACKOFF_MAX_S = 8.0
+RETRY_AFTER_MAX_S = 30.0  # a server's Retry-After is honoured up to this: a step's window is 20-60 s
 MODELS_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 30.0
 _ENV_ATTRIBUTE = "agentperf_agents"
@@ -122,6 +128,7 @@ class AgentSettings:
                 cache_namespace=str(options.cache_namespace),
                 seed=_integer(options.seed, "--seed"),
                 start_turn=str(options.start_turn),
+                tools=bool(options.tools),
             ),
         )
 
@@ -313,6 +320,7 @@ class AgentUser(FastHttpUser):
         self._label = ""
         self._turn = 0
         self._cold_join = False  # the next request is this agent's first since it joined
+        self._failures_in_a_row = 0
         self._scheduled_perf_s = self._scheduled_epoch_s = 0.0
 
     def _join(self) -> None:
@@ -349,25 +357,38 @@ class AgentUser(FastHttpUser):
             gevent.sleep(delay_s)
         turn = self._trajectory.turns[self._turn]
         settings = self._process.settings
-        params: dict[str, Any] = {
-            "model": self._process.model,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "max_completion_tokens": turn.output_tokens,
-            "max_tokens": turn.output_tokens,
-        }
-        if settings.replay.ignore_eos:
-            params["ignore_eos"] = True
+        params = chat_params(self._process.model, turn.output_tokens, settings.replay)
         load_step = aggregate.current_load_step(self.environment)
-        result = self.stream.post(self._encoder.body(params, turn.messages, turn.tools), {"agent": self.agent})
+        body = self._encoder.body(params, turn.messages, request_tools(turn.tools, settings.replay))
+        result = self.stream.post(body, {"agent": self.agent}, max_tokens=turn.output_tokens)
         aggregate.get_record_log(self.environment).add(self._record(result, load_step))
+        if result.status is Status.CANCELLED:
+            raise GreenletExit  # the kill that cut the request: Locust is stopping this agent
         self._cold_join = False
         replay = settings.replay
         wait_s = tool_wait_s(replay.tool_wait, turn.tool_wait_s, self._rng, replay.tool_wait_median_s, replay.tool_wait_sigma)
+        wait_s = max(wait_s, self._backoff_s(result))
         self._scheduled_perf_s, self._scheduled_epoch_s = result.end_perf_s + wait_s, result.end_epoch_s + wait_s
         self._turn += 1
         if self._turn == len(self._trajectory.turns):
             self._begin(claim(self.environment, new_agent=False))
+
+    def _backoff_s(self, result: ChatResult) -> float:
+        """The least pause before the next request after ``result``. A server's Retry-After (429, 503) is
+        honoured, capped; otherwise the second failure in a row waits ``BACKOFF_FIRST_S``, doubling up to
+        ``BACKOFF_MAX_S``, so an agent facing a server that rejects everything (a 400 for an option it was
+        not started with, a refused port) does not spin out failures as fast as the server answers. A
+        single failure adds nothing: one rejected request among good ones is replayed as the ground truth
+        replays it. The failures still count against every tier; the next success resets the count."""
+        if result.status is Status.OK:
+            self._failures_in_a_row = 0
+            return 0.0
+        self._failures_in_a_row += 1
+        if result.retry_after_s is not None:
+            return min(result.retry_after_s, RETRY_AFTER_MAX_S)
+        if self._failures_in_a_row < 2:
+            return 0.0
+        return min(BACKOFF_FIRST_S * 2 ** (self._failures_in_a_row - 2), BACKOFF_MAX_S)
 
     def _record(self, result: ChatResult, load_step: int) -> RequestRecord:
         return RequestRecord(

@@ -21,12 +21,13 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from gevent import GreenletExit
 from geventhttpclient.response import HTTPConnectionClosed, HTTPParseError
 from geventhttpclient.url import URL
 
 from agentperf_users.records import Status
 from agentperf_users.stats import interpolated_quantile
-from agentperf_users.sse import SSEParser, StreamTally, error_text
+from agentperf_users.sse import SSEParser, StreamTally, error_text, implausible_usage
 from agentperf_users.timed_io import (
     KERNEL_STAMPS,
     BodyReader,
@@ -40,6 +41,7 @@ from agentperf_users.timed_io import (
 ERROR_BODY_BYTES = 16 * 1024  # how much of an HTTP error body is read to find its message
 DRAIN_TIMEOUT_S = 1.0  # after [DONE], how long to wait for the end of the HTTP message (keeps the connection)
 MESSAGE_CHARS = 200  # records and logs carry at most this much of a server's error text
+RETRY_AFTER_STATUSES = (429, 503)  # the statuses whose Retry-After header an agent honours
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_STALL_TIMEOUT_S = 120.0
 LOCUST_REQUEST_NAME = "chat turn"
@@ -86,6 +88,7 @@ class ChatResult:
     output_tps: float | None  # (output_tokens - 1) / (last token chunk - first token chunk)
     token_times_perf_s: tuple[float, ...]  # arrival of every token chunk
     server_timing: Mapping[str, Any] | None  # the simulator's "agentperf_timing", when asked for
+    retry_after_s: float | None = None  # a 429 or 503's Retry-After, seconds (HTTP-date forms are not read)
 
 
 class ChatRequestFailed(Exception):
@@ -127,18 +130,27 @@ class ChatStreamClient:
         self._stall_timeout_s = stall_timeout_s
         self._name = name
 
-    def post(self, body: bytes, context: Mapping[str, Any] | None = None) -> ChatResult:
-        """Send one streaming request; never raises for a failed request (the result says how it ended)."""
+    def post(self, body: bytes, context: Mapping[str, Any] | None = None, max_tokens: int | None = None) -> ChatResult:
+        """Send one streaming request and measure it. It never raises for anything the server or the network
+        does: every response becomes one result (and so one record) that says how it ended. ``max_tokens`` is
+        what the request asked for, the ceiling of a believable ``usage.completion_tokens``.
+
+        A kill of the calling greenlet (Locust stopping the agent at the end of a step or run) is the one
+        exception: the result then has status ``CANCELLED`` and what had arrived, the caller records it
+        and re-raises ``GreenletExit`` (:meth:`AgentUser.turn`), and Locust's request event is not fired,
+        as the server did nothing wrong."""
         start_epoch = time.time()
         start = time.perf_counter()
         realtime_offset = realtime_offset_s()
         tally = StreamTally()
-        ttfb = end = http_status = None
+        ttfb = end = http_status = retry_after = None
         try:
             response = self._http.request("POST", self._uri, body=body, headers=self._headers)
             reader = BodyReader(response, realtime_offset)
             ttfb = reader.headers_arrived_s - start
             http_status = response.status_code
+            if http_status in RETRY_AFTER_STATUSES:
+                retry_after = _retry_after_s(response.get("retry-after"))
             end = self._read(response, reader, tally, start)
             status, message = Status.OK, ""
         except StreamFailure as failure:
@@ -151,18 +163,24 @@ class ChatStreamClient:
             status, message = Status.BAD_STREAM, "malformed HTTP response"
         except OSError as exc:
             status, message = Status.DISCONNECT, f"connection error: {type(exc).__name__}"
-        result = self._result(tally, status, message, http_status, start_epoch, start, ttfb, end or time.perf_counter())
-        self._event.fire(
-            request_type="POST",
-            name=self._name,
-            response_time=result.e2e_s * 1000.0,
-            response_length=result.output_tokens,
-            exception=None if status is Status.OK else ChatRequestFailed(f"{status.value}: {message}"),
-            context=context or {},
-            response=None,
-            url=self._url_text,
-            start_time=start_epoch,
-        )
+        except GreenletExit:
+            status, message = Status.CANCELLED, "cancelled by the end of its load step or run"
+        except Exception as exc:  # noqa: BLE001 -- whatever a server sends must end as a record, not a retry loop
+            status, message = Status.BAD_STREAM, redact(f"unreadable response ({type(exc).__name__}: {exc})", self._secrets)
+        result = self._result(tally, status, message, http_status, start_epoch, start, ttfb, end or time.perf_counter(),
+                              max_tokens, retry_after)
+        if result.status is not Status.CANCELLED:
+            self._event.fire(
+                request_type="POST",
+                name=self._name,
+                response_time=result.e2e_s * 1000.0,
+                response_length=result.output_tokens,
+                exception=None if result.status is Status.OK else ChatRequestFailed(f"{result.status.value}: {result.message}"),
+                context=context or {},
+                response=None,
+                url=self._url_text,
+                start_time=start_epoch,
+            )
         return result
 
     def _read(self, response: Any, reader: BodyReader, tally: StreamTally, start: float) -> float:
@@ -186,6 +204,8 @@ class ChatStreamClient:
             while tally.done_at is None and tally.error is None:
                 data, arrived_at = reader.read()
                 if not data:
+                    if tally.usage is not None or tally.finished:
+                        return arrived_at  # complete but for [DONE], which some servers and proxies leave out
                     raise StreamFailure(Status.DISCONNECT, "the stream ended before [DONE]")
                 try:
                     events = parser.feed(data)
@@ -236,10 +256,15 @@ class ChatStreamClient:
         code = response.status_code
         return (Status.HTTP_4XX if code < 500 else Status.HTTP_5XX), f"HTTP {code}" + (f": {text}" if text else "")
 
-    def _result(self, tally, status, message, http_status, start_epoch, start, ttfb, end) -> ChatResult:
+    def _result(self, tally, status, message, http_status, start_epoch, start, ttfb, end, max_tokens=None,
+                retry_after=None) -> ChatResult:
         times = tally.token_times
         usage = tally.usage or {}
         completion = _count(usage.get("completion_tokens"))
+        if completion is not None and (doubt := implausible_usage(completion, tally, max_tokens)) is not None:
+            completion = None  # not believed: the chunks that arrived are counted instead
+            if status is Status.OK:
+                status, message = Status.BAD_STREAM, doubt
         estimated = completion is None
         tokens = len(times) if estimated else completion
         gaps = sorted(b - a for a, b in zip(times, times[1:]))
@@ -266,7 +291,18 @@ class ChatStreamClient:
             output_tps=(tokens - 1) / span if tokens > 1 and span > 0 else None,
             token_times_perf_s=tuple(times),
             server_timing=tally.server_timing,
+            retry_after_s=retry_after,
         )
+
+
+def _retry_after_s(value: Any) -> float | None:
+    """A ``Retry-After`` header's delay in seconds (RFC 9110: a non-negative integer; a decimal is accepted),
+    or None when absent or not a number."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _first_token_reads(sock: Any, on: bool) -> None:

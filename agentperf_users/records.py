@@ -23,7 +23,10 @@ RECORD_FILE_PATTERN = "records-*.jsonl"
 
 
 class Status(str, Enum):
-    """How a request ended. Anything but ``OK`` counts as a miss for every SLO tier."""
+    """How a request ended. Anything but ``OK`` counts as a miss for every SLO tier, except ``CANCELLED``:
+    the load generator cut the request itself (its step or run ended), so it says nothing of the server and
+    no window judges it (``slo.records_in_window``); it is kept so that every request the server saw has a
+    record."""
 
     OK = "ok"
     HTTP_4XX = "http_4xx"
@@ -31,7 +34,8 @@ class Status(str, Enum):
     TIMEOUT = "timeout"  # no response or no first token within the request timeout
     STALL = "stall"  # the stream went silent for longer than the stall timeout
     DISCONNECT = "disconnect"  # the connection closed before [DONE]
-    BAD_STREAM = "bad_stream"  # unparseable SSE/JSON, or an in-band error event
+    BAD_STREAM = "bad_stream"  # unparseable SSE/JSON, a chunk of the wrong shape, impossible usage, an in-band error
+    CANCELLED = "cancelled"  # cut by the end of its load step or of the run, with what had arrived by then
 
 
 @dataclass(frozen=True)

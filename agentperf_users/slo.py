@@ -48,7 +48,7 @@ from typing import Iterable, Sequence
 import yaml
 
 from agentperf_users.errors import AgentperfError
-from agentperf_users.records import RequestRecord, read_records
+from agentperf_users.records import RequestRecord, Status, read_records
 
 SCOPES = ("request", "agent")
 DEFAULT_SLO_FILE = "slo-default.yaml"
@@ -287,8 +287,10 @@ def recompute(
 def records_in_window(records: Iterable[RequestRecord], start_epoch_s: float, end_epoch_s: float) -> list[RequestRecord]:
     """The requests a window judges: those that *ended* in ``[start, end)``, but no agent's cold join
     (``RequestRecord.cold_join``): like the warm-up, it is the step getting to its steady state, and
-    with long contexts it often ends after the warm-up."""
-    return [record for record in records if start_epoch_s <= record.end_epoch_s < end_epoch_s and not record.cold_join]
+    with long contexts it often ends after the warm-up. Nor a request the load generator cancelled (its
+    step ended under it): that is no answer of the server's."""
+    return [record for record in records if start_epoch_s <= record.end_epoch_s < end_epoch_s and not record.cold_join
+            and record.status is not Status.CANCELLED]
 
 
 def _by_agent(records: Iterable[RequestRecord]) -> dict[int, list[RequestRecord]]:

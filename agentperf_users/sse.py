@@ -94,12 +94,21 @@ class StreamTally:
     A *token chunk* carries generated text: ``content``, ``reasoning_content``/``reasoning`` or
     tool-call name/arguments. A role-only or empty delta is not one (it is no token), and neither is the
     usage chunk (``choices`` empty or null). Its arrival times give TTFT and the inter-token gaps.
+
+    It never raises, whatever the server sends: a chunk that is valid JSON of the wrong shape (``choices``
+    not a list, a ``delta`` that is a string, ``tool_calls`` that is a number) sets :attr:`error` naming the
+    offending field, so the request becomes one ``bad_stream`` record instead of an exception that leaves
+    no record and retries at once. The UTF-8 bytes of generated text are counted too: the client checks a
+    server's ``usage`` against what actually arrived (:func:`implausible_usage`).
     """
 
     def __init__(self) -> None:
         self.token_times: list[float] = []
+        self.text_bytes = 0  # UTF-8 bytes of generated text (content, reasoning, tool-call name and arguments)
         self.usage: Mapping[str, Any] | None = None
         self.server_timing: Mapping[str, Any] | None = None
+        self.finished = False  # a choice carried a finish_reason
+        self.last_event_at: float | None = None
         self.done_at: float | None = None
         self.error: str | None = None
 
@@ -109,6 +118,7 @@ class StreamTally:
         data = event.data.strip()
         if not data:
             return
+        self.last_event_at = arrived_at
         if data == b"[DONE]":
             self.done_at = arrived_at
             return
@@ -117,7 +127,7 @@ class StreamTally:
             chunk, end = _JSON_DECODER.raw_decode(text)
             if end != len(text):
                 raise ValueError("trailing data")
-        except ValueError:
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: deep nesting
             self.error = "unparseable JSON in the stream"
             return
         if not isinstance(chunk, dict):
@@ -126,25 +136,105 @@ class StreamTally:
         if event.event == "error" or chunk.get("error"):
             self.error = "in-band error: " + error_text(chunk.get("error") or chunk)
             return
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if delta and _carries_text(delta):
-                self.token_times.append(arrived_at)
-                break
+        texts, problem = _chunk_texts(chunk)
+        if problem is not None:
+            self.error = f"a stream chunk of the wrong shape: {problem}"
+            return
+        if texts:
+            self.token_times.append(arrived_at)
+            self.text_bytes += sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+        if any(isinstance(choice, dict) and choice.get("finish_reason") for choice in chunk.get("choices") or ()):
+            self.finished = True
         usage = chunk.get("usage")
-        if usage and isinstance(usage, dict):
+        if usage is not None and not isinstance(usage, dict):
+            self.error = f"a stream chunk of the wrong shape: usage is {_json_type(usage)}, expected an object"
+        elif usage:
             self.usage = usage
-            self.server_timing = chunk.get("agentperf_timing") or usage.get("agentperf_timing")
+            timing = chunk.get("agentperf_timing") or usage.get("agentperf_timing")
+            self.server_timing = timing if isinstance(timing, dict) else None
 
 
-def _carries_text(delta: Mapping[str, Any]) -> bool:
-    if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
-        return True
-    for call in delta.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, dict) else None
-        if function and (function.get("arguments") or function.get("name")):
-            return True
-    return False
+_TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
+
+
+def _chunk_texts(chunk: Mapping[str, Any]) -> tuple[list[str], str | None]:
+    """The generated texts a chunk carries (non-empty ones), or the first field whose JSON type is wrong.
+
+    Only the fields the measurement reads are checked, each where the OpenAI schema puts it; anything else a
+    server adds is its own business. ``null`` is accepted wherever a value may be absent."""
+    choices = chunk.get("choices")
+    if choices is None:
+        return [], None
+    if not isinstance(choices, list):
+        return [], f"choices is {_json_type(choices)}, expected a list"
+    texts: list[str] = []
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            return [], f"choices[{i}] is {_json_type(choice)}, expected an object"
+        delta = choice.get("delta")
+        if delta is None:
+            continue
+        if not isinstance(delta, dict):
+            return [], f"choices[{i}].delta is {_json_type(delta)}, expected an object"
+        for name in _TEXT_FIELDS:
+            value = delta.get(name)
+            if value is not None and not isinstance(value, str):
+                return [], f"choices[{i}].delta.{name} is {_json_type(value)}, expected a string"
+            if value:
+                texts.append(value)
+        calls = delta.get("tool_calls")
+        if calls is None:
+            continue
+        if not isinstance(calls, list):
+            return [], f"choices[{i}].delta.tool_calls is {_json_type(calls)}, expected a list"
+        for j, call in enumerate(calls):
+            where = f"choices[{i}].delta.tool_calls[{j}]"
+            if not isinstance(call, dict):
+                return [], f"{where} is {_json_type(call)}, expected an object"
+            function = call.get("function")
+            if function is None:
+                continue
+            if not isinstance(function, dict):
+                return [], f"{where}.function is {_json_type(function)}, expected an object"
+            for name in ("name", "arguments"):
+                value = function.get(name)
+                if value is not None and not isinstance(value, str):
+                    return [], f"{where}.function.{name} is {_json_type(value)}, expected a string"
+                if value:
+                    texts.append(value)
+    return texts, None
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages (``a number``, ``a string``, ...)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "null"
+
+
+def implausible_usage(completion_tokens: int, tally: StreamTally, max_tokens: int | None) -> str | None:
+    """Why a server's ``usage.completion_tokens`` cannot be believed, or None.
+
+    Output speed is (tokens - 1) / (last token - first token), with tokens from ``usage``: a server that
+    claims 100,000 tokens for a short stream would pass any speed floor. A count is impossible when it
+    exceeds the ``max_tokens`` the request asked for, or what arrived: every generated token decodes to at
+    least one byte of text except special tokens, and those cannot outnumber the chunks that carried text
+    (one slack token per chunk, which also covers a byte-level tokenizer's split characters)."""
+    if max_tokens is not None and completion_tokens > max_tokens:
+        return f"usage.completion_tokens {completion_tokens} > the {max_tokens} requested"
+    bound = tally.text_bytes + len(tally.token_times)
+    if completion_tokens > bound:
+        return (f"usage.completion_tokens {completion_tokens} > what arrived ({len(tally.token_times)} text chunks, "
+                f"{tally.text_bytes} bytes)")
+    return None
 
 
 def error_text(error: Any) -> str:

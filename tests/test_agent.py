@@ -52,7 +52,18 @@ def _locust(tmp: Path, *extra: str) -> tuple[list, str]:
             cwd=tmp, env=env, capture_output=True, text=True, timeout=RUN_S + 60,
         )
     assert completed.returncode == 0, completed.stderr[-2000:]
-    return read_records([tmp / "records"]), completed.stdout + completed.stderr
+    return _finished(read_records([tmp / "records"])), completed.stdout + completed.stderr
+
+
+def _finished(records: list) -> list:
+    """The records of requests that ended by themselves. A request in flight when the run ended has a
+    ``cancelled`` record: it must be its agent's last, and at most one per agent."""
+    last = {}
+    for record in sorted(records, key=lambda r: r.start_epoch_s):
+        last[(record.worker_id, record.agent)] = record
+    cancelled = [r for r in records if r.status is Status.CANCELLED]
+    assert all(last[(r.worker_id, r.agent)] is r for r in cancelled)
+    return [r for r in records if r.status is not Status.CANCELLED]
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +147,36 @@ def test_locust_counts_each_request_once_and_never_sees_the_key(run):
     records, _, stats, output = run
     [entry] = stats
     assert entry["name"] == "chat turn" and entry["method"] == "POST"
-    assert entry["num_requests"] == len(records) and entry["num_failures"] == 0
+    assert entry["num_requests"] == len(records) and entry["num_failures"] == 0  # a cancelled request is neither
     assert entry["total_content_length"] == sum(r.output_tokens for r in records)
     # Locust's histogram holds exactly the records' end-to-end times, bucketed to 3 significant digits.
     expected = Counter(str(bucket_response_time_3sig(r.e2e_s * 1000)) for r in records)
     assert Counter({str(k): v for k, v in entry["response_times"].items()}) == expected
     assert "sk-agent-test" not in output
+
+
+@pytest.mark.slow
+def test_requests_in_flight_when_the_run_ends_are_recorded_as_cancelled(tmp_path):
+    """Turns of 20,000 output tokens outlast the run: every agent is mid-stream when Locust stops it, and
+    each such request gets a record with what had arrived, not silence (the server counted it)."""
+    lines = [json.dumps({"id": f"long{i}", "turns": [{"messages": [{"role": "user", "content_tokens": 50 + i}],
+                                                      "output_tokens": 20000, "tool_wait_s": 0}]})
+             for i in range(AGENTS)]
+    (tmp_path / "set.jsonl").write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with SimulatorProcess(["--port", "0"], env=env) as simulator:
+        completed = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(REPO / "locustfiles" / "agents.py"), "--host", simulator.url,
+             "--headless", "-u", str(AGENTS), "-r", "50", "-t", "4s", "--stop-timeout", "0",
+             "--trajectories", str(tmp_path / "set.jsonl"), "--records-dir", str(tmp_path / "records")],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    records = read_records([tmp_path / "records"])
+    assert sorted(r.agent for r in records) == list(range(AGENTS))  # one request each, none finished
+    for record in records:
+        assert record.status is Status.CANCELLED and record.message == "cancelled by the end of its load step or run"
+        assert record.ttft_s is not None and 0 < record.output_tokens < 20000 and record.output_tokens_estimated
+        assert record.end_epoch_s == pytest.approx(record.start_epoch_s + record.e2e_s)
 
 
 @pytest.mark.slow
@@ -191,3 +226,21 @@ def test_a_restarted_steps_agents_are_dealt_first_requests_one_per_spawn_interva
                                                             ramp_start_epoch_s=2000.0, spawn_rate=4.0))
     added = agent.claim(environment, new_agent=True)
     assert (added.agent, added.start_epoch_s) == (3, 0.0)  # joins running agents: with its batch
+
+
+def test_an_agent_backs_off_from_the_second_failure_in_a_row_and_honours_retry_after():
+    """What an agent adds to its tool wait after each result: nothing after one failure (the ground truth
+    replays a lone rejected request the same way), then 0.5 s doubling to 8 s; a Retry-After as the server
+    says, capped; a success resets the count."""
+    from types import SimpleNamespace
+
+    from agentperf_users.agent import AgentUser
+
+    agent = SimpleNamespace(_failures_in_a_row=0)
+
+    def backoff(status, retry_after_s=None):
+        return AgentUser._backoff_s(agent, SimpleNamespace(status=status, retry_after_s=retry_after_s))
+
+    assert [backoff(Status.HTTP_4XX) for _ in range(7)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert backoff(Status.OK) == 0.0 and agent._failures_in_a_row == 0
+    assert [backoff(Status.HTTP_5XX, 3.0), backoff(Status.HTTP_4XX, 120.0), backoff(Status.DISCONNECT)] == [3.0, 30.0, 1.0]

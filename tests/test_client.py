@@ -104,7 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._start_stream()
         sent = self._write(_sse(_delta(content="x")))
         timing = {"arrival": arrival, "send_times": [sent]}
-        self._write(_sse({"choices": None, "usage": USAGE, "agentperf_timing": timing}), delay_s=0.3)
+        usage = {**USAGE, "completion_tokens": 1}  # one token streamed: more would be (rightly) not believed
+        self._write(_sse({"choices": None, "usage": usage, "agentperf_timing": timing}), delay_s=0.3)
         self._write(_sse(b"[DONE]"))
         self._end()
 
@@ -164,6 +165,39 @@ class _Handler(BaseHTTPRequestHandler):
         time.sleep(float(request["sleep_s"]))
         self.close_connection = True
 
+    def scenario_http_429(self, request, arrival) -> None:
+        raw = json.dumps({"error": {"message": "rate limited"}}).encode()
+        self.send_response(429)
+        self.send_header("Retry-After", "7")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def scenario_wrong_shape(self, request, arrival) -> None:
+        """Valid JSON, wrong shape: once crashed the tally (no record, and the agent retried at once)."""
+        self._start_stream()
+        self._write(_sse(_delta(content="a")))
+        self._write(_sse({"choices": [{"index": 0, "delta": "str"}]}), TOKEN_GAP_S)
+        self._write(_sse(b"[DONE]"))
+        self._end()
+
+    def scenario_absurd_usage(self, request, arrival) -> None:
+        self._start_stream()
+        for text in ("a", "b"):
+            self._write(_sse(_delta(content=text)), TOKEN_GAP_S)
+        self._write(_sse({"choices": [], "usage": {**USAGE, "completion_tokens": 100000}}) + _sse(b"[DONE]"))
+        self._end()
+
+    def scenario_no_done(self, request, arrival) -> None:
+        """Tokens, a finish_reason and the usage, then the end of the body without [DONE]."""
+        self._start_stream()
+        for text in ("a", "b"):
+            self._write(_sse(_delta(content=text)), TOKEN_GAP_S)
+        self._write(_sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+        self._write(_sse({"choices": [], "usage": {**USAGE, "completion_tokens": 2}}))
+        self._end()
+
     def scenario_not_sse(self, request, arrival) -> None:
         self._send_json(200, {"choices": [{"message": {"content": "hi"}}]})
 
@@ -182,6 +216,7 @@ if __name__ == "__main__":
 # ---- tests (locust is imported only here: importing it monkey-patches the process for gevent) ----
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 from locust.contrib.fasthttp import FastHttpSession  # noqa: E402
 from locust.event import EventHook  # noqa: E402
 
@@ -335,6 +370,9 @@ def test_the_first_token_keeps_its_stamp_when_the_next_arrives_before_the_loop_r
         ("inband_error", Status.BAD_STREAM, "in-band error: KV cache exhausted"),
         ("early_close", Status.DISCONNECT, "the stream ended before [DONE]"),
         ("not_sse", Status.BAD_STREAM, "expected text/event-stream, got application/json"),
+        ("wrong_shape", Status.BAD_STREAM,
+         "a stream chunk of the wrong shape: choices[0].delta is a string, expected an object"),
+        ("absurd_usage", Status.BAD_STREAM, "usage.completion_tokens 100000 > what arrived (2 text chunks, 2 bytes)"),
     ],
 )
 def test_failures_are_classified_with_a_redacted_message(server_url, caplog, scenario, status, message):
@@ -345,11 +383,57 @@ def test_failures_are_classified_with_a_redacted_message(server_url, caplog, sce
     [event] = fired.events
     assert str(event["exception"]) == f"{status.value}: {message}"
     assert event["response_time"] == pytest.approx(result.e2e_s * 1000)
-    if scenario in ("inband_error", "early_close"):
+    if scenario in ("inband_error", "early_close", "wrong_shape"):
         assert result.ttft_s is not None and result.output_tokens == 1 and result.output_tokens_estimated
     everything = repr(result) + repr(event) + caplog.text
     assert API_KEY not in everything
     assert requests_last(server_url)["authorization"] == f"Bearer {API_KEY}"
+
+
+def test_usage_beyond_the_requested_maximum_is_not_believed(server_url):
+    body = ChatBodyEncoder().body({"model": "m", "stream": True, "scenario": "ok"}, [{"role": "user", "content": "hi"}])
+    result = _client(server_url).post(body, max_tokens=5)  # the server's usage claims 6
+    assert (result.status, result.message) == (Status.BAD_STREAM, "usage.completion_tokens 6 > the 5 requested")
+    assert (result.output_tokens, result.output_tokens_estimated) == (6, True)  # the six text chunks, counted
+    assert _client(server_url).post(body, max_tokens=6).status is Status.OK
+
+
+def test_a_body_that_ends_after_the_usage_without_done_is_complete(server_url):
+    result = _post(_client(server_url), "no_done")
+    assert (result.status, result.output_tokens, result.output_tokens_estimated) == (Status.OK, 2, False)
+    assert result.e2e_s >= result.ttft_s + (result.token_times_perf_s[1] - result.token_times_perf_s[0])
+
+
+def test_retry_after_of_a_429_is_read(server_url):
+    result = _post(_client(server_url), "http_429")
+    assert (result.status, result.http_status, result.retry_after_s) == (Status.HTTP_4XX, 429, 7.0)
+    assert _post(_client(server_url), "http_400").retry_after_s is None
+
+
+def test_a_request_cut_by_the_end_of_its_step_is_a_cancelled_result_with_what_arrived(server_url, monkeypatch):
+    """Locust kills an agent's greenlet when its step or run ends: the request in flight still becomes a
+    result (so a record), cancelled, with the tokens that had arrived, and no failure in Locust's table."""
+    from agentperf_users import sse
+
+    first_token = gevent.event.Event()
+    add = sse.StreamTally.add
+
+    def add_and_signal(tally, event, arrived_at):
+        add(tally, event, arrived_at)
+        if tally.token_times:
+            first_token.set()
+
+    monkeypatch.setattr(sse.StreamTally, "add", add_and_signal)
+    fired = _Fired()
+    client = _client(server_url, fired)
+    results = []
+    posting = gevent.spawn(lambda: results.append(_post(client, "stall", sleep_s=30)))
+    assert first_token.wait(timeout=10)
+    posting.kill(block=True, timeout=10)
+    [result] = results
+    assert (result.status, result.output_tokens, result.output_tokens_estimated) == (Status.CANCELLED, 1, True)
+    assert result.ttft_s is not None and result.e2e_s >= result.ttft_s
+    assert fired.events == []
 
 
 def test_a_silent_stream_is_a_stall_and_a_missing_first_token_a_timeout(server_url):

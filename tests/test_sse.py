@@ -129,6 +129,24 @@ def test_usage_with_null_choices_and_events_after_done_are_ignored():
         ("error", '{"message": "overloaded"}', "in-band error: overloaded"),
         ("", "{not json", "unparseable JSON in the stream"),
         ("", "[1, 2]", "a stream chunk that is not a JSON object"),
+        ("", '{"choices": 5}', "a stream chunk of the wrong shape: choices is a number, expected a list"),
+        ("", '{"choices": [3]}', "a stream chunk of the wrong shape: choices[0] is a number, expected an object"),
+        ("", '{"choices": [{"delta": "str"}]}',
+         "a stream chunk of the wrong shape: choices[0].delta is a string, expected an object"),
+        ("", '{"choices": [{"delta": {"content": 5}}]}',
+         "a stream chunk of the wrong shape: choices[0].delta.content is a number, expected a string"),
+        ("", '{"choices": [{"delta": {"reasoning_content": ["a"]}}]}',
+         "a stream chunk of the wrong shape: choices[0].delta.reasoning_content is a list, expected a string"),
+        ("", '{"choices": [{"delta": {"tool_calls": 7}}]}',
+         "a stream chunk of the wrong shape: choices[0].delta.tool_calls is a number, expected a list"),
+        ("", '{"choices": [{"delta": {"tool_calls": ["x"]}}]}',
+         "a stream chunk of the wrong shape: choices[0].delta.tool_calls[0] is a string, expected an object"),
+        ("", '{"choices": [{"delta": {"tool_calls": [{"function": true}]}}]}',
+         "a stream chunk of the wrong shape: choices[0].delta.tool_calls[0].function is a boolean, expected an object"),
+        ("", '{"choices": [{"delta": {"tool_calls": [{"function": {"arguments": {}}}]}}]}',
+         "a stream chunk of the wrong shape: choices[0].delta.tool_calls[0].function.arguments is an object, "
+         "expected a string"),
+        ("", '{"choices": [], "usage": [1]}', "a stream chunk of the wrong shape: usage is a list, expected an object"),
     ],
 )
 def test_error_events_and_garbage_stop_the_tally(event, data, expected):
@@ -139,6 +157,25 @@ def test_error_events_and_garbage_stop_the_tally(event, data, expected):
         assert tally.error == expected
         assert tally.done_at is None
         assert tally.token_times == [0.0]
+
+
+def test_json_nested_deeper_than_the_decoder_recurses_is_unparseable_not_a_crash():
+    payloads = [("", json.dumps(_chunk({"content": "a"}))), ("", "[" * 100_000 + "]" * 100_000), ("", "[DONE]")]
+    tally = _tally(_parse([_encode(payloads)])[0])
+    assert (tally.error, tally.token_times, tally.done_at) == ("unparseable JSON in the stream", [0.0], None)
+
+
+def test_usage_is_checked_against_what_arrived():
+    from agentperf_users.sse import implausible_usage
+
+    payloads = [("", json.dumps(_chunk({"content": "héllo"}), ensure_ascii=False)),  # 6 bytes in one chunk
+                ("", json.dumps(_chunk({"tool_calls": [{"function": {"name": "ls", "arguments": "{}"}}]})))]
+    tally = _tally(_parse([_encode(payloads)])[0])
+    assert (len(tally.token_times), tally.text_bytes) == (2, 10)
+    assert implausible_usage(12, tally, max_tokens=None) is None  # 10 bytes + one slack token per chunk
+    assert implausible_usage(13, tally, max_tokens=None) == \
+        "usage.completion_tokens 13 > what arrived (2 text chunks, 10 bytes)"
+    assert implausible_usage(12, tally, max_tokens=11) == "usage.completion_tokens 12 > the 11 requested"
 
 
 def test_early_close_leaves_no_done_and_a_partial_event():
