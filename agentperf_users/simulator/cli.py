@@ -3,6 +3,32 @@
 The simulator imports nothing from the harness, so :func:`run` turns its own errors (a bad profile, a
 port in use) into one line on stderr and an exit code itself. :class:`SimulatorProcess` starts the
 server as a child process and reads the URL from its startup line, for the harness, tests and benchmarks.
+
+Injected faults (``--fault KIND[:RATE]``, repeatable; ``--fault-retry-after SECONDS``, default 1), for
+tests and for rehearsing alerts. What a client sees, per kind (N = 2 token chunks):
+
+=======================  ===============================================================================
+``429`` / ``503``        that status, ``Retry-After: SECONDS``, an OpenAI-style JSON error body; no stream
+``500``                  that status and JSON error body, no ``Retry-After``
+``reset-before-headers`` the request is read, then a TCP RST: no response byte at all
+``reset-mid-stream``     200, N token chunks, then a TCP RST (no usage, no ``[DONE]``)
+``stall``                200, N token chunks, then silence; the connection stays open
+``drip``                 200, one token chunk per second, ending (usage, ``[DONE]``) after ~max_tokens s
+``malformed-sse``        after N token chunks one event that is neither JSON nor UTF-8; then a normal end
+``wrong-shape-json``     after N token chunks one event of valid JSON in the wrong shape (``{"choices": 5}``,
+                         ``"delta": "str"``, ``"tool_calls": 7``, ...: the i-th such request gets shape i
+                         mod 7); then a normal end
+``absurd-usage``         the whole answer, then usage with ``completion_tokens: 100000``, then ``[DONE]``
+``missing-usage``        the whole answer and ``[DONE]``, no usage chunk even if asked for
+``missing-done``         the whole answer and the usage chunk, then the response ends without ``[DONE]``
+=======================  ===============================================================================
+
+Each validated chat completion request draws at most one fault, in arrival order, from a generator
+seeded with ``--seed``: a RATE is the share of requests that get that kind (rates add up to at most 1;
+a kind without a rate gets an equal share of what the given rates leave, so ``--fault stall`` faults
+every request). Mid-stream kinds apply to streamed requests only. Injected faults are counted in
+``agentperf_sim_faults_total{kind}`` and never in ``vllm:request_success_total``. The details are in
+:mod:`agentperf_users.simulator.faults`.
 """
 
 from __future__ import annotations
@@ -16,6 +42,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from agentperf_users.simulator.faults import DEFAULT_RETRY_AFTER_S, KINDS, MAX_RETRY_AFTER_S, parse_faults
 from agentperf_users.simulator.profile import DEFAULT_PROFILE, Profile, SimulatorError, list_profiles, load_profile
 from agentperf_users.simulator.server import API_KEY_ENV, ServerOptions, serve
 
@@ -40,6 +67,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chance that an answer to a request with tools and tool_choice auto is a tool call")
     parser.add_argument("--reasoning-share", type=float, default=0.0, metavar="S",
                         help="share of each answer's tokens streamed first as reasoning deltas (default: 0)")
+    parser.add_argument("--fault", action="append", default=[], metavar="KIND[:RATE]",
+                        help="inject a failure into RATE (0-1] of the chat completion requests, drawn per request "
+                             "in arrival order from --seed; repeatable, a request gets at most one fault; a kind "
+                             "without RATE gets an equal share of what the given rates leave (one --fault alone: "
+                             f"every request). KIND: {', '.join(KINDS)}. 429/503 carry Retry-After; the stream "
+                             "kinds act after 2 token chunks (reset-mid-stream: TCP RST; stall: silence, connection "
+                             "open; malformed-sse / wrong-shape-json: one bad event, then a normal end), drip sends 1 "
+                             "token/s, absurd-usage claims 100000 completion tokens, missing-usage drops the usage "
+                             "chunk, missing-done drops [DONE]. Counted in agentperf_sim_faults_total{kind}")
+    parser.add_argument("--fault-retry-after", type=int, default=DEFAULT_RETRY_AFTER_S, metavar="SECONDS",
+                        help=f"Retry-After of injected 429 and 503 answers (default: {DEFAULT_RETRY_AFTER_S})")
     parser.add_argument("--describe", nargs="?", const="", default=None, metavar="PROFILE",
                         help="print the derived capacity numbers of PROFILE (default: --profile) and exit")
     parser.add_argument("--json", action="store_true", help="with --describe: print JSON")
@@ -75,6 +113,10 @@ def _simulate(args: argparse.Namespace) -> int:
                         ("--reasoning-share", args.reasoning_share)):
         if not 0 <= value <= 1:
             raise SimulatorError(f"{name}: expected a number between 0 and 1, got {value}")
+    if not 0 <= args.fault_retry_after <= MAX_RETRY_AFTER_S:
+        raise SimulatorError(f"--fault-retry-after: expected whole seconds from 0 to {MAX_RETRY_AFTER_S}, "
+                             f"got {args.fault_retry_after}")
+    faults = parse_faults(args.fault)
     try:
         profile = load_profile(args.describe or args.profile)
     except OSError as exc:
@@ -91,6 +133,8 @@ def _simulate(args: argparse.Namespace) -> int:
         tool_call_probability=args.tool_call_probability,
         reasoning_share=args.reasoning_share,
         seed=args.seed,
+        faults=faults,
+        retry_after_s=args.fault_retry_after,
     )
     try:
         serve(profile, args.host, args.port, options=options)

@@ -9,6 +9,8 @@ answered here in OpenAI's error shape, like every other error the simulator send
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -111,8 +113,9 @@ class HttpConnection(asyncio.Protocol):
             lines.append("connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def respond(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-        head = self._head(status, (("content-type", content_type), ("content-length", str(len(body)))))
+    def respond(self, status: int, body: bytes, content_type: str = "application/json",
+                headers: tuple[tuple[str, str], ...] = ()) -> None:
+        head = self._head(status, (("content-type", content_type), ("content-length", str(len(body))), *headers))
         self.send(head + body)
         self.end()
 
@@ -127,6 +130,16 @@ class HttpConnection(asyncio.Protocol):
         """Send ``payload`` as the chunked response's last data chunk, then its terminator."""
         self.send(chunk(payload) + _LAST_CHUNK)
         self.end()
+
+    def reset(self) -> None:
+        """Drop the connection with a TCP RST (SO_LINGER 0), as a crashed server or proxy does, not a FIN."""
+        if self.closed:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.closed = True
+        self.transport.abort()
 
     def end(self) -> None:
         """The response is complete: read the next request, or close."""

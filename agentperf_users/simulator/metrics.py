@@ -1,8 +1,9 @@
-"""The simulator's Prometheus endpoint: vLLM's metric names plus a simulated DCGM power gauge.
+"""The simulator's Prometheus endpoint: vLLM's metric names, a simulated DCGM power gauge, injected faults.
 
 Why collect lazily: the engine already keeps running totals (``engine.counters``), so a custom
 collector reads them when ``/metrics`` is scraped and the token path pays nothing. Only the two
-latency histograms are observed as requests reach their first token and finish (once per request).
+latency histograms are observed as requests reach their first token and finish (once per request),
+and ``agentperf_sim_faults_total{kind}`` as ``--fault`` injects a failure (see :mod:`.faults`).
 
 Power model (``DCGM_FI_DEV_POWER_USAGE``, watts, one series per accelerator of the profile)::
 
@@ -20,7 +21,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -120,7 +121,7 @@ class _EngineCollector(Collector):
 class SimulatorMetrics:
     """The registry behind ``GET /metrics``: engine totals, latency histograms, power."""
 
-    def __init__(self, model_name: str, counters: EngineCounters, power: PowerModel):
+    def __init__(self, model_name: str, counters: EngineCounters, power: PowerModel, fault_kinds: Iterable[str] = ()):
         self.registry = CollectorRegistry(auto_describe=False)
         self._ttft = Histogram(
             "vllm:time_to_first_token_seconds",
@@ -142,6 +143,14 @@ class SimulatorMetrics:
             ["model_name", "finished_reason"],
             registry=self.registry,
         )
+        self._faults = Counter(
+            "agentperf_sim_faults",
+            "Failures injected by agentperf simulate --fault, by kind; these requests are not in vllm:request_success.",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in fault_kinds:  # every configured kind is exported from the start, at 0
+            self._faults.labels(kind)
         self._model_name = model_name
         self.registry.register(_EngineCollector(counters, model_name, power))
 
@@ -151,6 +160,9 @@ class SimulatorMetrics:
     def observe_finished(self, e2e_s: float, finish_reason: str) -> None:
         self._e2e.observe(e2e_s)
         self._success.labels(self._model_name, finish_reason).inc()
+
+    def count_fault(self, kind: str) -> None:
+        self._faults.labels(kind).inc()
 
     def render(self) -> bytes:
         """The exposition text (Prometheus text format 0.0.4)."""

@@ -36,7 +36,7 @@ def _arguments_delta(fragment: str) -> bytes:
 
 _ARGUMENT_DELTAS = tuple(_arguments_delta(w) for w in WORDS)
 _ARGUMENTS_OPEN, _ARGUMENTS_CLOSE, _ARGUMENTS_EMPTY = '{"command":"', '"}', "{}"
-_DONE = b"data: [DONE]\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def _choice_tail(finish_reason: str | None) -> bytes:
@@ -106,9 +106,13 @@ class Reply:
         last = self.sent >= plan.output_tokens
         if last:
             self.done = True
-            self.metrics.observe_finished(t_s - self.request.arrival_s, plan.finish_reason)
+            self._count_finished(t_s)
         if self.stream:
             self.pending += chunk(self.head + self._delta(i) + (_choice_tail(plan.finish_reason) if last else self.tail))
+
+    def _count_finished(self, t_s: float) -> None:
+        """The last token exists at ``t_s``: a request completed normally (a faulted reply overrides this)."""
+        self.metrics.observe_finished(t_s - self.request.arrival_s, self.plan.finish_reason)
 
     def _delta(self, i: int) -> bytes:
         plan = self.plan
@@ -143,9 +147,11 @@ class Reply:
             return
         if not self.stream:
             return self.conn.respond(200, self._whole_response())
-        usage = {**self.envelope, "choices": [], "usage": self._usage()}
-        self.conn.end_stream(b"data: %s\n\n%s" % (json.dumps(usage, separators=_COMPACT).encode(), _DONE)
-                             if self.with_usage else _DONE)
+        self.conn.end_stream((self._usage_event(self._usage()) if self.with_usage else b"") + DONE_EVENT)
+
+    def _usage_event(self, usage: dict) -> bytes:
+        """The stream's usage chunk: no choices, ``usage`` filled in."""
+        return b"data: %s\n\n" % json.dumps({**self.envelope, "choices": [], "usage": usage}, separators=_COMPACT).encode()
 
     def fail(self, error: ApiError) -> None:
         """End the response with ``error``: in-band once a stream's headers have gone out."""
@@ -154,7 +160,7 @@ class Reply:
             return
         if not self.stream:
             return self.conn.respond(error.status, error.payload())
-        self.conn.end_stream(b"data: %s\n\n%s" % (error.payload(), _DONE))
+        self.conn.end_stream(b"data: %s\n\n%s" % (error.payload(), DONE_EVENT))
 
     def _usage(self) -> dict:
         prompt = self.request.prompt.num_tokens

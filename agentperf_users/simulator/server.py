@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from agentperf_users.simulator.engine import (
     ContextLengthError, Engine, EngineRequest, QueueFullError, StepResult, context_overflow_message,
 )
+from agentperf_users.simulator.faults import (
+    BEFORE_HEADERS, DEFAULT_RETRY_AFTER_S, FaultPlan, FaultSpec, FaultyReply, answer_before_headers,
+)
 from agentperf_users.simulator.httpserver import HttpConnection, HttpRequest
 from agentperf_users.simulator.metrics import PowerModel, PowerSpec, SimulatorMetrics
 from agentperf_users.simulator.profile import Profile
@@ -53,6 +56,8 @@ class ServerOptions:
     tool_call_probability: float = 0.0
     reasoning_share: float = 0.0
     seed: int = 0
+    faults: tuple[FaultSpec, ...] = ()  # injected failures (see :mod:`.faults`); empty: none
+    retry_after_s: int = DEFAULT_RETRY_AFTER_S  # the Retry-After of injected 429 and 503 answers
 
 
 class SimulatorServer:
@@ -69,7 +74,8 @@ class SimulatorServer:
         self._id_prefix = f"{self._rng.getrandbits(48):012x}"
         gpu, counters = profile.gpu, self.engine.counters
         power = PowerModel(PowerSpec(gpu.count, gpu.name, gpu.idle_w, gpu.tdp_w), lambda: counters.busy_s_total)
-        self.metrics = SimulatorMetrics(self.model_names[0], counters, power)
+        self.metrics = SimulatorMetrics(self.model_names[0], counters, power, [f.kind for f in options.faults])
+        self._faults = FaultPlan(options.faults, options.seed) if options.faults else None
         self._replies: dict[EngineRequest, Reply] = {}
         # Replies whose last token is written; their usage chunk and [DONE] go out in the next step's
         # slack so that building them (a timing report is thousands of floats) never delays a token.
@@ -132,6 +138,8 @@ class SimulatorServer:
             for reply in ready:
                 if reply.done:
                     self._replies.pop(reply.request, None)
+                    if reply.request.finished_s is None:  # an injected fault cut it short: free its blocks
+                        self.engine.abort(reply.request.request_id)
                     finishing.append(reply)
 
     def _finish_all(self) -> None:
@@ -215,6 +223,10 @@ class SimulatorServer:
         limit = params.max_tokens if params.max_tokens is not None else context - prompt.num_tokens
         if prompt.num_tokens + max(limit, 1) > context:  # vLLM checks the requested limit, not the sampled length
             raise ApiError(400, context_overflow_message(context, prompt.num_tokens, max(limit, 1)), "messages")
+        fault = self._faults.draw() if self._faults is not None else None
+        if fault is not None and fault.kind in BEFORE_HEADERS:
+            self.metrics.count_fault(fault.kind)
+            return answer_before_headers(conn, fault.kind, self.options.retry_after_s)
         output_tokens = limit if params.ignore_eos else self.engine.sample_output_tokens(limit)
         plan = self._plan(params, output_tokens, limit)
         request_id = f"chatcmpl-{self._id_prefix}{next(self._ids):012x}"
@@ -226,7 +238,12 @@ class SimulatorServer:
             raise ApiError(429, f"the server's waiting queue is full: {exc}") from None
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), "messages") from None
-        reply = Reply(conn, request, params, plan, params.model or self.model_names[0], self.metrics)
+        reply_args = (conn, request, params, plan, params.model or self.model_names[0], self.metrics)
+        if fault is not None and params.stream:  # mid-stream kinds need a stream (see .faults)
+            reply = FaultyReply(*reply_args, fault=fault)
+            self.metrics.count_fault(fault.kind)
+        else:
+            reply = Reply(*reply_args)
         self._replies[request] = reply
         conn.reply = reply
         if params.stream:
