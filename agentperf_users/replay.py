@@ -12,7 +12,7 @@ import argparse
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 TOOL_WAIT_MODES = ("recorded", "sampled", "none")
 NAMESPACE_MODES = ("on-wrap", "per-run", "per-session")
@@ -128,6 +128,32 @@ class ReplaySettings:
     cache_namespace: str = "on-wrap"
     seed: int = 0
     start_turn: str = "random"
+    tools: bool = True  # send each trajectory's tool definitions (and count them in the truth's prompts)
+
+
+def chat_params(model: str, output_tokens: int, settings: ReplaySettings) -> dict[str, Any]:
+    """The parameters of one turn's streaming chat request, besides its messages and tools: the one place
+    that says what a request of the run looks like, so the agents and the qualification probe
+    (``probe.py``) send the same shape. Both limit names go out: ``max_completion_tokens`` is OpenAI's
+    current one, older servers know only ``max_tokens``."""
+    params: dict[str, Any] = {
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_completion_tokens": output_tokens,
+        "max_tokens": output_tokens,
+    }
+    if settings.ignore_eos:
+        params["ignore_eos"] = True
+    return params
+
+
+def request_tools(tools: Sequence[dict], settings: ReplaySettings) -> Sequence[dict]:
+    """The tool definitions a turn's request carries: the trajectory's, or none with ``--no-tools`` (a
+    server started without tool calling rejects any request that has them). The ground truth counts
+    its prompts with the same tools, so it answers the same question as the live run. The trajectory's
+    own object is returned, not a copy: the body encoder caches its JSON by identity."""
+    return tools if settings.tools else ()
 
 
 def add_replay_arguments(add: Callable[..., object]) -> None:
@@ -145,9 +171,12 @@ def add_replay_arguments(add: Callable[..., object]) -> None:
     add("--start-turn", default="random", choices=START_TURN_MODES,
         help="where an agent's first trajectory starts: a seeded random turn (steady state from the start), "
              "or turn 0; later trajectories always start at turn 0")
+    add("--tools", default=True, action=argparse.BooleanOptionalAction,
+        help="send each trajectory's tool definitions with its requests (--no-tools: for a server without tool "
+             "calling, e.g. vLLM started without --enable-auto-tool-choice; prompts are then smaller)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ReplaySettings:
     return ReplaySettings(bool(args.ignore_eos), str(args.tool_wait), float(args.tool_wait_median),
                           float(args.tool_wait_sigma), str(args.cache_namespace), int(args.seed),
-                          str(args.start_turn))
+                          str(args.start_turn), bool(args.tools))

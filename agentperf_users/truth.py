@@ -201,7 +201,7 @@ class _World:
 
     def _submit(self, agent: _Agent, at_s: float) -> None:
         turn = agent.trajectory.turns[agent.turn]
-        prompt = self.encoder.encode(turn.messages, turn.tools)
+        prompt = self.encoder.encode(turn.messages, replay.request_tools(turn.tools, self.settings))
         output = turn.output_tokens if self.settings.ignore_eos else self.engine.sample_output_tokens(turn.output_tokens)
         request = EngineRequest(f"{agent.index}-{self._seq}", prompt, output, at_s)
         self._seq += 1

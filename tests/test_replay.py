@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from agentperf_users.replay import Dealer, namespace_marker, session_trajectory, start_turn
+import argparse
+
+from agentperf_users.replay import (
+    Dealer,
+    ReplaySettings,
+    add_replay_arguments,
+    chat_params,
+    namespace_marker,
+    request_tools,
+    session_trajectory,
+    settings_from_args,
+    start_turn,
+)
 
 
 def test_sessions_are_dealt_in_order_without_restarts():
@@ -53,3 +65,23 @@ def test_random_start_turns_are_seeded_per_session_and_spread():
     assert all(0 <= t < 50 for t in turns) and len(set(turns)) > 30
     assert start_turn("first", seed=0, session=5, turns=50) == 0
     assert start_turn("random", seed=0, session=5, turns=1) == 0
+
+
+def test_tools_are_on_by_default_and_off_with_no_tools():
+    """``--tools/--no-tools`` reaches ``ReplaySettings.tools`` (which the agents and the truth share), and
+    a turn's request then carries the trajectory's own tool definitions or none."""
+    parser = argparse.ArgumentParser()
+    add_replay_arguments(parser.add_argument)
+    tools = ({"type": "function", "function": {"name": "read_file"}},)
+    on, off = (settings_from_args(parser.parse_args(argv)) for argv in ([], ["--no-tools"]))
+    assert on.tools and not off.tools
+    assert request_tools(tools, on) is tools  # the object itself: the body encoder caches it by identity
+    assert request_tools(tools, off) == ()
+
+
+def test_chat_params_are_the_run_requests_shape():
+    """One definition of a turn's request parameters (the agents' and the qualification probe's)."""
+    params = chat_params("m", 7, ReplaySettings())
+    assert params == {"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                      "max_completion_tokens": 7, "max_tokens": 7, "ignore_eos": True}
+    assert "ignore_eos" not in chat_params("m", 7, ReplaySettings(ignore_eos=False))

@@ -18,6 +18,7 @@ from agentperf_users import replay, search, truth
 from agentperf_users.cli import main
 from agentperf_users.search import SearchParameters
 from agentperf_users.simulator.engine import Engine
+from agentperf_users.simulator.tokenizer import count_prompt_tokens, tools_tokens
 from agentperf_users.slo import load_slo
 from agentperf_users.trajectory import load_trajectories
 from tests.simulator import custom_profile, write_profile
@@ -162,3 +163,24 @@ def test_agents_start_as_the_live_run_starts_them(tmp_path, trajectories, count,
     world.now_s = 100.0
     assert world.set_agents(count, rate, spaced=spaced) == pytest.approx(100.0 + ramp_end)
     assert sorted(at_s - 100.0 for at_s, _, _ in world.wakes) == pytest.approx(starts)
+
+
+def test_no_tools_counts_prompts_without_tool_definitions(tmp_path, slo):
+    """With ``--no-tools`` the truth's prompts are what a request without ``tools`` costs the simulator
+    (``count_prompt_tokens(messages)``): fewer tokens, by exactly the tool definitions'."""
+    profile = custom_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS})
+    demo = load_trajectories("demo")
+    params = search_params(start_agents=2, max_agents=2, warmup_s=0.0, window_s=30.0)
+    prompts = {}
+    for tools in (True, False):
+        settings = replay.ReplaySettings(tool_wait="none", start_turn="first", tools=tools)
+        (step,) = truth.measure_steps(profile, demo, slo, params, [(2, None)], settings)
+        prompts[tools] = {(r.trajectory, r.turn): r.prompt_tokens for r in step.records}
+    by_id = {demo.trajectory_id(i): demo.trajectory(i) for i in range(len(demo))}
+    common = prompts[True].keys() & prompts[False].keys()
+    assert len(common) >= 4
+    for label, turn_index in common:
+        turn = by_id[label].turns[turn_index]
+        assert prompts[True][label, turn_index] == turn.prompt_tokens == count_prompt_tokens(turn.messages, turn.tools)
+        assert prompts[False][label, turn_index] == count_prompt_tokens(turn.messages)
+        assert prompts[False][label, turn_index] == turn.prompt_tokens - len(tools_tokens(turn.tools)) < turn.prompt_tokens
