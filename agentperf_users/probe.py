@@ -55,7 +55,7 @@ from agentperf_users.body import ChatBodyEncoder
 from agentperf_users.client import api_url, redact
 from agentperf_users.errors import AgentperfError
 from agentperf_users.simulator.tokenizer import count_prompt_tokens, tools_tokens
-from agentperf_users.sse import SSEParser, StreamTally, error_text
+from agentperf_users.sse import SSEParser, StreamTally, error_text, implausible_usage
 from agentperf_users.trajectory import Trajectory, TrajectorySet
 
 PROBE_OUTPUT_TOKENS = 4  # enough to see token chunks arrive, short enough to cost the server nothing
@@ -82,6 +82,10 @@ class ProbeTarget:
     model: str = ""  # empty: the server's first model
     api_key_env: str = ""
     timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.timeout_s, (int, float)) and 0 < self.timeout_s < math.inf):
+            raise AgentperfError(f"probe timeout {self.timeout_s!r}: expected a positive number of seconds")
 
 
 @dataclass(frozen=True)
@@ -120,15 +124,6 @@ class Qualification:
         return "agentperf: server qualified: " + ", ".join(parts)
 
 
-@dataclass(frozen=True)
-class _Stream:
-    """What the probe's stream showed."""
-
-    usage: Mapping[str, Any] | None
-    token_chunks: int
-    done: bool
-
-
 def qualify(target: ProbeTarget, trajectories: TrajectorySet, settings: replay.ReplaySettings) -> Qualification:
     """Check the server with one request of the run's shape; raise ``AgentperfError`` (one line) if the
     run cannot work, else say what was learned. See the module docstring for where to call it."""
@@ -144,20 +139,21 @@ def qualify(target: ProbeTarget, trajectories: TrajectorySet, settings: replay.R
         first = trajectories.trajectory(0)
         messages = [{"role": "user", "content": _probe_text(first)}]
         tools = replay.request_tools(first.turns[0].tools, settings)
-        stream = _probe(session, target, served, ChatBodyEncoder().body(
+        tally = _probe(session, target, served, ChatBodyEncoder().body(
             replay.chat_params(model, PROBE_OUTPUT_TOKENS, settings), messages, tools), settings)
-    warnings = list(_stream_warnings(stream))
-    ratio = _tokenizer_ratio(stream.usage, count_prompt_tokens(messages, tools))
+    warnings = list(_stream_warnings(tally))
+    ratio = _tokenizer_ratio(tally.usage, count_prompt_tokens(messages, tools))
     max_model_len = served[model]
     largest = None
     if max_model_len is not None:
         largest, warning = _check_context(trajectories, settings, max_model_len, ratio)
         warnings += [warning] if warning else []
-    details = (stream.usage or {}).get("prompt_tokens_details")
+    usage = tally.usage or {}
+    details = usage.get("prompt_tokens_details")
     return Qualification(
         model=model,
         max_model_len=max_model_len,
-        usage_reported=stream.usage is not None,
+        usage_reported=_count(usage.get("completion_tokens")) is not None,
         cached_tokens_reported=isinstance(details, dict) and _count(details.get("cached_tokens")) is not None,
         tokenizer_ratio=ratio,
         largest_turn=largest,
@@ -224,7 +220,9 @@ def _text(content: Any) -> str:
 
 
 def _probe(session: requests.Session, target: ProbeTarget, served: Mapping[str, Any], body: bytes,
-           settings: replay.ReplaySettings) -> _Stream:
+           settings: replay.ReplaySettings) -> StreamTally:
+    """Send the probe request; what its stream said, if it can be measured as the client measures the
+    run's (``client.ChatStreamClient``: the same parser and tally, the same idea of a complete stream)."""
     url = api_url(target.host, "chat/completions")
     started = time.monotonic()
     response = _send(session, target, "POST", url, body)
@@ -243,28 +241,32 @@ def _probe(session: requests.Session, target: ProbeTarget, served: Mapping[str, 
             try:
                 for event in parser.feed(data):
                     tally.add(event, time.monotonic())
-            except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:  # not SSE, or chunks of another shape
-                tally.error = f"not OpenAI stream chunks ({type(exc).__name__})"
+            except ValueError as exc:  # not SSE (a line longer than any chunk)
+                tally.error = str(exc)
             if tally.error is not None or tally.done_at is not None:
                 break
-    if tally.error is not None:
+    if tally.error is not None and tally.error.startswith("in-band error"):
         raise _error(target, _rejection_line(target, url, 200, tally.error, None, served, settings))
-    stream = _Stream(tally.usage, len(tally.token_times), tally.done_at is not None)
-    if not (stream.done or stream.usage or stream.token_chunks):
-        raise _error(target, f"{_shown(url)} answered with an empty stream (no chunk, no data: [DONE]): the server "
-                             "cannot answer a chat request; see its log")
-    return stream
+    if tally.error is not None:
+        raise _error(target, f"{_shown(url)} answered with a stream that is not OpenAI's chat-completion chunks "
+                             f"({_quote(target, tally.error)}): every request of the run would fail so; see its log")
+    if tally.done_at is None and tally.usage is None and not tally.finished:
+        raise _error(target, f"{_shown(url)} ended its stream before data: [DONE], with neither usage nor a "
+                             "finish_reason: every request of the run would be recorded as cut off; see its log")
+    return tally
 
 
-def _stream_warnings(stream: _Stream) -> Iterator[str]:
-    if stream.usage is None or _count(stream.usage.get("completion_tokens")) is None:
+def _stream_warnings(tally: StreamTally) -> Iterator[str]:
+    completion = _count((tally.usage or {}).get("completion_tokens"))
+    if completion is None:
         yield ("agentperf: warning: the server's stream carries no usage (stream_options.include_usage): output "
                "tokens will be counted from chunks, prompt and cached tokens will be unknown")
-    if not stream.token_chunks:
-        yield (f"agentperf: warning: the probe's {PROBE_OUTPUT_TOKENS} output tokens arrived as no text chunk: "
+    elif (why := implausible_usage(completion, tally, PROBE_OUTPUT_TOKENS)) is not None:
+        yield (f"agentperf: warning: the server's usage cannot be believed ({why}): where it cannot, output tokens "
+               "are counted from chunks")
+    if not tally.token_times:
+        yield (f"agentperf: warning: the probe's {PROBE_OUTPUT_TOKENS} output tokens arrived in no text chunk: "
                "time to first token and output speed cannot be measured on such answers")
-    if not stream.done:
-        yield "agentperf: warning: the server's stream ended without data: [DONE]; requests may be recorded as cut off"
 
 
 def _rejection_line(target: ProbeTarget, url: str, status: int, text: str, param: str | None,

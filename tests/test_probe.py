@@ -110,10 +110,15 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = round(count_prompt_tokens(body["messages"], body.get("tools")) * float(scenario.get("ratio", 1.0)))
         chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
         chunks += [{"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]} for i in range(limit)]
+        if scenario.get("chunks") == "wrong":
+            chunks.insert(1, {"choices": 5})
         if scenario.get("usage") != "none":
-            chunks.append({"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": limit,
-                                                    "total_tokens": prompt + limit}})
-        payload = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+            completion = 100_000 if scenario.get("usage") == "absurd" else limit
+            chunks.append({"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                                    "total_tokens": prompt + completion}})
+        payload = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+        if scenario.get("done") != "none":
+            payload += b"data: [DONE]\n\n"
         self._send(200, payload, "text/event-stream")
 
 
@@ -314,6 +319,25 @@ def test_a_stream_without_usage_is_a_warning(server_url, demo):
     (warning,) = result.warnings
     assert warning.startswith("agentperf: warning:") and "output tokens will be counted from chunks" in warning
     assert "no usage, no prefix-cache details" in result.summary()
+
+
+def test_a_stream_cut_before_done_without_usage_or_finish_is_refused(server_url, demo):
+    """What the client would record as cut off (a disconnect) for every request; with the usage
+    before the end, a missing [DONE] is complete, as the client takes it."""
+    line = refused(scenario(server_url, "usage=none,done=none"), demo)
+    assert "ended its stream before data: [DONE], with neither usage nor a finish_reason" in line
+    assert qualify(scenario(server_url, "done=none"), demo, RUN_SHAPE).warnings == ()
+
+
+def test_a_stream_of_the_wrong_shape_is_refused(server_url, demo):
+    line = refused(scenario(server_url, "chunks=wrong"), demo)
+    assert "a stream that is not OpenAI's chat-completion chunks" in line and "choices" in line
+
+
+def test_usage_that_cannot_be_true_is_a_warning(server_url, demo):
+    result = qualify(scenario(server_url, "usage=absurd"), demo, RUN_SHAPE)
+    (warning,) = result.warnings
+    assert "usage cannot be believed (usage.completion_tokens 100000 > the 4 requested)" in warning
 
 
 # -- the context check -----------------------------------------------------------------------------------
