@@ -12,6 +12,10 @@ the engine has work, a step starts where the previous one ended, so the server's
 slow the modelled GPU. If the server falls more than ``MAX_CLOCK_SLIP_S`` behind, the clock jumps to now.
 
 Routes: ``POST /v1/chat/completions`` (SSE or whole), ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+
+With ``ServerOptions.faults`` some chat completions break on purpose (:mod:`.faults`): a request draws its
+fault on arrival; one answered before any stream never reaches the engine, and one cut short mid-stream
+is aborted in the engine at the cut, as a client disconnect is.
 """
 
 from __future__ import annotations
