@@ -56,6 +56,7 @@ from agentperf_users.client import (
     ChatStreamClient,
     api_url,
     redact,
+    redact_url,
 )
 from agentperf_users.errors import AgentperfError
 from agentperf_users.readers import FORMATS
@@ -174,6 +175,7 @@ class _ProcessState:
     dealer: Dealer = field(default_factory=Dealer)  # used on the master or a LocalRunner
     tickets: itertools.count = field(default_factory=itertools.count)
     pending: dict[int, AsyncResult] = field(default_factory=dict)  # claims awaiting the master's answer
+    started_with: tuple[str, str] | None = None  # (--api-key-env, --host) when the process started (see install)
 
 
 def add_arguments(parser: Any) -> None:
@@ -185,8 +187,9 @@ def add_arguments(parser: Any) -> None:
     option("--trajectory-format", default="auto", choices=FORMATS, help="trajectory format (auto: sniffed)")
     option("--model", default="", help="model to request; empty: the first of the server's /v1/models")
     add_replay_arguments(option)  # --ignore-eos, --tool-wait(-median, -sigma), --cache-namespace, --seed, --start-turn
-    option("--api-key-env", default="OPENAI_API_KEY",
-           help="name of the environment variable that holds the API key (sent as a Bearer token)")
+    option("--api-key-env", default="OPENAI_API_KEY", include_in_web_ui=False,
+           help="name of the environment variable that holds the API key (sent as a Bearer token); fixed when the "
+           "process starts")
     option("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
            help="seconds a request may wait for its response and first token")
     option("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
@@ -205,6 +208,8 @@ def install(environment: Environment, **_: Any) -> None:
     """Register the claim messages on this process's runner (Locust's ``init`` event)."""
     runner = environment.runner
     state = _state(environment)
+    options = environment.parsed_options
+    state.started_with = (str(getattr(options, "api_key_env", "")), environment.host or "")
     if not isinstance(runner, WorkerRunner):  # the dealer: master or LocalRunner
         runner.register_message(CLAIM_MESSAGE, lambda msg, **_: _deal(environment, state, msg))
     if not isinstance(runner, MasterRunner):
@@ -253,6 +258,8 @@ def on_test_start(environment: Environment, **_: Any) -> None:
     state.dealer = Dealer()
     try:
         state.settings = settings = AgentSettings.from_options(environment.parsed_options)
+        if not isinstance(environment.runner, WorkerRunner):
+            _check_key_source(state, settings.api_key_env, environment.host or "")
         state.trajectories = load_trajectories(settings.trajectories, settings.trajectory_format)
         state.api_key = os.environ.get(settings.api_key_env) or None
         if not isinstance(environment.runner, MasterRunner):
@@ -266,6 +273,20 @@ def on_test_start(environment: Environment, **_: Any) -> None:
     # loaded worker one took ~30 ms, long enough for a stream's next chunks to pile up behind a read.
     gc.collect()
     gc.freeze()
+
+
+def _check_key_source(state: _ProcessState, api_key_env: str, host: str) -> None:
+    """The API key goes only where the process was started to send it. Locust's web UI lets anyone who
+    reaches it set any option and the host for the next test (even options not shown in its form), so
+    without this check a visitor could have the value of any environment variable (a database password)
+    sent as a bearer token to a host of their choosing. Workers take the master's (so checked) values."""
+    key_env, start_host = state.started_with or (api_key_env, host)
+    if api_key_env != key_env:
+        raise AgentperfError(f"--api-key-env {api_key_env!r}: the API key's source is fixed when the process starts "
+                             f"({key_env!r}); restart with the variable you want")
+    if os.environ.get(key_env) and host.rstrip("/") != start_host.rstrip("/"):
+        raise AgentperfError(f"host {redact_url(host)!r}: with an API key (${key_env}) set, requests go only to the "
+                             f"host given at start ({redact_url(start_host) or 'none'}); restart with --host")
 
 
 def on_test_stop(environment: Environment, **_: Any) -> None:

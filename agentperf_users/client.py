@@ -53,14 +53,41 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+SECRET_SLICE_CHARS = 4  # a server that echoes a key partly ("sk-SECR****2345") echoes slices this long or longer
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
 def redact(text: str, secrets: Sequence[str] = ()) -> str:
-    """``text`` on one line, at most ``MESSAGE_CHARS`` long, with the given secrets and anything that
-    looks like a key or bearer token masked: safe for records, logs and the web UI."""
+    """``text`` on one line, at most ``MESSAGE_CHARS`` long, with the given secrets masked (and every slice of
+    them of ``SECRET_SLICE_CHARS`` or more characters, as a server's partial echo of a key), anything that
+    looks like a key or bearer token, and credentials in a URL: safe for records, logs and the web UI."""
+    text = " ".join(text.split())
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    text = _SECRET_LIKE.sub("***", " ".join(text.split()))
+        text = _mask_slices(text, secret)
+    text = _URL_CREDENTIALS.sub("***@", _SECRET_LIKE.sub("***", text))
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 3] + "..."
+
+
+def _mask_slices(text: str, secret: str) -> str:
+    """``text`` with every character that belongs to a slice of ``secret`` at least ``SECRET_SLICE_CHARS``
+    long masked: any such slice is covered by the secret's windows of exactly that length."""
+    width = SECRET_SLICE_CHARS
+    if len(secret) < width:
+        return text.replace(secret, "***") if secret else text
+    hidden = bytearray(len(text))
+    for window in {secret[i:i + width] for i in range(len(secret) - width + 1)}:
+        start = text.find(window)
+        while start >= 0:
+            hidden[start:start + width] = b"\x01" * width
+            start = text.find(window, start + 1)
+    if not any(hidden):
+        return text
+    return re.sub(r"\x00+", "***", "".join("\x00" if flag else char for char, flag in zip(text, hidden)))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced: a --host may carry credentials, logs and reports may not."""
+    return _URL_CREDENTIALS.sub("***@", url)
 
 
 @dataclass(frozen=True)

@@ -159,25 +159,32 @@ def _search_metrics(shape: "CapacitySearchShape") -> Iterator[Metric]:
     yield from (capacity, status)
 
 
+DEFAULT_METRICS_HOST = "127.0.0.1"  # a run's numbers are nobody else's business unless the user says so
+
+
 def add_arguments(parser) -> None:
     """Not in the web UI's start form: the server starts with the process, before any test."""
     aggregate.add_option(parser, "--metrics-port", type=int, default=0, include_in_web_ui=False,
                          help="serve Prometheus metrics on this port of the master (or local run); 0: none")
+    aggregate.add_option(parser, "--metrics-host", default=DEFAULT_METRICS_HOST, include_in_web_ui=False,
+                         help="interface the metrics listen on; default 127.0.0.1 (this host only): give 0.0.0.0 "
+                         "where a Prometheus on another host scrapes them (containers, Kubernetes)")
 
 
 def serve(environment: Environment, **_) -> None:
     """Start the metrics server on Locust's ``init`` (not on a worker: its records are the master's)."""
     port = getattr(environment.parsed_options, "metrics_port", 0) or 0
+    host = getattr(environment.parsed_options, "metrics_host", DEFAULT_METRICS_HOST) or DEFAULT_METRICS_HOST
     if not port or isinstance(environment.runner, WorkerRunner):
         return
     registry = CollectorRegistry()
     registry.register(RunCollector(environment))
     try:
-        start_http_server(port, registry=registry)
+        start_http_server(port, addr=host, registry=registry)
     except OSError as exc:  # the run goes on without metrics rather than not at all
-        logger.error("agentperf: --metrics-port %d: cannot serve metrics: %s", port, exc.strerror)
+        logger.error("agentperf: --metrics-port %d: cannot serve metrics on %s: %s", port, host, exc.strerror)
         return
-    logger.info("agentperf: Prometheus metrics at http://0.0.0.0:%d/metrics", port)
+    logger.info("agentperf: Prometheus metrics at http://%s:%d/metrics", host, port)
 
 
 events.init_command_line_parser.add_listener(add_arguments)

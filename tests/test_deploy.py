@@ -76,7 +76,7 @@ def test_workers_find_the_master_and_the_master_waits_for_all_of_them():
     assert (REPO / option(worker, "-f").removeprefix(IMAGE_ROOT)).is_file()
     args, unknown = build_parser().parse_known_args(master[1:])  # capacity's own options, and Locust's
     assert (args.warmup_s, args.window_s) == (30.0, 90.0)
-    assert unknown == ["--expect-workers-max-wait", "300", "--metrics-port", "9646"]
+    assert unknown == ["--expect-workers-max-wait", "300", "--metrics-port", "9646", "--metrics-host", "0.0.0.0"]
 
 
 def test_the_masters_metrics_are_served_announced_and_optional():
@@ -84,6 +84,7 @@ def test_the_masters_metrics_are_served_announced_and_optional():
     job = objects[("Job", "cap-agentperf-master")]
     master = container(job)
     assert option(master["command"], "--metrics-port") == "9700"
+    assert option(master["command"], "--metrics-host") == "0.0.0.0"  # the pod's IP, for Prometheus' discovery
     assert {"name": "metrics", "containerPort": 9700} in master["ports"]
     assert job["spec"]["template"]["metadata"]["annotations"] == {"prometheus.io/scrape": "true",
                                                                    "prometheus.io/port": "9700"}
