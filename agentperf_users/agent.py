@@ -191,7 +191,7 @@ def add_arguments(parser: Any) -> None:
            help="name of the environment variable that holds the API key (sent as a Bearer token); fixed when the "
            "process starts")
     option("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
-           help="seconds a request may wait for its response and first token")
+           help="seconds a request may take in all: its response, first token and whole stream")
     option("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
            help="seconds a stream may stay silent once its first token arrived")
 

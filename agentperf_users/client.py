@@ -225,7 +225,9 @@ class ChatStreamClient:
                 raise StreamFailure(Status.BAD_STREAM, f"expected text/event-stream, got {content_type.split(';')[0]}")
             if sock is not None:
                 sock.settimeout(None)  # the deadline below bounds the waits
-            deadline = Deadline(start + self._request_timeout_s, Status.TIMEOUT, "no first token within the request timeout")
+            end_by = start + self._request_timeout_s  # the whole request, however its tokens come
+            deadline = Deadline(end_by, Status.TIMEOUT, "no first token within the request timeout")
+            capped = False  # the deadline is end_by for good: stall checks no longer matter
             parser = SSEParser()
             partial_since = None  # arrival of the read in which the parser's unfinished event began
             while tally.done_at is None and tally.error is None:
@@ -245,12 +247,17 @@ class ChatStreamClient:
                     partial_since = None
                 elif events or partial_since is None:
                     partial_since = arrived_at
-                if tally.token_times:
-                    if deadline.status is Status.STALL:
-                        deadline.at_s = arrived_at + self._stall_timeout_s
-                    else:  # the first token: from here on, plain reads (see StampingSocket)
-                        deadline.rearm(arrived_at + self._stall_timeout_s, Status.STALL, f"no bytes for {self._stall_timeout_s:g} s")
+                if tally.token_times and not capped:
+                    stall_at = arrived_at + self._stall_timeout_s
+                    if deadline.status is not Status.STALL:  # the first token: from here on, plain reads (see StampingSocket)
                         _first_token_reads(sock, False)
+                    if stall_at >= end_by:  # a drip that never stalls still ends with the request timeout
+                        deadline.rearm(end_by, Status.TIMEOUT, f"the response did not end within {self._request_timeout_s:g} s")
+                        capped = True
+                    elif deadline.status is Status.STALL:
+                        deadline.at_s = stall_at
+                    else:
+                        deadline.rearm(stall_at, Status.STALL, f"no bytes for {self._stall_timeout_s:g} s")
             deadline.cancel()
             if tally.error is not None:
                 raise StreamFailure(Status.BAD_STREAM, tally.error)

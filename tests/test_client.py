@@ -198,6 +198,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._write(_sse({"choices": [], "usage": {**USAGE, "completion_tokens": 2}}))
         self._end()
 
+    def scenario_drip(self, request, arrival) -> None:
+        """A token every 0.1 s, never silent for long: only the request timeout can end it."""
+        self._start_stream()
+        for _ in range(int(request["tokens"])):
+            self._write(_sse(_delta(content="a")), 0.1)
+        self.close_connection = True
+
     def scenario_not_sse(self, request, arrival) -> None:
         self._send_json(200, {"choices": [{"message": {"content": "hi"}}]})
 
@@ -448,6 +455,13 @@ def test_a_silent_stream_is_a_stall_and_a_missing_first_token_a_timeout(server_u
     assert (timed_out.status, timed_out.message) == (Status.TIMEOUT, "no first token within the request timeout")
     assert timed_out.ttft_s is None and timed_out.e2e_s == pytest.approx(0.4, abs=0.1)
     assert [event["exception"] is not None for event in fired.events] == [True, True]
+
+
+def test_a_drip_that_never_stalls_ends_at_the_request_timeout(server_url):
+    result = _post(_client(server_url, request_timeout_s=1.0, stall_timeout_s=0.5), "drip", tokens=100)
+    assert (result.status, result.message) == (Status.TIMEOUT, "the response did not end within 1 s")
+    assert 1 < result.output_tokens < 100 and result.output_tokens_estimated
+    assert result.token_times_perf_s[-1] - result.start_perf_s < result.e2e_s  # it ended after its last token
 
 
 def test_refused_connection_is_a_disconnect():
