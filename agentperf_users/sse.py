@@ -146,8 +146,8 @@ class StreamTally:
         if any(isinstance(choice, dict) and choice.get("finish_reason") for choice in chunk.get("choices") or ()):
             self.finished = True
         usage = chunk.get("usage")
-        if usage is not None and not isinstance(usage, dict):
-            self.error = f"a stream chunk of the wrong shape: usage is {_json_type(usage)}, expected an object"
+        if (problem := _usage_problem(usage)) is not None:
+            self.error = f"a stream chunk of the wrong shape: {problem}"
         elif usage:
             self.usage = usage
             timing = chunk.get("agentperf_timing") or usage.get("agentperf_timing")
@@ -203,6 +203,27 @@ def _chunk_texts(chunk: Mapping[str, Any]) -> tuple[list[str], str | None]:
                 if value:
                     texts.append(value)
     return texts, None
+
+
+_USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _usage_problem(usage: Any) -> str | None:
+    """What is wrong with a chunk's ``usage`` (absent and null are fine; so is a null count: not reported)."""
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        return f"usage is {_json_type(usage)}, expected an object"
+    counts = [(f"usage.{name}", usage.get(name)) for name in _USAGE_COUNTS]
+    details = usage.get("prompt_tokens_details")
+    if details is not None:
+        if not isinstance(details, dict):
+            return f"usage.prompt_tokens_details is {_json_type(details)}, expected an object"
+        counts.append(("usage.prompt_tokens_details.cached_tokens", details.get("cached_tokens")))
+    for name, value in counts:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"{name} is {_json_type(value)}, expected a non-negative integer"
+    return None
 
 
 def _json_type(value: Any) -> str:

@@ -147,6 +147,13 @@ def test_usage_with_null_choices_and_events_after_done_are_ignored():
          "a stream chunk of the wrong shape: choices[0].delta.tool_calls[0].function.arguments is an object, "
          "expected a string"),
         ("", '{"choices": [], "usage": [1]}', "a stream chunk of the wrong shape: usage is a list, expected an object"),
+        ("", '{"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": null}}',
+         "a stream chunk of the wrong shape: usage.prompt_tokens is a string, expected a non-negative integer"),
+        ("", '{"choices": [], "usage": {"completion_tokens": -3}}',
+         "a stream chunk of the wrong shape: usage.completion_tokens is a number, expected a non-negative integer"),
+        ("", '{"choices": [], "usage": {"prompt_tokens_details": {"cached_tokens": 1.5}}}',
+         "a stream chunk of the wrong shape: usage.prompt_tokens_details.cached_tokens is a number, expected a "
+         "non-negative integer"),
     ],
 )
 def test_error_events_and_garbage_stop_the_tally(event, data, expected):
