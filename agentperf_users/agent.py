@@ -81,6 +81,7 @@ from agentperf_users.trajectory import Trajectory, TrajectorySet, load_trajector
 
 CLAIM_MESSAGE = "agentperf_claim"
 CLAIMED_MESSAGE = "agentperf_claimed"
+ERROR_MESSAGE = "agentperf_worker_error"  # a worker's one-line reason for stopping, for the master's console
 CLAIM_TIMEOUT_S = 30.0  # a master that does not answer a claim in this long is gone
 BACKOFF_FIRST_S = 0.5  # the extra pause after a second failure in a row, doubling with each one more
 BACKOFF_MAX_S = 8.0
@@ -212,6 +213,8 @@ def install(environment: Environment, **_: Any) -> None:
     state.started_with = (str(getattr(options, "api_key_env", "")), environment.host or "")
     if not isinstance(runner, WorkerRunner):  # the dealer: master or LocalRunner
         runner.register_message(CLAIM_MESSAGE, lambda msg, **_: _deal(environment, state, msg))
+    if isinstance(runner, MasterRunner):
+        runner.register_message(ERROR_MESSAGE, lambda msg, **_: _worker_failed(environment, msg))
     if not isinstance(runner, MasterRunner):
         runner.register_message(CLAIMED_MESSAGE, lambda msg, **_: _claimed(state, msg.data))
 
@@ -300,8 +303,21 @@ def stop_test(environment: Environment, message: str) -> None:
     logger.error(message)
     environment.process_exit_code = AgentperfError.exit_code
     runner = environment.runner
+    if isinstance(runner, WorkerRunner):  # its log may be on another host: the master says it too, and stops
+        runner.send_message(ERROR_MESSAGE, message)
     headless = bool(getattr(environment.parsed_options, "headless", False))
     gevent.spawn(runner.quit if headless or isinstance(runner, WorkerRunner) else runner.stop)
+
+
+def _worker_failed(environment: Environment, msg: Any) -> None:
+    """A worker stopped with a one-line error (a trajectory set it cannot read, a server it cannot ask):
+    the master logs it, once per reason, where the user is looking, and stops the test, since the step
+    would otherwise run on with fewer agents than it names."""
+    state = _state(environment)
+    text = str(msg.data)
+    if text != state.error:
+        state.error = text
+        stop_test(environment, f"{text} (worker {msg.node_id})")
 
 
 def _served_model(host: str | None, api_key: str | None) -> str:

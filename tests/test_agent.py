@@ -244,3 +244,38 @@ def test_an_agent_backs_off_from_the_second_failure_in_a_row_and_honours_retry_a
     assert [backoff(Status.HTTP_4XX) for _ in range(7)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
     assert backoff(Status.OK) == 0.0 and agent._failures_in_a_row == 0
     assert [backoff(Status.HTTP_5XX, 3.0), backoff(Status.HTTP_4XX, 120.0), backoff(Status.DISCONNECT)] == [3.0, 30.0, 1.0]
+
+
+@pytest.mark.slow
+def test_a_workers_error_reaches_the_masters_console_and_stops_the_test(tmp_path):
+    """The worker runs elsewhere (here: another folder, without the trajectory file the master has): its
+    one-line reason must reach the master's output, where the user is looking, and end the run there."""
+    master_dir, worker_dir = tmp_path / "master", tmp_path / "worker"
+    master_dir.mkdir()
+    worker_dir.mkdir()
+    _write_set(master_dir / "set.jsonl")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    locustfile = str(REPO / "locustfiles" / "agents.py")
+    with SimulatorProcess(["--port", "0"], env=env) as simulator:
+        master = subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", locustfile, "--master", "--master-bind-host", "127.0.0.1",
+             "--master-bind-port", str(port), "--expect-workers", "1", "--headless", "-u", "2", "-r", "10",
+             "-t", "60s", "--host", simulator.url, "--trajectories", "set.jsonl"],
+            cwd=master_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", locustfile, "--worker", "--master-host", "127.0.0.1",
+             "--master-port", str(port)], cwd=worker_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            output, _ = master.communicate(timeout=60)  # ends long before its -t: the worker's error stopped it
+        finally:
+            for process in (master, worker):
+                process.kill()
+                process.wait()
+    lines = [line for line in output.splitlines() if "set.jsonl" in line and "(worker " in line]
+    assert lines and "agentperf: " in lines[0], output[-3000:]
+    assert master.returncode == 2
