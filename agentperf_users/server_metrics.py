@@ -72,6 +72,9 @@ GAUGE, COUNTER, HISTOGRAM = "gauge", "counter", "histogram"
 SUM, MAX = "sum", "max"
 ENGINES = ("vllm", "sglang")
 REPLICA_LABELS = ("tp_rank", "pp_rank")  # ranks that report the same scheduler state: only rank 0 counts
+MAX_EXPOSITION_BYTES = 16 * 1024 * 1024
+"""A real engine's exposition is a few hundred KB (vLLM's histograms included); a larger one is not read
+into memory every second, it is a miss."""
 
 logger = logging.getLogger(__name__)
 
@@ -287,12 +290,16 @@ class ScrapeSampler:
 
     def _read(self) -> tuple[str | None, str]:
         try:
-            response = requests.get(self._url, timeout=SCRAPE_TIMEOUT_S)
-            response.raise_for_status()
-        except requests.RequestException as exc:
-            status = getattr(exc.response, "status_code", None)
+            with requests.get(self._url, timeout=SCRAPE_TIMEOUT_S, stream=True) as response:
+                response.raise_for_status()
+                body = response.raw.read(MAX_EXPOSITION_BYTES + 1, decode_content=True)
+                encoding = response.encoding or "utf-8"
+        except (requests.RequestException, OSError, ValueError) as exc:  # urllib3's read errors included
+            status = getattr(getattr(exc, "response", None), "status_code", None)
             return None, f"HTTP {status}" if status else f"not reachable ({type(exc).__name__})"
-        line = self._reading(response.text, time.time())
+        if len(body) > MAX_EXPOSITION_BYTES:
+            return None, f"an exposition over {MAX_EXPOSITION_BYTES} bytes"
+        line = self._reading(body.decode(encoding, errors="replace"), time.time())
         return line, "" if line is not None else f"no {self._wanted}"
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 import pytest
 from openai import OpenAI
 
+from agentperf_users import server_metrics
 from agentperf_users.errors import AgentperfError
 from agentperf_users.server_metrics import (
     NOT_AVAILABLE,
@@ -400,6 +401,18 @@ def test_an_unknown_servers_endpoint_writes_nothing_and_says_so_once(tmp_path, c
     assert read_samples(path) == [] and sampler.readings == 0
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "no vLLM or SGLang metrics" in warning
+
+
+def test_an_oversized_exposition_is_not_read(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(server_metrics, "MAX_EXPOSITION_BYTES", len(VLLM_032) - 1)
+    path = tmp_path / SERVER_METRICS_FILE
+    with caplog.at_level(logging.WARNING, logger="agentperf_users.server_metrics"):
+        with Endpoint([(200, VLLM_032)]) as endpoint, \
+                server_metrics_sampler(endpoint.url, path, interval_s=0.05) as sampler:
+            wait_for(lambda: sampler.misses >= 2, "two readings")
+    assert read_samples(path) == []
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"an exposition over {len(VLLM_032) - 1} bytes" in warning
 
 
 def test_an_unreachable_endpoint_writes_nothing_and_says_so_once(tmp_path, caplog):
