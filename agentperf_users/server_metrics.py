@@ -29,7 +29,9 @@ each name comes from:
   the counters ``prompt_tokens_total``, ``cached_tokens_total``, ``generation_tokens_total``,
   ``num_requests_total`` and the histograms ``time_to_first_token_seconds``,
   ``inter_token_latency_seconds``, ``e2e_request_latency_seconds``), and its
-  ``docs/references/production_metrics.md`` for the exposition's shape. No SGLang ran here: the
+  ``docs/references/production_metrics.md`` for the exposition's shape (an older release's example there,
+  labelled ``name=`` instead of ``model_name=``, has ``time_per_output_token_seconds`` instead of
+  ``inter_token_latency_seconds``: read when the newer is absent). No SGLang ran here: the
   fixtures in the tests follow that source. SGLang has no prefill- or decode-time histogram (None),
   counts prompt and cached tokens when a request finishes (so its prefix-cache hit ratio is cached /
   prompt tokens of the requests finished in the window), updates its scheduler gauges once per logging
@@ -112,7 +114,7 @@ QUANTITIES: tuple[Quantity, ...] = (
     Quantity("ttft", HISTOGRAM, ("vllm:time_to_first_token_seconds",), ("sglang:time_to_first_token_seconds",)),
     Quantity("inter_token_latency", HISTOGRAM,
              ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
-             ("sglang:inter_token_latency_seconds",)),
+             ("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds")),
     Quantity("e2e_latency", HISTOGRAM, ("vllm:e2e_request_latency_seconds",), ("sglang:e2e_request_latency_seconds",)),
 )
 

@@ -223,7 +223,7 @@ def test_sglang_counts_one_tensor_parallel_rank_and_sums_the_data_parallel_ones(
     assert "prefill_time" not in sample.histograms and "decode_time" not in sample.histograms  # SGLang has none
 
 
-def test_older_vllm_names_are_read_when_the_032_ones_are_absent():
+def test_older_vllm_and_sglang_names_are_read_when_the_current_ones_are_absent():
     older = """\
 vllm:gpu_cache_usage_perc{model_name="m"} 0.5
 vllm:time_per_output_token_seconds_sum{model_name="m"} 2.0
@@ -232,6 +232,14 @@ vllm:time_per_output_token_seconds_count{model_name="m"} 100.0
     sample = parse_exposition(older, 1.0)
     assert sample.values == {"kv_cache_usage": 0.5}
     assert sample.histograms["inter_token_latency"].mean == pytest.approx(0.02)
+    older_sglang = """\
+sglang:num_running_reqs{name="google/gemma-2-9b-it"} 4.0
+sglang:time_per_output_token_seconds_sum{name="google/gemma-2-9b-it"} 3.0
+sglang:time_per_output_token_seconds_count{name="google/gemma-2-9b-it"} 300.0
+"""
+    sample = parse_exposition(older_sglang, 1.0)
+    assert sample.server == "sglang" and sample.values == {"requests_running": 4.0}
+    assert sample.histograms["inter_token_latency"].mean == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("text", [DCGM_ONLY, "", "<html><body>404 Not Found</body></html>", "vllm:x{ 1"])
