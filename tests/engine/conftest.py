@@ -1,0 +1,27 @@
+"""Fixtures for the real-engine tests: one vLLM with tool calling per test session (a start costs ~40 s).
+
+Every test here is marked ``engine`` (skip them locally with ``-m 'not engine'``); without the vLLM venv
+they are skipped, or fail where ``AGENTPERF_REQUIRE_ENGINE=1`` (CI).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from tests.engine.vllm_server import VllmInstall, VllmServer, require_install
+
+
+@pytest.fixture(scope="session")
+def vllm_install() -> VllmInstall:
+    return require_install()
+
+
+@pytest.fixture(scope="session")
+def vllm(vllm_install: VllmInstall) -> Iterator[VllmServer]:
+    """The session's vLLM, set up as agent deployments are (tool calling on), pinned to the engine's CPU."""
+    with VllmServer(vllm_install) as server:
+        print(f"\nvLLM healthy after {server.start_s:.1f} s, RSS {server.rss_bytes() / 2**30:.2f} GiB")
+        yield server
+        print(f"\nvLLM RSS at the end {server.rss_bytes() / 2**30:.2f} GiB")

@@ -1,0 +1,113 @@
+"""agentperf against a real vLLM, checked against the engine's own accounting.
+
+A headless Locust replay of a small synthetic set (agents pinned to CPU 0, the engine to CPU 1): the records'
+token sums must equal vLLM's counter deltas exactly, and the records must account for every request vLLM
+finished. A server started without tool calling must show up in the records as what it is: HTTP 400s that
+carry the server's own explanation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentperf_users.records import RequestRecord, Status, read_records
+from agentperf_users.synth import SynthParams, synthesize, write_set
+from tests.engine.accounting import EngineCounters, RecordTotals, read_counters, record_totals, wait_idle
+from tests.engine.vllm_server import LOAD_CPUS, MAX_MODEL_LEN, VllmServer, pin
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[2]
+LOCUSTFILE = REPO / "locustfiles" / "agents.py"
+
+# A small AA-like set whose contexts stay far below the server's --max-model-len (the tiny model's BPE
+# spends up to ~2 tokens per simulator token on the generated text) and whose turns are short, so a 30 s
+# replay on one core holds dozens of requests, cache hits included, and requests in flight at the end.
+SMALL_SET = SynthParams(count=6, seed=11, name="engine-small", max_context=6_000, system_tokens=600, tool_count=4,
+                        task_median=120, turns_median=8, min_turns=3, max_turns=12, output_median=40,
+                        output_p95=160, output_max=300, tool_wait_median_s=0.3, tool_wait_max_s=2.0,
+                        tool_result_median=150, tool_result_max=1_200)
+
+
+def write_small_set(path: Path) -> Path:
+    write_set(path, *synthesize(SMALL_SET))
+    return path
+
+
+def replay(url: str, tmp: Path, agents: int, run_s: int, *extra: str) -> list[RequestRecord]:
+    """A headless ``locust`` run of the agents locustfile, pinned to the load generator's CPU; its records."""
+    trajectories = write_small_set(tmp / "set.jsonl")
+    completed = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(agents), "-r", str(agents),
+         "-t", f"{run_s}s", "--host", url, "--trajectories", str(trajectories),
+         "--records-dir", str(tmp / "records"), *extra],
+        cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=run_s + 120, preexec_fn=pin(LOAD_CPUS))
+    output = completed.stdout + completed.stderr
+    assert completed.returncode in (0, 1), output[-3000:]  # 1: Locust saw failed requests
+    assert (tmp / "records").is_dir(), f"the run left no records:\n{output[-3000:]}"
+    return read_records([tmp / "records"])
+
+
+def measured_replay(server: VllmServer, tmp: Path, agents: int, run_s: int, *extra: str) \
+        -> tuple[list[RequestRecord], RecordTotals, EngineCounters]:
+    """A replay between two reads of vLLM's counters, the second once vLLM holds no request (an aborted
+    request leaves its gauges only after the engine processed the abort); the records, their totals and
+    the counters' deltas."""
+    wait_idle(server.url)
+    before = read_counters(server.url)
+    records = replay(server.url, tmp, agents, run_s, *extra)
+    wait_idle(server.url)
+    engine = read_counters(server.url).minus(before)
+    ours = record_totals(records)
+    print(f"\nrecords: {ours}\nvLLM's deltas: {engine}\nvLLM RSS {server.rss_bytes() / 2**30:.2f} GiB")
+    assert ours.ok >= 10, ours  # the replay did real work: the comparisons are not 0 == 0
+    assert any(r.cached_tokens for r in records), "no prefix-cache hit: cached tokens would not be compared"
+    assert all(r.prompt_tokens is None or r.prompt_tokens < MAX_MODEL_LEN for r in records)
+    return records, ours, engine
+
+
+def test_a_drained_replay_equals_vllms_counters_exactly(vllm: VllmServer, tmp_path: Path) -> None:
+    """Agents stopped with time to finish their turn (``--stop-timeout``) leave no request cut off: every
+    request vLLM completed has an ok record and nothing else, and the records' prompt, output and cached
+    tokens are vLLM's prompt, generation and prefix-cache-hit counters to the token."""
+    _, ours, engine = measured_replay(vllm, tmp_path, 2, 30, "--stop-timeout", "60")
+    assert dict(ours.by_status) == {Status.OK.value: engine.completed}, engine.finished
+    assert ours.tokens == engine.tokens
+
+
+def test_a_replay_cut_by_its_end_accounts_for_every_request_vllm_completed(vllm: VllmServer, tmp_path: Path) -> None:
+    """The end of a run cuts the requests in flight (``--stop-timeout 0``, Locust's default). Each cut
+    request has a ``cancelled`` record, at most one per agent (its last); the ok records are exactly the
+    requests vLLM completed. vLLM counts a cut request's tokens (prefill, tokens generated before the abort)
+    but not the request (a client's abort is not in ``request_success_total``), and a cancelled record
+    lacks the usage that comes only at a stream's end, so its tokens may fall short of the counters by the
+    cut requests' share, never the other way, and by nothing when no request was cut."""
+    records, ours, engine = measured_replay(vllm, tmp_path, 2, 20)
+    cancelled = [r for r in records if r.status is Status.CANCELLED]
+    diagnosis = (f"records by status {dict(ours.by_status)}; vLLM finished {dict(engine.finished)}; "
+                 f"records minus vLLM's (prompt, output, cached): "
+                 f"{tuple(a - b for a, b in zip(ours.tokens, engine.tokens))}")
+    assert ours.ok == engine.completed, diagnosis
+    assert ours.ok + len(cancelled) == ours.records, diagnosis
+    assert all(r.start_epoch_s == max(o.start_epoch_s for o in records if o.agent == r.agent) for r in cancelled)
+    shortfall = [engine_sum - our_sum for our_sum, engine_sum in zip(ours.tokens, engine.tokens)]
+    assert all(missing >= 0 for missing in shortfall), diagnosis
+    if not cancelled:
+        assert shortfall == [0, 0, 0], diagnosis
+
+
+def test_a_server_without_tool_calling_answers_400_and_the_records_say_why(vllm_install, tmp_path: Path) -> None:
+    """vLLM started without ``--enable-auto-tool-choice`` rejects every request that carries ``tools``; the
+    records must say http_4xx and carry vLLM's own message, which names the flag to start it with."""
+    with VllmServer(vllm_install, tool_calling=False) as server:
+        records = replay(server.url, tmp_path, agents=1, run_s=5)
+    assert records, "no request was recorded"
+    assert {r.status for r in records} == {Status.HTTP_4XX}
+    assert all("--enable-auto-tool-choice" in r.message for r in records), records[0].message
+    assert all(r.ttft_s is None and r.output_tokens == 0 for r in records)
