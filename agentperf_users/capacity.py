@@ -7,7 +7,8 @@ Helm chart), streams the search's progress lines, and writes a run folder: ``rep
 ``report.html``, ``steps.csv``, ``records.jsonl`` (the merged records), the per-process record files
 under ``records/`` (the master's holds a copy of every record its workers reported, so remote workers'
 records are there too), ``power.jsonl`` (power readings: ``power``), ``search.json`` (the live search)
-and ``locust.log``.
+``locust.log`` and ``run.json`` (the run's context and ground truth: with the records and
+``search.json``, all that ``agentperf report`` needs to rebuild the report).
 Against the embedded simulator the report also carries the ground truth from the same engine on a
 virtual clock (``agentperf truth``): the search's own answer there, and the same steps as the live run
 (its agent counts, in its order) measured without a load generator, step beside step.
@@ -15,28 +16,35 @@ virtual clock (``agentperf truth``): the search's own answer there, and the same
 Exit codes: 0 every tier located; 3 some tier fails already at the smallest count or never fails up
 to ``--max-agents`` (no capacity located); 4 the search did not finish (a Locust error, a lost master);
 130 interrupted by Ctrl-C or SIGTERM (the report is still written from every record taken); 2 bad input.
+
+Interruptions: the first SIGINT or SIGTERM stops the Locust master (SIGTERM: it ends the search and
+writes its state, every judged step marked interrupted, and tells its workers to quit), then any worker
+still there, then the embedded simulator, so no request is cut by the server going first; then the
+report. A second signal kills every child and exits at once: the files already written are whole, and
+``agentperf report`` rebuilds the report from them. The children run in sessions of their own (a
+terminal's Ctrl-C reaches only this process, which stops them in that order) and are asked by the
+kernel to stop when this process dies (``PR_SET_PDEATHSIG``), so none outlives it, even under SIGKILL.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from datetime import datetime
+from dataclasses import replace
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Callable, Sequence
 
 import agentperf_users
-from agentperf_users import power, replay
+from agentperf_users import files, power, replay
 from agentperf_users.errors import AgentperfError
-from agentperf_users.records import read_records
-from agentperf_users.report import RunContext, build_report, capacity_lines, step_stats, write_run
+from agentperf_users.report import RunContext, capacity_lines, read_run, step_stats, write_context, write_report
 from agentperf_users.search import SearchParameters, add_search_arguments
 from agentperf_users.slo import load_slo
 from agentperf_users.trajectory import load_trajectories
@@ -44,11 +52,13 @@ from agentperf_users.trajectory import load_trajectories
 LOCUSTFILE = Path(agentperf_users.__file__).parent / "locustfiles" / "capacity.py"
 PROGRESS_MARKERS = ("/agentperf_users.", "/ERROR/", "/CRITICAL/")  # master log lines shown live
 MASTER_EXIT_GRACE_S = 30.0
+WORKER_EXIT_GRACE_S = 5.0  # after the master: its quit message reaches them at once
 DEFAULT_MASTER_PORT = 5557  # Locust's, where remote workers look by default
 EXPECT_WORKERS_MAX_WAIT_S = 60
 EXIT_NOT_LOCATED = 3
 EXIT_INCOMPLETE = 4
 EXIT_INTERRUPTED = 130
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def register_cli(subparsers) -> None:
@@ -106,11 +116,11 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
         raise AgentperfError("--profile describes the embedded simulator; it cannot be combined with --host")
     if args.power_metrics_url and not args.power_metrics_url.startswith(("http://", "https://")):
         raise AgentperfError(f"--power-metrics-url: expected an http:// or https:// URL, got {args.power_metrics_url!r}")
-    out = _run_folder(args.out)
+    out = files.claim_run_folder(Path(args.out)) if args.out else files.new_run_folder()
     print(f"agentperf: run folder {out}", flush=True)
     _interrupt_on_signals()
 
-    interrupted, master_code = False, None
+    interrupted, master_code, children = False, None, []
     with contextlib.ExitStack() as stack:
         host = args.host
         if profile is not None:
@@ -118,20 +128,38 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
 
             simulator = stack.enter_context(SimulatorProcess(
                 ["--profile", args.profile or profile.name, "--port", "0", "--seed", str(args.seed)]))
+            children.append(simulator.process)
             host = simulator.url
             print(f"agentperf: embedded simulator ({profile.name}) at {host}", flush=True)
         power_url = args.power_metrics_url or (f"{host}/metrics" if profile is not None else "")
         measured_from = None
         if power_url:
-            stack.enter_context(power.PowerSampler(power_url, out / power.POWER_FILE, args.power_metric))
             modelled = "" if args.power_metrics_url else " (the simulator's power model)"
             measured_from = f"{args.power_metric} at {power.endpoint_name(power_url)}{modelled}"
+        context = _context(args, profile, host, measured_from)
+        write_context(out, context)
+        if power_url:
+            stack.enter_context(power.PowerSampler(power_url, out / power.POWER_FILE, args.power_metric))
             print(f"agentperf: reading power every {power.SAMPLE_INTERVAL_S:g} s: {measured_from}", flush=True)
         try:
-            master_code = _run_locust(_locust_command(args, host, out), locust_args, args, out)
+            master_code = _run_locust(_locust_command(args, host, out), locust_args, args, out, children)
         except KeyboardInterrupt:
+            _exit_at_once_on_a_second_signal(children, out)
             interrupted = True
-    return _report(args, out, spec, params, trajectories, profile, host, interrupted, master_code, measured_from)
+    return _report(args, out, spec, params, trajectories, profile, interrupted, master_code, context)
+
+
+def _context(args: argparse.Namespace, profile, host: str, measured_from: str | None) -> RunContext:
+    """What the report says besides the records (``run.json``); power samples are read from their file."""
+    accelerators = args.accelerators or (profile.gpu.count if profile else None)
+    power_w, power_source = (args.power_watts, "--power-watts") if args.power_watts else (None, None)
+    if not power_w and profile is not None:
+        power_w, power_source = profile.gpu.tdp_w * profile.gpu.count, "simulator profile TDP (nameplate)"
+    return RunContext(
+        target={"host": host if not profile else "embedded simulator", "model": args.model or None,
+                "simulator_profile": profile.name if profile else None},
+        trajectories=args.trajectories, accelerators=accelerators, power_watts=power_w,
+        power_source=power_source, interrupted=False, power_measured_from=measured_from)
 
 
 def _interrupt_on_signals() -> None:
@@ -140,6 +168,40 @@ def _interrupt_on_signals() -> None:
     shell starts a background job with it ignored, and a Python started so keeps ignoring it."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _exit_at_once_on_a_second_signal(children: Sequence[subprocess.Popen], out: Path) -> None:
+    """After the first signal a person (or an orchestrator) who signals again wants it over now: every
+    child killed, no report written. Whatever is on disk is whole (``files.atomic_write``)."""
+    def exit_now(signum: int, _frame) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+        print(f"agentperf: {signal.Signals(signum).name} again: stopped every process; `agentperf report {out}` "
+              "rebuilds the report from what was kept", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, exit_now)
+
+
+def _dies_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child ``signum`` when this process dies, however it
+    dies (SIGKILL included), so no master, worker or simulator outlives the run (Linux only; elsewhere
+    None). SIGTERM, so a master still ends its search as interrupted and tells its workers to quit. The
+    prctl function is looked up here, in the parent: the child between fork and exec only calls it. A
+    parent that died before the call is caught by comparing the parent's pid."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signum)
+
+    return in_child
 
 
 def _locust_command(args: argparse.Namespace, host: str, out: Path) -> list[str]:
@@ -163,42 +225,51 @@ def _locust_command(args: argparse.Namespace, host: str, out: Path) -> list[str]
     return command
 
 
-def _run_locust(command: list[str], locust_args: Sequence[str], args: argparse.Namespace, out: Path) -> int:
+def _run_locust(command: list[str], locust_args: Sequence[str], args: argparse.Namespace, out: Path,
+                children: list[subprocess.Popen]) -> int:
     """A master and ``--workers`` local worker processes (``--remote-workers`` more connect from other
     hosts); progress lines to the console, all lines to locust.log. Options passed on to Locust come last,
     so they win (``--expect-workers-max-wait``, say). Children get their own session, so a Ctrl-C reaches
-    only us and we stop them in order."""
+    only us and we stop them in order, and die with us (``_dies_with_parent``); each is added to
+    ``children`` as it starts."""
     remote = args.remote_workers > 0
     bind_host = args.master_bind_host or ("*" if remote else "127.0.0.1")
     port = args.master_bind_port or (DEFAULT_MASTER_PORT if remote else _free_port())
-    log = open(out / "locust.log", "w", encoding="utf-8")
-    master = subprocess.Popen(
-        command + ["--master", "--master-bind-host", bind_host, "--master-bind-port", str(port),
-                   "--expect-workers", str(args.workers + args.remote_workers), "--expect-workers-max-wait",
-                   str(EXPECT_WORKERS_MAX_WAIT_S), *locust_args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    if remote:
-        print(f"agentperf: waiting for {args.remote_workers} remote worker(s): locust -f locustfiles/capacity.py "
-              f"--worker --master-host <this host> --master-port {port}", flush=True)
+    master_command = command + [
+        "--master", "--master-bind-host", bind_host, "--master-bind-port", str(port),
+        "--expect-workers", str(args.workers + args.remote_workers), "--expect-workers-max-wait",
+        str(EXPECT_WORKERS_MAX_WAIT_S), *locust_args]
     worker_command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
                       "--master-host", "127.0.0.1", "--master-port", str(port)]
-    children = [subprocess.Popen(worker_command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-                for _ in range(args.workers)]
-    tail = threading.Thread(target=_tail, args=(master.stdout, log), daemon=True)
-    tail.start()
+    master, workers, tail = None, [], None
+    log = open(out / "locust.log", "w", encoding="utf-8")
     try:
-        code = master.wait()
+        master = subprocess.Popen(master_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True, preexec_fn=_dies_with_parent())
+        children.append(master)
+        tail = threading.Thread(target=_tail, args=(master.stdout, log), daemon=True)
+        tail.start()
+        if remote:
+            print(f"agentperf: waiting for {args.remote_workers} remote worker(s): locust -f locustfiles/capacity.py "
+                  f"--worker --master-host <this host> --master-port {port}", flush=True)
+        for _ in range(args.workers):
+            workers.append(subprocess.Popen(worker_command, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, preexec_fn=_dies_with_parent()))
+            children.append(workers[-1])
+        return master.wait()
     except KeyboardInterrupt:
-        print("agentperf: interrupted; stopping the test and keeping every record taken", flush=True)
-        master.send_signal(signal.SIGTERM)
-        _wait(master, MASTER_EXIT_GRACE_S)
+        _exit_at_once_on_a_second_signal(children, out)
+        print("agentperf: interrupted; stopping the test and keeping every judged step and record", flush=True)
+        if master is not None:
+            master.send_signal(signal.SIGTERM)
+            _wait(master, MASTER_EXIT_GRACE_S)
         raise
     finally:
-        for child in children:
-            _wait(child, 10.0, terminate_first=child.poll() is None and master.poll() is None)
-        tail.join(timeout=5)
+        for worker in workers:  # the master's quit has reached them; one it could not reach is stopped
+            _wait(worker, WORKER_EXIT_GRACE_S, terminate_after=True)
+        if tail is not None:
+            tail.join(timeout=5)
         log.close()
-    return code
 
 
 def _tail(stream: IO[str], log: IO[str]) -> None:
@@ -210,38 +281,37 @@ def _tail(stream: IO[str], log: IO[str]) -> None:
             print(f"  {message.rstrip()}", flush=True)
 
 
-def _wait(process: subprocess.Popen, timeout_s: float, terminate_first: bool = False) -> None:
-    if terminate_first:
-        process.terminate()
-    try:
+def _wait(process: subprocess.Popen, timeout_s: float, terminate_after: bool = False) -> None:
+    """Wait ``timeout_s`` for ``process`` to exit; then SIGTERM and as long again (``terminate_after``),
+    then SIGKILL."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        return
+    if terminate_after:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout_s)
+            return
+    process.kill()
+    process.wait()
 
 
-def _report(args, out: Path, spec, params, trajectories, profile, host: str, interrupted: bool,
-            master_code: int | None, measured_from: str | None) -> int:
-    summary_path = out / "search.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
-    records = read_records([out / "records"]) if (out / "records").exists() else []
-    accelerators = args.accelerators or (profile.gpu.count if profile else None)
-    power_w, power_source = (args.power_watts, "--power-watts") if args.power_watts else (None, None)
-    if not power_w and profile is not None:
-        power_w, power_source = profile.gpu.tdp_w * profile.gpu.count, "simulator profile TDP (nameplate)"
-    context = RunContext(
-        target={"host": host if not profile else "embedded simulator", "model": args.model or None,
-                "simulator_profile": profile.name if profile else None},
-        trajectories=args.trajectories, accelerators=accelerators, power_watts=power_w,
-        power_source=power_source, interrupted=interrupted,
-        power_samples=tuple(power.read_samples(out / power.POWER_FILE)),
-        power_measured_from=measured_from)
+def _report(args, out: Path, spec, params, trajectories, profile, interrupted: bool, master_code: int | None,
+            context: RunContext) -> int:
+    """The report from the run folder alone (``report.write_report``, as ``agentperf report`` makes it),
+    after ``run.json`` is rewritten with how the run ended and the ground truth."""
+    summary = read_run(out, spec).summary
     truth = None
     if profile is not None and not args.no_truth and not interrupted:
         print("agentperf: computing the ground truth on the simulator's engine (virtual clock)", flush=True)
-        truth = _ground_truth(profile, trajectories, spec, params, replay.settings_from_args(args), summary)
-    report = build_report(summary, records, spec, context, truth)
-    write_run(out, report, records)
+        try:
+            truth = _ground_truth(profile, trajectories, spec, params, replay.settings_from_args(args), summary)
+        except KeyboardInterrupt:
+            _exit_at_once_on_a_second_signal((), out)
+            print("agentperf: interrupted; writing the report without the ground truth", flush=True)
+            interrupted = True
+    write_context(out, replace(context, interrupted=interrupted), truth)
+    report = write_report(out, spec)
     for line in capacity_lines(report):
         print(line, flush=True)
     print(f"agentperf: report {out / 'report.html'}", flush=True)
@@ -282,15 +352,6 @@ def twin_windows(summary: dict) -> list[tuple[int, float | None]]:
     milliseconds later in the truth would leave it empty."""
     return [(step["agents"], step["window_end_epoch_s"] - step["window_start_epoch_s"] if step["early_stop"] else None)
             for step in summary.get("steps", [])]
-
-
-def _run_folder(path: str) -> Path:
-    folder = Path(path) if path else Path("agentperf-runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        folder.mkdir(parents=True, exist_ok=bool(path))
-    except OSError as exc:
-        raise AgentperfError(f"{folder}: cannot create the run folder: {exc.strerror}") from None
-    return folder
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES = (
     "agentperf_users.simulator.cli",  # agentperf simulate
     "agentperf_users.synth",  # agentperf trajectories {synth,stats}
     "agentperf_users.capacity",  # agentperf capacity
+    "agentperf_users.report",  # agentperf report
     "agentperf_users.truth",  # agentperf truth
 )
 

@@ -2,8 +2,12 @@
 
 Everything here is recomputed after the run from the per-process record files, the source of truth
 that survives a lost worker or a late final report, and checked against what the live search decided
-on: each step says whether its recomputed verdict equals the live one. Writes go to a temporary name
-first and are renamed into place, so an interrupted run never leaves a half-written report.
+on: each step says whether its recomputed verdict equals the live one. The report is built from the
+run folder alone (``write_report``: the records, the search's state file, the run's context and power
+readings), the same way after a live run and by ``agentperf report RUN_DIR`` for a run that was
+killed before it wrote one, so the two are equal when nothing was lost. Writes go to a temporary name
+first and are renamed into place (``files.atomic_write``), so an interrupted run never leaves a
+half-written report.
 """
 
 from __future__ import annotations
@@ -12,16 +16,17 @@ import base64
 import html
 import io
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
-from agentperf_users.power import PowerSample, mean_watts
-from agentperf_users.records import RequestRecord
-from agentperf_users.slo import SloSpec, evaluate_step, quantile, records_in_window
+from agentperf_users import files
+from agentperf_users.errors import AgentperfError
+from agentperf_users.power import POWER_FILE, PowerSample, mean_watts, read_samples
+from agentperf_users.records import RequestRecord, read_records
+from agentperf_users.slo import SloSpec, evaluate_step, parse_slo, quantile, records_in_window
 
 MEGAWATT_W = 1_000_000.0
 TTFT_QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -40,6 +45,92 @@ class RunContext:
     interrupted: bool
     power_samples: tuple[PowerSample, ...] = ()  # measured during the run (``power``)
     power_measured_from: str | None = None  # the endpoint and metric they came from
+
+    def to_dict(self) -> dict:
+        """As ``run.json`` keeps it: the power samples are in their own file."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "power_samples"}
+
+
+UNKNOWN_CONTEXT = RunContext(target={"host": None, "model": None, "simulator_profile": None}, trajectories=None,
+                             accelerators=None, power_watts=None, power_source=None, interrupted=False)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """What a run folder holds, read back: everything a report is built from."""
+
+    summary: dict  # the search's state file (the shape's ``summary()``)
+    records: list[RequestRecord]
+    spec: SloSpec
+    context: RunContext
+    ground_truth: dict | None
+
+
+def write_context(folder: Path, context: RunContext, ground_truth: dict | None = None) -> None:
+    """``run.json``: what the report says besides the records and the search's state (written when the
+    run starts, so a run killed early can still be reported, and again with how it ended)."""
+    files.atomic_write(folder / files.CONTEXT_FILE, json.dumps(
+        {"context": context.to_dict(), "ground_truth": ground_truth}, indent=2, allow_nan=False, default=_finite))
+
+
+def read_run(folder: Path, spec: SloSpec | None = None) -> RunFolder:
+    """A run folder as written by ``agentperf capacity`` (or a Locust master run with ``--records-dir
+    FOLDER/records --capacity-json FOLDER/search.json``). The search's state file is required unless
+    ``spec`` is given (a live run whose search never began: nothing was judged); a torn or malformed
+    one is one line."""
+    if not folder.is_dir():
+        raise AgentperfError(f"{folder}: not a run folder (expected a folder with {files.SEARCH_FILE} and "
+                             f"{files.RECORDS_DIR}/)")
+    summary = _read_json(folder / files.SEARCH_FILE, missing_ok=spec is not None) or {}
+    if summary:
+        spec = _spec_from(summary, folder / files.SEARCH_FILE)
+    saved = _read_json(folder / files.CONTEXT_FILE, missing_ok=True)
+    context, truth = UNKNOWN_CONTEXT, None
+    if saved is not None:
+        try:
+            context = RunContext(**saved["context"])
+            truth = saved["ground_truth"]
+        except (KeyError, TypeError) as exc:
+            raise AgentperfError(f"{folder / files.CONTEXT_FILE}: not a run context ({exc})") from None
+    context = replace(context, power_samples=tuple(read_samples(folder / POWER_FILE)))
+    records_dir = folder / files.RECORDS_DIR
+    records = read_records([records_dir]) if records_dir.is_dir() else []
+    return RunFolder(summary, records, spec, context, truth)
+
+
+def _read_json(path: Path, missing_ok: bool) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise AgentperfError(f"{path}: missing (the search's state; was the search started?)") from None
+    except OSError as exc:
+        raise AgentperfError(f"{path}: cannot read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise AgentperfError(f"{path}: not valid JSON ({exc}); the file is torn or not a run's") from None
+    if not isinstance(data, dict):
+        raise AgentperfError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _spec_from(summary: dict, path: Path) -> SloSpec:
+    """The tiers the search judged, as its state file names them (checked as an SLO file is)."""
+    slo = summary.get("slo")
+    if not isinstance(slo, dict) or not isinstance(slo.get("tiers"), list):
+        raise AgentperfError(f"{path}: slo: expected the search's tiers, got {slo!r}")
+    tiers = [{key: value for key, value in tier.items() if key != "label"} if isinstance(tier, dict) else tier
+             for tier in slo["tiers"]]
+    return parse_slo({"tiers": tiers}, f"{path}: slo")
+
+
+def write_report(folder: Path, spec: SloSpec | None = None) -> dict:
+    """report.json, steps.csv, records.jsonl and report.html from the run folder alone (``read_run``):
+    after a live run and by ``agentperf report``, the one way a report is made."""
+    run = read_run(folder, spec)
+    report = build_report(run.summary, run.records, run.spec, run.context, run.ground_truth)
+    write_run(folder, report, run.records)
+    return report
 
 
 def step_stats(records: Sequence[RequestRecord], window_s: float) -> dict:
@@ -104,7 +195,8 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
         "power_source": context.power_source,
         "power_measured": {"source": context.power_measured_from, "samples": len(context.power_samples)}
         if context.power_measured_from else None,
-        "interrupted": context.interrupted,
+        "interrupted": bool(context.interrupted or summary.get("interrupted")),
+        "lost_workers": summary.get("lost_workers", []),
         "records": len(records),
     }
     if ground_truth is not None:  # its same_steps went into the steps above
@@ -129,7 +221,7 @@ def capacity_lines(report: dict) -> list[str]:
             "found": f"{cap['agents']} agents",
             "none_passed": f"none (fails already at {cap['first_failing_agents']} agents)",
             "never_failed": f"at least {cap['agents']} agents (never failed up to the maximum)",
-        }.get(cap["status"], f"incomplete (passed at {cap['agents']}, failed at {cap['first_failing_agents']})")
+        }.get(cap["status"]) or _incomplete_words(cap)
         if name in truth:
             band = bands.get(name)
             flips = (f"; true verdicts flip between {band['passes_up_to'] + 1} and {band['fails_above']} agents"
@@ -137,6 +229,13 @@ def capacity_lines(report: dict) -> list[str]:
             answer += f" (ground truth {_truth_words(truth[name])}{flips})"
         lines.append(f"capacity @ {cap['label']}: {answer}")
     return lines
+
+
+def _incomplete_words(cap: dict) -> str:
+    """A tier the search did not decide (interrupted, or out of counts): what it had measured."""
+    known = [f"{word} at {cap[key]} agents" for word, key in (("passed", "agents"), ("failed", "first_failing_agents"))
+             if cap.get(key) is not None]
+    return f"incomplete ({', '.join(known) or 'no step judged'})"
 
 
 def _truth_words(cap: dict) -> str:
@@ -149,10 +248,10 @@ def _truth_words(cap: dict) -> str:
 
 def write_run(directory: Path, report: dict, records: Sequence[RequestRecord]) -> None:
     """report.json, steps.csv, records.jsonl and report.html, each written atomically."""
-    _atomic_write(directory / "report.json", json.dumps(report, indent=2, allow_nan=False, default=_finite))
-    _atomic_write(directory / "steps.csv", steps_frame(report).to_csv(index=False))
-    _atomic_write(directory / "records.jsonl", "".join(r.to_json() + "\n" for r in records))
-    _atomic_write(directory / "report.html", render_html(report))
+    files.atomic_write(directory / "report.json", json.dumps(report, indent=2, allow_nan=False, default=_finite))
+    files.atomic_write(directory / "steps.csv", steps_frame(report).to_csv(index=False))
+    files.atomic_write(directory / "records.jsonl", "".join(r.to_json() + "\n" for r in records))
+    files.atomic_write(directory / "report.html", render_html(report))
 
 
 def _finite(value):
@@ -163,12 +262,6 @@ def steps_frame(report: dict) -> pd.DataFrame:
     """One row per step, nested numbers flattened (``ttft_s.p95``, ``passed.<tier>``)."""
     rows = [pd.json_normalize(step, sep=".").iloc[0].to_dict() for step in report["steps"]]
     return pd.DataFrame(rows)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def render_html(report: dict) -> str:
@@ -242,3 +335,24 @@ def _charts(report: dict) -> list[tuple[str, str]]:
 
 def _nan_if_none(value: float | None) -> float:
     return float("nan") if value is None else value
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report", help="rebuild a run folder's report from its records and the search's state",
+        description="Rebuild report.json, steps.csv and report.html of a run folder (agentperf capacity's) from "
+        "its request records, the search's state file (search.json) and the run's context (run.json): for a run "
+        "killed before it wrote its report, or to recompute one.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    parser.set_defaults(func=report_command)
+
+
+def report_command(args) -> int:
+    folder = Path(args.run_dir)
+    report = write_report(folder)
+    for line in capacity_lines(report):
+        print(line)
+    if report["interrupted"]:
+        print(f"agentperf: the run was interrupted after {len(report['steps'])} judged step(s)")
+    print(f"agentperf: report {folder / 'report.html'}")
+    return 0

@@ -19,7 +19,14 @@ count, whatever the search measured before: the question the ground truth answer
 A worker lost during a step (killed, or its host gone: Locust marks it missing after a few silent
 heartbeats) takes its agents with it, and Locust does not hand them to the other workers; the step is
 then started again from no agents on the workers left, rather than judged with fewer agents than it
-names. A lost worker's records stay in its file, and those it reported in the master's.
+names. A lost worker's records stay in its file, and those it reported in the master's; the state file
+names it, with the step and the time.
+
+The search's state (``--capacity-json``) is written whole after every judged step and at the end, so a
+run stopped at any moment keeps every step it judged. SIGTERM (Kubernetes, ``docker stop``,
+``agentperf capacity`` stopping its master) ends the search as Ctrl-C does, marked ``interrupted``;
+Locust would otherwise die of it, since a headless run installs its own SIGTERM handler only after the
+shape returns. A second signal exits at once (the state on disk is already whole).
 
 Early stop (never as a pass): once at least ``EARLY_STOP_MIN_S`` and ``EARLY_STOP_MIN_FRACTION`` of
 the window are covered by reports and ``EARLY_STOP_MIN_REQUESTS`` requests completed, the step ends
@@ -35,14 +42,19 @@ import functools
 import json
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
+import gevent
 from locust import LoadTestShape, events
+from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, WorkerRunner
 
 from agentperf_users import aggregate
 from agentperf_users.errors import AgentperfError
+from agentperf_users.files import atomic_write
 from agentperf_users.search import (
     CapacitySearch,
     CapacityStatus,
@@ -62,13 +74,15 @@ EARLY_STOP_MIN_S = 5.0
 EARLY_STOP_MIN_FRACTION = 0.25
 EARLY_STOP_MIN_REQUESTS = 20
 EARLY_STOP_RATE_SLACK = 2.0
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C
 
 
 def add_arguments(parser) -> None:
     """The search's Locust custom arguments (command line, locust.conf, LOCUST_* variables, web UI)."""
     option = functools.partial(aggregate.add_option, parser)
     add_search_arguments(option)
-    option("--capacity-json", default="", help="write the search summary (steps, capacity) here at test stop")
+    option("--capacity-json", default="",
+           help="write the search's state (steps, capacity) here after every judged step and at test stop")
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,16 @@ def format_step(step: StepResult) -> str:
     )
 
 
+@dataclass(frozen=True)
+class LostWorker:
+    """A worker that left during a step: the step was measured again without it."""
+
+    worker: str
+    step: int  # the index the step would have had
+    agents: int
+    epoch_s: float
+
+
 @dataclass
 class _Stage:
     """Where the shape is within the current step (internal, mutable)."""
@@ -118,7 +142,8 @@ class _Stage:
 class CapacitySearchShape(LoadTestShape):
     """Steps agents up, then bisects per tier; see the module docstring. Runs on the master (or in
     a LocalRunner). After the run: ``steps`` (one ``StepResult`` per measured step), ``capacity()``
-    per tier, and ``summary()`` as plain data (also written to ``--capacity-json`` at test stop)."""
+    per tier, and ``summary()`` as plain data (also written to ``--capacity-json`` after every judged
+    step and at test stop)."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         super().__init__()
@@ -128,6 +153,9 @@ class CapacitySearchShape(LoadTestShape):
         self.params: SearchParameters | None = None
         self.search: CapacitySearch | None = None
         self.steps: list[StepResult] = []
+        self.lost_workers: list[LostWorker] = []
+        self.interrupted = False  # by SIGINT or SIGTERM before the search was done
+        self._signalled = False
         self._stage = _Stage("finished", 0.0, 0.0)
         self._agents = 0
         self._phase = "step"
@@ -163,6 +191,8 @@ class CapacitySearchShape(LoadTestShape):
             "steps": [step.to_dict() for step in self.steps],
             "capacity": {name: capacity.to_dict() for name, capacity in self.capacity().items()},
             "complete": bool(self.search and self.search.done),
+            "interrupted": self.interrupted,
+            "lost_workers": [asdict(lost) for lost in self.lost_workers],
         }
 
     def _begin(self, now: float) -> bool:
@@ -175,11 +205,12 @@ class CapacitySearchShape(LoadTestShape):
             self.environment.process_exit_code = 2
             return False
         self.search = CapacitySearch.from_parameters([tier.name for tier in self.spec.tiers], self.params)
-        self.steps = []
+        self.steps, self.lost_workers, self.interrupted = [], [], False
         if not self._listening:
             self.environment.events.test_stop.add_listener(self._write_summary)
             self._listening = True
         self._next_step(now)
+        self._write_summary(self.environment)
         return True
 
     def _enter(self, name: str, now: float, deadline_epoch_s: float) -> bool:
@@ -219,6 +250,8 @@ class CapacitySearchShape(LoadTestShape):
             return False
         logger.warning("agentperf: step %d: lost %d worker(s) (%s); measuring its %d agents again on the others",
                        len(self.steps), len(lost), ", ".join(sorted(lost)), self._agents)
+        self.lost_workers.extend(LostWorker(worker, len(self.steps), self._agents, now) for worker in sorted(lost))
+        self._write_summary(self.environment)
         return self._enter("restart", now, self._ramp_deadline(now, 0, STOP_RATE))
 
     def _advance(self, now: float) -> bool:
@@ -281,16 +314,45 @@ class CapacitySearchShape(LoadTestShape):
         self.steps.append(step)
         self.search.record_verdict(self._agents, verdict)
         logger.info(format_step(step))
+        self._write_summary(self.environment)
 
     def _write_summary(self, environment, **_) -> None:
+        """The state file, whole (``files.atomic_write``): after every judged step, so a run killed at
+        any moment keeps what it judged, and at test stop."""
         path = getattr(environment.parsed_options, "capacity_json", "")
         if not path or self.params is None:
             return
         try:
-            with open(path, "w", encoding="utf-8") as file:
-                json.dump(self.summary(), file, indent=2)
+            atomic_write(path, json.dumps(self.summary(), indent=2))
         except OSError as exc:
             logger.error("agentperf: %s: cannot write the capacity summary: %s", path, exc.strerror)
+
+    def interrupt(self, signum: int) -> None:
+        """SIGINT or SIGTERM, in a greenlet of its own (``_on_signal``): end the search as Locust ends a
+        test on Ctrl-C, by raising KeyboardInterrupt where its main greenlet waits (a headless run then
+        stops the test, which writes the state, marked interrupted, and quits its workers; the web UI
+        shuts down). Before the search has begun a headless master is still waiting for its workers, in
+        a loop with no way out: it quits them and exits. A second signal exits at once."""
+        name = signal.Signals(signum).name
+        if self._signalled:
+            logger.warning("agentperf: %s again: exiting now (the search's state on disk is whole)", name)
+            logging.shutdown()
+            os._exit(EXIT_INTERRUPTED)
+        runner, options = self.runner, self.environment.parsed_options
+        headless = bool(getattr(options, "headless", False))
+        if headless and runner.state in (STATE_STOPPING, STATE_STOPPED, STATE_CLEANUP):
+            return  # the search is over and Locust is shutting down (with its own SIGTERM handler by now)
+        self._signalled = True
+        self.interrupted = self.search is not None and not self.search.done
+        if self.environment.process_exit_code is None and (self.interrupted or self.search is None):
+            self.environment.process_exit_code = EXIT_INTERRUPTED
+        main = gevent.get_hub().parent
+        if headless and self.search is None:
+            logger.warning("agentperf: %s while waiting for workers: quitting", name)
+            runner.quit()
+            main.throw(SystemExit(EXIT_INTERRUPTED))
+        logger.warning("agentperf: %s: ending the search; every judged step is kept (%d)", name, len(self.steps))
+        main.throw(KeyboardInterrupt())
 
 
 def describe_capacity(capacity: TierCapacity) -> str:
@@ -304,4 +366,20 @@ def describe_capacity(capacity: TierCapacity) -> str:
     return f"incomplete (passes at {capacity.agents}, fails at {capacity.first_failing_agents})"
 
 
+def _on_signal(shape: CapacitySearchShape, signum: int, _frame) -> None:
+    """The Python-level handler: it may run in any greenlet (the shape's own, mid-verdict), so it only
+    starts the interruption in a greenlet of its own."""
+    gevent.spawn(shape.interrupt, signum)
+
+
+def install_signal_handlers(environment, **_) -> None:
+    """On a master or a local runner running this search (workers keep Locust's own SIGTERM handling)."""
+    shape = environment.shape_class
+    if not isinstance(shape, CapacitySearchShape) or isinstance(environment.runner, WorkerRunner):
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, functools.partial(_on_signal, shape))
+
+
 events.init_command_line_parser.add_listener(add_arguments)
+events.init.add_listener(install_signal_handlers)

@@ -4,13 +4,15 @@ processes, the search, the report and the ground truth."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pytest
 
+from agentperf_users import files
+from agentperf_users.errors import AgentperfError
 from agentperf_users.records import read_records
 from agentperf_users.simulator.profile import load_profile
 
@@ -68,30 +70,14 @@ def test_capacity_search_finds_the_ground_truth(tmp_path, headline_slo):
     assert gpu.count * gpu.idle_w < headline["power_watts"] <= gpu.count * gpu.tdp_w
     assert headline["agents_per_megawatt"] == pytest.approx(headline["agents"] / (headline["power_watts"] / 1e6))
     assert all(step["power_watts"] is not None for step in report["steps"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_run_keeps_its_records_and_says_so(tmp_path, headline_slo, signum):
-    """Ctrl-C, or SIGTERM as Kubernetes sends it; the signal's disposition is set to ignore first, as a
-    shell does for a background job, which agentperf must override."""
-    out = tmp_path / "run"
-    process = agentperf("capacity", *QUICK_SEARCH, "--slo", headline_slo, "--out", str(out),
-                        preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN))
-    records_dir = out / "records"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not any(p.stat().st_size for p in records_dir.glob("*.jsonl")):
-        time.sleep(0.5)
-    time.sleep(2)
-    process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stdout + stderr
-    report = json.loads((out / "report.json").read_text())
-    assert report["interrupted"] is True
-    kept = read_records([records_dir])
-    assert report["records"] == len(kept) > 0
-    assert "Traceback" not in stderr
-    assert not list(out.glob("*.partial"))
+    # agentperf report rebuilds the same report from the folder alone, field for field (the ground truth
+    # comes from run.json, where the live run kept it)
+    rebuilt = subprocess.run([sys.executable, "-m", "agentperf_users.cli", "report", str(out)], capture_output=True,
+                             text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert json.loads((out / "report.json").read_text()) == report
+    assert [line for line in rebuilt.stdout.splitlines() if line.startswith("capacity @")] == [
+        line for line in stdout.splitlines() if line.startswith("capacity @")]
 
 
 def test_bad_input_is_one_line_and_starts_nothing(tmp_path):
@@ -128,3 +114,41 @@ def test_twin_steps_end_windows_by_the_truths_own_rule_unless_the_live_step_ende
 
     summary = {"steps": [step(1, 100.0, 145.7, False), step(16, 200.0, 211.5, True), step(8, 300.0, 320.0, False)]}
     assert twin_windows(summary) == [(1, None), (16, pytest.approx(11.5)), (8, None)]
+
+
+def test_out_holding_an_earlier_run_is_refused_before_anything_starts(tmp_path):
+    """Reusing --out would read the earlier run's records as this run's."""
+    out = tmp_path / "run"
+    (out / "records").mkdir(parents=True)
+    earlier = out / "records" / "records-master.jsonl"
+    earlier.write_text("{}\n")
+    process = agentperf("capacity", "--out", str(out), "--workers", "1")
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"--out {out}: already holds a run (records)" in stderr
+    assert "embedded simulator" not in stdout and sorted(p.name for p in out.rglob("*")) == [
+        "records", "records-master.jsonl"]
+    assert earlier.read_text() == "{}\n"
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    now = datetime(2026, 12, 2, 19, 0, 0)
+    with ThreadPoolExecutor(8) as pool:  # at once, as two processes started together would
+        folders = list(pool.map(lambda _: files.new_run_folder(tmp_path, now), range(8)))
+    assert len(set(folders)) == 8 and all(folder.is_dir() and not any(folder.iterdir()) for folder in folders)
+    assert sorted(folder.name for folder in folders) == sorted(
+        ["20261202-190000"] + [f"20261202-190000-{n}" for n in range(2, 9)])
+    assert files.new_run_folder(tmp_path, datetime(2026, 12, 2, 19, 0, 1)).name == "20261202-190001"
+
+
+def test_claiming_out_accepts_a_new_or_empty_folder_and_refuses_a_run(tmp_path):
+    assert files.claim_run_folder(tmp_path / "new" / "run").is_dir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("mine")  # not a run's file
+    assert files.claim_run_folder(tmp_path / "empty") == tmp_path / "empty"
+    for marker in ("search.json", "report.json", "records.jsonl"):
+        folder = tmp_path / marker.split(".")[0]
+        folder.mkdir()
+        (folder / marker).write_text("{}")
+        with pytest.raises(AgentperfError, match=f"already holds a run \\({marker}\\)"):
+            files.claim_run_folder(folder)

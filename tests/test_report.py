@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 
 import pytest
 
+from agentperf_users import files
+from agentperf_users.cli import main
 from agentperf_users.records import Status
 from agentperf_users.power import PowerSample
-from agentperf_users.report import RunContext, build_report, capacity_lines, render_html, step_stats, steps_frame, write_run
+from agentperf_users.report import (
+    RunContext,
+    build_report,
+    capacity_lines,
+    render_html,
+    step_stats,
+    steps_frame,
+    write_context,
+    write_run,
+)
 from agentperf_users.slo import evaluate_step, load_slo
 from tests.test_slo import record as slo_record
 
@@ -132,3 +145,95 @@ def test_ground_truth_steps_sit_beside_the_live_ones(tmp_path):
     assert "ground_truth.ttft_s.p95" in (tmp_path / "steps.csv").read_text().splitlines()[0]
     mismatched = {"capacity": {}, "same_steps": [{"agents": 8, **truth_stats, "passed": {}}]}
     assert "ground_truth" not in build_report(summary_for(records), records, SPEC, CONTEXT, mismatched)["steps"][0]
+
+
+def test_atomic_write_replaces_the_whole_file_or_leaves_the_old_one(tmp_path):
+    path = tmp_path / "search.json"
+    files.atomic_write(path, '{"steps": [1]}')
+    previous = os.umask(0o022)
+    try:
+        files.atomic_write(path, '{"steps": [1, 2]}')
+    finally:
+        os.umask(previous)
+    assert json.loads(path.read_text()) == {"steps": [1, 2]}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # as open() makes files, not mkstemp's 0600
+    with pytest.raises(UnicodeEncodeError):  # fails halfway through writing the new text
+        files.atomic_write(path, '{"steps": [1, 2, 3], "note": "\ud800"}')
+    assert json.loads(path.read_text()) == {"steps": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["search.json"]  # no temporary file left
+
+
+def shape_summary(records, **fields) -> dict:
+    """summary_for's search state as the shape writes it: each tier whole, so the report can rebuild the
+    tiers from it."""
+    summary = summary_for(records)
+    tiers = [{**dataclasses.asdict(tier), "label": tier.label} for tier in SPEC.tiers]
+    return {**summary, "slo": {"source": SPEC.source, "tiers": tiers}, "interrupted": False, "lost_workers": [],
+            **fields}
+
+
+def run_folder(tmp_path, records, summary, samples=(), truth=None):
+    """A run folder as agentperf capacity leaves it: records, the search's state, run.json, power."""
+    folder = tmp_path / "run"
+    (folder / "records").mkdir(parents=True)
+    (folder / "records" / "records-worker-a.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
+    (folder / "search.json").write_text(json.dumps(summary))
+    (folder / "power.jsonl").write_text("".join(json.dumps({"epoch_s": s.epoch_s, "watts": s.watts}) + "\n"
+                                                for s in samples))
+    write_context(folder, CONTEXT, truth)
+    return folder
+
+
+def test_agentperf_report_rebuilds_the_live_report_field_for_field(tmp_path, capsys):
+    records = window_records()
+    samples = (PowerSample(100.0, 900.0), PowerSample(115.0, 1100.0))
+    lost = [{"worker": "worker-b", "step": 0, "agents": 4, "epoch_s": 104.5}]
+    summary = shape_summary(records, lost_workers=lost)
+    truth = {"capacity": {SPEC.tiers[0].name: {"status": "found", "agents": 5}},
+             "same_steps": [{"agents": 4, **step_stats(records[:5], 30.0), "passed": {SPEC.tiers[0].name: True}}]}
+    folder = run_folder(tmp_path, records, summary, samples, truth)
+    live = build_report(summary, records, SPEC, dataclasses.replace(CONTEXT, power_samples=samples), truth)
+    assert main(["report", str(folder)]) == 0
+    rebuilt = json.loads((folder / "report.json").read_text())
+    assert rebuilt == json.loads(json.dumps(live))
+    assert rebuilt["lost_workers"] == lost and rebuilt["steps"][0]["live_verdict_matches_records"] is True
+    assert rebuilt["steps"][0]["ground_truth"]["passed"] == {SPEC.tiers[0].name: True}
+    assert (folder / "steps.csv").read_text() == steps_frame(live).to_csv(index=False)
+    assert capacity_lines(live)[0] in capsys.readouterr().out
+    assert (folder / "report.html").read_text().count("data:image/png;base64,") == 5
+
+
+def test_an_interrupted_search_is_reported_as_such(tmp_path, capsys):
+    records = window_records()
+    capacity = {t.name: {"tier": t.name, "status": "incomplete", "agents": 4, "first_failing_agents": None}
+                for t in SPEC.tiers}
+    folder = run_folder(tmp_path, records, shape_summary(records, interrupted=True, complete=False, capacity=capacity))
+    assert main(["report", str(folder)]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["interrupted"] is True and len(report["steps"]) == 1
+    out = capsys.readouterr().out
+    assert f"capacity @ {SPEC.tiers[0].label}: incomplete (passed at 4 agents)" in out
+    assert "interrupted after 1 judged step(s)" in out
+    assert "The run was interrupted" in (folder / "report.html").read_text()
+
+
+@pytest.mark.parametrize("state, expected", [(None, "search.json: missing"),
+                                              ('{"steps": [{"index": 0, "ag', "search.json: not valid JSON"),
+                                              ("[]", "search.json: expected a JSON object"),
+                                              ('{"slo": null}', "search.json: slo: expected the search's tiers")])
+def test_a_torn_or_absent_state_file_is_one_line(tmp_path, capsys, state, expected):
+    records = window_records()
+    folder = run_folder(tmp_path, records, shape_summary(records))
+    if state is None:
+        (folder / "search.json").unlink()
+    else:
+        (folder / "search.json").write_text(state)
+    assert main(["report", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err and "Traceback" not in err
+    assert not (folder / "report.json").exists()
+
+
+def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: not a run folder" in capsys.readouterr().err

@@ -352,3 +352,43 @@ def test_options_reach_the_web_ui_form_and_locust_conf(tmp_path):
     options = argument_parser.get_parser().parse_args(["--config", str(conf)])
     params = SearchParameters.from_options(options)
     assert (params.start_agents, params.step_factor, options.slo) == (4, 1.5, "tiers.yaml")
+
+
+def test_the_state_file_holds_every_step_as_soon_as_it_is_judged(tmp_path):
+    """A run killed at any moment keeps what it judged: the state file is rewritten, whole, after every
+    judged step, without waiting for the test to stop."""
+    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True)
+    path = tmp_path / "capacity.json"
+    log = aggregate.get_record_log(environment)
+    written = set()
+    while (result := shape.tick()) is not None:
+        environment.runner.shape_last_tick = result
+        state = json.loads(path.read_text())
+        assert [s["agents"] for s in state["steps"]] == [s.agents for s in shape.steps]
+        assert state["interrupted"] is False and state["lost_workers"] == []
+        written.add(len(state["steps"]))
+        for agent in range(result[0]):
+            log.add(record(agent=agent, ttft_s=0.1 * aggregate.current_step(environment).agents, output_tps=50.0,
+                           end=clock.now))
+        clock.now += 1.0
+    final = json.loads(path.read_text())  # the tick that judged the last step also ended the search
+    written.add(len(final["steps"]))
+    assert written == {0, 1, 2, 3, 4, 5} and final["complete"] is True
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_lost_worker_is_named_in_the_state_with_its_step_and_time(tmp_path, monkeypatch):
+    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True)
+    lost_at = []
+
+    def workers(_environment) -> frozenset[str]:  # worker-b goes in the second step's warm-up
+        if not lost_at and shape._agents == 4 and shape._stage.name == "warmup":
+            lost_at.append(clock.now)
+        return frozenset({"worker-a"} if lost_at else {"worker-a", "worker-b"})
+
+    monkeypatch.setattr(aggregate, "active_workers", workers)
+    drive(environment, shape, clock)
+    assert [s.agents for s in shape.steps] == [2, 4, 6, 5, 3]  # the step measured again, not judged short
+    expected = [{"worker": "worker-b", "step": 1, "agents": 4, "epoch_s": lost_at[0]}]
+    assert shape.summary()["lost_workers"] == expected
+    assert json.loads((tmp_path / "capacity.json").read_text())["lost_workers"] == expected
