@@ -13,21 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
-from urllib.parse import urlsplit, urlunsplit
 
-import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentperf_users.errors import AgentperfError
+from agentperf_users.scrape import SAMPLE_INTERVAL_S, SCRAPE_TIMEOUT_S, ScrapeSampler, endpoint_name, read_jsonl  # noqa: F401  (re-exported)
 
 DEFAULT_METRIC = "DCGM_FI_DEV_POWER_USAGE"  # DCGM's board power draw, watts, one series per GPU
-SAMPLE_INTERVAL_S = 1.0
-SCRAPE_TIMEOUT_S = 2.0
 POWER_FILE = "power.jsonl"
 
 logger = logging.getLogger(__name__)
@@ -46,75 +39,25 @@ def total_watts(exposition: str, metric: str) -> float | None:
     return sum(values) if values else None
 
 
-def endpoint_name(url: str) -> str:
-    """The URL without credentials or query, for logs and the report."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-class PowerSampler:
-    """Samples ``metric`` at ``url`` into ``path`` from entering the context until leaving it."""
+class PowerSampler(ScrapeSampler):
+    """Samples ``metric`` at ``url`` into ``path`` (``{"epoch_s", "watts"}`` lines) from entering the
+    context until leaving it."""
 
     def __init__(self, url: str, path: str | os.PathLike, metric: str = DEFAULT_METRIC,
                  interval_s: float = SAMPLE_INTERVAL_S) -> None:
-        self._url, self._path, self._metric, self._interval_s = url, Path(path), metric, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="agentperf-power", daemon=True)
-        self.misses = 0  # readings that failed or lacked the metric
+        def reading(text: str, epoch_s: float) -> str | None:
+            try:
+                watts = total_watts(text, metric)
+            except ValueError:  # not an exposition
+                return None
+            return None if watts is None else json.dumps({"epoch_s": epoch_s, "watts": watts})
 
-    def __enter__(self) -> PowerSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        self._thread.join(SCRAPE_TIMEOUT_S + 1.0)
-        if self.misses:
-            logger.warning("agentperf: %d power readings of %s failed or had no %s", self.misses,
-                           endpoint_name(self._url), self._metric)
-
-    def _run(self) -> None:
-        with open(self._path, "a", encoding="utf-8") as file:
-            while True:
-                watts = self._read()
-                if watts is None:
-                    self.misses += 1
-                else:
-                    file.write(json.dumps({"epoch_s": time.time(), "watts": watts}) + "\n")
-                    file.flush()
-                if self._stop.wait(self._interval_s):
-                    return
-
-    def _read(self) -> float | None:
-        try:
-            response = requests.get(self._url, timeout=SCRAPE_TIMEOUT_S)
-            response.raise_for_status()
-            return total_watts(response.text, self._metric)
-        except (requests.RequestException, ValueError):
-            return None
+        super().__init__(url, path, reading, "power", metric, interval_s)
 
 
 def read_samples(path: str | os.PathLike) -> list[PowerSample]:
-    """The samples in a ``power.jsonl`` (none when it does not exist). A torn last line, as a killed run
-    may leave, is skipped; any other malformed line is a one-line error."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    samples = []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-            samples.append(PowerSample(float(data["epoch_s"]), float(data["watts"])))
-        except (ValueError, KeyError, TypeError) as exc:
-            if number == len(lines):
-                continue  # torn final write of a killed run
-            raise AgentperfError(f"{path}:{number}: not a power sample ({exc})") from None
-    return samples
+    """The samples in a ``power.jsonl`` (none when it does not exist; a torn last line skipped)."""
+    return read_jsonl(path, lambda data: PowerSample(float(data["epoch_s"]), float(data["watts"])), "a power sample")
 
 
 def mean_watts(samples: Iterable[PowerSample], start_epoch_s: float, end_epoch_s: float) -> float | None:

@@ -56,27 +56,19 @@ import json
 import logging
 import math
 import os
-import threading
-import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Callable, Sequence
 
-import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentperf_users.errors import AgentperfError
-from agentperf_users.power import SAMPLE_INTERVAL_S, SCRAPE_TIMEOUT_S, endpoint_name
+from agentperf_users.scrape import SAMPLE_INTERVAL_S, ScrapeSampler, read_jsonl
 
 SERVER_METRICS_FILE = "server_metrics.jsonl"
 GAUGE, COUNTER, HISTOGRAM = "gauge", "counter", "histogram"
 SUM, MAX = "sum", "max"
 ENGINES = ("vllm", "sglang")
 REPLICA_LABELS = ("tp_rank", "pp_rank")  # ranks that report the same scheduler state: only rank 0 counts
-MAX_EXPOSITION_BYTES = 16 * 1024 * 1024
-"""A real engine's exposition is a few hundred KB (vLLM's histograms included); a larger one is not read
-into memory every second, it is a miss."""
 
 logger = logging.getLogger(__name__)
 
@@ -244,67 +236,6 @@ def _histogram(series: dict, name: str) -> HistogramValue:
 
 # --- the reader -----------------------------------------------------------------------------------
 
-class ScrapeSampler:
-    """Reads ``url`` every ``interval_s`` on a thread, from entering the context until leaving it, and
-    appends the line ``reading(text, epoch_s)`` makes of each exposition to ``path`` (flushed per line, so
-    an interrupted run keeps what it read). A failed reading, or one that ``reading`` finds nothing in
-    (``None``: the server lacks ``wanted``), is counted in ``misses`` and logged once, at the first, with
-    why: a metrics endpoint is an extra, so its absence never stops a run.
-
-    The loop of ``power.PowerSampler`` made generic over what a reading keeps, so both readers can share
-    it (the report proposes the change to ``power``)."""
-
-    def __init__(self, url: str, path: str | os.PathLike, reading: Callable[[str, float], str | None],
-                 what: str, wanted: str, interval_s: float = SAMPLE_INTERVAL_S) -> None:
-        self._url, self._path, self._reading, self._what, self._wanted = url, Path(path), reading, what, wanted
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"agentperf-{what.replace(' ', '-')}", daemon=True)
-        self.misses = 0
-        self.readings = 0
-
-    def __enter__(self) -> ScrapeSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        self._thread.join(SCRAPE_TIMEOUT_S + 1.0)
-        if self.misses:
-            logger.info("agentperf: %d of %d %s readings of %s gave nothing", self.misses,
-                        self.misses + self.readings, self._what, endpoint_name(self._url))
-
-    def _run(self) -> None:
-        with open(self._path, "a", encoding="utf-8") as file:
-            while True:
-                line, why = self._read()
-                if line is None:
-                    if not self.misses:
-                        logger.warning("agentperf: %s at %s: %s; its numbers are not available while it is so",
-                                       self._what, endpoint_name(self._url), why)
-                    self.misses += 1
-                else:
-                    self.readings += 1
-                    file.write(line + "\n")
-                    file.flush()
-                if self._stop.wait(self._interval_s):
-                    return
-
-    def _read(self) -> tuple[str | None, str]:
-        try:
-            with requests.get(self._url, timeout=SCRAPE_TIMEOUT_S, stream=True) as response:
-                response.raise_for_status()
-                body = response.raw.read(MAX_EXPOSITION_BYTES + 1, decode_content=True)
-                encoding = response.encoding or "utf-8"
-        except (requests.RequestException, OSError, ValueError) as exc:  # urllib3's read errors included
-            status = getattr(getattr(exc, "response", None), "status_code", None)
-            return None, f"HTTP {status}" if status else f"not reachable ({type(exc).__name__})"
-        if len(body) > MAX_EXPOSITION_BYTES:
-            return None, f"an exposition over {MAX_EXPOSITION_BYTES} bytes"
-        line = self._reading(body.decode(encoding, errors="replace"), time.time())
-        return line, "" if line is not None else f"no {self._wanted}"
-
-
 def server_metrics_sampler(url: str, path: str | os.PathLike, interval_s: float = SAMPLE_INTERVAL_S) -> ScrapeSampler:
     """The server-metrics reader: ``with server_metrics_sampler(url, out / SERVER_METRICS_FILE):``."""
 
@@ -313,26 +244,6 @@ def server_metrics_sampler(url: str, path: str | os.PathLike, interval_s: float 
         return None if sample is None else sample.to_json()
 
     return ScrapeSampler(url, path, reading, "server metrics", "vLLM or SGLang metrics", interval_s)
-
-
-def read_jsonl(path: str | os.PathLike, parse: Callable[[dict], object], what: str) -> list:
-    """``parse`` of each line of a JSONL file (none when it does not exist). A torn last line, as a killed
-    run may leave, is skipped; any other malformed line is a one-line error naming the file and line."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    parsed = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            parsed.append(parse(json.loads(line)))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            if number == len(lines):
-                continue  # torn final write of a killed run
-            raise AgentperfError(f"{path}:{number}: not {what} ({exc})") from None
-    return parsed
 
 
 def read_samples(path: str | os.PathLike) -> list[ServerSample]:
