@@ -104,11 +104,14 @@ def kill_leftovers(pids: set[int]) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def start_and_wait_for_a_judged_step(out: Path, slo: str, signum: int | None = None):
+def start_and_wait_for_a_judged_step(out: Path, slo: str, signum: int | None = None, own_group: bool = False):
     """agentperf capacity, once its first step is judged: (process, its children's pids). With ``signum``,
-    that signal's disposition is set to ignore first, as a shell does for a background job."""
+    that signal's disposition is set to ignore first, as a shell does for a background job; with
+    ``own_group``, it leads a process group of its own, as a shell's foreground job does (a terminal's
+    Ctrl-C goes to the whole group)."""
     preexec = (lambda: signal.signal(signum, signal.SIG_IGN)) if signum else None
-    process = agentperf("capacity", *TINY_SEARCH, "--slo", slo, "--out", str(out), preexec_fn=preexec)
+    process = agentperf("capacity", *TINY_SEARCH, "--slo", slo, "--out", str(out), preexec_fn=preexec,
+                        start_new_session=own_group)
     wait_for(lambda: judged_steps(out / "search.json"), FIRST_STEP_TIMEOUT_S, "a judged step", process)
     children = children_of(process.pid)
     assert len(children) == 4  # simulator, master, two workers
@@ -117,12 +120,16 @@ def start_and_wait_for_a_judged_step(out: Path, slo: str, signum: int | None = N
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_keeps_every_judged_step_and_stops_every_process(tmp_path, headline_slo, signum):
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGINT", "SIGTERM", "Ctrl-C-to-the-terminal-group"])
+def test_a_signal_keeps_every_judged_step_and_stops_every_process(tmp_path, headline_slo, signum, to_group):
     out = tmp_path / "run"
-    process, children = start_and_wait_for_a_judged_step(out, headline_slo, signum)
+    process, children = start_and_wait_for_a_judged_step(out, headline_slo, signum, own_group=to_group)
     try:
-        process.send_signal(signum)
+        if to_group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=120)
         assert process.returncode == 130, stdout + stderr
         assert not alive(children)  # stopped by agentperf before it exited, not left to the kernel
