@@ -31,6 +31,7 @@ from enum import Enum
 from typing import Callable, Iterable, Sequence
 
 from agentperf_users.errors import AgentperfError
+from agentperf_users.simulator.bounded import short
 from agentperf_users.slo import StepVerdict
 
 MAX_WINDOW_FACTOR = 4.0  # how far --min-requests may extend a window
@@ -75,36 +76,66 @@ class SearchParameters:
 
     @classmethod
     def from_options(cls, options) -> "SearchParameters":
-        params = cls(
-            start_agents=options.start_agents,
-            step_agents=options.step_agents,
-            step_factor=options.step_factor,
-            max_agents=options.max_agents,
-            resolution_agents=options.resolution_agents,
-            spawn_rate=options.agent_spawn_rate,
-            warmup_s=options.warmup_s,
-            window_s=options.window_s,
+        """Validated parameters from parsed options (or the web UI's strings): every number finite and
+        within ``_OPTION_BOUNDS``, so ``--window-s inf`` or ``--max-agents 10**100`` fails at once."""
+        values = {dest: _bounded_option(options, dest, *bounds) for dest, bounds in _OPTION_BOUNDS.items()}
+        if values["max_agents"] < values["start_agents"]:
+            raise AgentperfError(f"--max-agents: expected an integer >= --start-agents, got {values['max_agents']}")
+        if not values["step_agents"] and values["step_factor"] <= 1:
+            raise AgentperfError("--step-factor: expected a number > 1 when --step-agents is 0, "
+                                 f"got {values['step_factor']:g}")
+        return cls(
+            start_agents=values["start_agents"],
+            step_agents=values["step_agents"],
+            step_factor=values["step_factor"],
+            max_agents=values["max_agents"],
+            resolution_agents=values["resolution_agents"],
+            spawn_rate=values["agent_spawn_rate"],
+            warmup_s=values["warmup_s"],
+            window_s=values["window_s"],
             early_stop=not options.no_early_stop,
             restart_agents=bool(options.restart_agents),
             guided=bool(options.guided_search),
-            min_requests=options.min_requests,
+            min_requests=values["min_requests"],
         )
-        checks = (
-            ("--start-agents", params.start_agents >= 1, "an integer >= 1"),
-            ("--max-agents", params.max_agents >= params.start_agents, "an integer >= --start-agents"),
-            ("--step-agents", params.step_agents >= 0, "an integer >= 0"),
-            ("--step-factor", params.step_agents or params.step_factor > 1, "a number > 1 when --step-agents is 0"),
-            ("--resolution-agents", params.resolution_agents >= 1, "an integer >= 1"),
-            ("--agent-spawn-rate", params.spawn_rate > 0, "a number > 0"),
-            ("--warmup-s", params.warmup_s >= 0, "a number >= 0"),
-            ("--window-s", params.window_s > 0, "a number > 0"),
-            ("--min-requests", params.min_requests >= 0, "an integer >= 0"),
-        )
-        for option, ok, expected in checks:
-            if not ok:
-                value = getattr(options, option[2:].replace("-", "_"))
-                raise AgentperfError(f"{option}: expected {expected}, got {value}")
-        return params
+
+
+MAX_AGENTS = 100_000
+"""Most agents a search may run: beyond any Locust cluster, and far below overflow in the step arithmetic."""
+MAX_STEP_SECONDS = 86_400.0
+"""Longest warm-up or window, seconds (a day): ``inf`` would never end a step."""
+_OPTION_BOUNDS: dict[str, tuple[type, float, float, bool]] = {
+    # dest: (type, lowest, highest, whether the lowest itself is allowed)
+    "start_agents": (int, 1, MAX_AGENTS, True),
+    "step_agents": (int, 0, MAX_AGENTS, True),
+    "step_factor": (float, 0.0, 1000.0, False),
+    "max_agents": (int, 1, MAX_AGENTS, True),
+    "resolution_agents": (int, 1, MAX_AGENTS, True),
+    "agent_spawn_rate": (float, 0.0, 10_000.0, False),
+    "warmup_s": (float, 0.0, MAX_STEP_SECONDS, True),
+    "window_s": (float, 0.0, MAX_STEP_SECONDS, False),
+    "min_requests": (int, 0, 10_000_000, True),
+}
+_MAX_NUMBER_CHARS = 40
+
+
+def _bounded_option(options, dest: str, kind: type, low: float, high: float, low_allowed: bool) -> int | float:
+    """Option ``dest`` as a ``kind`` in its bounds, or one line naming the option and what was expected.
+    A string (the web UI's) is length-checked before conversion; NaN and infinities fail the bounds."""
+    value = getattr(options, dest)
+    number = None
+    if isinstance(value, str) and len(value) <= _MAX_NUMBER_CHARS:
+        try:
+            number = kind(value.strip())
+        except ValueError:
+            number = None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)):
+        number = kind(value)
+    if number is not None and (low <= number if low_allowed else low < number) and number <= high:
+        return number
+    noun = "an integer" if kind is int else "a number"
+    expected = f"{noun} {'>=' if low_allowed else '>'} {low:g}, at most {high:g}"
+    raise AgentperfError(f"--{dest.replace('_', '-')}: expected {expected}, got {short(value)}")
 
 
 def window_end(start_s: float, params: SearchParameters, ended_s: Iterable[float], seen_until_s: float) -> float | None:

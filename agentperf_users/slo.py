@@ -45,10 +45,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import yaml
-
 from agentperf_users.errors import AgentperfError
 from agentperf_users.records import RequestRecord, Status, read_records
+from agentperf_users.simulator.bounded import InputError, is_single_line_text, load_yaml, one_line, read_text, short
 
 SCOPES = ("request", "agent")
 DEFAULT_SLO_FILE = "slo-default.yaml"
@@ -339,6 +338,15 @@ def _short_of_hits(records: Sequence[RequestRecord], tier: SloTier, extra: int) 
 
 _TIER_DEFAULT_KEYS = ("quantile", "scope", "agents_passing", "max_error_rate")
 _TOP_LEVEL_KEYS = ("tiers", "defaults")
+MAX_SLO_BYTES = 1024 * 1024
+"""An SLO file is a few tiers; a larger file is refused unread rather than parsed into memory."""
+MAX_SLO_NODES = 10_000
+"""YAML values an SLO file may hold with its aliases expanded: an alias bomb fails here, at once."""
+MAX_TTFT_S = 86_400.0
+"""Longest TTFT ceiling: a day. Beyond it a tier is no latency objective, and 1e300 is a typo."""
+MAX_OUTPUT_TPS = 1_000_000.0
+"""Highest output-speed floor, tokens/s per request: far above any server, below float trouble."""
+MAX_TIER_NAME_CHARS = 100
 
 
 def load_slo(path: str | Path | None = None) -> SloSpec:
@@ -347,17 +355,17 @@ def load_slo(path: str | Path | None = None) -> SloSpec:
         resource = resources.files("agentperf_users") / "data" / DEFAULT_SLO_FILE
         source, text = f"<bundled {DEFAULT_SLO_FILE}>", resource.read_text(encoding="utf-8")
     else:
-        source = str(path)
+        source = one_line(str(path))
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = read_text(path, MAX_SLO_BYTES)
         except OSError as exc:
-            raise AgentperfError(f"{source}: cannot read the SLO file: {exc.strerror}") from None
+            raise AgentperfError(f"{source}: cannot read the SLO file: {exc.strerror or exc}") from None
+        except InputError as exc:
+            raise AgentperfError(f"{source}: {exc}; expected an SLO file (YAML)") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise AgentperfError(f"{source}: {where}not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        data = load_yaml(text, max_nodes=MAX_SLO_NODES, name=source)
+    except InputError as exc:
+        raise AgentperfError(f"{source}: {exc}") from None
     return parse_slo(data, source)
 
 
@@ -372,17 +380,17 @@ def parse_slo(data: object, source: str) -> SloSpec:
     _reject_unknown(data, _TOP_LEVEL_KEYS, "top level", fail)
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
-        raise fail("defaults", f"expected a mapping, got {defaults!r}")
+        raise fail("defaults", f"expected a mapping, got {short(defaults)}")
     _reject_unknown(defaults, _TIER_DEFAULT_KEYS, "defaults", fail)
     tiers_data = data.get("tiers")
     if not isinstance(tiers_data, list) or not tiers_data:
-        raise fail("tiers", f"expected a non-empty list of tiers, got {tiers_data!r}")
+        raise fail("tiers", f"expected a non-empty list of tiers, got {short(tiers_data)}")
     tier_keys = tuple(field.name for field in fields(SloTier))
     tiers = []
     for index, tier_data in enumerate(tiers_data):
         where = f"tiers[{index}]"
         if not isinstance(tier_data, dict):
-            raise fail(where, f"expected a mapping, got {tier_data!r}")
+            raise fail(where, f"expected a mapping, got {short(tier_data)}")
         _reject_unknown(tier_data, tier_keys, where, fail)
         merged = {**defaults, **tier_data}
         for key in ("ttft_max_s", "output_tps_min"):
@@ -404,28 +412,29 @@ def parse_slo(data: object, source: str) -> SloSpec:
 def _reject_unknown(mapping: dict, allowed: Sequence[str], where: str, fail) -> None:
     for key in mapping:
         if key not in allowed:
-            raise fail(where, f"unknown key {key!r} (expected one of: {', '.join(allowed)})")
+            raise fail(where, f"unknown key {short(key)} (expected one of: {', '.join(allowed)})")
 
 
 def _checked(key: str, value: object, fail) -> object:
     """One field's value, or ``fail`` with what was expected."""
-    if key == "name":
-        if not isinstance(value, str) or not value.strip():
-            raise fail(f"expected a non-empty string, got {value!r}")
+    if key == "name":  # shown in progress lines, reports and metric labels: one printable line
+        if not is_single_line_text(value, MAX_TIER_NAME_CHARS):
+            raise fail(f"expected a non-empty single line of printable text, at most {MAX_TIER_NAME_CHARS} "
+                       f"characters, got {short(value)}")
         return value
     if key == "scope":
-        if value not in SCOPES:
-            raise fail(f"expected one of {', '.join(SCOPES)}, got {value!r}")
+        if not isinstance(value, str) or value not in SCOPES:
+            raise fail(f"expected one of {', '.join(SCOPES)}, got {short(value)}")
         return value
     expected, accept = _NUMBER_CHECKS[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not accept(value):
-        raise fail(f"expected {expected}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not accept(value):  # NaN fails accept
+        raise fail(f"expected {expected}, got {short(value)}")
     return float(value)
 
 
 _NUMBER_CHECKS = {
-    "ttft_max_s": ("a positive number", lambda v: 0 < v < math.inf),
-    "output_tps_min": ("a number >= 0", lambda v: 0 <= v < math.inf),
+    "ttft_max_s": (f"a positive number of seconds, at most {MAX_TTFT_S:g}", lambda v: 0 < v <= MAX_TTFT_S),
+    "output_tps_min": (f"a number >= 0, at most {MAX_OUTPUT_TPS:g}", lambda v: 0 <= v <= MAX_OUTPUT_TPS),
     "quantile": ("a number in (0, 1]", lambda v: 0 < v <= 1),
     "agents_passing": ("a number in (0, 1]", lambda v: 0 < v <= 1),
     "max_error_rate": ("a number in [0, 1]", lambda v: 0 <= v <= 1),

@@ -32,7 +32,15 @@ from agentperf_users.readers import FORMATS
 from agentperf_users.readers.common import REPLY_TOKENS
 from agentperf_users.simulator.tokenizer import TEMPLATE_OVERHEAD, count_tokens, tools_tokens
 from agentperf_users.textgen import ARGUMENTS_OVERHEAD_TOKENS
-from agentperf_users.trajectory import TrajectorySet, load_trajectories
+from agentperf_users.simulator.bounded import is_single_line_text, short
+from agentperf_users.trajectory import (
+    MAX_CONTEXT_TOKENS,
+    MAX_ID_CHARS,
+    MAX_OUTPUT_TOKENS,
+    MAX_TOOL_WAIT_S,
+    TrajectorySet,
+    load_trajectories,
+)
 
 Z_95 = 1.6448536269514722
 """Standard normal 95th percentile: a lognormal's sigma is ln(p95 / median) / Z_95."""
@@ -79,6 +87,12 @@ CODING_TOOLS: tuple[dict, ...] = (
 _POSITIVE = frozenset({"count", "max_context", "tool_count", "task_median", "turns_median", "min_turns",
                        "output_median", "output_min", "tool_wait_median_s", "tool_result_median"})
 """Parameters that must be above zero (counts, and medians, whose logarithm is taken)."""
+_MAXIMA = {"count": 100_000, "max_turns": 10_000, "min_turns": 10_000, "tool_count": len(CODING_TOOLS),
+           "output_median": MAX_OUTPUT_TOKENS, "output_p95": MAX_OUTPUT_TOKENS, "output_min": MAX_OUTPUT_TOKENS,
+           "output_max": MAX_OUTPUT_TOKENS, "tool_wait_median_s": MAX_TOOL_WAIT_S, "tool_wait_max_s": MAX_TOOL_WAIT_S,
+           "task_sigma": 10, "turns_sigma": 10, "tool_wait_sigma": 10, "tool_result_sigma": 10}
+"""Largest sensible value of each parameter; the others (token counts) are at most ``MAX_CONTEXT_TOKENS``.
+Without them ``--count 1e9`` would write for days and ``--tool-wait-sigma inf`` would write infinities."""
 
 
 @dataclass(frozen=True)
@@ -114,11 +128,14 @@ class SynthParams:
             value = getattr(self, f.name)
             if f.name == "seed" or not isinstance(value, (int, float)):
                 continue
-            if value < 0 or (value == 0 and f.name in _POSITIVE):
-                bound = "> 0" if f.name in _POSITIVE else ">= 0"
-                raise AgentperfError(f"--{f.name.replace('_', '-')} must be {bound}, got {value}")
-        if self.tool_count > len(CODING_TOOLS):
-            raise AgentperfError(f"--tool-count must be at most {len(CODING_TOOLS)}, got {self.tool_count}")
+            flag, high = f"--{f.name.replace('_', '-')}", _MAXIMA.get(f.name, MAX_CONTEXT_TOKENS)
+            if not (0 < value if f.name in _POSITIVE else 0 <= value):  # NaN fails here too
+                raise AgentperfError(f"{flag} must be {'> 0' if f.name in _POSITIVE else '>= 0'}, got {value}")
+            if not value <= high:
+                raise AgentperfError(f"{flag} must be at most {high:g}, got {value}")
+        if not is_single_line_text(self.name, MAX_ID_CHARS - 5):
+            raise AgentperfError(f"--name must be one printable line of at most {MAX_ID_CHARS - 5} characters, "
+                                 f"got {short(self.name)}")
         if not self.min_turns <= self.max_turns:
             raise AgentperfError(f"--min-turns ({self.min_turns}) must not exceed --max-turns ({self.max_turns})")
         if not self.output_min <= self.output_median <= self.output_p95 <= self.output_max:
@@ -297,6 +314,8 @@ def register_cli(subparsers: Any) -> None:
     stats.add_argument("spec", metavar="FILE|SET", help="trajectory file, folder, manifest or bundled set name")
     stats.add_argument("--format", default="auto", choices=FORMATS, help="trajectory format (default: auto, sniffed)")
     stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.add_argument("--allow-outside-manifest", action="store_true",
+                       help="let a manifest list trace files outside its own folder (refused by default)")
     stats.set_defaults(func=_run_stats)
 
 
@@ -314,6 +333,6 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    stats = set_stats(load_trajectories(args.spec, args.format))
+    stats = set_stats(load_trajectories(args.spec, args.format, allow_outside=args.allow_outside_manifest or None))
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0

@@ -29,6 +29,18 @@ TRAJECTORY_CACHE_SIZE = 8
 NAMESPACE_MARKER = "[agentperf session {marker}]\n"
 """Line put before the first user message by :meth:`Trajectory.with_namespace`."""
 
+# Limits every reader enforces, so a malformed or hostile file fails at load with one line instead of
+# an agent allocating a trillion tokens of filler (and looping on MemoryError) or sleeping for ever.
+MAX_CONTEXT_TOKENS = 10_000_000
+"""Most prompt tokens of one turn (so of one message too): ten times the longest context windows served
+today; a set beyond it is a typo or an attack, and its text alone would be gigabytes."""
+MAX_OUTPUT_TOKENS = 1_000_000
+"""Most output tokens one turn may ask for: far beyond any model's reply limit."""
+MAX_TOOL_WAIT_S = 86_400.0
+"""Longest tool wait after a turn, seconds: a day. Longer is no tool call, and 1e300 would never end."""
+MAX_ID_CHARS = 256
+"""Longest trajectory id; ids are single printable lines (they appear in records and reports)."""
+
 
 @dataclass(frozen=True)
 class TurnShape:
@@ -163,13 +175,14 @@ class TrajectorySet:
         return trajectory
 
 
-def load_trajectories(spec: str, fmt: str = "auto") -> TrajectorySet:
+def load_trajectories(spec: str, fmt: str = "auto", allow_outside: bool | None = None) -> TrajectorySet:
     """Load a set from a file, a folder, a manifest, or a bundled set name ("default", "demo").
 
     ``fmt`` is ``auto`` (sniffed from content), ``aa``, ``mooncake`` or ``agentperf``. Raises
     ``AgentperfError`` with a one-line ``path:line: ...`` message on any problem; nothing is
-    half-loaded.
+    half-loaded. ``allow_outside``: whether a manifest may list files outside its folder (None: as
+    ``AGENTPERF_MANIFEST_OUTSIDE`` says; see ``agentperf_users.readers``).
     """
     from agentperf_users.readers import read_set  # the readers build this module's types
 
-    return read_set(spec, fmt)
+    return read_set(spec, fmt, allow_outside)

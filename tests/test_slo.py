@@ -235,10 +235,10 @@ def test_file_defaults_and_tier_overrides(tmp_path):
     "text, message",
     [
         ("tiers:\n  - {ttft_max_s: 1, output_tps_min: 2}\n  - {ttft_max_s: x, output_tps_min: 2}\n",
-         "tiers[1].ttft_max_s: expected a positive number, got 'x'"),
+         "tiers[1].ttft_max_s: expected a positive number of seconds, at most 86400, got 'x'"),
         ("tiers:\n  - {ttft_max_s: 1, output_tps_min: 2, ttft_p95: 3}\n", "tiers[0]: unknown key 'ttft_p95'"),
-        ("tiers:\n  - {ttft_max_s: true, output_tps_min: 2}\n", "tiers[0].ttft_max_s: expected a positive number, got True"),
-        ("tiers:\n  - {ttft_max_s: 0, output_tps_min: 2}\n", "tiers[0].ttft_max_s: expected a positive number, got 0"),
+        ("tiers:\n  - {ttft_max_s: true, output_tps_min: 2}\n", "tiers[0].ttft_max_s: expected a positive number of seconds, at most 86400, got True"),
+        ("tiers:\n  - {ttft_max_s: 0, output_tps_min: 2}\n", "tiers[0].ttft_max_s: expected a positive number of seconds, at most 86400, got 0"),
         ("tiers:\n  - {output_tps_min: 2}\n", "tiers[0].ttft_max_s: missing (required)"),
         ("tiers:\n  - {ttft_max_s: 1, output_tps_min: 2, scope: worker}\n", "tiers[0].scope: expected one of request, agent"),
         ("tiers:\n  - {ttft_max_s: 1, output_tps_min: 2, quantile: 1.5}\n", "tiers[0].quantile: expected a number in (0, 1]"),

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from agentperf_users.readers.common import (
     REPLY_TOKENS,
+    check_message,
     fail,
     got,
     json_lines,
@@ -28,9 +29,17 @@ from agentperf_users.readers.common import (
     tool_definitions,
 )
 from agentperf_users.simulator.tokenizer import message_tokens, tools_tokens
-from agentperf_users.trajectory import BuiltPlan, Trajectory, Turn
+from agentperf_users.trajectory import (
+    MAX_CONTEXT_TOKENS,
+    MAX_OUTPUT_TOKENS,
+    MAX_TOOL_WAIT_S,
+    BuiltPlan,
+    Trajectory,
+    Turn,
+)
 
 MS_PER_S = 1000.0
+MAX_TOOL_WAIT_MS = MAX_TOOL_WAIT_S * MS_PER_S
 
 
 @dataclass(frozen=True)
@@ -62,11 +71,10 @@ def _parse_line(obj: dict, where: str, latest: _Line | None) -> _Line:
     index = require_int(obj, "conversation_idx", where, minimum=0)
     messages = require_list(obj, "messages", where, non_empty=True)
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            fail(where, f"messages[{i}] must be an object with a string role, got {got(message)}")
-    output_tokens = require_int(obj, "target_output_tokens", where, minimum=1)
+        check_message(message, where, f"messages[{i}]")
+    output_tokens = require_int(obj, "target_output_tokens", where, minimum=1, maximum=MAX_OUTPUT_TOKENS)
     if "simulated_tool_delay_ms_after" in obj:
-        wait_ms = require_number(obj, "simulated_tool_delay_ms_after", where, default=0.0)
+        wait_ms = require_number(obj, "simulated_tool_delay_ms_after", where, default=0.0, maximum=MAX_TOOL_WAIT_MS)
     else:
         wait_ms = _recorded_tool_ms(obj, where)
     tools = tool_definitions(obj, "tools", where)
@@ -82,8 +90,11 @@ def _recorded_tool_ms(obj: dict, where: str) -> float:
     for i, call in enumerate(calls):
         if not isinstance(call, dict):
             fail(where, f"recorded_tool_calls_after[{i}] must be an object, got {got(call)}")
-        total += require_number(call, "duration_ms", where, default=0.0,
+        total += require_number(call, "duration_ms", where, default=0.0, maximum=MAX_TOOL_WAIT_MS,
                                  label=f"recorded_tool_calls_after[{i}].duration_ms")
+    if total > MAX_TOOL_WAIT_MS:
+        fail(where, f"recorded_tool_calls_after[].duration_ms must add up to at most {MAX_TOOL_WAIT_MS:,g} ms "
+                    f"(a day), got {total:,g}")
     return total
 
 
@@ -115,6 +126,9 @@ def _trajectory(conversation_id: str, lines: list[_Line]) -> Trajectory:
             tools = previous.tools if tools == previous.tools else tools
         line = _Line(line.where, line.index, messages, tools, line.output_tokens, line.tool_wait_s)
         prompt_tokens = len(tools_tokens(tools)) + sum(tokens_of(m) for m in messages) + REPLY_TOKENS
+        if prompt_tokens > MAX_CONTEXT_TOKENS:
+            fail(line.where, f"the request's prompt must be at most {MAX_CONTEXT_TOKENS:,} tokens, "
+                             f"got {prompt_tokens:,}")
         turns.append(Turn(messages, tools, line.output_tokens, line.tool_wait_s, prompt_tokens))
         previous = line
     return Trajectory(conversation_id, tuple(turns))

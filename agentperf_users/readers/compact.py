@@ -16,19 +16,29 @@ import yaml
 
 from agentperf_users.readers.common import (
     REPLY_TOKENS,
+    ROLES,
+    check_content,
     fail,
     got,
     json_lines,
-    open_text,
+    read_file_text,
     require_id,
     require_int,
     require_list,
     require_number,
     tool_definitions,
 )
+from agentperf_users.simulator.bounded import BoundedSafeLoader, InputError, load_yaml
 from agentperf_users.simulator.tokenizer import message_tokens, tools_tokens
 from agentperf_users.textgen import ARGUMENTS_OVERHEAD_TOKENS, filler, tool_arguments
-from agentperf_users.trajectory import Trajectory, Turn, TurnShape
+from agentperf_users.trajectory import (
+    MAX_CONTEXT_TOKENS,
+    MAX_OUTPUT_TOKENS,
+    MAX_TOOL_WAIT_S,
+    Trajectory,
+    Turn,
+    TurnShape,
+)
 
 FORMAT_VERSION = 1
 HEADER_KEYS = frozenset({"agentperf", "name", "description", "generator", "tools"})
@@ -36,8 +46,13 @@ TRAJECTORY_KEYS = frozenset({"id", "tools", "turns"})
 TURN_KEYS = frozenset({"messages", "output_tokens", "tool_wait_s"})
 MESSAGE_KEYS = frozenset({"role", "content", "content_tokens", "seed", "tool_calls", "tool_call_id", "name",
                           "reasoning_content"})
-ROLES = ("system", "developer", "user", "assistant", "tool")
 YAML_SUFFIXES = (".yaml", ".yml")
+MAX_YAML_BYTES = 32 * 1024 * 1024
+"""Largest YAML set: it is parsed whole into memory (tens of times its size); bigger sets belong in JSONL,
+which is read a line at a time."""
+MAX_YAML_NODES = 5_000_000
+"""YAML values a set may hold with its aliases expanded: an alias bomb fails at once, not after the
+readers have walked a billion shared nodes."""
 
 
 @dataclass(frozen=True)
@@ -152,15 +167,20 @@ def _plan(obj: dict, where: str, default_tools: tuple, default_id: str, tools_to
         turn = _mapping(turn, turn_where, label)
         _check_keys(turn, TURN_KEYS, turn_where, label)
         specs = []
-        for m, message in enumerate(require_list(turn, "messages", turn_where, label=f"{label}.messages", non_empty=True)):
+        messages = require_list(turn, "messages", turn_where, label=f"{label}.messages", non_empty=True)
+        for m, message in enumerate(messages):
             message_label = f"{label}.messages[{m}]"
             message_where = _where(message, turn_where)
             message = _mapping(message, message_where, message_label)
             spec = _message(message, message_where, message_label, f"{trajectory_id}/{t}/{m}", t, pending_calls)
             specs.append(spec)
             prompt_tokens += spec.tokens
-        output_tokens = require_int(turn, "output_tokens", turn_where, minimum=1, label=f"{label}.output_tokens")
-        wait_s = require_number(turn, "tool_wait_s", turn_where, default=0.0, label=f"{label}.tool_wait_s")
+        if prompt_tokens > MAX_CONTEXT_TOKENS:  # checked per turn: the filler is generated when an agent asks
+            fail(turn_where, f"{label}'s prompt must be at most {MAX_CONTEXT_TOKENS:,} tokens, got {prompt_tokens:,}")
+        output_tokens = require_int(turn, "output_tokens", turn_where, minimum=1, maximum=MAX_OUTPUT_TOKENS,
+                                    label=f"{label}.output_tokens")
+        wait_s = require_number(turn, "tool_wait_s", turn_where, default=0.0, maximum=MAX_TOOL_WAIT_S,
+                                label=f"{label}.tool_wait_s")
         new_messages.append(tuple(specs))
         shapes.append(TurnShape(prompt_tokens, output_tokens, wait_s))
     return CompactPlan(trajectory_id, tools, tuple(new_messages), tuple(shapes))
@@ -176,13 +196,15 @@ def _message(obj: dict, where: str, label: str, default_seed: str, turn: int, pe
     if "content_tokens" in obj:
         if "content" in obj:
             fail(where, f"{label} has both content and content_tokens; give one")
-        content_tokens = require_int(obj, "content_tokens", where, minimum=0, label=f"{label}.content_tokens")
+        content_tokens = require_int(obj, "content_tokens", where, minimum=0, maximum=MAX_CONTEXT_TOKENS,
+                                     label=f"{label}.content_tokens")
     for key in ("tool_call_id", "name", "reasoning_content"):
         if key in obj and not isinstance(obj[key], str):
             fail(where, f"{label}.{key} must be a string, got {got(obj[key])}")
-    content = obj.get("content")
-    if "content" in obj and not isinstance(content, (str, list)):
-        fail(where, f"{label}.content must be a string or a list of content parts, got {got(content)}")
+    if "content" in obj:
+        if obj["content"] is None:
+            fail(where, f"{label}.content must be a string or a list of content parts, got null")
+        check_content(obj["content"], where, f"{label}.content")
     calls = _tool_calls(obj, where, label, turn) if "tool_calls" in obj else ()
     if role != "assistant" and calls:
         fail(where, f"{label}.tool_calls is only allowed on assistant messages, got role {role!r}")
@@ -221,7 +243,7 @@ def _tool_calls(obj: dict, where: str, label: str, turn: int) -> tuple:
         _check_keys(call, frozenset({"id", "name", "arguments_tokens"}), where, call_label)
         name = require_id(call, "name", where, label=f"{call_label}.name")
         arguments_tokens = require_int(call, "arguments_tokens", where, minimum=ARGUMENTS_OVERHEAD_TOKENS,
-                                       label=f"{call_label}.arguments_tokens")
+                                       maximum=MAX_CONTEXT_TOKENS, label=f"{call_label}.arguments_tokens")
         calls.append(_GeneratedCall(call_id, name, arguments_tokens))
     return tuple(calls)
 
@@ -251,7 +273,7 @@ class _LineDict(dict):
     where = ""
 
 
-class _LineLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+class _LineLoader(BoundedSafeLoader):
     pass
 
 
@@ -265,15 +287,11 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 
 def _load_yaml(path: Path) -> tuple[Any, str]:
+    text = read_file_text(path, MAX_YAML_BYTES, "a YAML trajectory set (use JSONL for bigger sets)")
     try:
-        with open_text(path) as handle:
-            return yaml.load(handle, Loader=_LineLoader), f"{path}:1"
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        fail(f"{path}:{line}", f"not valid YAML ({getattr(exc, 'problem', None) or exc})")
-    except (OSError, UnicodeDecodeError) as exc:
-        fail(str(path), f"cannot read ({exc})")
+        return load_yaml(text, _LineLoader, max_nodes=MAX_YAML_NODES, name=str(path)), f"{path}:1"
+    except InputError as exc:
+        fail(f"{path}:{exc.line or 1}", exc.reason)
 
 
 def _where(obj: Any, fallback: str) -> str:

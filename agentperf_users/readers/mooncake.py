@@ -36,7 +36,7 @@ from typing import Sequence
 from agentperf_users.readers.common import REPLY_TOKENS, fail, got, json_lines, require_int, require_list, require_number
 from agentperf_users.simulator.tokenizer import TEMPLATE_OVERHEAD
 from agentperf_users.textgen import filler_pieces
-from agentperf_users.trajectory import Trajectory, Turn, TurnShape
+from agentperf_users.trajectory import MAX_CONTEXT_TOKENS, MAX_OUTPUT_TOKENS, Trajectory, Turn, TurnShape
 
 MOONCAKE_BLOCK_TOKENS = 512
 BLOCK_CONTENT_TOKENS = MOONCAKE_BLOCK_TOKENS - TEMPLATE_OVERHEAD
@@ -44,6 +44,8 @@ MAX_TOOL_WAIT_S = 10.0
 """Cap on a rebuilt tool wait: longer gaps are human think time or idle sessions, not tool calls (the
 same 10 s cap as SemiAnalysis' AgentX replay rules)."""
 MS_PER_S = 1000.0
+MAX_TIMESTAMP_MS = 1e15
+"""Latest timestamp accepted (ms; some 31,000 years): any clock's, relative or epoch, is far below."""
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,9 @@ def _read_requests(path: Path) -> list[_Request]:
     requests = []
     for number, obj in json_lines(path):
         where = f"{path}:{number}"
-        timestamp_ms = require_number(obj, "timestamp", where)
-        input_length = require_int(obj, "input_length", where, minimum=1)
-        output_length = require_int(obj, "output_length", where, minimum=1)
+        timestamp_ms = require_number(obj, "timestamp", where, maximum=MAX_TIMESTAMP_MS)
+        input_length = require_int(obj, "input_length", where, minimum=1, maximum=MAX_CONTEXT_TOKENS)
+        output_length = require_int(obj, "output_length", where, minimum=1, maximum=MAX_OUTPUT_TOKENS)
         hash_ids = require_list(obj, "hash_ids", where, non_empty=True)
         if not all(isinstance(h, int) and not isinstance(h, bool) for h in hash_ids):
             fail(where, f"hash_ids must be a list of integers, got {got(hash_ids)}")

@@ -22,8 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from agentperf_users.simulator.bounded import InputError, is_single_line_text, load_yaml, one_line, read_text, short
 from agentperf_users.simulator.tokenizer import BLOCK_SIZE
 
 PROFILES_DIR = Path(__file__).with_name("profiles")
@@ -43,8 +42,21 @@ class ProfileError(SimulatorError):
     """A profile file is malformed: ``"<file>: <field.path>: expected ..., got ..."``."""
 
 
+MAX_PROFILE_BYTES = 1024 * 1024
+"""A profile is a few dozen lines; anything larger is not one (and is not read whole into memory)."""
+MAX_PROFILE_NODES = 10_000
+"""YAML values a profile may hold with its aliases expanded (a bundled one has about a hundred)."""
+MAX_VALUE = 10_000_000
+"""Largest number any field may hold unless its metadata says otherwise: no GPU count, memory, layer
+count, token count or rate of a real deployment is near it, while 1e300 or a 5000-digit integer would
+overflow the step-time arithmetic or size the KV cache's per-block state beyond memory."""
+MAX_KV_CAPACITY_TOKENS = 64 * 1024 * 1024
+"""Most KV tokens a profile may give: the engine keeps per-block state (a few lists of ``blocks``
+entries), so a cache sized from an absurd ``memory_gib`` would exhaust memory before serving."""
 FRACTION = {"le": 1.0}
-"""Field metadata: a number in (0, 1]. Every other number must merely be positive."""
+"""Field metadata: a number in (0, 1]. Every other number must be positive and at most ``MAX_VALUE``."""
+ANCHOR = {"le": 1e12}
+"""Field metadata of a reference number: positive and at most 1e12 (KV tokens of a whole cluster)."""
 
 
 @dataclass(frozen=True)
@@ -128,10 +140,10 @@ class Anchors:
     """Published or derived reference numbers, keyed like ``Profile.describe()``, to compare against."""
 
     source: str
-    kv_capacity_tokens: float | None = None
-    decode_step_b1_ms: float | None = None
-    decode_step_b64_ms: float | None = None
-    prefill_tok_s: float | None = None
+    kv_capacity_tokens: float | None = dataclasses.field(default=None, metadata=ANCHOR)
+    decode_step_b1_ms: float | None = dataclasses.field(default=None, metadata=ANCHOR)
+    decode_step_b64_ms: float | None = dataclasses.field(default=None, metadata=ANCHOR)
+    prefill_tok_s: float | None = dataclasses.field(default=None, metadata=ANCHOR)
 
     def values(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -302,22 +314,24 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> Profile:
     """A bundled profile by name, or a profile YAML file by path; :class:`ProfileError` when malformed."""
     bundled = PROFILES_DIR / f"{name_or_path}.yaml"
     path = bundled if str(name_or_path) in list_profiles() else Path(name_or_path)
+    source = one_line(str(path))
     if not path.is_file():
-        raise ProfileError(f"{name_or_path}: no such profile file; bundled profiles: {', '.join(list_profiles())}")
-    source = str(path)
+        raise ProfileError(f"{one_line(str(name_or_path))}: no such profile file; bundled profiles: "
+                           f"{', '.join(list_profiles())}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "top level"
-        raise ProfileError(f"{source}: {where}: expected valid YAML, got {getattr(exc, 'problem', exc)}") from None
+        data = load_yaml(read_text(path, MAX_PROFILE_BYTES), max_nodes=MAX_PROFILE_NODES, name=source)
+    except OSError as exc:
+        raise ProfileError(f"{source}: cannot read the profile: {exc.strerror or exc}") from None
+    except InputError as exc:
+        where = f"line {exc.line}" if exc.line else "top level"
+        raise ProfileError(f"{source}: {where}: expected valid YAML of a profile: {exc.reason}") from None
     profile = _build(Profile, data, "", source, {"name": path.stem})
     _check_consistency(profile, source)
     return profile
 
 
 def _fail(source: str, path: str, expected: str, got: Any) -> typing.NoReturn:
-    raise ProfileError(f"{source}: {path or 'top level'}: expected {expected}, got {got!r}")
+    raise ProfileError(f"{source}: {path or 'top level'}: expected {expected}, got {short(got)}")
 
 
 def _build(cls: type, data: Any, path: str, source: str, given: dict[str, Any] | None = None) -> Any:
@@ -349,15 +363,15 @@ def _value(hint: Any, value: Any, path: str, source: str, limits: Any) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, source)
     if hint is str:
-        if not isinstance(value, str) or not value.strip():
-            _fail(source, path, "a non-empty string", value)
+        if not is_single_line_text(value, max_chars=500):
+            _fail(source, path, "a non-empty string of one line, at most 500 characters", value)
         return value
     numeric = (int,) if hint is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, numeric):
         _fail(source, path, "a positive integer" if hint is int else "a positive number", value)
-    high = limits.get("le")
-    if value <= 0 or (high is not None and value > high):
-        _fail(source, path, f"a number in (0, {high}]" if high is not None else "a positive number", value)
+    high = limits.get("le", MAX_VALUE)
+    if not 0 < value <= high:  # NaN and infinities fail here too
+        _fail(source, path, f"a number in (0, {high}]" if high <= 1 else f"a positive number, at most {high:,g}", value)
     return hint(value)
 
 
@@ -389,6 +403,10 @@ def _check_consistency(profile: Profile, source: str) -> None:
     if profile.output_tokens.p95_tokens <= profile.output_tokens.median_tokens:
         _fail(source, "output_tokens.p95_tokens", f"more than median_tokens ({profile.output_tokens.median_tokens})",
               profile.output_tokens.p95_tokens)
+    if profile.kv_capacity_tokens > MAX_KV_CAPACITY_TOKENS:
+        _fail(source, "gpu.memory_gib", f"a KV cache of at most {MAX_KV_CAPACITY_TOKENS:,} tokens (the simulator keeps "
+              f"state per block), but {gpu.count}x {gpu.memory_gib} GiB gives {profile.kv_capacity_tokens:,}",
+              gpu.memory_gib)
     needed_blocks = -(-model.max_context_tokens // engine.block_size) + profile.window_blocks_per_request
     if needed_blocks > profile.kv_capacity_blocks:  # vLLM refuses to start in this case too
         _fail(source, "model.max_context_tokens",
