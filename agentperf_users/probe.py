@@ -13,27 +13,38 @@ Locust; a plain Locust run calls it from the ``test_start`` listener on the mast
 never on workers, and stops the test with its line. The caller prints :meth:`Qualification.summary`
 and each of :attr:`Qualification.warnings`.
 
-What it sends: ``GET /v1/models``, then one streaming chat request built exactly as an agent builds
-one (``replay.chat_params``, ``replay.request_tools``, ``body.ChatBodyEncoder``) with the first
-trajectory's tool definitions, a short user message cut from its first turn, and
-``PROBE_OUTPUT_TOKENS`` output tokens. Both are single attempts with bounded timeouts, no retries; the
-probe request is counted by the server like any other (a test that compares the server's counters with
-the run's records takes its baseline after the probe). Nothing it learns is logged with the API key:
-the key goes only into the Authorization header, and every server text shown is ``client.redact``-ed.
+What it sends: ``GET /v1/models``, then two streaming chat requests built exactly as an agent builds
+its turns (``replay.chat_params``, ``replay.request_tools``, ``body.ChatBodyEncoder``): the first
+trajectory's first turn and one of its later turns (``_calibration_turn``: about
+``PROBE_SPAN_TOKENS`` longer), each asking for ``PROBE_OUTPUT_TOKENS`` output tokens. Real turns,
+not a canned message, because they are the run's shape down to the messages (assistant tool calls,
+tool results) that a chat template has to render, and because the server's count of them is what the
+context check needs (below). They carry a cache-namespace marker of their own
+(``Trajectory.with_namespace``), so they leave nothing in a prefix cache that the run's first agents
+could reuse beyond the system prompt and tools, which every session shares anyway. Every request is a
+single attempt with bounded timeouts, no retries. The server counts the probes like any other
+requests (a test that compares the server's counters with the run's records takes its baseline after
+the probe). The API key goes only into the Authorization header; every server text shown is
+``client.redact``-ed.
 
 The context check, and why its boundary sits where it does: a turn's size is ``prompt_tokens``
 (agentperf's own tokenizer, the simulator's) plus its output tokens (exact: they are the request's
 ``max_tokens``, which vLLM adds to the prompt when it checks ``max_model_len``). The server's tokenizer
-counts the same text differently, by tens of percent either way. So the probe measures it: the
-server's ``usage.prompt_tokens`` for the probe over agentperf's count of the same request is the
-*tokenizer ratio*, and prompt sizes are scaled by it. A turn whose scaled size exceeds
-``max_model_len`` is an error (by the best estimate the server rejects it, and every replay of it
-would be a failed request counted against the SLO). A scaled size within a margin below the limit is
-a warning: the probe's text (tool schemas and the start of a conversation) is not every turn's text,
-and a chat template adds a fixed overhead that a ratio spreads over the whole prompt. The margin is
-``CONTEXT_MARGIN`` with a measured ratio, ``CONTEXT_MARGIN_UNMEASURED`` when the server reports no
-usage (then agentperf's count is all there is), and none when the server counted the probe exactly
-as agentperf does (the embedded simulator, or a server with the same tokenizer and template).
+and chat template count the same request differently, by tens of percent either way: on the tiny vLLM
+model, 1.16-1.22 of its tokens per agentperf token on the bundled sets' text, 0.9 on their tool
+schemas, plus a template preamble for tools. The two probes' ``usage.prompt_tokens`` put a line
+through agentperf's count (:class:`TokenScale`): its slope is what a conversation's growth costs, its
+offset what every turn carries alike (tools, template). Measured on the tiny vLLM model against the
+demo set's turns up to 8K tokens: a single ratio from a short tools-and-message request put them
+15-16 % low (it spreads the tools' difference over the whole prompt); a line through two such
+requests, 5 % low (message text is not conversation); a line through two real turns, within
+``PROBE_LINE_ERROR`` (see the report of issue 11's probe). A turn whose estimated size exceeds
+``max_model_len`` is an error: by the best estimate the server rejects it, and every replay of it
+would be a failed request counted against the SLO. An estimate within a margin below the limit is a
+warning, as the line is drawn through one trajectory's turns: ``CONTEXT_MARGIN`` with a measured line
+(or a ratio, for a set of one-turn trajectories), ``CONTEXT_MARGIN_UNMEASURED`` when the server reports
+no usage (agentperf's count is then all there is), and none when the server counted the probes
+exactly as agentperf does (the embedded simulator, or a server with the same tokenizer and template).
 """
 
 from __future__ import annotations
@@ -56,16 +67,16 @@ from agentperf_users.client import api_url, redact
 from agentperf_users.errors import AgentperfError
 from agentperf_users.simulator.tokenizer import count_prompt_tokens, tools_tokens
 from agentperf_users.sse import SSEParser, StreamTally, error_text, implausible_usage
-from agentperf_users.trajectory import Trajectory, TrajectorySet
+from agentperf_users.trajectory import Trajectory, TrajectorySet, Turn
 
 PROBE_OUTPUT_TOKENS = 4  # enough to see token chunks arrive, short enough to cost the server nothing
-PROBE_MESSAGE_CHARS = 2000  # ~500 tokens of the set's own text: enough to measure the tokenizer ratio
-PROBE_MARKER = "[agentperf qualification probe]\n"  # keeps the probe's message out of the run's cached prefixes
+PROBE_SPAN_TOKENS = 2048  # how much longer the second probe's turn is, ideally: a slope to ~0.05 %
+PROBE_NAMESPACE = "qualification probe"  # the probes' cache-namespace marker (Trajectory.with_namespace)
 DEFAULT_PROBE_TIMEOUT_S = 60.0  # a server that needs longer for a 4-token answer is not ready for a load test
 CONNECT_TIMEOUT_S = 10.0
 MAX_BODY_BYTES = 1024 * 1024  # of /v1/models, an error body or the probe's stream: what a sane answer needs
-MIN_CALIBRATION_TOKENS = 64  # a shorter probe prompt is mostly template overhead: no ratio from it
-RATIO_BOUNDS = (0.25, 4.0)  # a ratio outside is no tokenizer difference but a server counting something else
+MIN_CALIBRATION_TOKENS = 200  # the least difference between the two probes' prompts to draw a line through
+RATIO_BOUNDS = (0.25, 4.0)  # a slope outside is no tokenizer difference but a server counting something else
 CONTEXT_MARGIN = 0.10
 CONTEXT_MARGIN_UNMEASURED = 0.25
 NAMESPACE_ALLOWANCE_TOKENS = 32  # a run's cache-namespace marker (trajectory.NAMESPACE_MARKER) is ~22 tokens
@@ -94,12 +105,47 @@ class TurnSize:
 
     trajectory: str
     turn: int
-    prompt_tokens: int  # scaled by the tokenizer ratio
+    prompt_tokens: int  # as the server would count it (``TokenScale``), a cache-namespace marker included
     output_tokens: int
 
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class TokenScale:
+    """agentperf's prompt count to the server's: the line through two measured points (see the module
+    docstring), ``theirs`` at ``ours`` and ``slope`` more per token of agentperf's."""
+
+    ours: int
+    theirs: int
+    slope: float
+
+    @property
+    def exact(self) -> bool:
+        """The server counted the probes exactly as agentperf does."""
+        return self.slope == 1.0 and self.theirs == self.ours
+
+    def server_tokens(self, ours: int) -> int:
+        return max(0, math.ceil(self.theirs + self.slope * (ours - self.ours)))
+
+    @classmethod
+    def measured(cls, points: Sequence[tuple[int, StreamTally]]) -> TokenScale | None:
+        """From (agentperf's count, the stream) of each probe: the line through two, or through one and
+        the origin; None when the server's counts make none (no usage, a slope no tokenizer gives)."""
+        counted = [(ours, _count((tally.usage or {}).get("prompt_tokens"))) for ours, tally in points]
+        if not counted or not all(theirs for _, theirs in counted):
+            return None
+        (ours_a, theirs_a), (ours_b, theirs_b) = counted[0], counted[-1]
+        if ours_b - ours_a >= MIN_CALIBRATION_TOKENS:
+            slope = (theirs_b - theirs_a) / (ours_b - ours_a)
+        else:
+            slope = theirs_a / ours_a if ours_a else 0.0
+        return cls(ours_a, theirs_a, slope) if RATIO_BOUNDS[0] <= slope <= RATIO_BOUNDS[1] else None
+
+
+IDENTITY = TokenScale(0, 0, 1.0)  # no measurement: agentperf's count stands for the server's
 
 
 @dataclass(frozen=True)
@@ -110,7 +156,7 @@ class Qualification:
     max_model_len: int | None  # None: /v1/models does not say (SGLang and others)
     usage_reported: bool  # the stream carried usage (else output tokens are counted from chunks)
     cached_tokens_reported: bool  # usage.prompt_tokens_details.cached_tokens (vLLM: --enable-prompt-tokens-details)
-    tokenizer_ratio: float | None  # the server's prompt tokens / agentperf's, on the probe; None: not measured
+    token_scale: TokenScale | None  # agentperf's prompt count to the server's; None: not measured (no usage)
     largest_turn: TurnSize | None  # None: the context check was skipped (no max_model_len)
     warnings: tuple[str, ...] = ()  # one line each, to print; none of them stops the run
 
@@ -119,8 +165,8 @@ class Qualification:
                  f"max_model_len {self.max_model_len}" if self.max_model_len else "max_model_len not reported",
                  "usage reported" if self.usage_reported else "no usage",
                  "prefix-cache details reported" if self.cached_tokens_reported else "no prefix-cache details"]
-        if self.tokenizer_ratio is not None and self.tokenizer_ratio != 1.0:
-            parts.append(f"its tokenizer counts {self.tokenizer_ratio:.2f}x agentperf's")
+        if self.token_scale is not None and not self.token_scale.exact:
+            parts.append(f"its tokenizer counts {self.token_scale.slope:.2f}x agentperf's")
         return "agentperf: server qualified: " + ", ".join(parts)
 
 
@@ -136,17 +182,23 @@ def qualify(target: ProbeTarget, trajectories: TrajectorySet, settings: replay.R
         session.trust_env = False
         served = _served_models(session, target)
         model = _choose_model(target, served)
-        first = trajectories.trajectory(0)
-        messages = [{"role": "user", "content": _probe_text(first)}]
-        tools = replay.request_tools(first.turns[0].tools, settings)
-        tally = _probe(session, target, served, ChatBodyEncoder().body(
-            replay.chat_params(model, PROBE_OUTPUT_TOKENS, settings), messages, tools), settings)
+        max_model_len = served[model]
+        first = trajectories.trajectory(0).with_namespace(PROBE_NAMESPACE)
+        encoder = ChatBodyEncoder()
+        points = []
+        for turn in _probe_turns(first, max_model_len):
+            tools = replay.request_tools(turn.tools, settings)
+            tally = _probe(session, target, served, encoder.body(
+                replay.chat_params(model, PROBE_OUTPUT_TOKENS, settings), turn.messages, tools), settings)
+            points.append((count_prompt_tokens(turn.messages, tools), tally))
+            if tally.usage is None:
+                break  # nothing to draw a line with
+    tally = points[0][1]
     warnings = list(_stream_warnings(tally))
-    ratio = _tokenizer_ratio(tally.usage, count_prompt_tokens(messages, tools))
-    max_model_len = served[model]
+    scale = TokenScale.measured(points)
     largest = None
     if max_model_len is not None:
-        largest, warning = _check_context(trajectories, settings, max_model_len, ratio)
+        largest, warning = _check_context(trajectories, settings, max_model_len, scale)
         warnings += [warning] if warning else []
     usage = tally.usage or {}
     details = usage.get("prompt_tokens_details")
@@ -155,7 +207,7 @@ def qualify(target: ProbeTarget, trajectories: TrajectorySet, settings: replay.R
         max_model_len=max_model_len,
         usage_reported=_count(usage.get("completion_tokens")) is not None,
         cached_tokens_reported=isinstance(details, dict) and _count(details.get("cached_tokens")) is not None,
-        tokenizer_ratio=ratio,
+        token_scale=scale,
         largest_turn=largest,
         warnings=tuple(_scrub(w, secrets) for w in warnings),
     )
@@ -206,17 +258,16 @@ def _listing(served: Mapping[str, Any], limit: int = 8) -> str:
 # -- the probe request ---------------------------------------------------------------------------------
 
 
-def _probe_text(trajectory: Trajectory) -> str:
-    """A short user message of the set's own text (the start of the first turn's messages): its
-    tokenizer ratio then speaks for the set's text, not for a canned sentence."""
-    text = " ".join(_text(m.get("content")) for m in trajectory.turns[0].messages if isinstance(m, dict))
-    return PROBE_MARKER + (" ".join(text.split())[:PROBE_MESSAGE_CHARS] or "Say hello.")
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) else ""
+def _probe_turns(trajectory: Trajectory, max_model_len: int | None) -> list[Turn]:
+    """The turns to probe with: the first, and a later one about ``PROBE_SPAN_TOKENS`` longer (at least
+    ``MIN_CALIBRATION_TOKENS``, at most four spans longer and half the server's context) when there is
+    one, so the two draw a line."""
+    first = trajectory.turns[0].prompt_tokens
+    ceiling = min(first + 4 * PROBE_SPAN_TOKENS, max_model_len // 2 if max_model_len else math.inf)
+    later = [turn for turn in trajectory.turns[1:] if first + MIN_CALIBRATION_TOKENS <= turn.prompt_tokens <= ceiling]
+    if not later:
+        return [trajectory.turns[0]]
+    return [trajectory.turns[0], min(later, key=lambda turn: abs(turn.prompt_tokens - first - PROBE_SPAN_TOKENS))]
 
 
 def _probe(session: requests.Session, target: ProbeTarget, served: Mapping[str, Any], body: bytes,
@@ -286,6 +337,9 @@ def _rejection_line(target: ProbeTarget, url: str, status: int, text: str, param
     elif settings.tools and "tool" in words:
         fix = ("it does not take tool definitions: start vLLM with --enable-auto-tool-choice --tool-call-parser "
                "<the model's parser, e.g. hermes> (SGLang: --tool-call-parser), or pass --no-tools")
+    elif any(w in words for w in ("context length", "context window", "maximum context", "too long")):
+        fix = ("the first trajectory's turns are already longer than the server's context: replay a smaller set "
+               "(agentperf trajectories synth --max-context N) or start the server with a larger --max-model-len")
     elif status == 404 or "model" in words and any(w in words for w in ("not exist", "not found", "unknown")):
         fix = f"the model is not served; it serves {_listing(served)}: pass one of those with --model"
     elif status in (429, 503):
@@ -319,26 +373,20 @@ def _error_message(body: bytes) -> tuple[str, str | None]:
 # -- the context check ---------------------------------------------------------------------------------
 
 
-def _tokenizer_ratio(usage: Mapping[str, Any] | None, ours: int) -> float | None:
-    theirs = _count((usage or {}).get("prompt_tokens"))
-    if not theirs or ours < MIN_CALIBRATION_TOKENS:
-        return None
-    ratio = theirs / ours
-    return round(ratio, 4) if RATIO_BOUNDS[0] <= ratio <= RATIO_BOUNDS[1] else None
-
-
 def _check_context(trajectories: TrajectorySet, settings: replay.ReplaySettings, limit: int,
-                   ratio: float | None) -> tuple[TurnSize, str | None]:
+                   scale: TokenScale | None) -> tuple[TurnSize, str | None]:
     """The largest turn against ``limit``: raise if it does not fit, a warning line if it may not."""
-    scale = ratio or 1.0
-    margin = 0.0 if ratio == 1.0 else CONTEXT_MARGIN if ratio else CONTEXT_MARGIN_UNMEASURED
+    margin = CONTEXT_MARGIN_UNMEASURED if scale is None else 0.0 if scale.exact else CONTEXT_MARGIN
+    scale = scale or IDENTITY
     sizes = _largest_turns(trajectories, settings, scale)
     worst = sizes[0]
     over = sum(1 for size in sizes if size.tokens > limit)
-    counted = (f"prompt {worst.prompt_tokens:,} + output {worst.output_tokens:,}, by agentperf's tokenizer"
-               + (f" x {ratio:.2f} measured against the server's" if ratio not in (None, 1.0) else ""))
+    counted = f"prompt {worst.prompt_tokens:,} + output {worst.output_tokens:,}" + (
+        "" if scale.exact or scale is IDENTITY else f", counted as the server counts: {scale.slope:.2f} of its tokens "
+                                                    "per agentperf token, measured")
     if worst.tokens > limit:
-        fit = max(1, math.floor(limit * (1 - margin) / scale) - NAMESPACE_ALLOWANCE_TOKENS)
+        fit = max(1, math.floor((limit * (1 - margin) - scale.theirs) / scale.slope + scale.ours)
+                  - NAMESPACE_ALLOWANCE_TOKENS)
         raise AgentperfError(
             f"trajectory {worst.trajectory} turn {worst.turn} needs ~{worst.tokens:,} tokens ({counted}), more than "
             f"the server's max_model_len {limit:,} ({over} of {len(sizes)} trajectories have such turns): replay a "
@@ -351,7 +399,7 @@ def _check_context(trajectories: TrajectorySet, settings: replay.ReplaySettings,
     return worst, None
 
 
-def _largest_turns(trajectories: TrajectorySet, settings: replay.ReplaySettings, scale: float) -> list[TurnSize]:
+def _largest_turns(trajectories: TrajectorySet, settings: replay.ReplaySettings, scale: TokenScale) -> list[TurnSize]:
     """Each trajectory's largest turn as the server would count it, largest first.
 
     Reads only the turn sizes a set keeps without its text (``TrajectorySet.shapes``), which count the
@@ -378,10 +426,10 @@ def _largest_turns(trajectories: TrajectorySet, settings: replay.ReplaySettings,
     return [entry[2] for entry in sorted(heap)]
 
 
-def _server_prompt(prompt_tokens: int, scale: float) -> int:
+def _server_prompt(prompt_tokens: int, scale: TokenScale) -> int:
     """A prompt of ``prompt_tokens`` (agentperf's count) as sent in the run (a cache-namespace marker
     may be added) and as the server counts it."""
-    return math.ceil((prompt_tokens + NAMESPACE_ALLOWANCE_TOKENS) * scale)
+    return scale.server_tokens(prompt_tokens + NAMESPACE_ALLOWANCE_TOKENS)
 
 
 # -- HTTP, bounded -------------------------------------------------------------------------------------

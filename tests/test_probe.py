@@ -102,12 +102,21 @@ class _Handler(BaseHTTPRequestHandler):
         if scenario.get("odd") == "422":  # another framework's shape and words, quoting the key
             return self._send(422, json.dumps({"detail": f"cannot process this with {self.headers.get('Authorization')}"
                                                          " today"}).encode())
+        prompt = self._prompt_tokens(body, scenario)
+        if prompt + limit > int(scenario.get("context", 10**9)):  # vLLM >= 0.16's words
+            return self._error(400, f"You passed {prompt} input tokens and requested {limit} output tokens. However, "
+                                    f"the model's context length is only {scenario['context']} tokens.", "input_tokens")
         if scenario.get("stream") == "json":
             return self._send(200, json.dumps({"choices": [{"message": {"content": "hi"}}]}).encode())
-        self._stream(body, scenario, limit)
+        self._stream(prompt, scenario, limit)
 
-    def _stream(self, body: dict, scenario: dict[str, str], limit: int) -> None:
-        prompt = round(count_prompt_tokens(body["messages"], body.get("tools")) * float(scenario.get("ratio", 1.0)))
+    @staticmethod
+    def _prompt_tokens(body: dict, scenario: dict[str, str]) -> int:
+        """As a server with another tokenizer (``ratio``) and a chat template's preamble (``overhead``) counts."""
+        return round(count_prompt_tokens(body["messages"], body.get("tools")) * float(scenario.get("ratio", 1.0))
+                     + int(scenario.get("overhead", 0)))
+
+    def _stream(self, prompt: int, scenario: dict[str, str], limit: int) -> None:
         chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
         chunks += [{"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]} for i in range(limit)]
         if scenario.get("chunks") == "wrong":
@@ -177,6 +186,13 @@ def largest_turn(trajectories) -> tuple[str, int, int]:
                key=lambda entry: entry[2])
 
 
+def largest_prompt_turn_as_counted(trajectories, ratio: float, overhead: int) -> int:
+    """The largest turn's prompt + output as a server counts it whose tokenizer counts ``ratio`` times
+    agentperf's and whose template adds ``overhead`` (a run's cache-namespace marker included)."""
+    return max(round((shape.prompt_tokens + NAMESPACE_ALLOWANCE_TOKENS) * ratio + overhead) + shape.output_tokens
+               for i in range(len(trajectories)) for shape in trajectories.shapes(i))
+
+
 def assert_no_key(text: str) -> None:
     """Neither the key nor any 4-character slice of it (a partial echo) is in ``text``."""
     slices = {CANARY_KEY[i:i + 4] for i in range(len(CANARY_KEY) - 3)}
@@ -209,7 +225,7 @@ def test_qualifies_against_the_simulator_and_learns_its_context(demo):
     assert result.model == profile.model.name
     assert result.max_model_len == profile.model.max_context_tokens
     assert result.usage_reported and result.cached_tokens_reported
-    assert result.tokenizer_ratio == 1.0
+    assert result.token_scale.exact
     assert result.warnings == ()
     trajectory, turn, tokens = largest_turn(demo)
     assert (result.largest_turn.trajectory, result.largest_turn.turn) == (trajectory, turn)
@@ -315,7 +331,7 @@ def test_a_response_that_is_not_a_stream_is_refused(server_url, demo):
 
 def test_a_stream_without_usage_is_a_warning(server_url, demo):
     result = qualify(scenario(server_url, "usage=none"), demo, RUN_SHAPE)
-    assert not result.usage_reported and not result.cached_tokens_reported and result.tokenizer_ratio is None
+    assert not result.usage_reported and not result.cached_tokens_reported and result.token_scale is None
     (warning,) = result.warnings
     assert warning.startswith("agentperf: warning:") and "output tokens will be counted from chunks" in warning
     assert "no usage, no prefix-cache details" in result.summary()
@@ -351,22 +367,51 @@ def test_a_context_larger_than_max_model_len_is_refused(server_url, demo):
     assert "agentperf trajectories synth --max-context" in line and "--max-model-len" in line
 
 
-def test_the_context_check_uses_the_servers_tokenizer_ratio(server_url, demo):
-    """A server whose tokenizer counts 1.3x agentperf's: a limit the set fits by agentperf's count but
-    not by the server's is refused; a limit within the margin above the server's count is a warning;
-    without usage (no ratio) the wider margin applies to agentperf's own count."""
+def test_the_context_check_counts_as_the_server_counts(server_url, demo):
+    """A server whose tokenizer counts 1.3x agentperf's and whose chat template adds 500 tokens to every
+    request: the line through the two probes predicts its count of the largest turn (to the rounding of whole
+    token counts), so a
+    limit the set fits by agentperf's count but not by the server's is refused, one within the margin
+    above the server's count is a warning, and one beyond it is clear. Without usage (no line) the wider
+    margin applies to agentperf's own count."""
     _, _, tokens = largest_turn(demo)
-    theirs = tokens + NAMESPACE_ALLOWANCE_TOKENS + round(0.3 * (tokens + NAMESPACE_ALLOWANCE_TOKENS))
-    line = refused(scenario(server_url, f"ratio=1.3,len={tokens + 100}"), demo)
-    assert "x 1.30 measured against the server's" in line and f"max_model_len {tokens + 100:,}" in line
-    warned = qualify(scenario(server_url, f"ratio=1.3,len={int(theirs / (1 - CONTEXT_MARGIN / 2))}"), demo, RUN_SHAPE)
-    assert warned.tokenizer_ratio == pytest.approx(1.3, abs=0.01)
+    theirs = largest_prompt_turn_as_counted(demo, ratio=1.3, overhead=500)
+    measured = qualify(scenario(server_url, "ratio=1.3,overhead=500,len=32768"), demo, RUN_SHAPE)
+    assert measured.token_scale.slope == pytest.approx(1.3, abs=0.01)
+    assert measured.largest_turn.tokens == pytest.approx(theirs, rel=0.003)  # whole-token counts: a slope to ~0.2 %
+    line = refused(scenario(server_url, f"ratio=1.3,overhead=500,len={tokens + 100}"), demo)
+    assert "counted as the server counts: 1.30 of its tokens per agentperf token" in line
+    assert f"max_model_len {tokens + 100:,}" in line
+    warned = qualify(scenario(server_url, f"ratio=1.3,overhead=500,len={int(theirs / (1 - CONTEXT_MARGIN / 2))}"),
+                     demo, RUN_SHAPE)
     (warning,) = warned.warnings
     assert f"within {CONTEXT_MARGIN:.0%} of the server's max_model_len" in warning
-    clear = qualify(scenario(server_url, f"ratio=1.3,len={int(theirs / (1 - CONTEXT_MARGIN) + 10)}"), demo, RUN_SHAPE)
-    assert clear.warnings == () and clear.largest_turn.tokens < clear.max_model_len
+    clear = qualify(scenario(server_url, f"ratio=1.3,overhead=500,len={int(theirs / (1 - CONTEXT_MARGIN)) + 10}"),
+                    demo, RUN_SHAPE)
+    assert clear.warnings == ()
     unmeasured = qualify(scenario(server_url, f"usage=none,len={int(tokens / (1 - CONTEXT_MARGIN))}"), demo, RUN_SHAPE)
     assert any(f"within {CONTEXT_MARGIN_UNMEASURED:.0%}" in w for w in unmeasured.warnings)
+
+
+def test_a_set_of_one_turn_trajectories_is_measured_by_a_ratio(server_url, tmp_path):
+    """No later turn to draw a line with: the first turn's count, through the origin."""
+    path = tmp_path / "flat.yaml"
+    path.write_text(json.dumps({"agentperf": 1, "name": "flat", "trajectories": [
+        {"id": f"t{i}", "turns": [{"messages": [{"role": "user", "content_tokens": 300 + 100 * i}],
+                                   "output_tokens": 50}]} for i in range(4)]}))
+    flat = load_trajectories(str(path))
+    result = qualify(scenario(server_url, "ratio=1.3,len=32768"), flat, RUN_SHAPE)
+    assert result.token_scale.slope == pytest.approx(1.3, abs=0.01)
+    assert result.largest_turn.trajectory == "t3"
+    assert result.largest_turn.prompt_tokens == pytest.approx(1.3 * (flat.shapes(3)[0].prompt_tokens
+                                                                     + NAMESPACE_ALLOWANCE_TOKENS), abs=2)
+
+
+def test_a_context_rejected_by_a_server_that_does_not_list_it_is_named(server_url, demo):
+    """A server that does not give max_model_len (no check before) but rejects the probe's turn."""
+    line = refused(scenario(server_url, "context=2048"), demo)
+    assert "the model's context length is only 2048 tokens" in line
+    assert "longer than the server's context" in line and "--max-model-len" in line
 
 
 def test_no_tools_takes_the_tool_definitions_off_the_context(server_url, demo):
