@@ -44,7 +44,15 @@ from typing import IO, Callable, Sequence
 import agentperf_users
 from agentperf_users import files, power, replay
 from agentperf_users.errors import AgentperfError
-from agentperf_users.report import RunContext, capacity_lines, read_run, step_stats, write_context, write_report
+from agentperf_users.report import (
+    RunContext,
+    capacity_lines,
+    lost_worker_lines,
+    read_run,
+    step_stats,
+    write_context,
+    write_report,
+)
 from agentperf_users.search import SearchParameters, add_search_arguments
 from agentperf_users.slo import load_slo
 from agentperf_users.trajectory import load_trajectories
@@ -312,7 +320,7 @@ def _report(args, out: Path, spec, params, trajectories, profile, interrupted: b
             interrupted = True
     write_context(out, replace(context, interrupted=interrupted), truth)
     report = write_report(out, spec)
-    for line in capacity_lines(report):
+    for line in capacity_lines(report) + lost_worker_lines(report):
         print(line, flush=True)
     print(f"agentperf: report {out / 'report.html'}", flush=True)
     if interrupted:

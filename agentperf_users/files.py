@@ -23,7 +23,8 @@ SEARCH_FILE = "search.json"  # the search's state, rewritten after every judged 
 CONTEXT_FILE = "run.json"  # the run's context (target, power, ground truth): agentperf capacity's
 RECORDS_DIR = "records"  # the per-process record files
 # What makes a folder a run's: reusing it would merge an old run's records into the new one.
-RUN_MARKERS = (RECORDS_DIR, "records.jsonl", SEARCH_FILE, CONTEXT_FILE, "report.json", "power.jsonl")
+RUN_MARKERS = (RECORDS_DIR, "records.jsonl", SEARCH_FILE, CONTEXT_FILE, "report.json", "power.jsonl",
+               "server_metrics.jsonl", "locust.log")
 
 
 def atomic_write(path: str | os.PathLike, text: str) -> None:

@@ -17,6 +17,7 @@ import html
 import io
 import json
 from dataclasses import dataclass, fields, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -231,6 +232,13 @@ def capacity_lines(report: dict) -> list[str]:
     return lines
 
 
+def lost_worker_lines(report: dict) -> list[str]:
+    """One line per worker lost during a step (``shape.LostWorker``), in UTC."""
+    return [f"Lost worker {lost['worker']} during step {lost['step']} ({lost['agents']} agents) at "
+            f"{datetime.fromtimestamp(lost['epoch_s'], timezone.utc):%Y-%m-%d %H:%M:%S} UTC: the step was measured "
+            "again on the workers left" for lost in report.get("lost_workers", [])]
+
+
 def _incomplete_words(cap: dict) -> str:
     """A tier the search did not decide (interrupted, or out of counts): what it had measured."""
     known = [f"{word} at {cap[key]} agents" for word, key in (("passed", "agents"), ("failed", "first_failing_agents"))
@@ -269,6 +277,7 @@ def render_html(report: dict) -> str:
     title = f"agentperf capacity report {html.escape(str(report.get('run_id') or ''))}"
     lines = "".join(f"<li>{html.escape(line)}</li>" for line in capacity_lines(report))
     note = "<p class=warn>The run was interrupted: steps not measured are missing.</p>" if report["interrupted"] else ""
+    note += "".join(f"<p class=warn>{html.escape(line)}</p>" for line in lost_worker_lines(report))
     target = html.escape(json.dumps(report["target"]))
     table = steps_frame(report).to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0) \
         if report["steps"] else "<p>No step was measured.</p>"
@@ -350,7 +359,7 @@ def register_cli(subparsers) -> None:
 def report_command(args) -> int:
     folder = Path(args.run_dir)
     report = write_report(folder)
-    for line in capacity_lines(report):
+    for line in capacity_lines(report) + lost_worker_lines(report):
         print(line)
     if report["interrupted"]:
         print(f"agentperf: the run was interrupted after {len(report['steps'])} judged step(s)")

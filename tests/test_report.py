@@ -200,7 +200,9 @@ def test_agentperf_report_rebuilds_the_live_report_field_for_field(tmp_path, cap
     assert rebuilt["steps"][0]["ground_truth"]["passed"] == {SPEC.tiers[0].name: True}
     assert (folder / "steps.csv").read_text() == steps_frame(live).to_csv(index=False)
     assert capacity_lines(live)[0] in capsys.readouterr().out
-    assert (folder / "report.html").read_text().count("data:image/png;base64,") == 5
+    page = (folder / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5
+    assert "Lost worker worker-b during step 0 (4 agents) at 1970-01-01 00:01:44 UTC" in page
 
 
 def test_an_interrupted_search_is_reported_as_such(tmp_path, capsys):
