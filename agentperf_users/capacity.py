@@ -48,7 +48,7 @@ from agentperf_users.report import (
     RunContext,
     capacity_lines,
     lost_worker_lines,
-    read_run,
+    read_search_state,
     step_stats,
     write_context,
     write_report,
@@ -308,7 +308,7 @@ def _report(args, out: Path, spec, params, trajectories, profile, interrupted: b
             context: RunContext) -> int:
     """The report from the run folder alone (``report.write_report``, as ``agentperf report`` makes it),
     after ``run.json`` is rewritten with how the run ended and the ground truth."""
-    summary = read_run(out, spec).summary
+    summary = read_search_state(out, missing_ok=True)
     truth = None
     if profile is not None and not args.no_truth and not interrupted:
         print("agentperf: computing the ground truth on the simulator's engine (virtual clock)", flush=True)

@@ -82,7 +82,7 @@ def read_run(folder: Path, spec: SloSpec | None = None) -> RunFolder:
     if not folder.is_dir():
         raise AgentperfError(f"{folder}: not a run folder (expected a folder with {files.SEARCH_FILE} and "
                              f"{files.RECORDS_DIR}/)")
-    summary = _read_json(folder / files.SEARCH_FILE, missing_ok=spec is not None) or {}
+    summary = read_search_state(folder, missing_ok=spec is not None)
     if summary:
         spec = _spec_from(summary, folder / files.SEARCH_FILE)
     saved = _read_json(folder / files.CONTEXT_FILE, missing_ok=True)
@@ -97,6 +97,11 @@ def read_run(folder: Path, spec: SloSpec | None = None) -> RunFolder:
     records_dir = folder / files.RECORDS_DIR
     records = read_records([records_dir]) if records_dir.is_dir() else []
     return RunFolder(summary, records, spec, context, truth)
+
+
+def read_search_state(folder: Path, missing_ok: bool = False) -> dict:
+    """The search's state file (``{}`` where it is missing and that is ok: the search never began)."""
+    return _read_json(folder / files.SEARCH_FILE, missing_ok) or {}
 
 
 def _read_json(path: Path, missing_ok: bool) -> dict | None:
