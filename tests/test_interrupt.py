@@ -118,6 +118,26 @@ def start_and_wait_for_a_judged_step(out: Path, slo: str, signum: int | None = N
     return process, children
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_started_by_agentperf_dies_with_it_even_under_sigkill(tmp_path):
+    """What keeps master, workers and simulator from outliving a killed agentperf, on one child."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys\n"
+        "from agentperf_users.capacity import _dies_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+        "preexec_fn=_dies_with_parent(), start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+        "child.wait()\n")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert alive({child})
+        parent.kill()
+        parent.wait(timeout=10)
+        wait_for(lambda: not alive({child}), GONE_TIMEOUT_S, "the child gone with its parent")
+    finally:
+        kill_leftovers({child})
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
