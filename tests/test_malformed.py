@@ -27,6 +27,7 @@ from agentperf_users.readers import MANIFEST_OUTSIDE_ENV
 from agentperf_users.readers import common as readers_common
 from agentperf_users.readers import compact as compact_reader
 from agentperf_users.search import SearchParameters, add_search_arguments
+from agentperf_users.simulator.bounded import MAX_DEPTH, InputError, loads_json
 from agentperf_users.simulator.profile import ProfileError, load_profile
 from agentperf_users.slo import load_slo
 from agentperf_users.trajectory import load_trajectories
@@ -158,6 +159,7 @@ EXPECTED: dict[str, str] = {
     "profiles/profile-bandwidth-nan.yaml": r": gpu\.bandwidth_gb_s: expected a positive number, at most 1e\+07, got nan$",
     "profiles/profile-tflops-1e300.yaml": r": gpu\.bf16_tflops: expected a positive number, at most 1e\+07, got 1e\+300$",
     "profiles/profile-memory-huge.yaml": r": gpu\.memory_gib: expected a KV cache of at most 67,108,864 tokens",
+    "profiles/profile-mfu-tiny.yaml": r": efficiency: expected a one-token decode step of at most 10 s .*, got '1\.73e\+295 s'$",
     "profiles/profile-deep.yaml": r": line \d+: " + _PROFILE_YAML + _DEEP,
     "profiles/profile-gpu-name-newline.yaml": r": gpu\.name: expected a non-empty string of one line, at most 500 characters, got 'H100\\nSXM'",
     "profiles/profile-python-tag.yaml": r": line 6: " + _PROFILE_YAML + r"not valid YAML \(could not determine a constructor",
@@ -247,6 +249,28 @@ def test_a_manifest_reaches_outside_its_folder_only_when_the_user_allows_it(tmp_
     assert len(load_trajectories(str(manifest), allow_outside=True)) == 1
     monkeypatch.setenv(MANIFEST_OUTSIDE_ENV, "1")
     assert len(load_trajectories(str(CORPUS / "manifests" / "dotdot" / "manifest.json"))) == 1
+
+
+def test_small_aliases_and_nesting_up_to_the_limit_still_load(tmp_path):
+    shared = tmp_path / "shared.yaml"  # an anchor for a system prompt every trajectory repeats: fine
+    shared.write_text("trajectories:\n"
+                      "  - {id: a, turns: [{output_tokens: 5, messages: [&system {role: system, content: be brief}, "
+                      "{role: user, content: hi}]}]}\n"
+                      "  - {id: b, turns: [{output_tokens: 5, messages: [*system, {role: user, content: yo}]}]}\n")
+    trajectories = load_trajectories(str(shared))
+    assert trajectories.trajectory(1).turns[0].messages[0]["content"] == "be brief"
+    assert loads_json("[" * MAX_DEPTH + "]" * MAX_DEPTH) == _nested(MAX_DEPTH)
+    for too_deep in ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), '{"a": [' * 40 + "0" + "]}" * 40):
+        with pytest.raises(InputError, match=f"nested more than {MAX_DEPTH} levels deep"):
+            loads_json(too_deep)
+    assert loads_json('{"text": "' + "[" * 500 + '"}') == {"text": "[" * 500}  # brackets in a string don't count
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
 
 
 # --- option values ----------------------------------------------------------------------------------

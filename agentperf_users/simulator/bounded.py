@@ -15,6 +15,7 @@ harness; the harness (trajectory readers, SLO files) imports these functions fro
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import re
@@ -107,7 +108,7 @@ def _no_constant(name: str) -> Any:
 
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_INNERMOST = re.compile(r"\[\]|\{\}")
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
 def loads_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
@@ -130,15 +131,11 @@ def loads_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
 
 def check_json_depth(text: str, max_depth: int = MAX_DEPTH) -> None:
     """:class:`InputError` when the JSON ``text`` nests lists and objects more than ``max_depth`` deep,
-    found without parsing (so without recursion): strings are dropped, then every innermost pair of
-    brackets, once per level. Unbalanced brackets stop the check; the parser then reports them."""
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
-    for _ in range(max_depth):
-        reduced = _INNERMOST.sub("", brackets)
-        if reduced == brackets:
-            return
-        brackets = reduced
-    if _INNERMOST.search(brackets):
+    found without parsing, so without recursion, in linear time: strings are dropped, brackets become
+    +1 and -1, and the running sum's maximum is the depth (C loops throughout, no Python per character)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii").translate(_BRACKET_STEPS)
+    too_deep = b"\x01" * (max_depth + 1)
+    if too_deep in brackets or brackets and max(itertools.accumulate(memoryview(brackets).cast("b"))) > max_depth:
         raise InputError(f"nested more than {max_depth} levels deep")
 
 

@@ -55,6 +55,9 @@ MAX_KV_CAPACITY_TOKENS = 64 * 1024 * 1024
 entries), so a cache sized from an absurd ``memory_gib`` would exhaust memory before serving."""
 FRACTION = {"le": 1.0}
 """Field metadata: a number in (0, 1]. Every other number must be positive and at most ``MAX_VALUE``."""
+MAX_DECODE_STEP_S = 10.0
+"""Longest one-sequence decode step a profile may give: a tiny but positive bandwidth, TFLOPS or
+efficiency (1e-300) passes every per-field check yet makes each step last longer than the universe."""
 ANCHOR = {"le": 1e12}
 """Field metadata of a reference number: positive and at most 1e12 (KV tokens of a whole cluster)."""
 
@@ -403,6 +406,10 @@ def _check_consistency(profile: Profile, source: str) -> None:
     if profile.output_tokens.p95_tokens <= profile.output_tokens.median_tokens:
         _fail(source, "output_tokens.p95_tokens", f"more than median_tokens ({profile.output_tokens.median_tokens})",
               profile.output_tokens.p95_tokens)
+    decode_step_s = profile.decode_step_s(1)
+    if not decode_step_s <= MAX_DECODE_STEP_S:
+        _fail(source, "efficiency", f"a one-token decode step of at most {MAX_DECODE_STEP_S:g} s from gpu.bandwidth_gb_s, "
+              "gpu.bf16_tflops and efficiency", f"{decode_step_s:.3g} s")
     if profile.kv_capacity_tokens > MAX_KV_CAPACITY_TOKENS:
         _fail(source, "gpu.memory_gib", f"a KV cache of at most {MAX_KV_CAPACITY_TOKENS:,} tokens (the simulator keeps "
               f"state per block), but {gpu.count}x {gpu.memory_gib} GiB gives {profile.kv_capacity_tokens:,}",

@@ -164,6 +164,7 @@ PROFILES: dict[str, str | bytes] = {
     "profile-bandwidth-nan.yaml": profile("bandwidth_gb_s: 3350", "bandwidth_gb_s: .nan"),
     "profile-tflops-1e300.yaml": profile("bf16_tflops: 989", "bf16_tflops: 1.0e+300"),
     "profile-memory-huge.yaml": profile("memory_gib: 79.2", "memory_gib: 9000000"),
+    "profile-mfu-tiny.yaml": profile("mfu: 0.66", "mfu: 1.0e-300"),
     "profile-deep.yaml": PROFILE + "extra: " + "[" * 200 + "]" * 200 + "\n",
     "profile-gpu-name-newline.yaml": profile("  name: H100 SXM 80GB", '  name: "H100\\nSXM"'),
     "profile-python-tag.yaml": profile("  count: 1", "  count: !!python/name:os.system"),
