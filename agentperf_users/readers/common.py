@@ -96,7 +96,7 @@ def require_id(obj: Mapping[str, Any], key: str, where: str, default: Any = MISS
     value = obj.get(key, default)
     if is_single_line_text(value, MAX_ID_CHARS):
         return value
-    if _is_int(value):
+    if _is_int(value) and len(str(value)) <= MAX_ID_CHARS:
         return str(value)
     fail(where, f"{label or key} must be a non-empty string of one printable line, at most {MAX_ID_CHARS} "
                 f"characters, got {got(value)}")
