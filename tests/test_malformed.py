@@ -84,7 +84,7 @@ EXPECTED: dict[str, str] = {
     "trajectories/aa-conversation-id-long.jsonl": r":1: conversation_id " + _ID,
     "trajectories/aa-duplicate-index.jsonl": r":2: conversation_idx 0 of conversation 'c' repeats .*:1$",
     "trajectories/aa-line-not-object.jsonl": r":2: each line must be a JSON object, got \[1, 2\]",
-    "trajectories/aa-truncated-line.jsonl": r":1: not valid JSON \(",
+    "trajectories/aa-truncated-line.jsonl": r":1: not valid JSON \(Invalid control character at column 41\)$",
     "trajectories/aa-binary.jsonl": r":1: binary data \(a NUL byte\), not text; expected UTF-8 JSON lines",
     "trajectories/aa-latin1.jsonl": r":1: not UTF-8 text \(byte 0xe9 at offset \d+\); expected UTF-8 JSON lines",
     "trajectories/aa-not-gzip.jsonl.gz": r": cannot read \(Not a gzipped file",
@@ -249,6 +249,17 @@ def test_a_manifest_reaches_outside_its_folder_only_when_the_user_allows_it(tmp_
     assert len(load_trajectories(str(manifest), allow_outside=True)) == 1
     monkeypatch.setenv(MANIFEST_OUTSIDE_ENV, "1")
     assert len(load_trajectories(str(CORPUS / "manifests" / "dotdot" / "manifest.json"))) == 1
+
+
+def test_trajectories_stats_allows_a_manifest_outside_its_folder_only_when_asked(capsys, monkeypatch):
+    from agentperf_users.cli import main
+
+    monkeypatch.delenv(MANIFEST_OUTSIDE_ENV, raising=False)
+    manifest = str(CORPUS / "manifests" / "dotdot" / "manifest.json")
+    assert main(["trajectories", "stats", manifest]) == 2
+    assert "is outside the manifest's folder" in capsys.readouterr().err
+    assert main(["trajectories", "stats", "--json", manifest, "--allow-outside-manifest"]) == 0
+    assert json.loads(capsys.readouterr().out)["trajectories"] == 1
 
 
 def test_small_aliases_and_nesting_up_to_the_limit_still_load(tmp_path):

@@ -208,7 +208,7 @@ def parse_json(text: str, where: str) -> Any:
         return loads_json(text)
     except json.JSONDecodeError as exc:
         at = f"line {exc.lineno} column {exc.colno}" if exc.lineno > 1 else f"column {exc.colno}"
-        fail(where, f"not valid JSON ({exc.msg} at {at})")
+        fail(where, f"not valid JSON ({exc.msg.removesuffix(' at')} at {at})")  # "Invalid control character at"
     except InputError as exc:
         fail(where, exc.reason)
 
