@@ -77,7 +77,8 @@ from agentperf_users.replay import (
     start_turn,
     tool_wait_s,
 )
-from agentperf_users.trajectory import Trajectory, TrajectorySet, load_trajectories
+from agentperf_users.simulator.bounded import short
+from agentperf_users.trajectory import MAX_TOOL_WAIT_S, Trajectory, TrajectorySet, load_trajectories
 
 CLAIM_MESSAGE = "agentperf_claim"
 CLAIMED_MESSAGE = "agentperf_claimed"
@@ -114,7 +115,7 @@ class AgentSettings:
             ("--trajectory-format", options.trajectory_format, FORMATS),
         ):
             if value not in allowed:
-                raise AgentperfError(f"{name} {value!r}: expected one of {', '.join(allowed)}")
+                raise AgentperfError(f"{name} {short(value)}: expected one of {', '.join(allowed)}")
         return cls(
             trajectories=str(options.trajectories),
             trajectory_format=str(options.trajectory_format),
@@ -125,8 +126,9 @@ class AgentSettings:
             replay=ReplaySettings(
                 ignore_eos=bool(options.ignore_eos),
                 tool_wait=str(options.tool_wait),
-                tool_wait_median_s=_positive(options.tool_wait_median, "--tool-wait-median"),
-                tool_wait_sigma=_positive(options.tool_wait_sigma, "--tool-wait-sigma", allow_zero=True),
+                tool_wait_median_s=_positive(options.tool_wait_median, "--tool-wait-median", maximum=MAX_TOOL_WAIT_S),
+                tool_wait_sigma=_positive(options.tool_wait_sigma, "--tool-wait-sigma", allow_zero=True,
+                                          maximum=MAX_TOOL_WAIT_SIGMA),
                 cache_namespace=str(options.cache_namespace),
                 seed=_integer(options.seed, "--seed"),
                 start_turn=str(options.start_turn),
@@ -135,21 +137,31 @@ class AgentSettings:
         )
 
 
-def _positive(value: Any, option: str, allow_zero: bool = False) -> float:
+MAX_TIMEOUT_S = 86_400.0  # a day: past that a number is a typo, and a timer that long never fires in a test
+MAX_TOOL_WAIT_SIGMA = 10.0  # e^10 times the median at one sigma: already no tool wait a trajectory holds
+MAX_SEED = 2**63  # what every random generator in the replay takes without surprise
+
+
+def _positive(value: Any, option: str, allow_zero: bool = False, maximum: float = MAX_TIMEOUT_S) -> float:
+    """A finite number in (0, maximum] (or [0, maximum]); the web UI may send any string."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = math.nan
-    if not (number >= 0 if allow_zero else number > 0) or math.isinf(number):
-        raise AgentperfError(f"{option} {value!r}: expected a {'non-negative' if allow_zero else 'positive'} number")
+    if not (number >= 0 if allow_zero else number > 0) or not number <= maximum:
+        raise AgentperfError(f"{option} {short(value)}: expected a {'non-negative' if allow_zero else 'positive'} "
+                             f"number, at most {maximum:g}")
     return number
 
 
 def _integer(value: Any, option: str) -> int:
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise AgentperfError(f"{option} {value!r}: expected an integer") from None
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None or not -MAX_SEED < number < MAX_SEED:
+        raise AgentperfError(f"{option} {short(value)}: expected an integer of magnitude below 2**63") from None
+    return number
 
 
 @dataclass(frozen=True)

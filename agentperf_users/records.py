@@ -113,13 +113,16 @@ def read_records(paths: Iterable[str | os.PathLike]) -> list[RequestRecord]:
         files.extend(sorted(path.glob(RECORD_FILE_PATTERN)) if path.is_dir() else [path])
     records = []
     for file in files:
-        lines = file.read_text(encoding="utf-8").split("\n")
+        try:
+            lines = file.read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AgentperfError(f"{file}: cannot read the records file ({exc})") from None
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 records.append(RequestRecord.from_dict(json.loads(line)))
-            except (ValueError, TypeError, KeyError) as exc:
+            except (ValueError, TypeError, KeyError, RecursionError) as exc:
                 if number == len(lines) and not line.endswith("}"):
                     continue  # torn final write of a killed process
                 raise AgentperfError(f"{file}:{number}: not a request record ({exc})") from None

@@ -279,3 +279,27 @@ def test_a_workers_error_reaches_the_masters_console_and_stops_the_test(tmp_path
     lines = [line for line in output.splitlines() if "set.jsonl" in line and "(worker " in line]
     assert lines and "agentperf: " in lines[0], output[-3000:]
     assert master.returncode == 2
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("request_timeout", "inf", "--request-timeout 'inf': expected a positive number, at most 86400"),
+    ("stall_timeout", "1e300", "--stall-timeout '1e300': expected a positive number, at most 86400"),
+    ("tool_wait_sigma", "11", "--tool-wait-sigma '11': expected a non-negative number, at most 10"),
+    ("seed", "9" * 5000, "--seed '9999999999"),
+    ("tool_wait", "x" * 5000, "--tool-wait 'xxxxxxxxxx"),
+])
+def test_agent_options_from_the_web_ui_are_bounded_in_one_short_line(field, value, message):
+    """The web UI sends any string for any option: each must end as one short line, never a 5 KB echo."""
+    import argparse
+
+    from agentperf_users.agent import AgentSettings
+    from agentperf_users.errors import AgentperfError
+
+    options = argparse.Namespace(trajectories="demo", trajectory_format="auto", model="", api_key_env="K",
+                                 request_timeout=600, stall_timeout=120, ignore_eos=True, tool_wait="recorded",
+                                 tool_wait_median=1.0, tool_wait_sigma=1.0, cache_namespace="on-wrap", seed=0,
+                                 start_turn="random", tools=True)
+    setattr(options, field, value)
+    with pytest.raises(AgentperfError) as raised:
+        AgentSettings.from_options(options)
+    assert str(raised.value).startswith(message) and len(str(raised.value)) < 200

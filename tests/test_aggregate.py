@@ -129,3 +129,18 @@ def test_announced_step_is_current_locally():
     assert aggregate.current_load_step(environment) == 3
     assert aggregate.current_step(environment) == LoadStep(3, 12)
 
+
+
+def test_a_record_file_that_is_not_text_or_nests_too_deep_is_one_line(tmp_path):
+    import pytest
+
+    from agentperf_users.errors import AgentperfError
+
+    latin1 = tmp_path / "records-a.jsonl"
+    latin1.write_bytes(b'{"run_id": "caf\xe9"}\n')
+    with pytest.raises(AgentperfError, match=r"records-a.jsonl: cannot read the records file \('utf-8' codec"):
+        read_records([latin1])
+    deep = tmp_path / "records-b.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n{}\n")
+    with pytest.raises(AgentperfError, match=r"records-b.jsonl:1: not a request record \(maximum recursion depth"):
+        read_records([deep])

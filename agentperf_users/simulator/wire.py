@@ -68,7 +68,7 @@ class ChatParams:
         """Validate a request body; raises :class:`ApiError` (400) naming the offending field."""
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the decoder goes
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object")
