@@ -39,7 +39,7 @@ class RunContext:
     """What the report says about the run besides its records."""
 
     target: dict  # {"host": ..., "model": ..., "simulator_profile": name or None}
-    trajectories: str
+    trajectories: str | None  # None: not known (a folder without run.json)
     accelerators: int | None
     power_watts: float | None  # given, or nameplate: per megawatt where nothing was measured
     power_source: str | None  # how power_watts was obtained ("--power-watts", "profile TDP", ...)
@@ -134,7 +134,11 @@ def write_report(folder: Path, spec: SloSpec | None = None) -> dict:
     """report.json, steps.csv, records.jsonl and report.html from the run folder alone (``read_run``):
     after a live run and by ``agentperf report``, the one way a report is made."""
     run = read_run(folder, spec)
-    report = build_report(run.summary, run.records, run.spec, run.context, run.ground_truth)
+    try:
+        report = build_report(run.summary, run.records, run.spec, run.context, run.ground_truth)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # the records and context are checked
+        raise AgentperfError(f"{folder / files.SEARCH_FILE}: not a search's state "
+                             f"({type(exc).__name__}: {exc})") from None
     write_run(folder, report, run.records)
     return report
 

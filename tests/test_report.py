@@ -222,12 +222,15 @@ def test_an_interrupted_search_is_reported_as_such(tmp_path, capsys):
 @pytest.mark.parametrize("state, expected", [(None, "search.json: missing"),
                                               ('{"steps": [{"index": 0, "ag', "search.json: not valid JSON"),
                                               ("[]", "search.json: expected a JSON object"),
-                                              ('{"slo": null}', "search.json: slo: expected the search's tiers")])
+                                              ('{"slo": null}', "search.json: slo: expected the search's tiers"),
+                                              ("valid-but-not-a-state", "search.json: not a search's state")])
 def test_a_torn_or_absent_state_file_is_one_line(tmp_path, capsys, state, expected):
     records = window_records()
     folder = run_folder(tmp_path, records, shape_summary(records))
     if state is None:
         (folder / "search.json").unlink()
+    elif state == "valid-but-not-a-state":  # whole JSON with the tiers, a step without its fields
+        (folder / "search.json").write_text(json.dumps({**shape_summary(records), "steps": [{"index": 0}]}))
     else:
         (folder / "search.json").write_text(state)
     assert main(["report", str(folder)]) == 2
