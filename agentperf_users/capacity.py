@@ -197,8 +197,11 @@ def _dies_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None] | None
     """A ``preexec_fn`` that has the kernel send the child ``signum`` when this process dies, however it
     dies (SIGKILL included), so no master, worker or simulator outlives the run (Linux only; elsewhere
     None). SIGTERM, so a master still ends its search as interrupted and tells its workers to quit. The
-    prctl function is looked up here, in the parent: the child between fork and exec only calls it. A
-    parent that died before the call is caught by comparing the parent's pid."""
+    kernel ties the signal to the thread that started the child: they are all started from the main
+    thread, which lives as long as this process. The prctl function is looked up here, in the parent, so
+    the child between fork and exec only makes that call and getppid (nothing that takes a lock another
+    thread of ours might have held at the fork). A parent that died before the call is caught by
+    comparing the parent's pid."""
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
