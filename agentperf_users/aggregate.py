@@ -274,7 +274,7 @@ def add_arguments(parser) -> None:
     live) and ``--slo-window-s``; workers receive the master's values with the test start."""
     add_option(parser, "--records-dir", default="", help="folder for the per-process record files; empty: none")
     add_option(parser, "--run-id", default="", help="id stamped on every record; empty: the master makes one")
-    add_option(parser, "--slo", default="", help="SLO tiers YAML file; empty: the bundled default tiers")
+    add_option(parser, "--slo", default="", help="SLO tiers YAML file, or a bundled preset (default, aa-agentperf); empty: default")
     add_option(parser, "--slo-window-s", type=float, default=DEFAULT_SLO_NOW_WINDOW_S,
                help="the SLO now verdict (web UI tab, metrics) judges the requests that ended in this many last seconds")
 

@@ -51,6 +51,8 @@ from agentperf_users.simulator.bounded import InputError, is_single_line_text, l
 
 SCOPES = ("request", "agent")
 DEFAULT_SLO_FILE = "slo-default.yaml"
+SLO_PRESETS = {"default": DEFAULT_SLO_FILE, "aa-agentperf": "slo-aa-agentperf.yaml"}
+"""Bundled tier files by name (``--slo aa-agentperf``); a file of that name in the working folder wins."""
 _RANK_DIGITS = 9  # q·n is rounded before ceil so that 0.95 * 100 is rank 95, not 96
 
 
@@ -350,10 +352,12 @@ MAX_TIER_NAME_CHARS = 100
 
 
 def load_slo(path: str | Path | None = None) -> SloSpec:
-    """Tiers from a YAML file (``None``: the bundled ``data/slo-default.yaml``)."""
-    if path is None:
-        resource = resources.files("agentperf_users") / "data" / DEFAULT_SLO_FILE
-        source, text = f"<bundled {DEFAULT_SLO_FILE}>", resource.read_text(encoding="utf-8")
+    """Tiers from a YAML file, or a bundled preset by name (``SLO_PRESETS``; ``None``: ``default``)."""
+    preset = "default" if path is None else str(path) if str(path) in SLO_PRESETS and not Path(path).exists() else None
+    if preset is not None:
+        name = SLO_PRESETS[preset]
+        resource = resources.files("agentperf_users") / "data" / name
+        source, text = f"<bundled {name}>", resource.read_text(encoding="utf-8")
     else:
         source = one_line(str(path))
         try:

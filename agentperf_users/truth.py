@@ -326,7 +326,7 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--profile", default=DEFAULT_PROFILE, help="simulator profile name or YAML file")
     parser.add_argument("--trajectories", default="default", help="trajectory file, folder or bundled set")
     parser.add_argument("--trajectory-format", default="auto")
-    parser.add_argument("--slo", default="", help="SLO tiers YAML file; empty: the bundled default tiers")
+    parser.add_argument("--slo", default="", help="SLO tiers YAML file, or a bundled preset (default, aa-agentperf); empty: default")
     replay.add_replay_arguments(parser.add_argument)
     add_search_arguments(parser.add_argument)
     parser.set_defaults(func=run)

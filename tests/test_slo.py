@@ -264,3 +264,15 @@ def test_bad_files_give_one_line_errors(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(AgentperfError, match=r"nope\.yaml: cannot read the SLO file"):
         load_slo(tmp_path / "nope.yaml")
+
+
+def test_the_aa_agentperf_preset_is_the_headline_tier_judged_per_request_at_p25_speed(tmp_path, monkeypatch):
+    from agentperf_users.slo import load_slo
+
+    [tier] = load_slo("aa-agentperf").tiers
+    assert (tier.name, tier.output_tps_min, tier.ttft_max_s) == ("aa-20tps", 20, 10)
+    assert (tier.scope, tier.quantile, 1 - tier.quantile) == ("request", 0.75, 0.25)
+    assert load_slo("default") == load_slo(None)
+    monkeypatch.chdir(tmp_path)  # a file of the preset's name in the working folder is the user's, and wins
+    (tmp_path / "aa-agentperf").write_text("tiers:\n  - {name: mine, output_tps_min: 5, ttft_max_s: 1}\n")
+    assert [t.name for t in load_slo("aa-agentperf").tiers] == ["mine"]
