@@ -207,7 +207,7 @@ class CapacitySearchShape(LoadTestShape):
         self.search = CapacitySearch.from_parameters([tier.name for tier in self.spec.tiers], self.params)
         self.steps, self.lost_workers, self.interrupted = [], [], False
         if not self._listening:
-            self.environment.events.test_stop.add_listener(self._write_summary)
+            self.environment.events.test_stop.add_listener(self._on_test_stop)
             self._listening = True
         self._next_step(now)
         self._write_summary(self.environment)
@@ -315,6 +315,13 @@ class CapacitySearchShape(LoadTestShape):
         self.search.record_verdict(self._agents, verdict)
         logger.info(format_step(step))
         self._write_summary(self.environment)
+
+    def _on_test_stop(self, environment, **_) -> None:
+        """A test stopped before the search was done was interrupted, whoever stopped it: a signal, the
+        web UI's Stop button, Locust's own SIGTERM handler (installed at once in a web UI run)."""
+        if self.search is not None and not self.search.done:
+            self.interrupted = True
+        self._write_summary(environment)
 
     def _write_summary(self, environment, **_) -> None:
         """The state file, whole (``files.atomic_write``): after every judged step, so a run killed at

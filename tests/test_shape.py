@@ -392,3 +392,17 @@ def test_a_lost_worker_is_named_in_the_state_with_its_step_and_time(tmp_path, mo
     expected = [{"worker": "worker-b", "step": 1, "agents": 4, "epoch_s": lost_at[0]}]
     assert shape.summary()["lost_workers"] == expected
     assert json.loads((tmp_path / "capacity.json").read_text())["lost_workers"] == expected
+
+
+def test_a_test_stopped_before_the_search_is_done_is_marked_interrupted(tmp_path):
+    """However it was stopped (a signal, the web UI's Stop button), with every step judged so far."""
+    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True)
+    log = aggregate.get_record_log(environment)
+    while len(shape.steps) < 2:
+        environment.runner.shape_last_tick = shape.tick()
+        for agent in range(environment.runner.shape_last_tick[0]):
+            log.add(record(agent=agent, ttft_s=0.1, output_tps=50.0, end=clock.now))
+        clock.now += 1.0
+    environment.events.test_stop.fire(environment=environment)
+    state = json.loads((tmp_path / "capacity.json").read_text())
+    assert (state["interrupted"], state["complete"], len(state["steps"])) == (True, False, 2)
