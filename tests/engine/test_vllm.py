@@ -8,50 +8,16 @@ carry the server's own explanation.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from agentperf_users.records import RequestRecord, Status, read_records
-from agentperf_users.synth import SynthParams, synthesize, write_set
+from agentperf_users.records import RequestRecord, Status
 from tests.engine.accounting import EngineCounters, RecordTotals, read_counters, record_totals, wait_idle
-from tests.engine.vllm_server import LOAD_CPUS, MAX_MODEL_LEN, VllmServer, pin
+from tests.engine.vllm_server import MAX_MODEL_LEN, VllmServer
+from tests.engine.workload import replay
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(900)]
-
-REPO = Path(__file__).resolve().parents[2]
-LOCUSTFILE = REPO / "locustfiles" / "agents.py"
-
-# A small AA-like set whose contexts stay far below the server's --max-model-len (the tiny model's BPE
-# spends up to ~2 tokens per simulator token on the generated text) and whose turns are short, so a 30 s
-# replay on one core holds dozens of requests, cache hits included, and requests in flight at the end.
-SMALL_SET = SynthParams(count=6, seed=11, name="engine-small", max_context=6_000, system_tokens=600, tool_count=4,
-                        task_median=120, turns_median=8, min_turns=3, max_turns=12, output_median=40,
-                        output_p95=160, output_max=300, tool_wait_median_s=0.3, tool_wait_max_s=2.0,
-                        tool_result_median=150, tool_result_max=1_200)
-
-
-def write_small_set(path: Path) -> Path:
-    write_set(path, *synthesize(SMALL_SET))
-    return path
-
-
-def replay(url: str, tmp: Path, agents: int, run_s: int, *extra: str) -> list[RequestRecord]:
-    """A headless ``locust`` run of the agents locustfile, pinned to the load generator's CPU; its records."""
-    trajectories = write_small_set(tmp / "set.jsonl")
-    completed = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(agents), "-r", str(agents),
-         "-t", f"{run_s}s", "--host", url, "--trajectories", str(trajectories),
-         "--records-dir", str(tmp / "records"), *extra],
-        cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        timeout=run_s + 120, preexec_fn=pin(LOAD_CPUS))
-    output = completed.stdout + completed.stderr
-    assert completed.returncode in (0, 1), output[-3000:]  # 1: Locust saw failed requests
-    assert (tmp / "records").is_dir(), f"the run left no records:\n{output[-3000:]}"
-    return read_records([tmp / "records"])
 
 
 def measured_replay(server: VllmServer, tmp: Path, agents: int, run_s: int, *extra: str) \
@@ -83,18 +49,21 @@ def test_a_drained_replay_equals_vllms_counters_exactly(vllm: VllmServer, tmp_pa
 
 def test_a_replay_cut_by_its_end_accounts_for_every_request_vllm_completed(vllm: VllmServer, tmp_path: Path) -> None:
     """The end of a run cuts the requests in flight (``--stop-timeout 0``, Locust's default). Each cut
-    request has a ``cancelled`` record, at most one per agent (its last); the ok records are exactly the
-    requests vLLM completed. vLLM counts a cut request's tokens (prefill, tokens generated before the abort)
-    but not the request (a client's abort is not in ``request_success_total``), and a cancelled record
-    lacks the usage that comes only at a stream's end, so its tokens may fall short of the counters by the
-    cut requests' share, never the other way, and by nothing when no request was cut."""
+    request has a ``cancelled`` record, at most one per agent (its last), and every other record is ok.
+    vLLM counts a cut request's tokens (its prefill, the tokens generated before the abort) but not the
+    request (a client's abort is not in ``request_success_total``: vLLM 0.32's abort path records no
+    finished-request stats), so the ok records are the requests vLLM completed, plus at most the cut ones
+    it had just completed when the client went (the last bytes of a stream, a race of milliseconds). A
+    cancelled record lacks the usage that comes only at a stream's end, so the records' tokens may fall
+    short of the counters by the cut requests' share, never the other way, and by nothing when no
+    request was cut."""
     records, ours, engine = measured_replay(vllm, tmp_path, 2, 20)
     cancelled = [r for r in records if r.status is Status.CANCELLED]
     diagnosis = (f"records by status {dict(ours.by_status)}; vLLM finished {dict(engine.finished)}; "
                  f"records minus vLLM's (prompt, output, cached): "
                  f"{tuple(a - b for a, b in zip(ours.tokens, engine.tokens))}")
-    assert ours.ok == engine.completed, diagnosis
     assert ours.ok + len(cancelled) == ours.records, diagnosis
+    assert ours.ok <= engine.completed <= ours.ok + len(cancelled), diagnosis
     assert all(r.start_epoch_s == max(o.start_epoch_s for o in records if o.agent == r.agent) for r in cancelled)
     shortfall = [engine_sum - our_sum for our_sum, engine_sum in zip(ours.tokens, engine.tokens)]
     assert all(missing >= 0 for missing in shortfall), diagnosis

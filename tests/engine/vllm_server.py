@@ -38,11 +38,12 @@ START_TIMEOUT_S = 300.0  # measured 33-43 s alone; CI's two cores may be shared 
 STOP_TIMEOUT_S = 30.0  # SIGTERM ends every process within ~3 s
 
 # Without VLLM_HOST_IP vLLM binds its internal sockets to a non-loopback address; without the offline
-# switches transformers tries the hub. The KV cache is 2 GiB (524,288 tokens for the 2-layer model).
+# switches transformers tries the hub. The KV cache is 1 GiB (262,144 tokens for the 2-layer model: the
+# test replays hold a few 6K-token contexts at once; less memory when a second server runs beside).
 # The engine is pinned to one CPU, so none is reserved for the front end (it shares that CPU).
 SERVER_ENV = {
     "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
