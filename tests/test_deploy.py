@@ -11,6 +11,10 @@ import re
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -142,11 +146,24 @@ def test_compose_wires_the_same_roles():
     assert option(master, "--power-metrics-url") == option(master, "--host") + "/metrics"
     assert option(simulator, "--host") == "0.0.0.0"
     assert (REPO / option(worker, "-f").removeprefix(IMAGE_ROOT)).is_file()
-    for command in (master, simulator):
-        _, unknown = build_parser().parse_known_args(command[1:])
-        assert unknown == []
+    _, unknown = build_parser().parse_known_args(simulator[1:])
+    assert unknown == []
+    args, unknown = build_parser().parse_known_args(master[1:])  # Locust's own: served for Prometheus
+    assert (args.warmup_s, args.window_s, args.max_agents) == (10.0, 20.0, 256)
+    assert unknown == ["--metrics-port", "9646", "--metrics-host", "0.0.0.0"]
+    scrape = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape["scrape_configs"]}
+    assert targets == {"agentperf": ["master:9646"], "target": [option(master, "--host").removeprefix("http://")]}
     dockerfile = (REPO / "Dockerfile").read_text()
     assert f"WORKDIR {IMAGE_ROOT.rstrip('/')}" in dockerfile and "COPY locustfiles ./locustfiles" in dockerfile
+    # One base for both images, the Dockerfile's default unless AGENTPERF_BASE_IMAGE names another.
+    (default,) = re.findall(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M)
+    assert default == "python:3.11-slim"
+    for service in ("simulator", "prometheus"):
+        assert services[service]["build"]["args"]["BASE_IMAGE"] == default
+    for service, script in (("master", "own-runs-folder"), ("worker", "worker-until-master-ends")):
+        (entrypoint,) = services[service]["entrypoint"]
+        assert (REPO / entrypoint.removeprefix(IMAGE_ROOT)).is_file() and f"docker/{script}" in dockerfile
 
 
 def _free_port() -> int:
@@ -218,3 +235,185 @@ def test_the_charts_commands_run_a_distributed_search(tmp_path):
         own_records = read_records([own])
         assert {r for r in records if r.worker_id == own_records[0].worker_id} <= set(own_records)
         assert {r for r in own_records if r.end_epoch_s < last_window_end} <= set(records)  # all it judged
+
+
+BAD_VALUES = [  # (values, what Helm's one line must name)
+    ({"worker": {"replicas": 0}}, "/worker/replicas"),
+    ({"mode": "gui"}, "/mode"),
+    ({"target": {"host": "vllm:8000"}}, "/target/host"),
+    ({"master": {"metricsPorts": 9646}}, "metricsPorts"),
+    ({"master": {"port": 70000}}, "/master/port"),
+    ({"capacity": {"args": ["--window-s", 30]}}, "/capacity/args/1"),
+    ({"webui": {"locustfile": "other.py"}}, "/webui/locustfile"),
+]
+
+
+@pytest.mark.parametrize(("values", "named"), BAD_VALUES)
+def test_bad_values_are_refused_by_the_schema_naming_the_value(values, named):
+    with pytest.raises(Exception, match="schema") as refused:
+        render(values)
+    assert named in str(refused.value)
+
+
+def _chart_min_kube_version() -> tuple[int, int]:
+    kube_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    (major, minor), = re.findall(r"^>=\s*(\d+)\.(\d+)\.0-0$", kube_version)
+    return int(major), int(minor)
+
+
+@pytest.mark.parametrize("values", [
+    {}, {"mode": "webui"},
+    {"target": {"host": "http://vllm:8000", "apiKeySecret": {"name": "llm-key"}},
+     "master": {"runsVolume": {"persistentVolumeClaim": {"claimName": "agentperf-runs"}}, "metricsPort": 0,
+                "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}},
+     "tolerations": [{"key": "gpu", "operator": "Exists"}], "nodeSelector": {"pool": "load"}},
+    {"mode": "webui", "webui": {"serviceType": "LoadBalancer", "locustfile": "capacity.py"}},
+], ids=["headless", "webui", "headless-real-target", "webui-capacity"])
+def test_every_rendered_object_is_valid_for_the_oldest_and_newest_kubernetes(values):
+    """Against the Kubernetes API's own schemas (strict: no unknown field), for the oldest version the
+    chart's kubeVersion admits and the newest the validator knows."""
+    validator = pytest.importorskip("kubernetes_validate.utils", reason="comes with the test extras")
+    major, minor = _chart_min_kube_version()
+    oldest = f"{major}.{minor}.0"
+    assert oldest in validator.all_versions()  # the pinned validator knows the chart's oldest Kubernetes
+    objects = render(values)
+    assert objects
+    for version in (oldest, validator.latest_version()):
+        for obj in objects.values():
+            validator.validate(obj, version, strict=True)  # raises, naming the field
+
+
+def test_the_validator_refuses_what_kubernetes_would():
+    """The check above can fail: a field Kubernetes does not know, or a wrong type, is refused."""
+    validator = pytest.importorskip("kubernetes_validate.utils", reason="comes with the test extras")
+    job = render()[("Job", "cap-agentperf-master")]
+    container(job)["workDir"] = "/runs"
+    with pytest.raises(validator.ValidationError, match="workDir"):
+        validator.validate(job, validator.latest_version(), strict=True)
+    job = render()[("Job", "cap-agentperf-master")]
+    job["spec"]["backoffLimit"] = "none"
+    with pytest.raises(validator.ValidationError, match="none"):
+        validator.validate(job, validator.latest_version(), strict=True)
+
+
+def test_webui_mode_serves_the_ui_from_a_master_deployment_with_worker_deployments():
+    objects = render({"mode": "webui", "worker": {"replicas": 3}, "webui": {"port": 8100, "serviceType": "NodePort"}})
+    assert ("Job", "cap-agentperf-master") not in objects and ("Job", "cap-agentperf-worker") not in objects
+    master = objects[("Deployment", "cap-agentperf-master")]
+    workers = objects[("Deployment", "cap-agentperf-worker")]
+    command = container(master)["command"]
+    assert command[:3] == ["locust", "-f", f"{IMAGE_ROOT}locustfiles/agents.py"] and "--master" in command
+    assert (option(command, "--web-host"), option(command, "--web-port")) == ("0.0.0.0", "8100")
+    assert option(command, "--host") == "http://cap-agentperf-simulator:8000"
+    assert workers["spec"]["replicas"] == 3
+    assert option(container(workers)["command"], "-f") == option(command, "-f")  # the same locustfile
+    service = objects[("Service", "cap-agentperf-master")]
+    assert service["spec"]["type"] == "NodePort"
+    assert {"name": "web", "port": 8100, "targetPort": "web"} in service["spec"]["ports"]
+    assert {"name": "web", "containerPort": 8100} in container(master)["ports"]
+    assert service["spec"]["selector"].items() <= master["spec"]["template"]["metadata"]["labels"].items()
+    assert master["spec"]["selector"]["matchLabels"] == master["spec"]["template"]["metadata"]["labels"]
+    assert container(master)["readinessProbe"]["httpGet"]["port"] == "web"
+
+
+def _notes(values: dict) -> str:
+    chart = helm.Chart.load(str(CHART))
+    try:
+        return chart.render(values, name="cap", namespace="loadtest")["agentperf/templates/NOTES.txt"]
+    finally:
+        chart.close()
+
+
+def test_the_notes_say_how_to_reach_the_ui_or_fetch_the_report():
+    webui = _notes({"mode": "webui", "webui": {"port": 8100}})
+    assert "kubectl port-forward --namespace loadtest service/cap-agentperf-master 8100:8100" in webui
+    assert "http://127.0.0.1:8100/" in webui and "kubectl cp --namespace loadtest" in webui
+    headless = _notes({})
+    assert "kubectl logs -f job/cap-agentperf-master --namespace loadtest" in headless
+    assert "emptyDir" in headless and "master.runsVolume" in headless
+    kept = _notes({"master": {"runsVolume": {"persistentVolumeClaim": {"claimName": "runs"}}}})
+    assert "on the volume you gave" in kept
+
+
+def test_every_pod_runs_as_the_images_user_and_a_runs_volume_is_theirs():
+    objects = render({"mode": "webui"})
+    for (kind, name), obj in [*objects.items(), *render().items()]:
+        if kind in ("Job", "Deployment"):
+            context = obj["spec"]["template"]["spec"]["securityContext"]
+            assert context == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}, name
+
+
+def _web(port: int, path: str, form: dict | None = None) -> dict | None:
+    """The master's web UI answer as JSON (a POST with ``form``), or None while it is not up yet."""
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", data=data, timeout=5) as response:
+            return json.load(response)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def _poll(condition, timeout_s: float, what: str):
+    """``condition()``'s first truthy value, polled every 0.5 s for at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"not within {timeout_s:g} s: {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_webui_modes_commands_serve_a_ramp_by_hand(tmp_path):
+    """mode: webui, its pods' commands as processes: the master's UI sees both workers, a ramp started
+    from it runs agents on both, the SLO now tab judges their records, and the master's records folder
+    (under /runs, its volume) holds both workers' records."""
+    web_port = _free_port()
+    objects = render({"mode": "webui", "simulator": {"port": _free_port()}, "webui": {"port": web_port},
+                      "master": {"port": _free_port(), "metricsPort": _free_port()},
+                      "capacity": {"trajectories": "demo"}})
+    hosts = ["cap-agentperf-simulator", "cap-agentperf-master"]
+    master_deployment = objects[("Deployment", "cap-agentperf-master")]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    folders = {name: tmp_path / name for name in ("master", "worker-a", "worker-b")}
+    for folder in folders.values():
+        folder.mkdir()
+    master_command = _local(container(master_deployment)["command"], hosts)  # in /runs, its volume
+    processes = [subprocess.Popen(
+        _local(container(objects[("Deployment", "cap-agentperf-simulator")])["command"], hosts),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait = subprocess.run(_local(container(master_deployment, init=True)["command"], hosts), env=env, timeout=60)
+        assert wait.returncode == 0
+        processes.append(subprocess.Popen(master_command, cwd=folders["master"], env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        worker_command = _local(container(objects[("Deployment", "cap-agentperf-worker")])["command"], hosts)
+        processes += [subprocess.Popen(worker_command, cwd=folders[name], env=env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL) for name in ("worker-a", "worker-b")]
+        _poll(lambda: (_web(web_port, "/stats/requests") or {}).get("worker_count") == 2, 60,
+              "the web UI shows both workers")
+        started = _web(web_port, "/swarm", {"user_count": "2", "spawn_rate": "2"})
+        assert started and started["success"], started
+        records = folders["master"] / "records"
+
+        def judged_from_both_workers():
+            stats = _web(web_port, "/stats/requests") or {}
+            rows = {tab["key"]: tab["data"] for tab in stats.get("extended_stats", [])}.get("agentperf-slo-now", [])
+            kept = read_records([records]) if records.is_dir() else []
+            return rows if len({r.worker_id for r in kept}) == 2 and any(row["requests"] for row in rows) else None
+
+        rows = _poll(judged_from_both_workers, 120, "records from both workers, judged in the SLO now tab")
+        assert {row["verdict"] for row in rows} <= {"pass", "FAIL"}
+        assert _web(web_port, "/stop", {}) is not None
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
+    assert [path.name for path in records.iterdir()] == ["records-master.jsonl"]
+    kept = read_records([records])
+    for name in ("worker-a", "worker-b"):  # each worker's own file, on its own "host" (no /runs there)
+        (own,) = (folders[name] / "records").iterdir()
+        assert {r.worker_id for r in read_records([own])} <= {r.worker_id for r in kept}
