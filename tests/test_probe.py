@@ -335,6 +335,7 @@ def test_a_stream_without_usage_is_a_warning(server_url, demo):
     (warning,) = result.warnings
     assert warning.startswith("agentperf: warning:") and "output tokens will be counted from chunks" in warning
     assert "no usage, no prefix-cache details" in result.summary()
+    assert_no_key(result.summary() + "".join(result.warnings))
 
 
 def test_a_stream_cut_before_done_without_usage_or_finish_is_refused(server_url, demo):
