@@ -51,7 +51,12 @@ def context_overflow_message(max_context: int, prompt_tokens: int, output_tokens
 
 @dataclass(eq=False)
 class EngineRequest:
-    """One generation request as the engine sees it; the engine fills in the fields after ``arrival_s``."""
+    """One generation request as the engine sees it; the engine fills in the fields after ``arrival_s``.
+
+    The timestamps are vLLM's per-request events on the engine clock (``vllm/v1/metrics/stats.py``):
+    queued (``arrival_s``), first scheduled, first token, each later token, finished; the server's
+    queue, prefill, decode and inter-token histograms are differences of these.
+    """
 
     request_id: str
     prompt: EncodedPrompt
@@ -60,11 +65,19 @@ class EngineRequest:
     arrival_s: float
     """Engine-clock time it arrived."""
     cached_tokens: int = 0
-    """Prefix-cache hit tokens at its (last) admission."""
+    """Prefix-cache hit tokens at its first admission (vLLM's ``num_cached_tokens``, which a preemption keeps)."""
     generated: int = 0
+    scheduled_s: float | None = None
+    """Start of the step that first admitted it, never before ``arrival_s`` (vLLM's first SCHEDULED event;
+    a re-admission after preemption keeps it)."""
     first_token_s: float | None = None
     finished_s: float | None = None
     preemptions: int = 0
+    last_token_s: float | None = None
+    """When its newest token exists."""
+    previous_token_s: float | None = None
+    """When the token before its newest existed (None until its second token): ``last_token_s`` minus this
+    is vLLM's inter-token latency."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,8 @@ class EngineCounters:
     preemptions_total: int = 0
     prompt_tokens_total: int = 0
     """Prompt tokens of requests that got their first token."""
+    prompt_tokens_cached_total: int = 0
+    """Their ``cached_tokens`` (vLLM ``prompt_tokens_cached``): the sum of what their usages report."""
     generation_tokens_total: int = 0
     requests_finished_total: int = 0
     busy_s_total: float = 0.0
@@ -213,10 +228,10 @@ class Engine:
             index += 1
         work[3] = decode_context
         if not preempted:
-            self._admit(budget, work, prefills)
+            self._admit(now_s, budget, work, prefills)
         return self._finish_step(now_s, work, prefills, decodes)
 
-    def _admit(self, budget: int, work: list[int], prefills: list[_Seq]) -> None:
+    def _admit(self, now_s: float, budget: int, work: list[int], prefills: list[_Seq]) -> None:
         """Admit waiting requests in FCFS order while sequence slots, budget and blocks allow."""
         kv, waiting, running = self._kv, self._waiting, self._running
         while waiting and budget > 0 and len(running) < self._max_seqs:
@@ -237,7 +252,12 @@ class Engine:
             seq.window_blocks = kv.allocate(self._window_blocks)
             seq.num_hashed = len(hits)
             seq.computed = hit_tokens
-            seq.req.cached_tokens = hit_tokens
+            req = seq.req
+            if req.scheduled_s is None:  # first admission; a re-admission after preemption keeps both
+                # Not before arrival: the server's step may start on an engine clock a little behind the
+                # wall clock that stamped the arrival (see server.MAX_CLOCK_SLIP_S).
+                req.scheduled_s = now_s if now_s > req.arrival_s else req.arrival_s
+                req.cached_tokens = hit_tokens
             seq.running = True
             waiting.popleft()
             running.append(seq)
@@ -272,9 +292,12 @@ class Engine:
             if req.first_token_s is None:
                 req.first_token_s = end_s
                 counters.prompt_tokens_total += req.prompt.num_tokens
+                counters.prompt_tokens_cached_total += req.cached_tokens
         finished = []
         for req in emitted:
             req.generated += 1
+            req.previous_token_s = req.last_token_s
+            req.last_token_s = end_s
             if req.generated >= req.max_output_tokens:
                 req.finished_s = end_s
                 finished.append(req)

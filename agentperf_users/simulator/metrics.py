@@ -1,9 +1,29 @@
 """The simulator's Prometheus endpoint: vLLM's metric names, a simulated DCGM power gauge, injected faults.
 
 Why collect lazily: the engine already keeps running totals (``engine.counters``), so a custom
-collector reads them when ``/metrics`` is scraped and the token path pays nothing. Only the two
-latency histograms are observed as requests reach their first token and finish (once per request),
-and ``agentperf_sim_faults_total{kind}`` as ``--fault`` injects a failure (see :mod:`.faults`).
+collector reads them when ``/metrics`` is scraped and the token path pays nothing. The latency
+histograms are observed from the engine's own clock (its step boundaries), as vLLM's V1 engine
+observes them from its engine core's timestamps (``vllm/v1/metrics/stats.py``, ``IterationStats``,
+read at a recent main branch; the names are those a real 0.32 exported). vLLM starts TTFT and e2e at
+the frontend's arrival and queue time at the engine core's QUEUED event; the simulator has no
+frontend, so both are the request's arrival:
+
+* ``time_to_first_token_seconds``: arrival to the first token, as each request gets its first token;
+* ``inter_token_latency_seconds``: the gap between two successive tokens of a request, one observation
+  per gap (so ``count`` is output tokens minus one per request);
+* ``request_queue_time_seconds`` (arrival to the start of the step that first admitted it),
+  ``request_prefill_time_seconds`` (that start to the first token, preemptions included),
+  ``request_decode_time_seconds`` (first to last token) and ``e2e_request_latency_seconds`` (arrival
+  to last token): once per request that completed normally, the ones ``vllm:request_success`` counts.
+
+``agentperf_sim_faults_total{kind}`` counts failures ``--fault`` injects (see :mod:`.faults`), and
+``vllm:cache_config_info`` (a gauge at 1, as vLLM emulates an info metric) labels the KV cache's
+``num_gpu_blocks`` and ``block_size``.
+
+Why the inter-token histogram is not a ``prometheus_client.Histogram``: it is observed once per token,
+tens of thousands of times a second on the server's one core, and that class takes a lock per bucket
+and per sum update (about 2 us an observation); :class:`GapHistogram` adds to plain numbers (the
+server and its scrapes share one thread) and takes a run of equal gaps in one call.
 
 Power model (``DCGM_FI_DEV_POWER_USAGE``, watts, one series per accelerator of the profile)::
 
@@ -19,26 +39,40 @@ from __future__ import annotations
 
 import socket
 import time
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
-    from agentperf_users.simulator.engine import EngineCounters
+    from agentperf_users.simulator.engine import EngineCounters, EngineRequest
 
 POWER_WINDOW_S = 5.0
 TTFT_BUCKETS_S = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 )  # vLLM's buckets for vllm:time_to_first_token_seconds
-E2E_BUCKETS_S = (
+REQUEST_LATENCY_BUCKETS_S = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
     480.0, 960.0, 1920.0, 7680.0,
-)  # vLLM's buckets for vllm:e2e_request_latency_seconds
+)  # vLLM's buckets for vllm:e2e_request_latency_seconds and the request queue, prefill and decode times
+ITL_BUCKETS_S = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # vLLM's buckets for vllm:inter_token_latency_seconds
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What ``vllm:cache_config_info`` says about the KV cache (vLLM's ``CacheConfig`` fields of that name)."""
+
+    num_gpu_blocks: int
+    block_size: int
+    gpu_memory_utilization: float
 
 
 @dataclass(frozen=True)
@@ -100,6 +134,8 @@ class _EngineCollector(Collector):
              c.prefix_hits_tokens),
             (counter, "vllm:num_preemptions", "Cumulative number of preemptions from the engine.", c.preemptions_total),
             (counter, "vllm:prompt_tokens", "Number of prefill tokens processed.", c.prompt_tokens_total),
+            (counter, "vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).",
+             c.prompt_tokens_cached_total),
             (counter, "vllm:generation_tokens", "Number of generation tokens processed.", c.generation_tokens_total),
         ):
             metric = family(name, doc, labels=labels)
@@ -118,25 +154,64 @@ class _EngineCollector(Collector):
         yield power
 
 
-class SimulatorMetrics:
-    """The registry behind ``GET /metrics``: engine totals, latency histograms, power."""
+class GapHistogram(Collector):
+    """A histogram with one label set, observed without locks and a run of equal values at a time.
 
-    def __init__(self, model_name: str, counters: EngineCounters, power: PowerModel, fault_kinds: Iterable[str] = ()):
+    Only for a single-threaded owner: the server's event loop both observes and renders it.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], labels: dict[str, str]):
+        self._name, self._documentation = name, documentation
+        self._bounds = buckets
+        self._labels = labels
+        self._counts = [0] * (len(buckets) + 1)  # the last: above every bound
+        self._sum = 0.0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        """``times`` observations of ``value``."""
+        self._counts[bisect_left(self._bounds, value)] += times
+        self._sum += value * times
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=list(self._labels))
+        cumulative, running = [], 0
+        for bound, count in zip((*map(floatToGoString, self._bounds), "+Inf"), self._counts):
+            running += count
+            cumulative.append((bound, running))
+        family.add_metric(list(self._labels.values()), cumulative, self._sum)
+        yield family
+
+
+class SimulatorMetrics:
+    """The registry behind ``GET /metrics``: engine totals, latency histograms, cache config, power."""
+
+    def __init__(self, model_name: str, counters: EngineCounters, power: PowerModel, cache: CacheInfo,
+                 fault_kinds: Iterable[str] = ()):
         self.registry = CollectorRegistry(auto_describe=False)
-        self._ttft = Histogram(
-            "vllm:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
-            ["model_name"],
-            buckets=TTFT_BUCKETS_S,
-            registry=self.registry,
-        ).labels(model_name)
-        self._e2e = Histogram(
-            "vllm:e2e_request_latency_seconds",
-            "Histogram of e2e request latency in seconds.",
-            ["model_name"],
-            buckets=E2E_BUCKETS_S,
-            registry=self.registry,
-        ).labels(model_name)
+        registry = self.registry
+
+        def request_histogram(name: str, documentation: str,
+                              buckets: tuple[float, ...] = REQUEST_LATENCY_BUCKETS_S) -> Histogram:
+            return Histogram(name, documentation, ["model_name"], buckets=buckets, registry=registry).labels(model_name)
+
+        self._ttft = request_histogram("vllm:time_to_first_token_seconds",
+                                       "Histogram of time to first token in seconds.", TTFT_BUCKETS_S)
+        self._e2e = request_histogram("vllm:e2e_request_latency_seconds",
+                                      "Histogram of e2e request latency in seconds.")
+        self._queue = request_histogram("vllm:request_queue_time_seconds",
+                                        "Histogram of time spent in WAITING phase for request.")
+        self._prefill = request_histogram("vllm:request_prefill_time_seconds",
+                                          "Histogram of time spent in PREFILL phase for request.")
+        self._decode = request_histogram("vllm:request_decode_time_seconds",
+                                         "Histogram of time spent in DECODE phase for request.")
+        self._itl = GapHistogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                                 ITL_BUCKETS_S, {"model_name": model_name})
+        registry.register(self._itl)
+        info = {"block_size": str(cache.block_size), "enable_prefix_caching": "True",
+                "gpu_memory_utilization": str(cache.gpu_memory_utilization),
+                "num_gpu_blocks": str(cache.num_gpu_blocks), "engine": "0"}
+        Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(info),
+              registry=registry).labels(**info).set(1)
         self._success = Counter(
             "vllm:request_success",
             "Count of successfully processed requests.",
@@ -160,6 +235,17 @@ class SimulatorMetrics:
     def observe_finished(self, e2e_s: float, finish_reason: str) -> None:
         self._e2e.observe(e2e_s)
         self._success.labels(self._model_name, finish_reason).inc()
+
+    def observe_token_gaps(self, gap_s: float, count: int) -> None:
+        """``count`` tokens that each came ``gap_s`` after their request's previous token (engine clock)."""
+        self._itl.observe(gap_s, count)
+
+    def observe_phases(self, request: EngineRequest) -> None:
+        """Queue, prefill and decode time of a request that completed normally, from its engine timestamps."""
+        scheduled_s, first_s = request.scheduled_s, request.first_token_s
+        self._queue.observe(scheduled_s - request.arrival_s)
+        self._prefill.observe(first_s - scheduled_s)
+        self._decode.observe(request.finished_s - first_s)
 
     def count_fault(self, kind: str) -> None:
         self._faults.labels(kind).inc()

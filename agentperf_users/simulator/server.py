@@ -40,7 +40,7 @@ from agentperf_users.simulator.faults import (
     BEFORE_HEADERS, DEFAULT_RETRY_AFTER_S, FaultPlan, FaultSpec, FaultyReply, answer_before_headers,
 )
 from agentperf_users.simulator.httpserver import HttpConnection, HttpRequest
-from agentperf_users.simulator.metrics import PowerModel, PowerSpec, SimulatorMetrics
+from agentperf_users.simulator.metrics import CacheInfo, PowerModel, PowerSpec, SimulatorMetrics
 from agentperf_users.simulator.profile import Profile
 from agentperf_users.simulator.reply import WORDS, Reply, ReplyPlan
 from agentperf_users.simulator.tokenizer import PromptEncoder
@@ -78,7 +78,8 @@ class SimulatorServer:
         self._id_prefix = f"{self._rng.getrandbits(48):012x}"
         gpu, counters = profile.gpu, self.engine.counters
         power = PowerModel(PowerSpec(gpu.count, gpu.name, gpu.idle_w, gpu.tdp_w), lambda: counters.busy_s_total)
-        self.metrics = SimulatorMetrics(self.model_names[0], counters, power, [f.kind for f in options.faults])
+        cache = CacheInfo(profile.kv_capacity_blocks, profile.engine.block_size, profile.engine.gpu_memory_utilization)
+        self.metrics = SimulatorMetrics(self.model_names[0], counters, power, cache, [f.kind for f in options.faults])
         self._faults = FaultPlan(options.faults, options.seed) if options.faults else None
         self._replies: dict[EngineRequest, Reply] = {}
         # Replies whose last token is written; their usage chunk and [DONE] go out in the next step's
@@ -151,18 +152,36 @@ class SimulatorServer:
             self._finishing.popleft().finish()
 
     def _prepare(self, result: StepResult, end_s: float) -> list[Reply]:
-        """Build every emitted token's bytes ahead of ``end_s``; returns the replies to flush then.
+        """Build every emitted token's bytes ahead of ``end_s`` and observe the step's latencies; returns the
+        replies to flush then.
 
         A reply's planned length is the engine request's ``max_output_tokens``, so a reply is done
-        exactly when the engine lists its request as finished.
+        exactly when the engine lists its request as finished. Each token after a request's first is one
+        inter-token gap, ``end_s`` minus its previous token's time. Nearly all of a step's tokens follow
+        one at the previous step's end, so the gaps are counted in runs of equal previous times and each
+        run is observed in one call: per token only a comparison and an addition.
         """
         ready = []
         replies = self._replies
+        previous_s, gaps = None, 0  # the current run: tokens whose previous token came at previous_s
+        observe_gaps = self.metrics.observe_token_gaps
         for request in result.emitted:
             reply = replies.get(request)
             if reply is not None:  # None: its client went away during the step
+                if request.previous_token_s != previous_s:
+                    if previous_s is not None:
+                        observe_gaps(end_s - previous_s, gaps)
+                    previous_s, gaps = request.previous_token_s, 0
+                gaps += 1  # a first token (previous_s None) counts in a run that is never observed
                 reply.add_token(end_s)
                 ready.append(reply)
+        if previous_s is not None:
+            observe_gaps(end_s - previous_s, gaps)
+        for request in result.finished:
+            reply = replies.get(request)
+            # The requests the e2e histogram counts: a faulted reply never completes normally (FaultyReply).
+            if reply is not None and not isinstance(reply, FaultyReply):
+                self.metrics.observe_phases(request)
         return ready
 
     def _fail_all(self, error: ApiError) -> None:
