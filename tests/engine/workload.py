@@ -15,9 +15,10 @@ from tests.engine.vllm_server import LOAD_CPUS, pin
 REPO = Path(__file__).resolve().parents[2]
 LOCUSTFILE = REPO / "locustfiles" / "agents.py"
 
-# A small AA-like set whose contexts stay far below the server's --max-model-len (the tiny model's BPE
-# counts the generated text ~1.2x agentperf's tokenizer) and whose turns are short, so a 20-30 s replay on
-# one core holds dozens of requests, prefix-cache hits included, and requests in flight at its end.
+# A small AA-like set whose contexts stay far below the server's --max-model-len (the tiny model's tokenizer
+# and template count its prompts 1.02-1.21x agentperf's count; its largest context, output included, is
+# 5.6K tokens of 32K) and whose turns are short, so a 20-30 s replay on one core holds dozens of requests,
+# prefix-cache hits included, and requests in flight at its end.
 SMALL_SET = SynthParams(count=6, seed=11, name="engine-small", max_context=6_000, system_tokens=600, tool_count=4,
                         task_median=120, turns_median=8, min_turns=3, max_turns=12, output_median=40,
                         output_p95=160, output_max=300, tool_wait_median_s=0.3, tool_wait_max_s=2.0,
