@@ -29,12 +29,11 @@ import pytest
 from agentperf_users.capacity import EXIT_NOT_LOCATED
 from agentperf_users.records import RequestRecord, read_records
 from agentperf_users.slo import load_slo, recompute
+from tests.containers.docker import REPO, base_image, docker_or_skip, runs, unavailable
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parent.parent.parent
 README_COMMAND = ["up", "--build", "--abort-on-container-exit", "--exit-code-from", "master"]
-CI_BASE_IMAGE = "agentperf-base:bookworm"  # what .ci/install-docker builds (no registry in CI)
 WORKERS = 2
 WORKER_RUNS = "/home/agentperf/agentperf-runs"  # a worker's own run folders (its working directory's)
 COMPOSE_TIMEOUT_S = 480
@@ -42,26 +41,14 @@ PROMETHEUS_WAIT_S = 60
 IMPLEMENTATIONS = {"v2": ["docker", "compose"], "v1": ["docker-compose"]}
 
 
-def _runs(command: list[str], timeout_s: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
-
-
-def _unavailable(reason: str) -> None:
-    """A skip on a machine without Docker; a failure where CI demands the containers run."""
-    if os.environ.get("AGENTPERF_REQUIRE_CONTAINERS") == "1":
-        pytest.fail(f"{reason} (AGENTPERF_REQUIRE_CONTAINERS=1; .ci/install-docker sets one up)")
-    pytest.skip(reason)
-
-
 def _compose_command(implementation: str) -> list[str]:
     """The implementation's command, or a skip: only a missing Docker engine, or no Compose at all, fails
     under AGENTPERF_REQUIRE_CONTAINERS (Debian ships v1 only)."""
-    if shutil.which("docker") is None or _runs(["docker", "info"]).returncode != 0:
-        _unavailable("no Docker daemon answers (`docker info`)")
+    docker_or_skip()
     installed = {name: command for name, command in IMPLEMENTATIONS.items()
-                 if shutil.which(command[0]) and _runs([*command, "version"]).returncode == 0}
+                 if shutil.which(command[0]) and runs([*command, "version"]).returncode == 0}
     if not installed:
-        _unavailable("neither `docker compose` (v2) nor `docker-compose` (v1) is installed")
+        unavailable("neither `docker compose` (v2) nor `docker-compose` (v1) is installed")
     if implementation not in installed:
         pytest.skip(f"Compose {implementation} ({' '.join(IMPLEMENTATIONS[implementation])}) is not installed")
     return installed[implementation]
@@ -78,21 +65,21 @@ def _project_objects(project: str) -> list[str]:
     label = f"label=com.docker.compose.project={project}"
     found = []
     for kind in (["ps", "-a"], ["network", "ls"], ["volume", "ls"]):
-        listed = _runs(["docker", *kind, "-q", "--filter", label])
+        listed = runs(["docker", *kind, "-q", "--filter", label])
         assert listed.returncode == 0, listed.stderr
         found += [f"{kind[0]} {line}" for line in listed.stdout.split()]
     return found
 
 
-def _copy_worker_runs(project: str, destination: Path) -> list[Path]:
+def _copy_workerruns(project: str, destination: Path) -> list[Path]:
     """Each worker container's own run folders, as that "host" left them."""
-    listed = _runs(["docker", "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={project}",
+    listed = runs(["docker", "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={project}",
                     "--filter", "label=com.docker.compose.service=worker"])
     destination.mkdir()
     folders = []
     for container in listed.stdout.split():
         folder = destination / container
-        copied = _runs(["docker", "cp", f"{container}:{WORKER_RUNS}", str(folder)])
+        copied = runs(["docker", "cp", f"{container}:{WORKER_RUNS}", str(folder)])
         assert copied.returncode == 0, copied.stderr
         folders.append(folder)
     return folders
@@ -141,15 +128,14 @@ def compose_run(request, tmp_path_factory) -> ComposeRun:
     env = {**os.environ, "AGENTPERF_RUNS": str(runs), "AGENTPERF_PROMETHEUS_PORT": str(port),
            "AGENTPERF_WORKERS": str(WORKERS), "AGENTPERF_START_AGENTS": "1", "AGENTPERF_MAX_AGENTS": "2",
            "AGENTPERF_WARMUP_S": "3", "AGENTPERF_WINDOW_S": "8", "COMPOSE_PROJECT_NAME": project}
-    if "AGENTPERF_BASE_IMAGE" not in env and _runs(["docker", "image", "inspect", CI_BASE_IMAGE]).returncode == 0:
-        env["AGENTPERF_BASE_IMAGE"] = CI_BASE_IMAGE
+    env.setdefault("AGENTPERF_BASE_IMAGE", base_image())
     base = [*compose, "--project-name", project, "--file", str(REPO / "docker-compose.yml")]
     try:
         run = subprocess.run([*base, *README_COMMAND], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=COMPOSE_TIMEOUT_S, check=False)
         output = run.stdout + run.stderr
         (tmp / "compose.log").write_text(output)
-        worker_folders = _copy_worker_runs(project, tmp / "workers")
+        worker_folders = _copy_workerruns(project, tmp / "workers")
         # The stack's Prometheus stopped with the stack; started again, it serves what it stored.
         restarted = subprocess.run([*base, "up", "-d", "--no-deps", "prometheus"], cwd=REPO, env=env,
                                    capture_output=True, text=True, timeout=120, check=False)
