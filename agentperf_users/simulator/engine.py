@@ -49,13 +49,14 @@ def context_overflow_message(max_context: int, prompt_tokens: int, output_tokens
             "the completion). Please reduce the length of the messages or completion.")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class EngineRequest:
     """One generation request as the engine sees it; the engine fills in the fields after ``arrival_s``.
 
     The timestamps are vLLM's per-request events on the engine clock (``vllm/v1/metrics/stats.py``):
     queued (``arrival_s``), first scheduled, first token, each later token, finished; the server's
-    queue, prefill, decode and inter-token histograms are differences of these.
+    queue, prefill, decode and inter-token histograms are differences of these. Slots: the engine
+    writes two of its fields per token, which slots make about half as costly as a ``__dict__``.
     """
 
     request_id: str
