@@ -332,7 +332,18 @@ def test_the_notes_say_how_to_reach_the_ui_or_fetch_the_report():
     assert "kubectl logs -f job/cap-agentperf-master --namespace loadtest" in headless
     assert "emptyDir" in headless and "master.runsVolume" in headless
     kept = _notes({"master": {"runsVolume": {"persistentVolumeClaim": {"claimName": "runs"}}}})
-    assert "on the volume you gave" in kept
+    fetch = [line.strip() for line in kept.splitlines() if line.strip().startswith("kubectl")]
+    assert fetch[-3:] == ["kubectl wait --namespace loadtest --for=condition=Ready pod/cap-agentperf-fetch",
+                          "kubectl cp loadtest/cap-agentperf-fetch:/runs/agentperf-runs ./agentperf-runs",
+                          "kubectl delete pod --namespace loadtest cap-agentperf-fetch"]
+    overrides = json.loads(re.search(r"--overrides='(.*)'", kept).group(1))  # a pod that mounts the claim
+    assert overrides["spec"]["volumes"] == [{"name": "runs", "persistentVolumeClaim": {"claimName": "runs"}}]
+    assert overrides["spec"]["containers"][0]["volumeMounts"] == [{"name": "runs", "mountPath": "/runs"}]
+    validator = pytest.importorskip("kubernetes_validate.utils", reason="comes with the test extras")
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "cap-agentperf-fetch"}, **overrides}
+    validator.validate(pod, validator.latest_version(), strict=True)
+    other = _notes({"master": {"runsVolume": {"hostPath": {"path": "/data/runs"}}}})
+    assert "on the volume you gave" in other and "kubectl cp" not in other
 
 
 def test_every_pod_runs_as_the_images_user_and_a_runs_volume_is_theirs():
