@@ -30,18 +30,20 @@ def _run(image: str, options: list[str], command: list[str], timeout_s: float = 
     return runs(["docker", "run", "--rm", *options, image, *command], timeout_s=timeout_s)
 
 
-def test_the_master_takes_a_daemon_made_folder_and_drops_to_the_user(image, tmp_path):
+@pytest.mark.parametrize(("user", "home"), [("1000:1000", "/home/agentperf"), ("1234:1235", "/tmp")])
+def test_the_master_takes_a_daemon_made_folder_and_drops_to_the_user(image, tmp_path, user, home):
+    """The image's own user, and one the image has no account for (AGENTPERF_USER=$(id -u):$(id -g))."""
     folder = tmp_path / "made-by-the-daemon"
     folder.mkdir()
     os.chown(folder, 0, 0)  # what the daemon leaves for a missing bind-mount source
-    ran = _run(image, [*MASTER, "-v", f"{folder}:{RUNS}", "-e", "AGENTPERF_USER=1000:1000"],
+    ran = _run(image, [*MASTER, "-v", f"{folder}:{RUNS}", "-e", f"AGENTPERF_USER={user}"],
                ["sh", "-c", f"id -u; id -g; id -G; grep CapEff /proc/self/status; echo $HOME; touch {RUNS}/written"])
     assert ran.returncode == 0, ran.stderr
-    uid, gid, groups, caps, home = ran.stdout.split("\n")[:5]
-    assert (uid, gid, groups) == ("1000", "1000", "1000")
-    assert caps.split() == ["CapEff:", "0000000000000000"] and home == "/home/agentperf"
-    assert (folder.stat().st_uid, folder.stat().st_gid) == (1000, 1000)
-    assert (folder / "written").stat().st_uid == 1000
+    uid, gid, groups, caps, home_seen = ran.stdout.split("\n")[:5]
+    assert f"{uid}:{gid}" == user and groups == gid  # no supplementary group left
+    assert caps.split() == ["CapEff:", "0000000000000000"] and home_seen == home
+    assert f"{folder.stat().st_uid}:{folder.stat().st_gid}" == user
+    assert (folder / "written").stat().st_uid == int(uid)
 
 
 def test_the_master_refuses_a_folder_another_user_owns_in_one_line(image, tmp_path):
