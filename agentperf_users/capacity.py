@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import IO, Callable, Sequence
 
 import agentperf_users
-from agentperf_users import files, power, replay
+from agentperf_users import files, power, replay, server_metrics
 from agentperf_users.errors import AgentperfError
+from agentperf_users.client import redact_url
+from agentperf_users.probe import ProbeTarget, qualify
 from agentperf_users.report import (
     RunContext,
     capacity_lines,
@@ -54,6 +56,7 @@ from agentperf_users.report import (
     write_report,
 )
 from agentperf_users.search import SearchParameters, add_search_arguments
+from agentperf_users.simulator.bounded import short
 from agentperf_users.slo import load_slo
 from agentperf_users.trajectory import load_trajectories
 
@@ -95,10 +98,19 @@ def register_cli(subparsers) -> None:
                         "every second; default: the embedded simulator's own, none against --host")
     parser.add_argument("--power-metric", default=power.DEFAULT_METRIC,
                         help=f"the power metric there, watts, summed over its series (default: {power.DEFAULT_METRIC})")
+    parser.add_argument("--server-metrics-url", default="",
+                        help="the serving engine's Prometheus endpoint (vLLM or SGLang names), read every second "
+                        "for each step's server numbers and the diagnosis of a failing step; default: the "
+                        "target's /metrics")
+    parser.add_argument("--simulator-fault", action="append", default=[], metavar="KIND[:RATE]",
+                        help="make the embedded simulator fail so (repeatable; agentperf simulate --help lists the "
+                        "kinds): to rehearse what a failing server looks like")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                        help="name of the environment variable that holds the API key (sent as a Bearer token)")
     parser.add_argument("--no-truth", action="store_true", help="skip the ground truth (embedded simulator only)")
     parser.add_argument("--trajectories", default="default", help="trajectory file, folder or bundled set")
     parser.add_argument("--trajectory-format", default="auto")
-    parser.add_argument("--slo", default="", help="SLO tiers YAML file; empty: the bundled default tiers")
+    parser.add_argument("--slo", default="", help="SLO tiers YAML file, or a bundled preset (default, aa-agentperf); empty: default")
     parser.add_argument("--model", default="", help="model to request; empty: the server's first model")
     replay.add_replay_arguments(parser.add_argument)
     add_search_arguments(parser.add_argument)
@@ -122,8 +134,19 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
             raise AgentperfError(str(exc)) from None
     elif args.profile:
         raise AgentperfError("--profile describes the embedded simulator; it cannot be combined with --host")
-    if args.power_metrics_url and not args.power_metrics_url.startswith(("http://", "https://")):
-        raise AgentperfError(f"--power-metrics-url: expected an http:// or https:// URL, got {args.power_metrics_url!r}")
+    for option, url in (("--power-metrics-url", args.power_metrics_url), ("--server-metrics-url", args.server_metrics_url),
+                        ("--host", args.host)):
+        if url and not url.startswith(("http://", "https://")):
+            raise AgentperfError(f"{option}: expected an http:// or https:// URL, got {short(redact_url(url))}")
+    if args.simulator_fault:
+        if args.host:
+            raise AgentperfError("--simulator-fault makes the embedded simulator fail; it cannot be combined with --host")
+        from agentperf_users.simulator.faults import parse_faults
+
+        try:
+            parse_faults(args.simulator_fault)
+        except ValueError as exc:
+            raise AgentperfError(f"--simulator-fault: {exc}") from None
     out = files.claim_run_folder(Path(args.out)) if args.out else files.new_run_folder()
     print(f"agentperf: run folder {out}", flush=True)
     _interrupt_on_signals()
@@ -134,40 +157,67 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
         if profile is not None:
             from agentperf_users.simulator.cli import SimulatorProcess
 
+            faults = [part for fault in args.simulator_fault for part in ("--fault", fault)]
             simulator = stack.enter_context(SimulatorProcess(
-                ["--profile", args.profile or profile.name, "--port", "0", "--seed", str(args.seed)]))
+                ["--profile", args.profile or profile.name, "--port", "0", "--seed", str(args.seed), *faults],
+                start_new_session=True, preexec_fn=_dies_with_parent()))
             children.append(simulator.process)
             host = simulator.url
-            print(f"agentperf: embedded simulator ({profile.name}) at {host}", flush=True)
+            injected = f", failing on purpose: {', '.join(args.simulator_fault)}" if faults else ""
+            print(f"agentperf: embedded simulator ({profile.name}) at {host}{injected}", flush=True)
+        model = _qualify(args, host, trajectories, out)
         power_url = args.power_metrics_url or (f"{host}/metrics" if profile is not None else "")
         measured_from = None
         if power_url:
             modelled = "" if args.power_metrics_url else " (the simulator's power model)"
             measured_from = f"{args.power_metric} at {power.endpoint_name(power_url)}{modelled}"
-        context = _context(args, profile, host, measured_from)
+        context = _context(args, profile, host, measured_from, model)
         write_context(out, context)
         if power_url:
             stack.enter_context(power.PowerSampler(power_url, out / power.POWER_FILE, args.power_metric))
             print(f"agentperf: reading power every {power.SAMPLE_INTERVAL_S:g} s: {measured_from}", flush=True)
+        server_url = args.server_metrics_url or f"{host.rstrip('/')}/metrics"
+        stack.enter_context(server_metrics.server_metrics_sampler(server_url, out / server_metrics.SERVER_METRICS_FILE))
+        print(f"agentperf: reading the server's metrics every {server_metrics.SAMPLE_INTERVAL_S:g} s at "
+              f"{power.endpoint_name(server_url)}", flush=True)
         try:
-            master_code = _run_locust(_locust_command(args, host, out), locust_args, args, out, children)
+            master_code = _run_locust(_locust_command(args, host, out, model), locust_args, args, out, children)
         except KeyboardInterrupt:
             _exit_at_once_on_a_second_signal(children, out)
             interrupted = True
     return _report(args, out, spec, params, trajectories, profile, interrupted, master_code, context)
 
 
-def _context(args: argparse.Namespace, profile, host: str, measured_from: str | None) -> RunContext:
+def _qualify(args: argparse.Namespace, host: str, trajectories, out: Path) -> str:
+    """The qualification probe (``probe.qualify``) before the first step: a server that cannot serve this
+    run (unreachable, not OpenAI-compatible, a wrong key, an option it rejects, contexts past its
+    max_model_len) ends it here with one line, and the run folder, still empty, is removed. Returns the
+    model, so workers do not ask the server for it again."""
+    target = ProbeTarget(host, os.environ.get(args.api_key_env) or None, args.model, args.api_key_env)
+    try:
+        qualification = qualify(target, trajectories, replay.settings_from_args(args))
+    except AgentperfError:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+        raise
+    print(qualification.summary(), flush=True)
+    for warning in qualification.warnings:
+        print(f"agentperf: warning: {warning}", flush=True)
+    return qualification.model
+
+
+def _context(args: argparse.Namespace, profile, host: str, measured_from: str | None, model: str) -> RunContext:
     """What the report says besides the records (``run.json``); power samples are read from their file."""
     accelerators = args.accelerators or (profile.gpu.count if profile else None)
     power_w, power_source = (args.power_watts, "--power-watts") if args.power_watts else (None, None)
     if not power_w and profile is not None:
         power_w, power_source = profile.gpu.tdp_w * profile.gpu.count, "simulator profile TDP (nameplate)"
     return RunContext(
-        target={"host": host if not profile else "embedded simulator", "model": args.model or None,
+        target={"host": redact_url(host) if not profile else "embedded simulator", "model": model or None,
                 "simulator_profile": profile.name if profile else None},
         trajectories=args.trajectories, accelerators=accelerators, power_watts=power_w,
-        power_source=power_source, interrupted=False, power_measured_from=measured_from)
+        power_source=power_source, interrupted=False, power_measured_from=measured_from,
+        server_metrics_from=power.endpoint_name(args.server_metrics_url or f"{host.rstrip('/')}/metrics"))
 
 
 def _interrupt_on_signals() -> None:
@@ -215,11 +265,12 @@ def _dies_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None] | None
     return in_child
 
 
-def _locust_command(args: argparse.Namespace, host: str, out: Path) -> list[str]:
+def _locust_command(args: argparse.Namespace, host: str, out: Path, model: str) -> list[str]:
     options = {
         "host": host, "records-dir": str(out / "records"), "run-id": out.name,
         "capacity-json": str(out / "search.json"), "trajectories": args.trajectories,
-        "trajectory-format": args.trajectory_format, "slo": args.slo, "model": args.model,
+        "trajectory-format": args.trajectory_format, "slo": args.slo, "model": model,
+        "api-key-env": args.api_key_env, "server-metrics-file": str(out / server_metrics.SERVER_METRICS_FILE),
     }
     for action_dest in ("tool_wait", "tool_wait_median", "tool_wait_sigma", "cache_namespace", "seed", "start_turn",
                         "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
@@ -229,6 +280,7 @@ def _locust_command(args: argparse.Namespace, host: str, out: Path) -> list[str]
     for name, value in options.items():
         command += [f"--{name}", str(value)]
     command.append("--ignore-eos" if args.ignore_eos else "--no-ignore-eos")
+    command.append("--tools" if args.tools else "--no-tools")
     if args.no_early_stop:
         command.append("--no-early-stop")
     command.append("--restart-agents" if args.restart_agents else "--no-restart-agents")
@@ -328,6 +380,8 @@ def _report(args, out: Path, spec, params, trajectories, profile, interrupted: b
     print(f"agentperf: report {out / 'report.html'}", flush=True)
     if interrupted:
         return EXIT_INTERRUPTED
+    if report.get("stopped"):  # its line, the server's words, was printed with the capacity lines
+        return EXIT_INCOMPLETE
     if master_code not in (0, None) or not summary.get("complete"):
         print(f"agentperf: the search did not finish (Locust exit code {master_code}); see {out / 'locust.log'}",
               file=sys.stderr)

@@ -37,11 +37,11 @@ import math
 import time
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from agentperf_users.records import RequestRecord, Status
 from agentperf_users.server_metrics import ServerWindow, seconds
-from agentperf_users.slo import TierVerdict
+from agentperf_users.slo import StepVerdict, TierVerdict
 
 SERVER_FAILING_ERROR_RATE = 0.5
 """At least this share of failed requests makes a step a failing server, not a capacity verdict: most of
@@ -342,3 +342,27 @@ def _errors_text(client: ClientWindow) -> str:
 
 def _percent(fraction: float) -> str:
     return f"{fraction * 100:.2g} %" if 0 < fraction < 0.1 else f"{fraction * 100:.0f} %"
+
+
+def diagnose_step(verdict: StepVerdict, records: Sequence[RequestRecord], server: ServerWindow,
+                  loadgen: LoadGenerator | None = None) -> tuple[Diagnosis, ...]:
+    """Every failing tier's diagnosis for one step's judged ``records`` (``slo.records_in_window``): what
+    the live progress line says and what the report recomputes from the run folder, the same way."""
+    client = client_window(records)
+    return tuple(found for tier in verdict.tiers if (found := diagnose(tier, client, server, loadgen)) is not None)
+
+
+def not_about_capacity(diagnoses: Iterable[Diagnosis]) -> Diagnosis | None:
+    """The first diagnosis that says a step's failure is not about how much load the server holds (a
+    failing server, the load generator): the search must not take it as the tier failing there."""
+    return next((found for found in diagnoses if not found.about_capacity), None)
+
+
+def common_error(records: Iterable[RequestRecord]) -> str | None:
+    """The most frequent failure message among ``records`` (the server's own words, redacted when the
+    record was made), to name beside a failing server."""
+    messages: dict[str, int] = {}
+    for record in records:
+        if not record.ok and record.status is not Status.CANCELLED and record.message:
+            messages[record.message] = messages.get(record.message, 0) + 1
+    return max(messages, key=lambda message: (messages[message], message), default=None)

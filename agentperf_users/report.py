@@ -25,8 +25,11 @@ import pandas as pd
 
 from agentperf_users import files
 from agentperf_users.errors import AgentperfError
+from agentperf_users import server_metrics
+from agentperf_users.diagnose import diagnose_step
 from agentperf_users.power import POWER_FILE, PowerSample, mean_watts, read_samples
 from agentperf_users.records import RequestRecord, read_records
+from agentperf_users.search import SearchStopped
 from agentperf_users.slo import SloSpec, evaluate_step, parse_slo, quantile, records_in_window
 
 MEGAWATT_W = 1_000_000.0
@@ -46,10 +49,12 @@ class RunContext:
     interrupted: bool
     power_samples: tuple[PowerSample, ...] = ()  # measured during the run (``power``)
     power_measured_from: str | None = None  # the endpoint and metric they came from
+    server_samples: tuple[server_metrics.ServerSample, ...] = ()  # the server's metrics (``server_metrics``)
+    server_metrics_from: str | None = None  # the endpoint they were read from
 
     def to_dict(self) -> dict:
-        """As ``run.json`` keeps it: the power samples are in their own file."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "power_samples"}
+        """As ``run.json`` keeps it: the samples are in their own files."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.endswith("_samples")}
 
 
 UNKNOWN_CONTEXT = RunContext(target={"host": None, "model": None, "simulator_profile": None}, trajectories=None,
@@ -93,7 +98,8 @@ def read_run(folder: Path, spec: SloSpec | None = None) -> RunFolder:
             truth = saved["ground_truth"]
         except (KeyError, TypeError) as exc:
             raise AgentperfError(f"{folder / files.CONTEXT_FILE}: not a run context ({exc})") from None
-    context = replace(context, power_samples=tuple(read_samples(folder / POWER_FILE)))
+    context = replace(context, power_samples=tuple(read_samples(folder / POWER_FILE)),
+                      server_samples=tuple(server_metrics.read_samples(folder / server_metrics.SERVER_METRICS_FILE)))
     records_dir = folder / files.RECORDS_DIR
     records = read_records([records_dir]) if records_dir.is_dir() else []
     return RunFolder(summary, records, spec, context, truth)
@@ -168,6 +174,8 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
         start, end = live["window_start_epoch_s"], live["window_end_epoch_s"]
         judged = records_in_window(records, start, end)
         verdict = evaluate_step(judged, spec)
+        server = (server_metrics.window_summary(context.server_samples, start, end) if context.server_samples
+                  else server_metrics.NOT_AVAILABLE)
         passed = {v.tier.name: v.passed for v in verdict.tiers}
         live_passed = {v["tier"]: v["passed"] for v in live["verdict"]["tiers"]}
         steps.append({
@@ -177,6 +185,8 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
             "power_watts": mean_watts(context.power_samples, start, end),
             "passed": passed,
             "live_verdict_matches_records": passed == live_passed and verdict.to_dict() == live["verdict"],
+            "server": server.to_dict(),
+            "diagnoses": [found.to_dict() for found in diagnose_step(verdict, judged, server)],
         })
         if index < len(same_steps) and same_steps[index]["agents"] == live["agents"]:
             steps[-1]["ground_truth"] = {key: value for key, value in same_steps[index].items() if key != "agents"}
@@ -207,6 +217,9 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
         if context.power_measured_from else None,
         "interrupted": bool(context.interrupted or summary.get("interrupted")),
         "lost_workers": summary.get("lost_workers", []),
+        "stopped": summary.get("stopped"),
+        "server_metrics": {"source": context.server_metrics_from, "samples": len(context.server_samples)}
+        if context.server_metrics_from else None,
         "records": len(records),
     }
     if ground_truth is not None:  # its same_steps went into the steps above
@@ -223,7 +236,8 @@ def _power_at(steps: list[dict], agents: int | None) -> float | None:
 
 def capacity_lines(report: dict) -> list[str]:
     """One line per tier: ``capacity @ 20 tok/s, TTFT ≤ 10 s: 37 agents (ground truth 38)``."""
-    lines = []
+    stopped = report.get("stopped")
+    lines = [stopped_line(stopped)] if stopped else []
     truth = (report.get("ground_truth") or {}).get("capacity", {})
     bands = (report.get("ground_truth") or {}).get("bands", {})
     for name, cap in report["capacity"].items():
@@ -239,6 +253,11 @@ def capacity_lines(report: dict) -> list[str]:
             answer += f" (ground truth {_truth_words(truth[name])}{flips})"
         lines.append(f"capacity @ {cap['label']}: {answer}")
     return lines
+
+
+def stopped_line(stopped: dict) -> str:
+    """Why the search ended before locating its tiers (``shape.SearchStopped``), in its words."""
+    return SearchStopped(**stopped).line()
 
 
 def lost_worker_lines(report: dict) -> list[str]:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Callable, Iterable, Sequence
 
+from agentperf_users.diagnose import Cause
 from agentperf_users.errors import AgentperfError
 from agentperf_users.simulator.bounded import short
 from agentperf_users.slo import StepVerdict
@@ -279,3 +280,20 @@ def _usable_margin(margin: float | None, passed: bool) -> bool:
     """A margin the search can steer by: finite, and on the side of zero that the verdict is (a step
     can fail on its error rate with its quantile criteria met)."""
     return margin is not None and math.isfinite(margin) and (margin >= 0) == passed
+
+
+@dataclass(frozen=True)
+class SearchStopped:
+    """Why the search ended before locating its tiers: a step whose failure was not about capacity (a
+    failing server; the load generator twice at the same count). Its words, and the server's own."""
+
+    step: int
+    agents: int
+    cause: str
+    text: str
+    error: str | None  # the most frequent failure message of the step, the server's words
+
+    def line(self) -> str:
+        what = "the server is failing" if self.cause == Cause.SERVER_ERRORS.value else "the load generator is the limit"
+        said = f"; most frequent error: {self.error}" if self.error else ""
+        return f"search stopped at step {self.step} ({self.agents} agents): {what}, not a capacity ({self.text}{said})"

@@ -53,16 +53,20 @@ from locust import LoadTestShape, events
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, WorkerRunner
 
 from agentperf_users import aggregate
+from agentperf_users.diagnose import Cause, Diagnosis, common_error, diagnose_step, not_about_capacity
 from agentperf_users.errors import AgentperfError
 from agentperf_users.files import atomic_write
 from agentperf_users.search import (
     CapacitySearch,
+    SearchStopped,
     CapacityStatus,
     SearchParameters,
     TierCapacity,
     add_search_arguments,
     window_end,
 )
+from agentperf_users.records import RequestRecord
+from agentperf_users.server_metrics import NOT_AVAILABLE, ServerWindow, describe, read_samples, window_summary
 from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo, speed_text, surely_fails, ttft_text
 
 logger = logging.getLogger(__name__)
@@ -83,6 +87,9 @@ def add_arguments(parser) -> None:
     add_search_arguments(option)
     option("--capacity-json", default="",
            help="write the search's state (steps, capacity) here after every judged step and at test stop")
+    option("--server-metrics-file", default="", include_in_web_ui=False,
+           help="the server's metrics as read every second (server_metrics.jsonl; agentperf capacity writes it): "
+           "each step's server numbers and the diagnosis of a failing tier; empty: client numbers only")
 
 
 @dataclass(frozen=True)
@@ -97,10 +104,13 @@ class StepResult:
     verdict: StepVerdict
     early_stop: bool
     coverage_complete: bool  # False: judged after COVERAGE_TIMEOUT_S without every worker's reports
+    server: ServerWindow = NOT_AVAILABLE  # the server's own numbers over the window (``server_metrics``)
+    diagnoses: tuple[Diagnosis, ...] = ()  # why each failing tier failed (``diagnose``)
 
     def to_dict(self) -> dict:
-        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "verdict"}
-        return {**plain, "verdict": self.verdict.to_dict()}
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("verdict", "server", "diagnoses")}
+        return {**plain, "verdict": self.verdict.to_dict(), "server": self.server.to_dict(),
+                "diagnoses": [found.to_dict() for found in self.diagnoses]}
 
 
 def format_step(step: StepResult) -> str:
@@ -114,10 +124,14 @@ def format_step(step: StepResult) -> str:
     first = step.verdict.tiers[0]
     early = ", ended early" if step.early_stop else ""
     partial = ", without every worker's reports" if not step.coverage_complete else ""
-    return (
-        f"step {step.index} ({step.phase}{early}{partial}): {step.agents} agents, {first.requests} requests, "
-        f"{first.errors} errors | " + " | ".join(parts)
-    )
+    line = (f"step {step.index} ({step.phase}{early}{partial}): {step.agents} agents, {first.requests} requests, "
+            f"{first.errors} errors | " + " | ".join(parts))
+    if step.server.available:
+        line += f" | {describe(step.server)}"
+    texts = {found.text for found in step.diagnoses}
+    if len(texts) == 1 and len(step.diagnoses) == len(step.verdict.tiers) > 1:  # one cause for every tier: said once
+        return line + f" | every tier {texts.pop()}"
+    return line + "".join(f" | {found.tier} {found.text}" for found in step.diagnoses)
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,8 @@ class CapacitySearchShape(LoadTestShape):
         self.search: CapacitySearch | None = None
         self.steps: list[StepResult] = []
         self.lost_workers: list[LostWorker] = []
+        self.stopped: SearchStopped | None = None
+        self._doubted_agents: int | None = None  # a count whose failure was put down to the load generator once
         self.interrupted = False  # by SIGINT or SIGTERM before the search was done
         self._signalled = False
         self._stage = _Stage("finished", 0.0, 0.0)
@@ -193,6 +209,7 @@ class CapacitySearchShape(LoadTestShape):
             "complete": bool(self.search and self.search.done),
             "interrupted": self.interrupted,
             "lost_workers": [asdict(lost) for lost in self.lost_workers],
+            "stopped": self.stopped and asdict(self.stopped),
         }
 
     def _begin(self, now: float) -> bool:
@@ -205,7 +222,8 @@ class CapacitySearchShape(LoadTestShape):
             self.environment.process_exit_code = 2
             return False
         self.search = CapacitySearch.from_parameters([tier.name for tier in self.spec.tiers], self.params)
-        self.steps, self.lost_workers, self.interrupted = [], [], False
+        self.steps, self.lost_workers, self.interrupted, self.stopped = [], [], False, None
+        self._doubted_agents = None
         if not self._listening:
             self.environment.events.test_stop.add_listener(self._on_test_stop)
             self._listening = True
@@ -221,7 +239,7 @@ class CapacitySearchShape(LoadTestShape):
         return now + abs(agents - self.get_current_user_count()) / (rate or self.params.spawn_rate) + RAMP_GRACE_S
 
     def _next_step(self, now: float) -> bool:
-        agents = self.search.next_agents()
+        agents = None if self.stopped else self.search.next_agents()
         if agents is None:
             for capacity in self.search.capacity().values():
                 logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label, describe_capacity(capacity))
@@ -310,11 +328,43 @@ class CapacitySearchShape(LoadTestShape):
         start = self._window[0]
         records = aggregate.aggregator(self.environment).records_between(start, end_epoch_s)
         verdict = evaluate_step(records, self.spec)
-        step = StepResult(len(self.steps), self._agents, self._phase, start, end_epoch_s, verdict, early, complete)
+        server = self._server_window(start, end_epoch_s)
+        diagnoses = diagnose_step(verdict, records, server)
+        step = StepResult(len(self.steps), self._agents, self._phase, start, end_epoch_s, verdict, early, complete,
+                          server, diagnoses)
         self.steps.append(step)
-        self.search.record_verdict(self._agents, verdict)
         logger.info(format_step(step))
+        doubt = not_about_capacity(diagnoses)
+        if doubt is None:
+            self.search.record_verdict(self._agents, verdict)
+        else:
+            self._not_a_verdict(step, doubt, records)
         self._write_summary(self.environment)
+
+    def _server_window(self, start_epoch_s: float, end_epoch_s: float) -> ServerWindow:
+        """The server's numbers over a window, from the file ``agentperf capacity`` keeps (one line a
+        second, so reading it whole once a step is cheap); not available without one."""
+        path = getattr(self.environment.parsed_options, "server_metrics_file", "")
+        if not path:
+            return NOT_AVAILABLE
+        try:
+            return window_summary(read_samples(path), start_epoch_s, end_epoch_s)
+        except AgentperfError as exc:  # a file being written is read up to its last whole line
+            logger.warning("agentperf: %s", exc)
+            return NOT_AVAILABLE
+
+    def _not_a_verdict(self, step: StepResult, doubt: Diagnosis, records: list[RequestRecord]) -> None:
+        """A failure that is not about capacity is not recorded as the tier failing at this count. A
+        failing server (most requests failed, or the server rejects them) ends the search: no count can
+        be located against it, and "none" would say the server is merely slow. The load generator is given
+        one more measurement of the same count (the busy moment may pass); twice, and the search ends,
+        naming it, rather than report the client's limit as the server's."""
+        if doubt.cause is Cause.LOAD_GENERATOR and self._doubted_agents != step.agents:
+            self._doubted_agents = step.agents
+            logger.warning("agentperf: step %d: %s; measuring %d agents again", step.index, doubt.text, step.agents)
+            return
+        self.stopped = SearchStopped(step.index, step.agents, doubt.cause.value, doubt.text, common_error(records))
+        logger.error("agentperf: %s", self.stopped.line())
 
     def _on_test_stop(self, environment, **_) -> None:
         """A test stopped before the search was done was interrupted, whoever stopped it: a signal, the
@@ -370,6 +420,8 @@ def describe_capacity(capacity: TierCapacity) -> str:
         return f"none: fails already at {capacity.first_failing_agents} agents"
     if capacity.status is CapacityStatus.NEVER_FAILED:
         return f"at least {capacity.agents} agents (never failed up to --max-agents)"
+    if capacity.agents is None and capacity.first_failing_agents is None:
+        return "incomplete (no step judged)"
     return f"incomplete (passes at {capacity.agents}, fails at {capacity.first_failing_agents})"
 
 

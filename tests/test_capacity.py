@@ -70,6 +70,18 @@ def test_capacity_search_finds_the_ground_truth(tmp_path, headline_slo):
     assert gpu.count * gpu.idle_w < headline["power_watts"] <= gpu.count * gpu.tdp_w
     assert headline["agents_per_megawatt"] == pytest.approx(headline["agents"] / (headline["power_watts"] / 1e6))
     assert all(step["power_watts"] is not None for step in report["steps"])
+    # the server's own numbers per step (the simulator's vLLM metrics, read every second), and each failing
+    # step named with its cause: the same in the live search's state and in the report made from the files
+    assert "server qualified: model" in stdout and report["server_metrics"]["samples"] > 0
+    state = json.loads((out / "search.json").read_text())
+    for step, live in zip(report["steps"], state["steps"]):
+        assert step["server"]["server"] == "vllm" and step["server"]["readings"] > 0  # the simulator speaks vLLM
+        assert step["server"]["requests_finished"] >= 0 and step["server"]["ttft_mean_s"] > 0
+        failed = [name for name, passed in step["passed"].items() if not passed]
+        assert [found["tier"] for found in step["diagnoses"]] == failed
+        assert [found["cause"] for found in step["diagnoses"]] == [found["cause"] for found in live["diagnoses"]]
+        assert all(found["about_capacity"] for found in step["diagnoses"])  # a healthy server: capacity verdicts
+    assert any(step["diagnoses"] for step in report["steps"]) and "why: " in stdout
     # agentperf report rebuilds the same report from the folder alone, field for field (the ground truth
     # comes from run.json, where the live run kept it)
     rebuilt = subprocess.run([sys.executable, "-m", "agentperf_users.cli", "report", str(out)], capture_output=True,
@@ -78,6 +90,40 @@ def test_capacity_search_finds_the_ground_truth(tmp_path, headline_slo):
     assert json.loads((out / "report.json").read_text()) == report
     assert [line for line in rebuilt.stdout.splitlines() if line.startswith("capacity @")] == [
         line for line in stdout.splitlines() if line.startswith("capacity @")]
+
+
+@pytest.mark.slow
+def test_a_failing_server_stops_the_search_with_its_own_words_not_a_capacity_of_none(tmp_path, headline_slo):
+    """70 % of requests fail (HTTP 500): no count can be located against such a server, and "none (fails
+    already at 1 agents)" would read as a slow one. Seed 3 lets the qualification probe's two requests
+    through (the simulator draws faults in arrival order from the seed), so the search meets the failures."""
+    out = tmp_path / "run"
+    process = agentperf("capacity", "--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--warmup-s", "2",
+                        "--window-s", "6", "--max-agents", "4", "--workers", "1", "--no-truth", "--slo", headline_slo,
+                        "--simulator-fault", "500:0.7", "--seed", "3", "--out", str(out))
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 4, stdout + stderr
+    report = json.loads((out / "report.json").read_text())
+    stopped = report["stopped"]
+    assert (stopped["step"], stopped["cause"]) == (0, "server errors") and len(report["steps"]) == 1
+    assert stopped["error"].startswith("HTTP 500: simulated fault 500")
+    final = stdout.split("capacity @")[0].strip().splitlines()[-1]  # the line before the capacity lines
+    assert final.startswith("search stopped at step 0 (1 agents): the server is failing, not a capacity")
+    assert "most frequent error: HTTP 500" in final and "fails already" not in stdout
+
+
+def test_a_server_that_cannot_be_reached_is_one_line_and_leaves_no_run_folder(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    process = agentperf("capacity", "--host", f"http://user:pa55@127.0.0.1:{port}", "--out", str(out))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr and "pa55" not in stderr
+    assert "refused" in stderr and not out.exists()
 
 
 def test_bad_input_is_one_line_and_starts_nothing(tmp_path):

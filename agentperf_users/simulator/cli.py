@@ -40,7 +40,7 @@ import select
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from agentperf_users.simulator.faults import DEFAULT_RETRY_AFTER_S, KINDS, MAX_RETRY_AFTER_S, parse_faults
 from agentperf_users.simulator.profile import DEFAULT_PROFILE, Profile, SimulatorError, list_profiles, load_profile
@@ -180,18 +180,28 @@ class SimulatorProcess:
     """
 
     def __init__(self, cli_args: Sequence[str] = ("--port", "0"), cpus: set[int] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, start_new_session: bool = False,
+                 preexec_fn: Callable[[], None] | None = None):
         self._command = [sys.executable, "-m", "agentperf_users.simulator", *cli_args]
         self._cpus = cpus
         self._env = env
+        self._start_new_session = start_new_session  # a Ctrl-C to the terminal's group must not reach it
+        self._preexec_fn = preexec_fn  # e.g. the harness's parent-death signal
         self.process: subprocess.Popen | None = None
         self.url = ""
 
     def __enter__(self) -> "SimulatorProcess":
-        cpus = self._cpus
+        cpus, setup = self._cpus, self._preexec_fn
+
+        def in_child() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+            if setup:
+                setup()
+
         self.process = subprocess.Popen(
             self._command, stdout=subprocess.PIPE, text=True, env=self._env,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+            start_new_session=self._start_new_session, preexec_fn=in_child if cpus or setup else None)
         try:
             self.url = self._read_url()
         except BaseException:
