@@ -161,6 +161,10 @@ def test_compose_wires_the_same_roles():
     assert default == "python:3.11-slim"
     for service in ("simulator", "prometheus"):
         assert services[service]["build"]["args"]["BASE_IMAGE"] == default
+    assert services["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]  # published on this host only
+    # The master starts as root only to take its run folder: nothing but what that needs.
+    assert (services["master"]["cap_drop"], sorted(services["master"]["cap_add"])) == (["ALL"], ["CHOWN", "SETGID", "SETUID"])
+    assert services["master"]["security_opt"] == ["no-new-privileges:true"]
     for service, script in (("master", "own-runs-folder"), ("worker", "worker-until-master-ends")):
         (entrypoint,) = services[service]["entrypoint"]
         assert (REPO / entrypoint.removeprefix(IMAGE_ROOT)).is_file() and f"docker/{script}" in dockerfile
