@@ -231,8 +231,9 @@ def test_sigterm_while_the_master_waits_for_workers_quits_without_a_traceback(tm
              "--master-bind-port", "0", "--host", "http://127.0.0.1:9", "--capacity-json", str(tmp_path / "s.json")],
             stdout=file, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
     try:
-        wait_for(lambda: "Waiting for workers" in log.read_text() or "Starting Locust" in log.read_text(), 60,
-                 "the master up", master)
+        # Locust says "Starting Locust" before its init event (where the handler is installed): wait for the
+        # loop that waits for workers, which comes after it
+        wait_for(lambda: "Waiting for workers" in log.read_text(), 60, "the master waiting for workers", master)
         master.send_signal(signal.SIGTERM)
         assert master.wait(timeout=30) == 130, log.read_text()
     finally:
