@@ -1,4 +1,5 @@
-"""Fixtures for the real-engine tests: one vLLM with tool calling per test session (a start costs ~40 s).
+"""Fixtures for the real-engine tests: one vLLM with tool calling for this folder's tests (a start costs ~40 s;
+it stops after them, so the container tests that follow do not share the machine with it).
 
 Every test here is marked ``engine`` (skip them locally with ``-m 'not engine'``); without the vLLM venv
 they are skipped, or fail where ``AGENTPERF_REQUIRE_ENGINE=1`` (CI).
@@ -18,7 +19,7 @@ def vllm_install() -> VllmInstall:
     return require_install()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def vllm(vllm_install: VllmInstall) -> Iterator[VllmServer]:
     """The session's vLLM, set up as agent deployments are (tool calling on), pinned to the engine's CPU."""
     with VllmServer(vllm_install) as server:
