@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +20,7 @@ import yaml
 
 from agentperf_users.cli import build_parser
 from agentperf_users.records import read_records
+from tests.support import free_port, wait_for
 
 helm = pytest.importorskip("helm_python", reason="Helm's SDK comes with the test extras")
 
@@ -170,12 +169,6 @@ def test_compose_wires_the_same_roles():
         assert (REPO / entrypoint.removeprefix(IMAGE_ROOT)).is_file() and f"docker/{script}" in dockerfile
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _local(command: list[str], hosts: list[str]) -> list[str]:
     """A container's command on this machine: the Services' names are 127.0.0.1, the image's files are
     the checkout, and ``agentperf`` and ``locust`` are this interpreter's."""
@@ -195,8 +188,8 @@ def test_the_charts_commands_run_a_distributed_search(tmp_path):
     slo = tmp_path / "slo.yaml"
     slo.write_text("tiers:\n  - {name: aa-20tps, ttft_max_s: 10, output_tps_min: 20, scope: request}\n")
     objects = render({
-        "simulator": {"port": _free_port()},
-        "master": {"port": _free_port(), "metricsPort": _free_port(), "expectWorkersMaxWaitS": 60},
+        "simulator": {"port": free_port()},
+        "master": {"port": free_port(), "metricsPort": free_port(), "expectWorkersMaxWaitS": 60},
         "capacity": {"trajectories": "demo", "args": [
             "--slo", str(slo), "--start-agents", "2", "--max-agents", "4", "--warmup-s", "3", "--window-s", "6"]},
     })
@@ -368,26 +361,15 @@ def _web(port: int, path: str, form: dict | None = None) -> dict | None:
         return None
 
 
-def _poll(condition, timeout_s: float, what: str):
-    """``condition()``'s first truthy value, polled every 0.5 s for at most ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"not within {timeout_s:g} s: {what}")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_the_webui_modes_commands_serve_a_ramp_by_hand(tmp_path):
     """mode: webui, its pods' commands as processes: the master's UI sees both workers, a ramp started
     from it runs agents on both, the SLO now tab judges their records, and the master's records folder
     (under /runs, its volume) holds both workers' records."""
-    web_port = _free_port()
-    objects = render({"mode": "webui", "simulator": {"port": _free_port()}, "webui": {"port": web_port},
-                      "master": {"port": _free_port(), "metricsPort": _free_port()},
+    web_port = free_port()
+    objects = render({"mode": "webui", "simulator": {"port": free_port()}, "webui": {"port": web_port},
+                      "master": {"port": free_port(), "metricsPort": free_port()},
                       "capacity": {"trajectories": "demo"}})
     hosts = ["cap-agentperf-simulator", "cap-agentperf-master"]
     master_deployment = objects[("Deployment", "cap-agentperf-master")]
@@ -408,8 +390,8 @@ def test_the_webui_modes_commands_serve_a_ramp_by_hand(tmp_path):
         worker_command = _local(container(objects[("Deployment", "cap-agentperf-worker")])["command"], hosts)
         processes += [subprocess.Popen(worker_command, cwd=folders[name], env=env, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL) for name in ("worker-a", "worker-b")]
-        _poll(lambda: (_web(web_port, "/stats/requests") or {}).get("worker_count") == 2, 60,
-              "the web UI shows both workers")
+        wait_for(lambda: (_web(web_port, "/stats/requests") or {}).get("worker_count") == 2, 60,
+                 "the web UI shows both workers")
         started = _web(web_port, "/swarm", {"user_count": "2", "spawn_rate": "2"})
         assert started and started["success"], started
         records = folders["master"] / "records"
@@ -420,7 +402,7 @@ def test_the_webui_modes_commands_serve_a_ramp_by_hand(tmp_path):
             kept = read_records([records]) if records.is_dir() else []
             return rows if len({r.worker_id for r in kept}) == 2 and any(row["requests"] for row in rows) else None
 
-        rows = _poll(judged_from_both_workers, 120, "records from both workers, judged in the SLO now tab")
+        rows = wait_for(judged_from_both_workers, 120, "records from both workers, judged in the SLO now tab")
         assert {row["verdict"] for row in rows} <= {"pass", "FAIL"}
         assert _web(web_port, "/stop", {}) is not None
     finally:

@@ -11,10 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.support import wait_for
 
 from agentperf_users.records import Status, read_records
 from tests.simulator import simulator
@@ -36,22 +37,6 @@ def headline_slo(tmp_path):
     path = tmp_path / "slo.yaml"
     path.write_text("tiers:\n  - {name: aa-20tps, ttft_max_s: 10, output_tps_min: 20, scope: request}\n")
     return str(path)
-
-
-def wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen | None = None,
-             describe=lambda: ""):
-    """Poll ``condition`` (returns a truthy value when met) until ``timeout_s``; fail naming ``what`` (and
-    ``describe()``), and early if ``process`` ended."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            pytest.fail(f"{what}: the process ended first (exit code {process.returncode})")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout_s:g} s{describe()}")
-        time.sleep(0.2)
 
 
 def judged_steps(search_json: Path) -> list[dict]:

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -58,21 +57,12 @@ if __name__ == "__main__":
 
 import requests  # noqa: E402
 
+from tests.support import free_port, wait_for  # noqa: E402
+
 from agentperf_users.client import redact, redact_url  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT_S = 60.0
-
-
-def _until(condition, what: str):
-    """Poll ``condition`` until it returns something truthy (bounded): the test waits for what it needs."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _echo_server(log: Path):
@@ -80,20 +70,12 @@ def _echo_server(log: Path):
     return process, f"http://127.0.0.1:{int(process.stdout.readline())}"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_the_web_ui_cannot_choose_the_keys_variable_or_send_the_key_elsewhere(tmp_path):
     target_log, other_log, locust_log = tmp_path / "target.jsonl", tmp_path / "other.jsonl", tmp_path / "locust.log"
     target, target_url = _echo_server(target_log)
     other, other_url = _echo_server(other_log)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "AGENTPERF_TEST_KEY": CANARY_KEY, "MY_DB_PASSWORD": DB_PASSWORD}
     web = f"http://127.0.0.1:{port}"
     with open(locust_log, "w") as log:
@@ -103,15 +85,15 @@ def test_the_web_ui_cannot_choose_the_keys_variable_or_send_the_key_elsewhere(tm
              "--trajectories", "demo", "--records-dir", str(tmp_path / "records")],
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _until(lambda: _get(web), "the web UI")
+        wait_for(lambda: _get(web), WAIT_S, "the web UI")
         form = {"user_count": 1, "spawn_rate": 1, "host": target_url, "api_key_env": "MY_DB_PASSWORD"}
         requests.post(f"{web}/swarm", data=form, timeout=10)
-        _until(lambda: "the API key's source is fixed" in locust_log.read_text(), "the key-source refusal")
+        wait_for(lambda: "the API key's source is fixed" in locust_log.read_text(), WAIT_S, "the key-source refusal")
         requests.post(f"{web}/swarm", data={**form, "api_key_env": "AGENTPERF_TEST_KEY", "host": other_url}, timeout=10)
-        _until(lambda: "requests go only to the host given at start" in locust_log.read_text(), "the host refusal")
+        wait_for(lambda: "requests go only to the host given at start" in locust_log.read_text(), WAIT_S, "the host refusal")
         # The honest start still works: the key goes to the target, and only there.
         requests.post(f"{web}/swarm", data={**form, "api_key_env": "AGENTPERF_TEST_KEY"}, timeout=10)
-        _until(lambda: target_log.exists() and "chat/completions" in target_log.read_text(), "a chat request")
+        wait_for(lambda: target_log.exists() and "chat/completions" in target_log.read_text(), WAIT_S, "a chat request")
     finally:
         locust.terminate()
         locust.wait(30)

@@ -37,7 +37,7 @@ from agentperf_users.cli import main as agentperf
 from agentperf_users.records import RequestRecord, Status, read_records
 from agentperf_users.simulator.cli import SimulatorProcess
 from agentperf_users.simulator.profile import load_profile
-from tests.distributed.test_distributed import free_port
+from tests.support import free_port
 from tests.test_faults import fault_kind
 
 REPO = Path(__file__).resolve().parent.parent

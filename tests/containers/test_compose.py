@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -30,6 +29,7 @@ from agentperf_users.capacity import EXIT_NOT_LOCATED
 from agentperf_users.records import RequestRecord, read_records
 from agentperf_users.slo import load_slo, recompute
 from tests.containers.docker import REPO, base_image, docker_or_skip, runs, unavailable
+from tests.support import free_port
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -52,12 +52,6 @@ def _compose_command(implementation: str) -> list[str]:
     if implementation not in installed:
         pytest.skip(f"Compose {implementation} ({' '.join(IMPLEMENTATIONS[implementation])}) is not installed")
     return installed[implementation]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _project_objects(project: str) -> list[str]:
@@ -124,7 +118,7 @@ def compose_run(request, tmp_path_factory) -> ComposeRun:
     compose = _compose_command(request.param)
     tmp = tmp_path_factory.mktemp(f"compose-{request.param}")
     project = f"agentperf-test-{uuid.uuid4().hex[:8]}"
-    runs, port = tmp / "runs-not-there-yet", _free_port()
+    runs, port = tmp / "runs-not-there-yet", free_port()
     env = {**os.environ, "AGENTPERF_RUNS": str(runs), "AGENTPERF_PROMETHEUS_PORT": str(port),
            "AGENTPERF_WORKERS": str(WORKERS), "AGENTPERF_START_AGENTS": "1", "AGENTPERF_MAX_AGENTS": "2",
            "AGENTPERF_WARMUP_S": "3", "AGENTPERF_WINDOW_S": "8", "COMPOSE_PROJECT_NAME": project}

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 
 from agentperf_users.records import RequestRecord, read_records
 from agentperf_users.slo import load_slo, recompute
+from tests.support import free_port
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -40,12 +40,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # As root in a container, without a GPU, and with no background connections to a closed network.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def locust(*args: str, log: Path) -> subprocess.Popen:

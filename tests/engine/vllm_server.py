@@ -27,7 +27,7 @@ from typing import Sequence
 import psutil
 import pytest
 
-from tests.distributed.test_distributed import free_port
+from tests.support import free_port
 
 DEFAULT_VENV = "/opt/agentperf-vllm"
 MODEL_NAME = "tiny-llama"  # the folder under the venv and the served model name
