@@ -218,7 +218,8 @@ def _state(environment: Environment) -> _ProcessState:
 
 
 def install(environment: Environment, **_: Any) -> None:
-    """Register the claim messages on this process's runner (Locust's ``init`` event)."""
+    """Register the claim messages on this process's runner (Locust's ``init`` event), the master's ear for
+    its workers' errors, and note where the API key comes from and may go (``_check_key_source``)."""
     runner = environment.runner
     state = _state(environment)
     options = environment.parsed_options
