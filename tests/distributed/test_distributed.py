@@ -116,7 +116,8 @@ def search_run(tmp_path_factory):
     tabs = {}
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not summary_path.exists():  # written when the search ends; the web UI stays up
+        # the state file is written whole from the search's start on; the web UI stays up after it ends
+        while not (summary_path.exists() and json.loads(summary_path.read_text()).get("complete")):
             assert time.monotonic() < deadline and master.poll() is None, (folder / "master.log").read_text()[-3000:]
             time.sleep(0.5)
         if CHROMIUM:
