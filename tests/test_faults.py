@@ -84,7 +84,9 @@ def test_every_fault_kind_becomes_its_own_records_and_the_agents_go_on(tmp_path)
     assert all(injected[kind] >= 1 for kind in KINDS), injected  # the run met every kind
     for kind in KINDS:  # every injected fault has its record, except requests the run's end cut
         assert 0 <= injected[kind] - seen[kind] <= len(cancelled), (kind, injected[kind], seen[kind])
-    assert sum(injected.values()) - sum(seen.values()) == len(cancelled) <= AGENTS
+    # A cut request either reached the fault draw (counted, no classified record) or was cut before the
+    # server drew its fault (sending its body, or before the handler ran): counted nowhere.
+    assert 0 <= sum(injected.values()) - sum(seen.values()) <= len(cancelled) <= AGENTS
 
     by_agent: dict[int, list[RequestRecord]] = defaultdict(list)
     for record in sorted(records, key=lambda r: r.start_epoch_s):

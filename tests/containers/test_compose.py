@@ -109,7 +109,8 @@ class ComposeRun:
     run_folders: list[Path]
     worker_folders: list[Path]
     stored_steps: list[dict]  # agentperf_step_passed series from the stack's Prometheus
-    target_up: list[dict]  # the target's scrape health as Prometheus stored it
+    target_up: list[dict]  # the target's best scrape health as Prometheus stored it
+    target_series: list[dict]  # the simulator's own request counter as Prometheus stored it
     left_behind: list[str]  # the project's containers, networks and volumes after `down`
 
 
@@ -135,12 +136,14 @@ def compose_run(request, tmp_path_factory) -> ComposeRun:
                                    capture_output=True, text=True, timeout=120, check=False)
         assert restarted.returncode == 0, restarted.stderr
         stored = _stored_series(port, "last_over_time(agentperf_step_passed[1h])")
-        target_up = _query(port, 'last_over_time(up{job="target"}[1h])') or []
+        # max, not last: the stack stops the simulator before Prometheus, whose last scrape may then fail.
+        target_up = _query(port, 'max_over_time(up{job="target"}[1h])') or []
+        target_series = _query(port, 'last_over_time(vllm:request_success_total[1h])') or []
     finally:
         subprocess.run([*base, "down", "--volumes", "--remove-orphans", "--timeout", "5"], cwd=REPO, env=env,
                        capture_output=True, timeout=120, check=False)
     return ComposeRun(run.returncode, output, sorted(runs.iterdir()) if runs.is_dir() else [], worker_folders,
-                      stored, target_up, _project_objects(project))
+                      stored, target_up, target_series, _project_objects(project))
 
 
 def test_the_readme_command_returns_the_searchs_own_exit_code(compose_run):
@@ -184,6 +187,7 @@ def test_the_stacks_prometheus_stored_the_run(compose_run):
     for verdict in first["verdict"]["tiers"]:
         assert stored[first["index"], verdict["tier"]] == (1.0 if verdict["passed"] else 0.0)
     assert [float(series["value"][1]) for series in compose_run.target_up] == [1.0]  # the simulator's /metrics
+    assert sum(float(series["value"][1]) for series in compose_run.target_series) > 0  # its served requests
 
 
 def test_nothing_is_left_behind(compose_run):
