@@ -51,7 +51,7 @@ TOLERANCE = 0.05
 
 
 def run_case(profile: str, trajectories: str, args: argparse.Namespace, seed: int, out: Path) -> dict:
-    command = [sys.executable, "-m", "agentperf_users.cli", "capacity", "--profile", profile,
+    command = [sys.executable, "-m", "agentperf_users.cli.main", "capacity", "--profile", profile,
                "--trajectories", trajectories, "--out", str(out), "--start-agents", str(args.start_agents),
                "--max-agents", str(args.max_agents), "--warmup-s", str(args.warmup_s),
                "--window-s", str(args.window_s), "--workers", str(args.workers), "--seed", str(seed)]
@@ -97,11 +97,12 @@ def within_band(live: dict, band: dict | None) -> bool | None:
 def truth_over_seeds(profile: str, trajectories: str, args: argparse.Namespace) -> dict[str, list[str]]:
     """The truth's search answer per tier under seeds 0 .. --seeds - 1 (agents, or the status when it
     located none)."""
-    from agentperf_users import replay, truth
-    from agentperf_users.search import SearchParameters
+    from agentperf_users.loadgen import replay
+    from agentperf_users.search import truth
+    from agentperf_users.search.policy import SearchParameters
     from agentperf_users.simulator.profile import load_profile
-    from agentperf_users.slo import load_slo
-    from agentperf_users.trajectory import load_trajectories
+    from agentperf_users.measure.slo import load_slo
+    from agentperf_users.workload.trajectory import load_trajectories
 
     spec, sim_profile, trajectory_set = load_slo(None), load_profile(profile), load_trajectories(trajectories)
     params = SearchParameters(start_agents=args.start_agents, step_agents=0, step_factor=2.0,
@@ -151,8 +152,8 @@ def plain_bisection_steps(report: dict) -> int:
     is read against it: at a capacity of about 10 even this takes over half a +1 ladder's steps (8 of 14
     from 1 to a first failure at 14), so a ratio of 0.5 is out of reach of search by bracketing; the
     margins' interpolation gains on it only where the bracket is wide."""
-    from agentperf_users.search import CapacitySearch, SearchParameters
-    from agentperf_users.slo import SloTier, StepVerdict, TierVerdict
+    from agentperf_users.search.policy import CapacitySearch, SearchParameters
+    from agentperf_users.measure.slo import SloTier, StepVerdict, TierVerdict
 
     params = SearchParameters(**{**report["search"], "guided": False})
     limits = {name: cap["agents"] if cap["status"] == "found" else 0 if cap["status"] == "none_passed" else math.inf

@@ -160,8 +160,8 @@ def run_agentperf(url: str, phases: list[tuple[int, bytes, float]], offset_s: fl
     from locust.event import EventHook
     from locust.stats import RequestStats
 
-    from agentperf_users.client import ChatStreamClient
-    from agentperf_users.records import Status
+    from agentperf_users.client.chat import ChatStreamClient
+    from agentperf_users.measure.records import Status
 
     _freeze_heap()
     stats = RequestStats()

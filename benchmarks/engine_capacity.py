@@ -29,7 +29,7 @@ def search(url: str, folder: Path, trajectories: Path, seed: int, args: argparse
     out = folder / f"seed-{seed}"
     started = time.monotonic()
     completed = subprocess.run(
-        [sys.executable, "-m", "agentperf_users.cli", "capacity", "--host", url, "--trajectories", str(trajectories),
+        [sys.executable, "-m", "agentperf_users.cli.main", "capacity", "--host", url, "--trajectories", str(trajectories),
          "--workers", "1", "--seed", str(seed), "--warmup-s", str(args.warmup_s), "--window-s", str(args.window_s),
          "--max-agents", str(args.max_agents), "--start-agents", str(args.start_agents), "--out", str(out)],
         capture_output=True, text=True, preexec_fn=pin(LOAD_CPUS), cwd=REPO)

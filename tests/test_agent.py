@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from agentperf_users.client import bucket_response_time_3sig
-from agentperf_users.records import Status, read_records
-from agentperf_users.replay import start_turn
+from agentperf_users.client.chat import bucket_response_time_3sig
+from agentperf_users.measure.records import Status, read_records
+from agentperf_users.loadgen.replay import start_turn
 from agentperf_users.simulator.cli import SimulatorProcess
-from agentperf_users.trajectory import load_trajectories
+from agentperf_users.workload.trajectory import load_trajectories
 
 REPO = Path(__file__).resolve().parent.parent
 AGENTS = 4
@@ -208,7 +208,9 @@ def test_a_restarted_steps_agents_are_dealt_first_requests_one_per_spawn_interva
     from locust.env import Environment
     from locust.event import Events
 
-    from agentperf_users import agent, aggregate
+    from agentperf_users.loadgen import agent
+
+    from agentperf_users.measure import aggregate
 
     class Idle(User):
         wait_time = constant(1)
@@ -234,7 +236,7 @@ def test_an_agent_backs_off_from_the_second_failure_in_a_row_and_honours_retry_a
     says, capped; a success resets the count."""
     from types import SimpleNamespace
 
-    from agentperf_users.agent import AgentUser
+    from agentperf_users.loadgen.agent import AgentUser
 
     agent = SimpleNamespace(_failures_in_a_row=0)
 
@@ -292,7 +294,7 @@ def test_agent_options_from_the_web_ui_are_bounded_in_one_short_line(field, valu
     """The web UI sends any string for any option: each must end as one short line, never a 5 KB echo."""
     import argparse
 
-    from agentperf_users.agent import AgentSettings
+    from agentperf_users.loadgen.agent import AgentSettings
     from agentperf_users.errors import AgentperfError
 
     options = argparse.Namespace(trajectories="demo", trajectory_format="auto", model="", api_key_env="K",

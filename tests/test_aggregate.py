@@ -12,10 +12,10 @@ from locust.env import Environment
 from locust.event import Events
 from locust.rpc.protocol import Message
 
-from agentperf_users import aggregate
-from agentperf_users.aggregate import Aggregator, LoadStep, build_report
-from agentperf_users.records import RecordLog, RecordWriter, Status, read_records
-from agentperf_users.slo import SloSpec, SloTier, evaluate_step, recompute
+from agentperf_users.measure import aggregate
+from agentperf_users.measure.aggregate import Aggregator, LoadStep, build_report
+from agentperf_users.measure.records import RecordLog, RecordWriter, Status, read_records
+from agentperf_users.measure.slo import SloSpec, SloTier, evaluate_step, recompute
 from tests.test_slo import record
 
 SPEC = SloSpec("x", (SloTier(name="a", ttft_max_s=2.0, output_tps_min=10.0, max_error_rate=0.5),))

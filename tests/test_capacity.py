@@ -13,7 +13,7 @@ import pytest
 
 from agentperf_users import files
 from agentperf_users.errors import AgentperfError
-from agentperf_users.records import read_records
+from agentperf_users.measure.records import read_records
 from agentperf_users.simulator.profile import load_profile
 
 QUICK_SEARCH = ["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--start-agents", "6",
@@ -30,7 +30,7 @@ def headline_slo(tmp_path):
 
 
 def agentperf(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "agentperf_users.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "agentperf_users.cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -84,7 +84,7 @@ def test_capacity_search_finds_the_ground_truth(tmp_path, headline_slo):
     assert any(step["diagnoses"] for step in report["steps"]) and "why: " in stdout
     # agentperf report rebuilds the same report from the folder alone, field for field (the ground truth
     # comes from run.json, where the live run kept it)
-    rebuilt = subprocess.run([sys.executable, "-m", "agentperf_users.cli", "report", str(out)], capture_output=True,
+    rebuilt = subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", "report", str(out)], capture_output=True,
                              text=True, timeout=120)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert json.loads((out / "report.json").read_text()) == report
@@ -153,7 +153,7 @@ def test_unknown_trajectory_set_is_one_line(tmp_path):
 def test_twin_steps_end_windows_by_the_truths_own_rule_unless_the_live_step_ended_early():
     """An extended live window (``--min-requests``) is not cut at its live length in the truth, where the
     request that ended it may end milliseconds later and leave the twin's window empty."""
-    from agentperf_users.capacity import twin_windows
+    from agentperf_users.cli.capacity import twin_windows
 
     def step(agents, start, end, early):
         return {"agents": agents, "window_start_epoch_s": start, "window_end_epoch_s": end, "early_stop": early}

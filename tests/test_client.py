@@ -227,10 +227,10 @@ import gevent.event  # noqa: E402
 from locust.contrib.fasthttp import FastHttpSession  # noqa: E402
 from locust.event import EventHook  # noqa: E402
 
-from agentperf_users.body import ChatBodyEncoder  # noqa: E402
-from agentperf_users.client import ChatStreamClient, bucket_response_time_3sig  # noqa: E402
-from agentperf_users.records import Status  # noqa: E402
-from agentperf_users.timed_io import KERNEL_STAMPS  # noqa: E402
+from agentperf_users.loadgen.body import ChatBodyEncoder  # noqa: E402
+from agentperf_users.client.chat import ChatStreamClient, bucket_response_time_3sig  # noqa: E402
+from agentperf_users.measure.records import Status  # noqa: E402
+from agentperf_users.client.timed_io import KERNEL_STAMPS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +420,7 @@ def test_retry_after_of_a_429_is_read(server_url):
 def test_a_request_cut_by_the_end_of_its_step_is_a_cancelled_result_with_what_arrived(server_url, monkeypatch):
     """Locust kills an agent's greenlet when its step or run ends: the request in flight still becomes a
     result (so a record), cancelled, with the tokens that had arrived, and no failure in Locust's table."""
-    from agentperf_users import sse
+    from agentperf_users.client import sse
 
     first_token = gevent.event.Event()
     add = sse.StreamTally.add

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agentperf_users.cli import build_parser
-from agentperf_users.records import read_records
+from agentperf_users.cli.main import build_parser
+from agentperf_users.measure.records import read_records
 from tests.support import free_port, wait_for
 
 helm = pytest.importorskip("helm_python", reason="Helm's SDK comes with the test extras")
@@ -176,7 +176,7 @@ def _local(command: list[str], hosts: list[str]) -> list[str]:
     for host in hosts:
         text = text.replace(host, "127.0.0.1")
     command = json.loads(text.replace(IMAGE_ROOT, f"{REPO}/"))
-    program = {"agentperf": [sys.executable, "-m", "agentperf_users.cli"], "locust": [sys.executable, "-m", "locust"]}
+    program = {"agentperf": [sys.executable, "-m", "agentperf_users.cli.main"], "locust": [sys.executable, "-m", "locust"]}
     return program.get(command[0], command[:1]) + command[1:]
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from agentperf_users.diagnose import (
+from agentperf_users.measure.diagnose import (
     KV_USAGE_PRESSURE,
     LOADGEN_CPU_BUSY,
     Cause,
@@ -21,9 +21,9 @@ from agentperf_users.diagnose import (
     diagnose,
     read_cpu,
 )
-from agentperf_users.records import RequestRecord, Status
-from agentperf_users.server_metrics import NOT_AVAILABLE, ServerWindow
-from agentperf_users.slo import SloTier, evaluate
+from agentperf_users.measure.records import RequestRecord, Status
+from agentperf_users.measure.server_metrics import NOT_AVAILABLE, ServerWindow
+from agentperf_users.measure.slo import SloTier, evaluate
 
 TIER = SloTier(name="aa-20tps", ttft_max_s=10.0, output_tps_min=20.0, scope="request")
 

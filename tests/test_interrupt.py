@@ -17,7 +17,7 @@ import pytest
 
 from tests.support import wait_for
 
-from agentperf_users.records import Status, read_records
+from agentperf_users.measure.records import Status, read_records
 from tests.simulator import simulator
 from tests.test_capacity import agentperf
 
@@ -108,7 +108,7 @@ def test_a_child_started_by_agentperf_dies_with_it_even_under_sigkill(tmp_path):
     """What keeps master, workers and simulator from outliving a killed agentperf, on one child."""
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys\n"
-        "from agentperf_users.capacity import _dies_with_parent\n"
+        "from agentperf_users.cli.capacity import _dies_with_parent\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
         "preexec_fn=_dies_with_parent(), start_new_session=True)\n"
         "print(child.pid, flush=True)\n"
@@ -176,7 +176,7 @@ def test_a_second_signal_exits_at_once_and_leaves_whole_files(tmp_path, headline
     assert "SIGTERM again" in stderr and f"agentperf report {out}" in stderr and "Traceback" not in stderr
     assert not (out / "report.json").exists()  # at once: no report, rather than one that waits for the master
     assert len(judged_steps(out / "search.json")) >= 1  # whole, with what was judged
-    result = subprocess.run([sys.executable, "-m", "agentperf_users.cli", "report", str(out)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", "report", str(out)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(json.loads((out / "report.json").read_text())["steps"]) >= 1
@@ -194,7 +194,7 @@ def test_sigkill_of_agentperf_leaves_no_process_and_a_folder_that_reports(tmp_pa
                  describe=lambda: f": still running: {command_lines(children)}")
     finally:
         kill_leftovers(children)
-    result = subprocess.run([sys.executable, "-m", "agentperf_users.cli", "report", str(out)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", "report", str(out)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())

@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 
 from agentperf_users.errors import AgentperfError
-from agentperf_users.readers import MANIFEST_OUTSIDE_ENV
-from agentperf_users.readers import common as readers_common
-from agentperf_users.readers import compact as compact_reader
-from agentperf_users.search import SearchParameters, add_search_arguments
-from agentperf_users.simulator.bounded import MAX_DEPTH, InputError, loads_json
+from agentperf_users.workload.readers import MANIFEST_OUTSIDE_ENV
+from agentperf_users.workload.readers import common as readers_common
+from agentperf_users.workload.readers import compact as compact_reader
+from agentperf_users.search.policy import SearchParameters, add_search_arguments
+from agentperf_users.bounded import MAX_DEPTH, InputError, loads_json
 from agentperf_users.simulator.profile import ProfileError, load_profile
-from agentperf_users.slo import load_slo
-from agentperf_users.trajectory import load_trajectories
+from agentperf_users.measure.slo import load_slo
+from agentperf_users.workload.trajectory import load_trajectories
 
 CORPUS = Path(__file__).resolve().parent / "malformed"
 HELPERS = {"generate.py", "manifests/outside.jsonl"}
@@ -252,7 +252,7 @@ def test_a_manifest_reaches_outside_its_folder_only_when_the_user_allows_it(tmp_
 
 
 def test_trajectories_stats_allows_a_manifest_outside_its_folder_only_when_asked(capsys, monkeypatch):
-    from agentperf_users.cli import main
+    from agentperf_users.cli.main import main
 
     monkeypatch.delenv(MANIFEST_OUTSIDE_ENV, raising=False)
     manifest = str(CORPUS / "manifests" / "dotdot" / "manifest.json")
@@ -346,7 +346,7 @@ def commands(tmp_path_factory) -> dict[str, tuple[list[str], subprocess.Complete
     }
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop(MANIFEST_OUTSIDE_ENV, None)
-    running = {name: subprocess.Popen([sys.executable, "-m", "agentperf_users.cli", *argv], stdout=subprocess.PIPE,
+    running = {name: subprocess.Popen([sys.executable, "-m", "agentperf_users.cli.main", *argv], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_limit_memory)
                for name, (argv, _) in cases.items()}
     results = {}

@@ -10,10 +10,10 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentperf_users import aggregate
-from agentperf_users.metrics import TTFT_BUCKETS_S, RunCollector
-from agentperf_users.records import Status
-from agentperf_users.slo import evaluate_step, load_slo
+from agentperf_users.measure import aggregate
+from agentperf_users.report.prometheus import TTFT_BUCKETS_S, RunCollector
+from agentperf_users.measure.records import Status
+from agentperf_users.measure.slo import evaluate_step, load_slo
 from tests.test_aggregate import local_environment
 from tests.test_slo import record
 

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from agentperf_users.simulator.tokenizer import count_prompt_tokens
+from agentperf_users.tokens import count_prompt_tokens
 
 MODEL = "served/model-a"
 OTHER_MODEL = "served/model-b"
@@ -147,16 +147,16 @@ if __name__ == "__main__":
 import socket  # noqa: E402
 
 from agentperf_users.errors import AgentperfError  # noqa: E402
-from agentperf_users.probe import (  # noqa: E402
+from agentperf_users.loadgen.probe import (  # noqa: E402
     CONTEXT_MARGIN,
     CONTEXT_MARGIN_UNMEASURED,
     NAMESPACE_ALLOWANCE_TOKENS,
     ProbeTarget,
     qualify,
 )
-from agentperf_users.replay import ReplaySettings  # noqa: E402
+from agentperf_users.loadgen.replay import ReplaySettings  # noqa: E402
 from agentperf_users.simulator.profile import DEFAULT_PROFILE, load_profile  # noqa: E402
-from agentperf_users.trajectory import load_trajectories  # noqa: E402
+from agentperf_users.workload.trajectory import load_trajectories  # noqa: E402
 from tests.simulator import simulator  # noqa: E402
 
 RUN_SHAPE = ReplaySettings()  # tools and ignore_eos on: what a run sends by default

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from agentperf_users.replay import (
+from agentperf_users.loadgen.replay import (
     Dealer,
     ReplaySettings,
     add_replay_arguments,

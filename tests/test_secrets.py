@@ -93,7 +93,7 @@ import requests  # noqa: E402
 
 from tests.support import free_port, wait_for  # noqa: E402
 
-from agentperf_users.client import redact, redact_url  # noqa: E402
+from agentperf_users.client.chat import redact, redact_url  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT_S = 60.0
@@ -168,7 +168,7 @@ def test_a_canary_key_echoed_by_a_failing_server_reaches_no_output(tmp_path):
     try:
         run = tmp_path / "run"
         capacity = subprocess.Popen(
-            [sys.executable, "-m", "agentperf_users.cli", "capacity", "--host", url, "--api-key-env", "AGENTPERF_CANARY",
+            [sys.executable, "-m", "agentperf_users.cli.main", "capacity", "--host", url, "--api-key-env", "AGENTPERF_CANARY",
              "--trajectories", "demo", "--workers", "1", "--start-agents", "2", "--max-agents", "2", "--warmup-s", "1",
              "--window-s", "4", "--out", str(run), "--metrics-port", str(metrics_port)],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

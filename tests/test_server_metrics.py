@@ -16,9 +16,9 @@ from typing import Callable
 import pytest
 from openai import OpenAI
 
-import agentperf_users.scrape as scrape_module
+import agentperf_users.measure.scrape as scrape_module
 from agentperf_users.errors import AgentperfError
-from agentperf_users.server_metrics import (
+from agentperf_users.measure.server_metrics import (
     NOT_AVAILABLE,
     SERVER_METRICS_FILE,
     HistogramValue,
@@ -388,7 +388,7 @@ def lines(path) -> list[dict]:
 def test_the_sampler_writes_known_readings_and_logs_a_bad_endpoint_once(tmp_path, caplog):
     path = tmp_path / SERVER_METRICS_FILE
     bodies = [(200, VLLM_032), (200, SGLANG), (404, "not found"), (200, DCGM_ONLY), (200, VLLM_032)]
-    with caplog.at_level(logging.INFO, logger="agentperf_users.scrape"):
+    with caplog.at_level(logging.INFO, logger="agentperf_users.measure.scrape"):
         with Endpoint(bodies) as endpoint, server_metrics_sampler(endpoint.url, path, interval_s=0.05) as sampler:
             wait_for(lambda: len(lines(path)) >= 4, "four readings")
     written = lines(path)
@@ -402,7 +402,7 @@ def test_the_sampler_writes_known_readings_and_logs_a_bad_endpoint_once(tmp_path
 
 def test_an_unknown_servers_endpoint_writes_nothing_and_says_so_once(tmp_path, caplog):
     path = tmp_path / SERVER_METRICS_FILE
-    with caplog.at_level(logging.WARNING, logger="agentperf_users.scrape"):
+    with caplog.at_level(logging.WARNING, logger="agentperf_users.measure.scrape"):
         with Endpoint([(200, DCGM_ONLY)]) as endpoint, \
                 server_metrics_sampler(endpoint.url, path, interval_s=0.05) as sampler:
             wait_for(lambda: sampler.misses >= 3, "three readings")
@@ -414,7 +414,7 @@ def test_an_unknown_servers_endpoint_writes_nothing_and_says_so_once(tmp_path, c
 def test_an_oversized_exposition_is_not_read(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(scrape_module, "MAX_EXPOSITION_BYTES", len(VLLM_032) - 1)
     path = tmp_path / SERVER_METRICS_FILE
-    with caplog.at_level(logging.WARNING, logger="agentperf_users.scrape"):
+    with caplog.at_level(logging.WARNING, logger="agentperf_users.measure.scrape"):
         with Endpoint([(200, VLLM_032)]) as endpoint, \
                 server_metrics_sampler(endpoint.url, path, interval_s=0.05) as sampler:
             wait_for(lambda: sampler.misses >= 2, "two readings")
@@ -428,7 +428,7 @@ def test_an_unreachable_endpoint_writes_nothing_and_says_so_once(tmp_path, caplo
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     path = tmp_path / SERVER_METRICS_FILE
-    with caplog.at_level(logging.WARNING, logger="agentperf_users.scrape"):
+    with caplog.at_level(logging.WARNING, logger="agentperf_users.measure.scrape"):
         with server_metrics_sampler(f"http://user:secret@127.0.0.1:{port}/metrics", path, interval_s=0.05) as sampler:
             wait_for(lambda: sampler.misses >= 3, "three failed readings")
     assert read_samples(path) == []

@@ -15,10 +15,10 @@ from locust import User, argument_parser, constant
 from locust.env import Environment
 from locust.event import Events
 
-from agentperf_users import aggregate
-from agentperf_users.search import CapacitySearch, CapacityStatus, SearchParameters, window_end
-from agentperf_users.shape import STOP_RATE, CapacitySearchShape, format_step
-from agentperf_users.slo import SloTier, StepVerdict, TierVerdict
+from agentperf_users.measure import aggregate
+from agentperf_users.search.policy import CapacitySearch, CapacityStatus, SearchParameters, window_end
+from agentperf_users.search.shape import STOP_RATE, CapacitySearchShape, format_step
+from agentperf_users.measure.slo import SloTier, StepVerdict, TierVerdict
 from tests.test_slo import record
 
 

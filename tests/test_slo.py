@@ -9,8 +9,8 @@ import random
 import pytest
 
 from agentperf_users.errors import AgentperfError
-from agentperf_users.records import RequestRecord, Status
-from agentperf_users.slo import (
+from agentperf_users.measure.records import RequestRecord, Status
+from agentperf_users.measure.slo import (
     SloSpec,
     SloTier,
     evaluate,
@@ -267,7 +267,7 @@ def test_missing_file(tmp_path):
 
 
 def test_the_aa_agentperf_preset_is_the_headline_tier_judged_per_request_at_p25_speed(tmp_path, monkeypatch):
-    from agentperf_users.slo import load_slo
+    from agentperf_users.measure.slo import load_slo
 
     [tier] = load_slo("aa-agentperf").tiers
     assert (tier.name, tier.output_tps_min, tier.ttft_max_s) == ("aa-20tps", 20, 10)

@@ -33,8 +33,8 @@ from urllib.request import urlopen
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentperf_users.cli import main as agentperf
-from agentperf_users.records import RequestRecord, Status, read_records
+from agentperf_users.cli.main import main as agentperf
+from agentperf_users.measure.records import RequestRecord, Status, read_records
 from agentperf_users.simulator.cli import SimulatorProcess
 from agentperf_users.simulator.profile import load_profile
 from tests.support import free_port

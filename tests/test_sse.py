@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from agentperf_users.sse import MAX_SSE_LINE_BYTES, SSEEvent, SSEParser, StreamTally
+from agentperf_users.client.sse import MAX_SSE_LINE_BYTES, SSEEvent, SSEParser, StreamTally
 
 
 def _chunk(delta: dict | None = None, **extra) -> dict:
@@ -173,7 +173,7 @@ def test_json_nested_deeper_than_the_decoder_recurses_is_unparseable_not_a_crash
 
 
 def test_usage_is_checked_against_what_arrived():
-    from agentperf_users.sse import implausible_usage
+    from agentperf_users.client.sse import implausible_usage
 
     payloads = [("", json.dumps(_chunk({"content": "héllo"}), ensure_ascii=False)),  # 6 bytes in one chunk
                 ("", json.dumps(_chunk({"tool_calls": [{"function": {"name": "ls", "arguments": "{}"}}]})))]

@@ -11,8 +11,10 @@ from locust import User, argument_parser, constant
 from locust.env import Environment
 from locust.event import Events
 
-from agentperf_users import aggregate, webui
-from agentperf_users.slo import evaluate_step, load_slo, ttft_text
+from agentperf_users.measure import aggregate
+
+from agentperf_users.report import webui
+from agentperf_users.measure.slo import evaluate_step, load_slo, ttft_text
 from tests.test_slo import record
 
 

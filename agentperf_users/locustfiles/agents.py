@@ -5,10 +5,10 @@
 
 import locust.stats
 
-import agentperf_users.metrics  # noqa: F401  (--metrics-port)
-import agentperf_users.webui  # noqa: F401  (the SLO now tab of the web UI)
-from agentperf_users.agent import AgentUser  # noqa: F401  (the user class Locust runs)
-from agentperf_users.client import bucket_response_time_3sig
+import agentperf_users.report.prometheus  # noqa: F401  (--metrics-port)
+import agentperf_users.report.webui  # noqa: F401  (the SLO now tab of the web UI)
+from agentperf_users.loadgen.agent import AgentUser  # noqa: F401  (the user class Locust runs)
+from agentperf_users.client.chat import bucket_response_time_3sig
 
 # Locust's own table rounds response times to 2 significant digits (up to 5 % off for 10-60 s LLM
 # latencies). Bucketing happens where a sample is logged, so this is set at import: in the master, every

@@ -4,5 +4,5 @@
 """
 
 from agentperf_users.locustfiles.agents import AgentUser  # noqa: F401  (the user class Locust runs)
-import agentperf_users.search_tabs  # noqa: F401  (the search's tabs in the web UI)
-from agentperf_users.shape import CapacitySearchShape  # noqa: F401  (the shape Locust runs)
+import agentperf_users.report.search_tabs  # noqa: F401  (the search's tabs in the web UI)
+from agentperf_users.search.shape import CapacitySearchShape  # noqa: F401  (the shape Locust runs)

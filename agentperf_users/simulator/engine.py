@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from agentperf_users.simulator.kvcache import KVCache
 from agentperf_users.simulator.profile import Profile, SimulatorError, attention_pairs
-from agentperf_users.simulator.tokenizer import BLOCK_SIZE, EncodedPrompt
+from agentperf_users.tokens import BLOCK_SIZE, EncodedPrompt
 
 
 class QueueFullError(SimulatorError):

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import islice
 
-from agentperf_users.simulator.tokenizer import BLOCK_SIZE
+from agentperf_users.tokens import BLOCK_SIZE
 
 
 class KVCache:

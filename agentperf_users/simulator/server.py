@@ -43,7 +43,7 @@ from agentperf_users.simulator.httpserver import HttpConnection, HttpRequest
 from agentperf_users.simulator.metrics import CacheInfo, PowerModel, PowerSpec, SimulatorMetrics
 from agentperf_users.simulator.profile import Profile
 from agentperf_users.simulator.reply import WORDS, Reply, ReplyPlan
-from agentperf_users.simulator.tokenizer import PromptEncoder
+from agentperf_users.tokens import PromptEncoder
 from agentperf_users.simulator.wire import ApiError, ChatParams
 
 MAX_CLOCK_SLIP_S = 0.25

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from agentperf_users.capacity import EXIT_NOT_LOCATED
-from agentperf_users.records import RequestRecord, read_records
-from agentperf_users.slo import load_slo, recompute
+from agentperf_users.cli.capacity import EXIT_NOT_LOCATED
+from agentperf_users.measure.records import RequestRecord, read_records
+from agentperf_users.measure.slo import load_slo, recompute
 from tests.containers.docker import REPO, base_image, docker_or_skip, runs, unavailable
 from tests.support import free_port
 

@@ -10,12 +10,12 @@ import gevent
 import locust.runners
 from locust import User, constant, task
 
-import agentperf_users.metrics  # noqa: F401  (--metrics-port)
-import agentperf_users.search_tabs  # noqa: F401  (the search's tabs)
-import agentperf_users.webui  # noqa: F401  (the SLO now tab)
-from agentperf_users import aggregate
-from agentperf_users.records import RequestRecord, Status
-from agentperf_users.shape import CapacitySearchShape  # noqa: F401  (the shape Locust runs)
+import agentperf_users.report.prometheus  # noqa: F401  (--metrics-port)
+import agentperf_users.report.search_tabs  # noqa: F401  (the search's tabs)
+import agentperf_users.report.webui  # noqa: F401  (the SLO now tab)
+from agentperf_users.measure import aggregate
+from agentperf_users.measure.records import RequestRecord, Status
+from agentperf_users.search.shape import CapacitySearchShape  # noqa: F401  (the shape Locust runs)
 
 locust.runners.WORKER_REPORT_INTERVAL = 1.0  # reports every second instead of 3: a shorter test
 

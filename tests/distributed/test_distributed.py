@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from agentperf_users.records import RequestRecord, read_records
-from agentperf_users.slo import load_slo, recompute
+from agentperf_users.measure.records import RequestRecord, read_records
+from agentperf_users.measure.slo import load_slo, recompute
 from tests.support import free_port
 
 HERE = Path(__file__).parent

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from agentperf_users.records import RequestRecord, Status
+from agentperf_users.measure.records import RequestRecord, Status
 from tests.simulator import requests_in_engine, scrape
 
 # vLLM's request_success_total is labelled by why a request finished: "stop" and "length" are requests

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agentperf_users.records import RequestRecord, read_records
-from agentperf_users.synth import SynthParams, synthesize, write_set
+from agentperf_users.measure.records import RequestRecord, read_records
+from agentperf_users.workload.synth import SynthParams, synthesize, write_set
 from tests.engine.vllm_server import LOAD_CPUS, pin
 
 REPO = Path(__file__).resolve().parents[2]

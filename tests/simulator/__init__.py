@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentperf_users.simulator.cli import SimulatorProcess
 from agentperf_users.simulator.profile import DEFAULT_PROFILE, PROFILES_DIR, Profile, load_profile
-from agentperf_users.simulator.tokenizer import BLOCK_SIZE, EncodedPrompt
+from agentperf_users.tokens import BLOCK_SIZE, EncodedPrompt
 
 
 def profile_data(name: str = DEFAULT_PROFILE) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from agentperf_users.simulator.kvcache import KVCache
-from agentperf_users.simulator.tokenizer import BLOCK_SIZE
+from agentperf_users.tokens import BLOCK_SIZE
 
 
 def computed_request(cache: KVCache, hashes: list[int]) -> list[int]:

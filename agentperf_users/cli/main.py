@@ -1,0 +1,49 @@
+"""The ``agentperf`` command. Each subcommand lives in the module that owns its job and registers
+itself through ``register_cli(subparsers)``; this module only dispatches and turns ``AgentperfError``
+into one line on stderr with a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from agentperf_users.errors import AgentperfError
+
+SUBCOMMAND_MODULES = (
+    "agentperf_users.simulator.cli",  # agentperf simulate
+    "agentperf_users.workload.synth",  # agentperf trajectories {synth,stats}
+    "agentperf_users.cli.capacity",  # agentperf capacity
+    "agentperf_users.report.build",  # agentperf report
+    "agentperf_users.search.truth",  # agentperf truth
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentperf",
+        description="How many concurrent coding agents can an LLM serving system hold within its SLOs?",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register_cli(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "passes_unknown_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return int((args.func(args, unknown) if unknown else args.func(args)) or 0)
+    except AgentperfError as exc:
+        print(f"agentperf: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("agentperf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Why a step failed a tier: the binding cause, named with the numbers that show it.
+
+A failing verdict says *that* TTFT or output speed missed the tier; the server's own metrics for the
+same window (``server_metrics.ServerWindow``), what the load generator measured (``ClientWindow``, from
+the window's records) and the load generator's CPU use per worker (``LoadGenerator``) say *why*. Each
+cause has a test on those numbers; the first that holds, in this order, is the binding cause, and the
+later ones that also hold are listed beside it (``also``):
+
+1. **server errors, a failing server** — most requests failed, or the errors are mostly HTTP 4xx
+   (the server rejects the requests: its flags or the run's options, not its load). Not a capacity
+   verdict: first, because every other number of the window is about requests that did not run.
+2. **the load generator** — a worker used ``LOADGEN_CPU_BUSY`` of a core or more, or the client's mean
+   TTFT is far above the server's own (``CLIENT_TTFT_EXCESS_*``): the time went before the server saw
+   the request. Not a verdict about the server either, so it comes before every server cause.
+3. **server errors** — more than the tier allows, but a minority, of timeouts, 5xx or broken streams:
+   what an overloaded server does; a capacity verdict.
+4. **KV-cache pressure** — usage reached ``KV_USAGE_PRESSURE`` or the server preempted requests. Before
+   queueing because a full cache is what makes requests wait (and re-prefill when preempted).
+5. **queueing** (TTFT) — requests waited, and queue time was ``MOST_OF_TTFT`` of the server's TTFT.
+6. **prefill** (TTFT) — prefill time was ``MOST_OF_TTFT`` of the server's TTFT; the prefix-cache hit
+   ratio says whether contexts were cold. Where the server has no prefill histogram (SGLang) it is
+   taken as TTFT minus queue time, and the evidence says so.
+7. **decode batch** (output speed) — the speed floor failed while the server's inter-token latency was
+   near the floor's own (``DECODE_ITL_SHARE``) with a batch of requests running (``DECODE_MIN_RUNNING``).
+
+When none holds the cause is **not identified** (the server's numbers are there but none reaches its
+threshold), or **not available** when the server gave no metrics: then only the client's numbers
+(errors, its TTFT against the tier, the workers' CPU) could name a cause.
+
+Which limit failed comes from the verdict's pooled quantiles; in agent scope, where the pooled
+quantiles may both pass while too few agents do, the one they came closer to (``_failed_limits``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Callable, Iterable, Sequence
+
+from agentperf_users.measure.records import RequestRecord, Status
+from agentperf_users.measure.server_metrics import ServerWindow, seconds
+from agentperf_users.measure.slo import StepVerdict, TierVerdict
+
+SERVER_FAILING_ERROR_RATE = 0.5
+"""At least this share of failed requests makes a step a failing server, not a capacity verdict: most of
+the window's requests did not run, so its TTFT and speed say nothing of how the server holds its load."""
+
+LOADGEN_CPU_BUSY = 0.90
+"""A worker at this share of one core or more is saturated: its event loop sends requests late and
+reads them late, so what it measured is partly its own queueing. (Locust's own warning is at 90 %.)"""
+
+CLIENT_TTFT_EXCESS_RATIO = 1.5
+CLIENT_TTFT_EXCESS_MIN_S = 0.25
+"""The client's mean TTFT is "far above" the server's when it is both this many times the server's and
+this many seconds more. What a client adds in the normal case is HTTP and the server's front end (its
+chat template and tokenizer): ~10 ms on a real vLLM (122.9 ms against vLLM's 113.4 ms in the team's
+measurement); a quarter second more, and half again the server's own TTFT, is time spent before the
+engine saw the request."""
+
+KV_USAGE_PRESSURE = 0.95
+"""KV-cache usage at which the engine has no room left to admit a request or grow a running one (vLLM
+preempts when a running request cannot get its next block): ~95 % counts as full, since blocks are
+allocated whole and some are always partly empty."""
+
+MOST_OF_TTFT = 0.5
+"""A phase that is at least half of the server's TTFT is what the TTFT is made of ("most of TTFT")."""
+
+COLD_HIT_RATIO = 0.5
+"""Below this prefix-cache hit ratio (cached / prompt tokens) the contexts are called cold: most of each
+prompt was computed, not reused. Agents that resend a growing conversation normally reuse far more."""
+
+DECODE_ITL_SHARE = 0.8
+"""The server's mean inter-token latency is "high" at this share of the gap the speed floor allows
+(1 / floor): its decode steps themselves then leave the slowest requests under the floor."""
+
+DECODE_MIN_RUNNING = 2.0
+"""At least this many requests running on average: the decode steps are shared by a batch (a single
+request decoding slowly is not a batching limit)."""
+
+
+class Cause(str, Enum):
+    SERVER_ERRORS = "server errors"
+    LOAD_GENERATOR = "the load generator"
+    KV_CACHE = "KV-cache pressure"
+    QUEUEING = "queueing"
+    PREFILL = "prefill"
+    DECODE_BATCH = "decode batch"
+    NOT_IDENTIFIED = "not identified"
+    NOT_AVAILABLE = "not available"
+
+
+# --- what the load generator measured -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClientWindow:
+    """The client's side of the window: the records its verdict judged (``slo.records_in_window``)."""
+
+    requests: int
+    errors_by_status: tuple[tuple[str, int], ...]  # (status, count) of failed requests, most first
+    ttft_mean_s: float | None  # over requests that got a first token
+    cached_fraction: float | None  # cached prompt tokens / prompt tokens, where the server reported both
+
+    @property
+    def errors(self) -> int:
+        return sum(count for _, count in self.errors_by_status)
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+def client_window(records: Iterable[RequestRecord]) -> ClientWindow:
+    """``ClientWindow`` of the records a window judges. A cancelled request (cut by the load generator)
+    says nothing of the server and is left out, as the verdict leaves it out."""
+    records = [record for record in records if record.status is not Status.CANCELLED]
+    errors: dict[str, int] = {}
+    for record in records:
+        if not record.ok:
+            errors[record.status.value] = errors.get(record.status.value, 0) + 1
+    ttfts = [record.ttft_s for record in records if record.ok and record.ttft_s is not None]
+    counted = [record for record in records if record.prompt_tokens and record.cached_tokens is not None]
+    prompt = sum(record.prompt_tokens for record in counted)
+    return ClientWindow(
+        requests=len(records),
+        errors_by_status=tuple(sorted(errors.items(), key=lambda item: (-item[1], item[0]))),
+        ttft_mean_s=sum(ttfts) / len(ttfts) if ttfts else None,
+        cached_fraction=sum(record.cached_tokens for record in counted) / prompt if prompt else None,
+    )
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    """This process's CPU time (every thread) and a monotonic wall time, read together."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def read_cpu() -> CpuReading:
+    return CpuReading(time.monotonic(), time.process_time())
+
+
+def cpu_fraction(earlier: CpuReading, later: CpuReading) -> float | None:
+    """The process's CPU use between two readings, as a fraction of one core (above 1 when several of
+    its threads ran at once). None when no wall time passed. A worker reads at the start of a step's
+    window and when it reports, and sends the fraction to the master."""
+    wall = later.wall_s - earlier.wall_s
+    return (later.cpu_s - earlier.cpu_s) / wall if wall > 0 else None
+
+
+@dataclass(frozen=True)
+class LoadGenerator:
+    """The load generator's own CPU use over the window, per worker (fraction of one core)."""
+
+    worker_cpu: tuple[tuple[str, float], ...]
+
+    def busiest(self) -> tuple[str, float] | None:
+        return max(self.worker_cpu, key=lambda item: item[1], default=None)
+
+
+# --- the diagnosis --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """One failing tier's binding cause. ``about_capacity`` False: the verdict is not about how much load
+    the server holds (a failing server, or the load generator), so a search should not count it as the
+    tier failing at that agent count."""
+
+    tier: str
+    cause: Cause
+    about_capacity: bool
+    summary: str  # the evidence in words
+    evidence: tuple[tuple[str, float], ...]  # the numbers, named, for report.json
+    also: tuple[Cause, ...] = ()  # later causes whose evidence also held
+
+    @property
+    def text(self) -> str:
+        """``why: queueing — 3.2 requests waiting on average, queue time 77 % of TTFT (4.1 s of 5.3 s)``"""
+        return f"why: {self.cause.value} — {self.summary}"
+
+    def to_dict(self) -> dict:
+        return {"tier": self.tier, "cause": self.cause.value, "about_capacity": self.about_capacity,
+                "text": self.text, "evidence": dict(self.evidence), "also": [cause.value for cause in self.also]}
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    verdict: TierVerdict
+    client: ClientWindow
+    server: ServerWindow
+    loadgen: LoadGenerator | None
+    ttft_failed: bool
+    speed_failed: bool
+
+
+def diagnose(verdict: TierVerdict, client: ClientWindow, server: ServerWindow,
+             loadgen: LoadGenerator | None = None) -> Diagnosis | None:
+    """The binding cause of a failing tier verdict (module docstring); None when the tier passed."""
+    if verdict.passed:
+        return None
+    tier = verdict.tier
+    inputs = _Inputs(verdict, client, server, loadgen, *_failed_limits(verdict))
+    found = [diagnosis for check in _CHECKS if (diagnosis := check(inputs)) is not None]
+    if found:
+        also = dict.fromkeys(d.cause for d in found[1:] if d.cause is not found[0].cause)
+        return replace(found[0], tier=tier.name, also=tuple(also))
+    cause = Cause.NOT_IDENTIFIED if server.available else Cause.NOT_AVAILABLE
+    said = "; ".join(verdict.reasons)
+    summary = (f"no cause reached its threshold ({said})" if server.available
+               else f"the server gave no metrics; the client saw {said}")
+    return Diagnosis(tier.name, cause, True, summary, ())
+
+
+def _failed_limits(verdict: TierVerdict) -> tuple[bool, bool]:
+    """(TTFT failed, speed failed) by the pooled quantiles. When neither failed although too few agents
+    passed (agent scope), the limit the pooled quantiles came closer to (the smaller of the two log
+    margins, as ``slo`` measures them) is taken as the one that failed the agents; with no request at
+    all, both."""
+    tier, ttft_q, speed_q = verdict.tier, verdict.ttft_quantile_s, verdict.output_tps_quantile
+    ttft_failed = ttft_q is not None and ttft_q > tier.ttft_max_s
+    speed_failed = speed_q is not None and speed_q < tier.output_tps_min
+    if ttft_failed or speed_failed or tier.scope != "agent":
+        return ttft_failed, speed_failed
+    if ttft_q is None:
+        return True, True
+    if speed_q is None or tier.output_tps_min <= 0:
+        return True, False
+    ttft_margin = math.log(tier.ttft_max_s / ttft_q) if ttft_q > 0 else math.inf
+    speed_margin = math.log(speed_q / tier.output_tps_min) if speed_q > 0 else -math.inf
+    return ttft_margin <= speed_margin, speed_margin < ttft_margin
+
+
+def _finding(cause: Cause, summary: str, about_capacity: bool = True, **evidence: float | None) -> Diagnosis:
+    numbers = tuple((name, value) for name, value in evidence.items() if value is not None)
+    return Diagnosis("", cause, about_capacity, summary, numbers)
+
+
+def _failing_server(i: _Inputs) -> Diagnosis | None:
+    client = i.client
+    rejected = sum(count for status, count in client.errors_by_status if status == Status.HTTP_4XX.value)
+    mostly_rejected = client.error_rate > i.verdict.tier.max_error_rate and 2 * rejected > client.errors
+    if not client.errors or (client.error_rate < SERVER_FAILING_ERROR_RATE and not mostly_rejected):
+        return None
+    why = ("the server rejected them: its flags or the run's options, not its load" if mostly_rejected
+           else "a failing server, not a capacity verdict")
+    return _finding(Cause.SERVER_ERRORS, f"{_errors_text(client)}: {why}", about_capacity=False,
+                    error_rate=client.error_rate, errors=client.errors, requests=client.requests,
+                    http_4xx=rejected)
+
+
+def _load_generator(i: _Inputs) -> Diagnosis | None:
+    busiest = i.loadgen.busiest() if i.loadgen else None
+    if busiest is not None and busiest[1] >= LOADGEN_CPU_BUSY:
+        worker, cpu = busiest
+        return _finding(Cause.LOAD_GENERATOR, f"worker {worker} used {_percent(cpu)} of a core: the verdict is "
+                        "not about the server", about_capacity=False, worker_cpu_max=cpu)
+    client_ttft, server_ttft = i.client.ttft_mean_s, i.server.ttft_mean_s
+    if (client_ttft is not None and server_ttft is not None and client_ttft >= CLIENT_TTFT_EXCESS_RATIO * server_ttft
+            and client_ttft - server_ttft >= CLIENT_TTFT_EXCESS_MIN_S):
+        return _finding(Cause.LOAD_GENERATOR, f"client TTFT {seconds(client_ttft)} against the server's own "
+                        f"{seconds(server_ttft)} (means): the time went before the server saw the requests",
+                        about_capacity=False, client_ttft_mean_s=client_ttft, server_ttft_mean_s=server_ttft)
+    return None
+
+
+def _server_errors(i: _Inputs) -> Diagnosis | None:
+    client, limit = i.client, i.verdict.tier.max_error_rate
+    if client.error_rate <= limit:
+        return None
+    return _finding(Cause.SERVER_ERRORS, f"{_errors_text(client)}, more than the tier's {_percent(limit)}",
+                    error_rate=client.error_rate, errors=client.errors, requests=client.requests)
+
+
+def _kv_cache(i: _Inputs) -> Diagnosis | None:
+    server = i.server
+    full = server.kv_cache_usage_max is not None and server.kv_cache_usage_max >= KV_USAGE_PRESSURE
+    preempted = server.preemptions is not None and server.preemptions > 0
+    if not full and not preempted:
+        return None
+    parts = []
+    if server.kv_cache_usage_max is not None:
+        parts.append(f"KV cache {_percent(server.kv_cache_usage_max)} full at most "
+                     f"(mean {_percent(server.kv_cache_usage_mean)})")
+    if server.preemptions is not None:
+        parts.append(f"{server.preemptions:g} preemptions")
+    return _finding(Cause.KV_CACHE, ", ".join(parts), kv_cache_usage_max=server.kv_cache_usage_max,
+                    kv_cache_usage_mean=server.kv_cache_usage_mean, preemptions=server.preemptions)
+
+
+def _queueing(i: _Inputs) -> Diagnosis | None:
+    server = i.server
+    waiting, queue, ttft = server.requests_waiting_mean, server.queue_time_mean_s, server.ttft_mean_s
+    if not i.ttft_failed or not waiting or queue is None or not ttft or queue / ttft < MOST_OF_TTFT:
+        return None
+    return _finding(Cause.QUEUEING, f"{waiting:.2g} requests waiting on average, queue time "
+                    f"{_percent(queue / ttft)} of TTFT ({seconds(queue)} of {seconds(ttft)})",
+                    requests_waiting_mean=waiting, queue_time_mean_s=queue, server_ttft_mean_s=ttft)
+
+
+def _prefill(i: _Inputs) -> Diagnosis | None:
+    server = i.server
+    ttft, prefill, derived = server.ttft_mean_s, server.prefill_time_mean_s, False
+    if prefill is None and ttft is not None and server.queue_time_mean_s is not None:
+        prefill, derived = max(0.0, ttft - server.queue_time_mean_s), True
+    if not i.ttft_failed or prefill is None or not ttft or prefill / ttft < MOST_OF_TTFT:
+        return None
+    what = "prefill time (TTFT − queue time)" if derived else "prefill time"
+    hits = server.prefix_cache_hit_ratio if server.prefix_cache_hit_ratio is not None else i.client.cached_fraction
+    cold = "" if hits is None or hits >= COLD_HIT_RATIO else " (cold contexts)"
+    hits_text = "" if hits is None else f", prefix-cache hits {_percent(hits)}{cold}"
+    return _finding(Cause.PREFILL, f"{what} {_percent(prefill / ttft)} of TTFT ({seconds(prefill)} of "
+                    f"{seconds(ttft)}){hits_text}",
+                    prefill_time_mean_s=prefill, server_ttft_mean_s=ttft, prefix_cache_hit_ratio=hits)
+
+
+def _decode_batch(i: _Inputs) -> Diagnosis | None:
+    server, floor = i.server, i.verdict.tier.output_tps_min
+    itl, running = server.inter_token_latency_mean_s, server.requests_running_mean
+    if not i.speed_failed or floor <= 0 or itl is None or running is None:
+        return None
+    allowed = 1 / floor
+    if itl < DECODE_ITL_SHARE * allowed or running < DECODE_MIN_RUNNING:
+        return None
+    return _finding(Cause.DECODE_BATCH, f"inter-token latency {seconds(itl)} (the {floor:g} tok/s floor allows "
+                    f"{seconds(allowed)}) with {running:.3g} requests running on average "
+                    f"(max {server.requests_running_max:g})",
+                    inter_token_latency_mean_s=itl, requests_running_mean=running,
+                    requests_running_max=server.requests_running_max)
+
+
+_CHECKS: tuple[Callable[[_Inputs], Diagnosis | None], ...] = (
+    _failing_server, _load_generator, _server_errors, _kv_cache, _queueing, _prefill, _decode_batch,
+)
+
+
+def _errors_text(client: ClientWindow) -> str:
+    statuses = ", ".join(f"{status} {count}" for status, count in client.errors_by_status)
+    return f"{_percent(client.error_rate)} of {client.requests} requests failed ({statuses})"
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:.2g} %" if 0 < fraction < 0.1 else f"{fraction * 100:.0f} %"
+
+
+def diagnose_step(verdict: StepVerdict, records: Sequence[RequestRecord], server: ServerWindow,
+                  loadgen: LoadGenerator | None = None) -> tuple[Diagnosis, ...]:
+    """Every failing tier's diagnosis for one step's judged ``records`` (``slo.records_in_window``): what
+    the live progress line says and what the report recomputes from the run folder, the same way."""
+    client = client_window(records)
+    return tuple(found for tier in verdict.tiers if (found := diagnose(tier, client, server, loadgen)) is not None)
+
+
+def not_about_capacity(diagnoses: Iterable[Diagnosis]) -> Diagnosis | None:
+    """The first diagnosis that says a step's failure is not about how much load the server holds (a
+    failing server, the load generator): the search must not take it as the tier failing there."""
+    return next((found for found in diagnoses if not found.about_capacity), None)
+
+
+def common_error(records: Iterable[RequestRecord]) -> str | None:
+    """The most frequent failure message among ``records`` (the server's own words, redacted when the
+    record was made), to name beside a failing server."""
+    messages: dict[str, int] = {}
+    for record in records:
+        if not record.ok and record.status is not Status.CANCELLED and record.message:
+            messages[record.message] = messages.get(record.message, 0) + 1
+    return max(messages, key=lambda message: (messages[message], message), default=None)

@@ -1,0 +1,299 @@
+"""The capacity search's decision policy and its options, with no Locust and no clock.
+
+``CapacitySearch`` decides which agent count to measure next from the verdicts so far. Phase 1 steps
+the count up (by ``--step-agents``, or by ``--step-factor`` when that is 0) until every tier has failed
+or ``--max-agents`` is reached; phase 2 narrows, tier by tier, the bracket between the largest passing
+count below the tier's first failing count and that failing count, until they are at most
+``--resolution-agents`` apart. Every step is judged on every tier, so a count measured once serves
+every tier's bracket and is never measured again. A tier that fails at the smallest count it is tried
+at narrows down towards 1.
+
+Guided (``--guided-search``, the default): each verdict carries a margin per tier (``slo``: how far
+inside or outside the tier the step was, as a log ratio), which falls as agents are added. Phase 2
+interpolates the count where the margin crosses zero between the bracket's ends (regula falsi) instead
+of taking the midpoint. It is safeguarded, so a noisy or curved margin costs steps but never
+correctness: after an interpolation that did not halve its tier's bracket, the next count for that
+tier is the midpoint, so the bracket at least halves every two steps, as plain bisection's does every
+step. Verdicts, never margins, decide the brackets and the answer. (Phase 1 does not extrapolate: on
+the simulator's profiles, margins at small counts predicted the break too poorly to save steps.)
+
+Why a module of its own: the live search (``shape.CapacitySearchShape``, a Locust LoadTestShape) and
+the ground truth (``truth``, the simulator's engine on a virtual clock, which must not import Locust
+and its gevent monkey-patching) make exactly the same decisions from the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Callable, Iterable, Sequence
+
+from agentperf_users.measure.diagnose import Cause
+from agentperf_users.errors import AgentperfError
+from agentperf_users.bounded import short
+from agentperf_users.measure.slo import StepVerdict
+
+MAX_WINDOW_FACTOR = 4.0  # how far --min-requests may extend a window
+
+
+def add_search_arguments(add: Callable[..., object]) -> None:
+    """The search options, declared once; ``add`` is ``parser.add_argument`` or Locust's variant of it."""
+    add("--start-agents", type=int, default=1, help="agents in the first load step")
+    add("--step-agents", type=int, default=0, help="agents added per step; 0: multiply by --step-factor")
+    add("--step-factor", type=float, default=2.0, help="agent multiplier per step when --step-agents is 0")
+    add("--max-agents", type=int, default=256, help="never run more agents than this")
+    add("--resolution-agents", type=int, default=1, help="bisect until pass and fail are this close")
+    add("--agent-spawn-rate", type=float, default=10.0, help="agents started (or stopped) per second")
+    add("--warmup-s", type=float, default=30.0, help="seconds after each ramp that are not judged")
+    add("--window-s", type=float, default=90.0, help="seconds judged per load step")
+    add("--min-requests", type=int, default=1,
+        help=f"a window is extended (up to {MAX_WINDOW_FACTOR:g}x --window-s) until this many requests ended in it")
+    add("--no-early-stop", action="store_true", default=False, help="always measure the whole window")
+    add("--restart-agents", default=True, action=argparse.BooleanOptionalAction,
+        help="stop every agent between load steps, so no step inherits the queue of the one before")
+    add("--guided-search", default=True, action=argparse.BooleanOptionalAction,
+        help="pick the next agent count from the SLO margins measured so far (interpolation), not only by "
+             "doubling and bisecting")
+
+
+@dataclass(frozen=True)
+class SearchParameters:
+    """The search's options, validated (one line naming the option on a bad value)."""
+
+    start_agents: int
+    step_agents: int
+    step_factor: float
+    max_agents: int
+    resolution_agents: int
+    spawn_rate: float
+    warmup_s: float
+    window_s: float
+    early_stop: bool
+    restart_agents: bool = True
+    guided: bool = True
+    min_requests: int = 1
+
+    @classmethod
+    def from_options(cls, options) -> "SearchParameters":
+        """Validated parameters from parsed options (or the web UI's strings): every number finite and
+        within ``_OPTION_BOUNDS``, so ``--window-s inf`` or ``--max-agents 10**100`` fails at once."""
+        values = {dest: _bounded_option(options, dest, *bounds) for dest, bounds in _OPTION_BOUNDS.items()}
+        if values["max_agents"] < values["start_agents"]:
+            raise AgentperfError(f"--max-agents: expected an integer >= --start-agents, got {values['max_agents']}")
+        if not values["step_agents"] and values["step_factor"] <= 1:
+            raise AgentperfError("--step-factor: expected a number > 1 when --step-agents is 0, "
+                                 f"got {values['step_factor']:g}")
+        return cls(
+            start_agents=values["start_agents"],
+            step_agents=values["step_agents"],
+            step_factor=values["step_factor"],
+            max_agents=values["max_agents"],
+            resolution_agents=values["resolution_agents"],
+            spawn_rate=values["agent_spawn_rate"],
+            warmup_s=values["warmup_s"],
+            window_s=values["window_s"],
+            early_stop=not options.no_early_stop,
+            restart_agents=bool(options.restart_agents),
+            guided=bool(options.guided_search),
+            min_requests=values["min_requests"],
+        )
+
+
+MAX_AGENTS = 100_000
+"""Most agents a search may run: beyond any Locust cluster, and far below overflow in the step arithmetic."""
+MAX_STEP_SECONDS = 86_400.0
+"""Longest warm-up or window, seconds (a day): ``inf`` would never end a step."""
+_OPTION_BOUNDS: dict[str, tuple[type, float, float, bool]] = {
+    # dest: (type, lowest, highest, whether the lowest itself is allowed)
+    "start_agents": (int, 1, MAX_AGENTS, True),
+    "step_agents": (int, 0, MAX_AGENTS, True),
+    "step_factor": (float, 0.0, 1000.0, False),
+    "max_agents": (int, 1, MAX_AGENTS, True),
+    "resolution_agents": (int, 1, MAX_AGENTS, True),
+    "agent_spawn_rate": (float, 0.0, 10_000.0, False),
+    "warmup_s": (float, 0.0, MAX_STEP_SECONDS, True),
+    "window_s": (float, 0.0, MAX_STEP_SECONDS, False),
+    "min_requests": (int, 0, 10_000_000, True),
+}
+_MAX_NUMBER_CHARS = 40
+
+
+def _bounded_option(options, dest: str, kind: type, low: float, high: float, low_allowed: bool) -> int | float:
+    """Option ``dest`` as a ``kind`` in its bounds, or one line naming the option and what was expected.
+    A string (the web UI's) is length-checked before conversion; NaN and infinities fail the bounds."""
+    value = getattr(options, dest)
+    number = None
+    if isinstance(value, str) and len(value) <= _MAX_NUMBER_CHARS:
+        try:
+            number = kind(value.strip())
+        except ValueError:
+            number = None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)):
+        number = kind(value)
+    if number is not None and (low <= number if low_allowed else low < number) and number <= high:
+        return number
+    noun = "an integer" if kind is int else "a number"
+    expected = f"{noun} {'>=' if low_allowed else '>'} {low:g}, at most {high:g}"
+    raise AgentperfError(f"--{dest.replace('_', '-')}: expected {expected}, got {short(value)}")
+
+
+def window_end(start_s: float, params: SearchParameters, ended_s: Iterable[float], seen_until_s: float) -> float | None:
+    """Where a step's window ends, given the end times of the requests that ended after ``start_s``
+    (all of them up to ``seen_until_s``); None while that is not known yet.
+
+    The window is ``--window-s`` long, extended up to ``MAX_WINDOW_FACTOR`` times that until
+    ``--min-requests`` requests ended in it: a window in which nothing ended (one agent on a turn longer
+    than the window, say) shows nothing, neither a pass nor a fail. The live shape and the ground truth
+    both end their windows here, so they judge the same requests."""
+    planned, cap = start_s + params.window_s, start_s + MAX_WINDOW_FACTOR * params.window_s
+    ends = sorted(end for end in ended_s if start_s <= end < min(seen_until_s, cap))
+    if len(ends) >= params.min_requests:
+        needed = ends[params.min_requests - 1] if params.min_requests else start_s
+        if needed < planned:
+            return planned if seen_until_s >= planned else None
+        return math.nextafter(needed, math.inf)  # the window [start, end) holds that request
+    return cap if seen_until_s >= cap else None
+
+
+class CapacityStatus(str, Enum):
+    FOUND = "found"  # passes at `agents`, fails at `first_failing_agents`, within the resolution
+    NONE_PASSED = "none_passed"  # failed at every count tried, down to `first_failing_agents`
+    NEVER_FAILED = "never_failed"  # passed up to --max-agents (`agents`): capacity is higher
+    INCOMPLETE = "incomplete"  # the search stopped before this tier was resolved
+
+
+@dataclass(frozen=True)
+class TierCapacity:
+    tier: str
+    status: CapacityStatus
+    agents: int | None  # the largest count that passed below the first failing one
+    first_failing_agents: int | None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "status": self.status.value}
+
+
+class CapacitySearch:
+    """Which agent count to measure next, from the verdicts so far. Pure: no Locust, no clock."""
+
+    def __init__(
+        self,
+        tiers: Sequence[str],
+        start_agents: int,
+        max_agents: int,
+        resolution_agents: int = 1,
+        step_agents: int = 0,
+        step_factor: float = 2.0,
+        guided: bool = True,
+    ) -> None:
+        self._tiers = tuple(tiers)
+        self._start, self._max, self._resolution = start_agents, max_agents, resolution_agents
+        self._step_agents, self._step_factor = step_agents, step_factor
+        self._guided = guided
+        self._passed: dict[int, dict[str, bool]] = {}  # agents -> tier name -> passed
+        self._margins: dict[int, dict[str, float]] = {}  # agents -> tier name -> margin, where usable
+        self._interpolated_width: dict[str, int] = {}  # tier -> its bracket's width at its last interpolation
+        self._next: int | None = start_agents
+
+    @classmethod
+    def from_parameters(cls, tiers: Sequence[str], params: SearchParameters) -> "CapacitySearch":
+        return cls(tiers, params.start_agents, params.max_agents, params.resolution_agents, params.step_agents,
+                   params.step_factor, params.guided)
+
+    def record_verdict(self, agents: int, verdict: StepVerdict) -> None:
+        self._passed[agents] = {tier_verdict.tier.name: tier_verdict.passed for tier_verdict in verdict.tiers}
+        self._margins[agents] = {
+            tier_verdict.tier.name: tier_verdict.margin for tier_verdict in verdict.tiers
+            if _usable_margin(tier_verdict.margin, tier_verdict.passed)
+        }
+        self._next = self._plan()
+
+    def bracket(self, tier: str) -> tuple[int, int | None]:
+        """(largest count passing below the first failure, or 0; first failing count, or None)."""
+        first_fail = min((n for n, passed in self._passed.items() if not passed[tier]), default=None)
+        below = (n for n, passed in self._passed.items() if passed[tier] and (first_fail is None or n < first_fail))
+        return max(below, default=0), first_fail
+
+    @property
+    def stepping(self) -> bool:
+        """Phase 1: some tier has not failed yet and --max-agents has not been measured."""
+        if not self._passed:
+            return True
+        return max(self._passed) < self._max and any(self.bracket(tier)[1] is None for tier in self._tiers)
+
+    def next_agents(self) -> int | None:
+        """The next count to measure; None when every tier is resolved."""
+        return self._next
+
+    def _plan(self) -> int | None:
+        if self.stepping:
+            top = max(self._passed)
+            if self._step_agents:
+                return min(self._max, top + self._step_agents)
+            return min(self._max, max(top + 1, math.ceil(round(top * self._step_factor, 9))))
+        for tier in self._tiers:
+            low, high = self.bracket(tier)
+            if high is not None and high - low > self._resolution:
+                return self._narrow(tier, low, high)
+        return None
+
+    def _narrow(self, tier: str, low: int, high: int) -> int:
+        """The next count inside (low, high) for ``tier``: interpolated where its margin crosses zero,
+        or the midpoint when there is nothing to interpolate or the last interpolation did too little."""
+        width = high - low
+        margins = self._margins.get(low, {}).get(tier), self._margins.get(high, {}).get(tier)
+        last_width = self._interpolated_width.pop(tier, None)
+        if self._guided and None not in margins and (last_width is None or 2 * width <= last_width):
+            m_low, m_high = margins
+            self._interpolated_width[tier] = width
+            crossing = low + width * m_low / (m_low - m_high)
+            return min(high - 1, max(low + 1, round(crossing)))
+        return (low + high) // 2
+
+    @property
+    def done(self) -> bool:
+        return self.next_agents() is None
+
+    def undecided_tiers(self, agents: int) -> tuple[str, ...]:
+        """The tiers whose answer a verdict at ``agents`` can still change."""
+        brackets = {tier: self.bracket(tier) for tier in self._tiers}
+        return tuple(tier for tier, (low, high) in brackets.items() if low < agents and (high is None or agents < high))
+
+    def capacity(self) -> dict[str, TierCapacity]:
+        result = {}
+        for tier in self._tiers:
+            low, high = self.bracket(tier)
+            if high is None:
+                resolved = bool(self._passed) and max(self._passed) >= self._max
+                status = CapacityStatus.NEVER_FAILED if resolved else CapacityStatus.INCOMPLETE
+            elif high - low > self._resolution:
+                status = CapacityStatus.INCOMPLETE
+            else:
+                status = CapacityStatus.FOUND if low else CapacityStatus.NONE_PASSED
+            result[tier] = TierCapacity(tier, status, low or None, high)
+        return result
+
+
+def _usable_margin(margin: float | None, passed: bool) -> bool:
+    """A margin the search can steer by: finite, and on the side of zero that the verdict is (a step
+    can fail on its error rate with its quantile criteria met)."""
+    return margin is not None and math.isfinite(margin) and (margin >= 0) == passed
+
+
+@dataclass(frozen=True)
+class SearchStopped:
+    """Why the search ended before locating its tiers: a step whose failure was not about capacity (a
+    failing server; the load generator twice at the same count). Its words, and the server's own."""
+
+    step: int
+    agents: int
+    cause: str
+    text: str
+    error: str | None  # the most frequent failure message of the step, the server's words
+
+    def line(self) -> str:
+        what = "the server is failing" if self.cause == Cause.SERVER_ERRORS.value else "the load generator is the limit"
+        said = f"; most frequent error: {self.error}" if self.error else ""
+        return f"search stopped at step {self.step} ({self.agents} agents): {what}, not a capacity ({self.text}{said})"
