@@ -98,11 +98,11 @@ def truth_over_seeds(profile: str, trajectories: str, args: argparse.Namespace) 
     """The truth's search answer per tier under seeds 0 .. --seeds - 1 (agents, or the status when it
     located none)."""
     from agentperf_users.loadgen import replay
+    from agentperf_users.measure.slo import load_slo
     from agentperf_users.search import truth
     from agentperf_users.search.policy import SearchParameters
     from agentperf_users.simulator.profile import load_profile
-    from agentperf_users.measure.slo import load_slo
-    from agentperf_users.workload.trajectory import load_trajectories
+    from agentperf_users.workload.readers import load_trajectories
 
     spec, sim_profile, trajectory_set = load_slo(None), load_profile(profile), load_trajectories(trajectories)
     params = SearchParameters(start_agents=args.start_agents, step_agents=0, step_factor=2.0,
@@ -152,8 +152,8 @@ def plain_bisection_steps(report: dict) -> int:
     is read against it: at a capacity of about 10 even this takes over half a +1 ladder's steps (8 of 14
     from 1 to a first failure at 14), so a ratio of 0.5 is out of reach of search by bracketing; the
     margins' interpolation gains on it only where the bracket is wide."""
-    from agentperf_users.search.policy import CapacitySearch, SearchParameters
     from agentperf_users.measure.slo import SloTier, StepVerdict, TierVerdict
+    from agentperf_users.search.policy import CapacitySearch, SearchParameters
 
     params = SearchParameters(**{**report["search"], "guided": False})
     limits = {name: cap["agents"] if cap["status"] == "found" else 0 if cap["status"] == "none_passed" else math.inf

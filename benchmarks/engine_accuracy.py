@@ -46,9 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentperf_users.loadgen.body import ChatBodyEncoder  # noqa: E402
 from agentperf_users.loadgen.replay import ReplaySettings, chat_params, request_tools  # noqa: E402
-from agentperf_users.measure.stats import interpolated_quantile  # noqa: E402
-from agentperf_users.workload.trajectory import load_trajectories  # noqa: E402
-from tests.engine.accounting import EngineCounters, read_counters, record_totals, wait_idle  # noqa: E402
+from agentperf_users.stats import interpolated_quantile  # noqa: E402
+from agentperf_users.workload.readers import load_trajectories  # noqa: E402
+from tests.engine.accounting import (  # noqa: E402
+    EngineCounters,
+    read_counters,
+    record_totals,
+    wait_idle,
+)
 from tests.engine.vllm_server import LOAD_CPUS, VllmInstall, VllmServer, find_install  # noqa: E402
 from tests.engine.workload import replay, write_small_set  # noqa: E402
 from tests.simulator import scrape  # noqa: E402

@@ -9,6 +9,6 @@ there.) The same locustfile ships inside the package (``agentperf_users/locustfi
 installed wheel); this one is it, for ``locust -f`` from a checkout.
 """
 
-# Importing it also replaces locust.stats.bucket_response_time with 3-significant-digit buckets, at import
-# time, so the master, every worker and a local run all log Locust's own statistics with them.
+# Importing it installs agentperf into Locust (agentperf_users.locustfiles.plugin.install): its options,
+# listeners and tabs, and 3-significant-digit response-time buckets in every process that runs it.
 from agentperf_users.locustfiles.agents import AgentUser  # noqa: F401  (the user class Locust runs)

@@ -1,14 +1,27 @@
 """What many tests need around the real processes they start: a free loopback port, and a bounded wait
-for a condition (never a fixed sleep: these machines are shared and noisy)."""
+for a condition (never a fixed sleep: these machines are shared and noisy); and agentperf installed in
+this process's Locust, for the tests that build Locust's own option parser."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import subprocess
 import time
 from typing import Callable
 
 import pytest
+
+
+@functools.cache
+def install_agentperf() -> None:
+    """agentperf's options and listeners on ``locust.events``, once per test process, as a locustfile does
+    (no module registers anything when imported)."""
+    import locust
+
+    from agentperf_users.locustfiles.plugin import install
+
+    install(locust.events, search=True)
 
 
 def free_port() -> int:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from agentperf_users.client.chat import bucket_response_time_3sig
-from agentperf_users.measure.records import Status, read_records
 from agentperf_users.loadgen.replay import start_turn
+from agentperf_users.measure.records import Status, read_records
 from agentperf_users.simulator.cli import SimulatorProcess
-from agentperf_users.workload.trajectory import load_trajectories
+from agentperf_users.workload.readers import load_trajectories
 
 REPO = Path(__file__).resolve().parent.parent
 AGENTS = 4
@@ -209,7 +209,6 @@ def test_a_restarted_steps_agents_are_dealt_first_requests_one_per_spawn_interva
     from locust.event import Events
 
     from agentperf_users.loadgen import agent
-
     from agentperf_users.measure import aggregate
 
     class Idle(User):
@@ -294,8 +293,8 @@ def test_agent_options_from_the_web_ui_are_bounded_in_one_short_line(field, valu
     """The web UI sends any string for any option: each must end as one short line, never a 5 KB echo."""
     import argparse
 
-    from agentperf_users.loadgen.agent import AgentSettings
     from agentperf_users.errors import AgentperfError
+    from agentperf_users.loadgen.agent import AgentSettings
 
     options = argparse.Namespace(trajectories="demo", trajectory_format="auto", model="", api_key_env="K",
                                  request_timeout=600, stall_timeout=120, ignore_eos=True, tool_wait="recorded",

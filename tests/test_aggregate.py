@@ -14,7 +14,12 @@ from locust.rpc.protocol import Message
 
 from agentperf_users.measure import aggregate
 from agentperf_users.measure.aggregate import Aggregator, LoadStep, build_report
-from agentperf_users.measure.records import RecordLog, RecordWriter, Status, read_records
+from agentperf_users.measure.records import (
+    RecordLog,
+    RecordWriter,
+    Status,
+    read_records,
+)
 from agentperf_users.measure.slo import SloSpec, SloTier, evaluate_step, recompute
 from tests.test_slo import record
 

@@ -227,10 +227,10 @@ import gevent.event  # noqa: E402
 from locust.contrib.fasthttp import FastHttpSession  # noqa: E402
 from locust.event import EventHook  # noqa: E402
 
-from agentperf_users.loadgen.body import ChatBodyEncoder  # noqa: E402
 from agentperf_users.client.chat import ChatStreamClient, bucket_response_time_3sig  # noqa: E402
-from agentperf_users.measure.records import Status  # noqa: E402
 from agentperf_users.client.timed_io import KERNEL_STAMPS  # noqa: E402
+from agentperf_users.loadgen.body import ChatBodyEncoder  # noqa: E402
+from agentperf_users.measure.records import Status  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentperf_users.loadgen.agent import RETRY_AFTER_MAX_S
 from agentperf_users.measure.records import RequestRecord, Status, read_records
+from agentperf_users.measure.slo import evaluate_step, load_slo
 from agentperf_users.simulator.cli import SimulatorProcess
 from agentperf_users.simulator.faults import KINDS
-from agentperf_users.measure.slo import evaluate_step, load_slo
 from tests.test_agent import _write_set
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_for
-
 from agentperf_users.measure.records import Status, read_records
 from tests.simulator import simulator
+from tests.support import wait_for
 from tests.test_capacity import agentperf
 
 # A few seconds a step (2 s warm-up, 5 s window): the first judged step comes about 15 s after the start.

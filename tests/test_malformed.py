@@ -22,15 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from agentperf_users.bounded import MAX_DEPTH, InputError, loads_json
 from agentperf_users.errors import AgentperfError
-from agentperf_users.workload.readers import MANIFEST_OUTSIDE_ENV
+from agentperf_users.measure.slo import load_slo
+from agentperf_users.search.policy import SearchParameters, add_search_arguments
+from agentperf_users.simulator.profile import ProfileError, load_profile
+from agentperf_users.workload.readers import MANIFEST_OUTSIDE_ENV, load_trajectories
 from agentperf_users.workload.readers import common as readers_common
 from agentperf_users.workload.readers import compact as compact_reader
-from agentperf_users.search.policy import SearchParameters, add_search_arguments
-from agentperf_users.bounded import MAX_DEPTH, InputError, loads_json
-from agentperf_users.simulator.profile import ProfileError, load_profile
-from agentperf_users.measure.slo import load_slo
-from agentperf_users.workload.trajectory import load_trajectories
 
 CORPUS = Path(__file__).resolve().parent / "malformed"
 HELPERS = {"generate.py", "manifests/outside.jsonl"}

@@ -11,9 +11,9 @@ from prometheus_client.core import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentperf_users.measure import aggregate
-from agentperf_users.report.prometheus import TTFT_BUCKETS_S, RunCollector
 from agentperf_users.measure.records import Status
 from agentperf_users.measure.slo import evaluate_step, load_slo
+from agentperf_users.report.prometheus import TTFT_BUCKETS_S, RunCollector
 from tests.test_aggregate import local_environment
 from tests.test_slo import record
 

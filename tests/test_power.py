@@ -8,7 +8,15 @@ import time
 import pytest
 
 from agentperf_users.errors import AgentperfError
-from agentperf_users.measure.power import DEFAULT_METRIC, PowerSample, PowerSampler, endpoint_name, mean_watts, read_samples, total_watts
+from agentperf_users.measure.power import (
+    DEFAULT_METRIC,
+    PowerSample,
+    PowerSampler,
+    endpoint_name,
+    mean_watts,
+    read_samples,
+    total_watts,
+)
 from agentperf_users.simulator.profile import load_profile
 from tests.simulator import simulator
 

@@ -156,7 +156,7 @@ from agentperf_users.loadgen.probe import (  # noqa: E402
 )
 from agentperf_users.loadgen.replay import ReplaySettings  # noqa: E402
 from agentperf_users.simulator.profile import DEFAULT_PROFILE, load_profile  # noqa: E402
-from agentperf_users.workload.trajectory import load_trajectories  # noqa: E402
+from agentperf_users.workload.readers import load_trajectories  # noqa: E402
 from tests.simulator import simulator  # noqa: E402
 
 RUN_SHAPE = ReplaySettings()  # tools and ignore_eos on: what a run sends by default

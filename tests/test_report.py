@@ -11,8 +11,9 @@ import pytest
 
 from agentperf_users import files
 from agentperf_users.cli.main import main
-from agentperf_users.measure.records import Status
 from agentperf_users.measure.power import PowerSample
+from agentperf_users.measure.records import Status
+from agentperf_users.measure.slo import evaluate_step, load_slo
 from agentperf_users.report.build import (
     RunContext,
     build_report,
@@ -23,7 +24,6 @@ from agentperf_users.report.build import (
     write_context,
     write_run,
 )
-from agentperf_users.measure.slo import evaluate_step, load_slo
 from tests.test_slo import record as slo_record
 
 

@@ -91,9 +91,8 @@ if __name__ == "__main__":
 
 import requests  # noqa: E402
 
-from tests.support import free_port, wait_for  # noqa: E402
-
 from agentperf_users.client.chat import redact, redact_url  # noqa: E402
+from tests.support import free_port, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT_S = 60.0

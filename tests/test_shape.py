@@ -16,9 +16,15 @@ from locust.env import Environment
 from locust.event import Events
 
 from agentperf_users.measure import aggregate
-from agentperf_users.search.policy import CapacitySearch, CapacityStatus, SearchParameters, window_end
-from agentperf_users.search.shape import STOP_RATE, CapacitySearchShape, format_step
 from agentperf_users.measure.slo import SloTier, StepVerdict, TierVerdict
+from agentperf_users.search.policy import (
+    CapacitySearch,
+    CapacityStatus,
+    SearchParameters,
+    window_end,
+)
+from agentperf_users.search.shape import STOP_RATE, CapacitySearchShape, format_step
+from tests.support import install_agentperf
 from tests.test_slo import record
 
 
@@ -341,6 +347,7 @@ def test_bad_options_stop_the_test_with_one_line(tmp_path, caplog):
 
 
 def test_options_reach_the_web_ui_form_and_locust_conf(tmp_path):
+    install_agentperf()
     extra = argument_parser.ui_extra_args_dict([])
     expected = {"slo", "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
                 "agent_spawn_rate", "warmup_s", "window_s", "no_early_stop", "restart_agents", "guided_search", "min_requests", "capacity_json", "records_dir",

@@ -8,7 +8,12 @@ import random
 
 import pytest
 
-from agentperf_users.client.sse import MAX_SSE_LINE_BYTES, SSEEvent, SSEParser, StreamTally
+from agentperf_users.client.sse import (
+    MAX_SSE_LINE_BYTES,
+    SSEEvent,
+    SSEParser,
+    StreamTally,
+)
 
 
 def _chunk(delta: dict | None = None, **extra) -> dict:

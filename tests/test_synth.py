@@ -11,10 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from agentperf_users.workload import synth
 from agentperf_users.errors import AgentperfError
-from agentperf_users.workload.synth import SynthParams, format_stats, percentile, set_stats, synthesize, write_set
-from agentperf_users.workload.trajectory import load_trajectories
+from agentperf_users.workload import synth
+from agentperf_users.workload.readers import load_trajectories
+from agentperf_users.workload.synth import (
+    SynthParams,
+    format_stats,
+    percentile,
+    set_stats,
+    synthesize,
+    write_set,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "trajectories" / "README.md"

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from agentperf_users.tokens import count_tokens, tokenize
-from agentperf_users.workload.textgen import ARGUMENTS_OVERHEAD_TOKENS, VOCABULARY, filler, filler_pieces, tool_arguments
+from agentperf_users.workload.textgen import (
+    ARGUMENTS_OVERHEAD_TOKENS,
+    VOCABULARY,
+    filler,
+    filler_pieces,
+    tool_arguments,
+)
 
 SIZES = (0, 1, 2, 7, 19, 100, 1_000, 20_000)
 BPE_SIZES = (50, 500, 5_000, 50_000)

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from agentperf_users.errors import AgentperfError
-from agentperf_users.workload.readers import compact as compact_reader
 from agentperf_users.tokens import PromptEncoder, count_prompt_tokens, count_tokens
+from agentperf_users.workload.readers import compact as compact_reader
+from agentperf_users.workload.readers import load_trajectories
 from agentperf_users.workload.textgen import filler
-from agentperf_users.workload.trajectory import Trajectory, TrajectorySet, load_trajectories
+from agentperf_users.workload.trajectory import Trajectory, TrajectorySet
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trajectories"
 

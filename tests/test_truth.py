@@ -14,17 +14,15 @@ import json
 import pytest
 import yaml
 
-from agentperf_users.loadgen import replay
-
-from agentperf_users.search import policy as search
-
-from agentperf_users.search import truth
 from agentperf_users.cli.main import main
+from agentperf_users.loadgen import replay
+from agentperf_users.measure.slo import load_slo
+from agentperf_users.search import policy as search
+from agentperf_users.search import truth
 from agentperf_users.search.policy import SearchParameters
 from agentperf_users.simulator.engine import Engine
 from agentperf_users.tokens import count_prompt_tokens, tools_tokens
-from agentperf_users.measure.slo import load_slo
-from agentperf_users.workload.trajectory import load_trajectories
+from agentperf_users.workload.readers import load_trajectories
 from tests.simulator import custom_profile, write_profile
 
 MAX_NUM_SEQS = 6

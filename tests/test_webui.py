@@ -12,9 +12,9 @@ from locust.env import Environment
 from locust.event import Events
 
 from agentperf_users.measure import aggregate
-
-from agentperf_users.report import webui
 from agentperf_users.measure.slo import evaluate_step, load_slo, ttft_text
+from agentperf_users.report import webui
+from tests.support import install_agentperf
 from tests.test_slo import record
 
 
@@ -24,6 +24,7 @@ class IdleUser(User):
 
 def test_slo_now_judges_the_last_window_of_records(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["locust"])  # Locust's web UI parses the command line for its start form
+    install_agentperf()
     options = argument_parser.get_parser().parse_args(["--slo-window-s", "30"])  # Locust's, with agentperf's
     environment = Environment(user_classes=[IdleUser], events=Events(), parsed_options=options)
     environment.create_local_runner()

@@ -43,12 +43,13 @@ from typing import IO, Callable, Sequence
 
 import agentperf_users
 from agentperf_users import files
-from agentperf_users.measure import power
-from agentperf_users.loadgen import replay
-from agentperf_users.measure import server_metrics
-from agentperf_users.errors import AgentperfError
+from agentperf_users.bounded import short
 from agentperf_users.client.chat import redact_url
+from agentperf_users.errors import AgentperfError
+from agentperf_users.loadgen import replay
 from agentperf_users.loadgen.probe import ProbeTarget, qualify
+from agentperf_users.measure import power, server_metrics
+from agentperf_users.measure.slo import load_slo
 from agentperf_users.report.build import (
     RunContext,
     capacity_lines,
@@ -59,9 +60,7 @@ from agentperf_users.report.build import (
     write_report,
 )
 from agentperf_users.search.policy import SearchParameters, add_search_arguments
-from agentperf_users.bounded import short
-from agentperf_users.measure.slo import load_slo
-from agentperf_users.workload.trajectory import load_trajectories
+from agentperf_users.workload.readers import load_trajectories
 
 LOCUSTFILE = Path(agentperf_users.__file__).parent / "locustfiles" / "capacity.py"
 PROGRESS_MARKERS = ("/agentperf_users.", "/ERROR/", "/CRITICAL/")  # master log lines shown live
@@ -129,7 +128,11 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
                              f"got {args.workers} and {args.remote_workers}")
     profile = None
     if not args.host:
-        from agentperf_users.simulator.profile import DEFAULT_PROFILE, SimulatorError, load_profile
+        from agentperf_users.simulator.profile import (
+            DEFAULT_PROFILE,
+            SimulatorError,
+            load_profile,
+        )
 
         try:
             profile = load_profile(args.profile or DEFAULT_PROFILE)

@@ -25,9 +25,13 @@ from gevent import GreenletExit
 from geventhttpclient.response import HTTPConnectionClosed, HTTPParseError
 from geventhttpclient.url import URL
 
-from agentperf_users.measure.records import Status
-from agentperf_users.measure.stats import interpolated_quantile
-from agentperf_users.client.sse import SSEParser, StreamTally, error_text, implausible_usage
+from agentperf_users.client.outcome import Status
+from agentperf_users.client.sse import (
+    SSEParser,
+    StreamTally,
+    error_text,
+    implausible_usage,
+)
 from agentperf_users.client.timed_io import (
     KERNEL_STAMPS,
     BodyReader,
@@ -37,6 +41,7 @@ from agentperf_users.client.timed_io import (
     realtime_offset_s,
     stamping_socket,
 )
+from agentperf_users.stats import interpolated_quantile
 
 ERROR_BODY_BYTES = 16 * 1024  # how much of an HTTP error body is read to find its message
 DRAIN_TIMEOUT_S = 1.0  # after [DONE], how long to wait for the end of the HTTP message (keeps the connection)

@@ -29,7 +29,7 @@ import gevent.monkey
 import gevent.socket
 from gevent.hub import Waiter
 
-from agentperf_users.measure.records import Status
+from agentperf_users.client.outcome import Status
 
 OFFSET_READS = 3  # at most this many bracketed clock reads per conversion (realtime_offset_s)
 OFFSET_GOOD_WIDTH_S = 10e-6  # a bracket this tight needs no further read

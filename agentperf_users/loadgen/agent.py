@@ -42,13 +42,12 @@ import gevent
 import requests
 from gevent import GreenletExit
 from gevent.event import AsyncResult
-from locust import FastHttpUser, constant, events, task
+from locust import FastHttpUser, constant, task
 from locust.env import Environment
 from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 
-from agentperf_users.measure import aggregate
-from agentperf_users.loadgen.body import ChatBodyEncoder
+from agentperf_users.bounded import short
 from agentperf_users.client.chat import (
     DEFAULT_REQUEST_TIMEOUT_S,
     DEFAULT_STALL_TIMEOUT_S,
@@ -59,13 +58,12 @@ from agentperf_users.client.chat import (
     redact_url,
 )
 from agentperf_users.errors import AgentperfError
-from agentperf_users.workload.readers import FORMATS
-from agentperf_users.measure.records import RequestRecord, Status
+from agentperf_users.loadgen.body import ChatBodyEncoder
 from agentperf_users.loadgen.replay import (
     NAMESPACE_MODES,
-    Dealer,
     START_TURN_MODES,
     TOOL_WAIT_MODES,
+    Dealer,
     ReplaySettings,
     add_replay_arguments,
     agent_rng,
@@ -77,8 +75,14 @@ from agentperf_users.loadgen.replay import (
     start_turn,
     tool_wait_s,
 )
-from agentperf_users.bounded import short
-from agentperf_users.workload.trajectory import MAX_TOOL_WAIT_S, Trajectory, TrajectorySet, load_trajectories
+from agentperf_users.measure import aggregate
+from agentperf_users.measure.records import RequestRecord, Status
+from agentperf_users.workload.readers import FORMATS, load_trajectories
+from agentperf_users.workload.trajectory import (
+    MAX_TOOL_WAIT_S,
+    Trajectory,
+    TrajectorySet,
+)
 
 CLAIM_MESSAGE = "agentperf_claim"
 CLAIMED_MESSAGE = "agentperf_claimed"
@@ -466,9 +470,3 @@ class AgentUser(FastHttpUser):
             message=result.message,
             cold_join=self._cold_join,
         )
-
-
-events.init_command_line_parser.add_listener(add_arguments)
-events.init.add_listener(install)
-events.test_start.add_listener(on_test_start)
-events.test_stop.add_listener(on_test_stop)

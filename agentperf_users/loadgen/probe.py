@@ -64,12 +64,17 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from urllib3.exceptions import NameResolutionError
 
+from agentperf_users.client.chat import api_url, redact
+from agentperf_users.client.sse import (
+    SSEParser,
+    StreamTally,
+    error_text,
+    implausible_usage,
+)
+from agentperf_users.errors import AgentperfError
 from agentperf_users.loadgen import replay
 from agentperf_users.loadgen.body import ChatBodyEncoder
-from agentperf_users.client.chat import api_url, redact
-from agentperf_users.errors import AgentperfError
 from agentperf_users.tokens import count_prompt_tokens, tools_tokens
-from agentperf_users.client.sse import SSEParser, StreamTally, error_text, implausible_usage
 from agentperf_users.workload.trajectory import Trajectory, TrajectorySet, Turn
 
 PROBE_OUTPUT_TOKENS = 4  # enough to see token chunks arrive, short enough to cost the server nothing

@@ -35,12 +35,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Collection
 
-from locust import events
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 from agentperf_users.measure.records import RecordLog, RecordWriter, RequestRecord
-from agentperf_users.measure.slo import SloSpec, StepVerdict, evaluate_step, load_slo, records_in_window
+from agentperf_users.measure.slo import (
+    SloSpec,
+    StepVerdict,
+    evaluate_step,
+    load_slo,
+    records_in_window,
+)
 
 RECORDS_KEY = "agentperf_records"
 COVERED_KEY = "agentperf_covered_until_epoch_s"
@@ -277,7 +282,3 @@ def add_arguments(parser) -> None:
     add_option(parser, "--slo", default="", help="SLO tiers YAML file, or a bundled preset (default, aa-agentperf); empty: default")
     add_option(parser, "--slo-window-s", type=float, default=DEFAULT_SLO_NOW_WINDOW_S,
                help="the SLO now verdict (web UI tab, metrics) judges the requests that ended in this many last seconds")
-
-
-events.init_command_line_parser.add_listener(add_arguments)
-events.init.add_listener(lambda environment, **_: install(environment))

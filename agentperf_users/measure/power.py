@@ -18,7 +18,13 @@ from typing import Iterable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentperf_users.measure.scrape import SAMPLE_INTERVAL_S, SCRAPE_TIMEOUT_S, ScrapeSampler, endpoint_name, read_jsonl  # noqa: F401  (re-exported)
+from agentperf_users.measure.scrape import (  # noqa: F401  (re-exported)
+    SAMPLE_INTERVAL_S,
+    SCRAPE_TIMEOUT_S,
+    ScrapeSampler,
+    endpoint_name,
+    read_jsonl,
+)
 
 DEFAULT_METRIC = "DCGM_FI_DEV_POWER_USAGE"  # DCGM's board power draw, watts, one series per GPU
 POWER_FILE = "power.jsonl"

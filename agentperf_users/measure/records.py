@@ -13,29 +13,13 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import IO, Iterable
 
+from agentperf_users.client.outcome import Status
 from agentperf_users.errors import AgentperfError
 
 RECORD_FILE_PATTERN = "records-*.jsonl"
-
-
-class Status(str, Enum):
-    """How a request ended. Anything but ``OK`` counts as a miss for every SLO tier, except ``CANCELLED``:
-    the load generator cut the request itself (its step or run ended), so it says nothing of the server and
-    no window judges it (``slo.records_in_window``); it is kept so that every request the server saw has a
-    record."""
-
-    OK = "ok"
-    HTTP_4XX = "http_4xx"
-    HTTP_5XX = "http_5xx"
-    TIMEOUT = "timeout"  # no response or no first token within the request timeout
-    STALL = "stall"  # the stream went silent for longer than the stall timeout
-    DISCONNECT = "disconnect"  # the connection closed before [DONE]
-    BAD_STREAM = "bad_stream"  # unparseable SSE/JSON, a chunk of the wrong shape, impossible usage, an in-band error
-    CANCELLED = "cancelled"  # cut by the end of its load step or of the run, with what had arrived by then
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from agentperf_users.bounded import (
+    InputError,
+    is_single_line_text,
+    load_yaml,
+    one_line,
+    read_text,
+    short,
+)
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure.records import RequestRecord, Status, read_records
-from agentperf_users.bounded import InputError, is_single_line_text, load_yaml, one_line, read_text, short
 
 SCOPES = ("request", "agent")
 DEFAULT_SLO_FILE = "slo-default.yaml"

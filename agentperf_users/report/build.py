@@ -27,10 +27,21 @@ from agentperf_users import files
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure import server_metrics
 from agentperf_users.measure.diagnose import diagnose_step
-from agentperf_users.measure.power import POWER_FILE, PowerSample, mean_watts, read_samples
+from agentperf_users.measure.power import (
+    POWER_FILE,
+    PowerSample,
+    mean_watts,
+    read_samples,
+)
 from agentperf_users.measure.records import RequestRecord, read_records
+from agentperf_users.measure.slo import (
+    SloSpec,
+    evaluate_step,
+    parse_slo,
+    quantile,
+    records_in_window,
+)
 from agentperf_users.search.policy import SearchStopped
-from agentperf_users.measure.slo import SloSpec, evaluate_step, parse_slo, quantile, records_in_window
 
 MEGAWATT_W = 1_000_000.0
 TTFT_QUANTILES = (0.5, 0.9, 0.95, 0.99)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import bisect
 import logging
-import sys
 from collections import Counter
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
-from locust import events
 from locust.env import Environment
 from locust.runners import WorkerRunner
 from prometheus_client import start_http_server
@@ -29,14 +27,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from agentperf_users.measure import aggregate
 from agentperf_users.errors import AgentperfError
+from agentperf_users.measure import aggregate
 from agentperf_users.measure.records import RequestRecord, Status
-from agentperf_users.search.policy import CapacityStatus
 from agentperf_users.measure.slo import TierVerdict
-
-if TYPE_CHECKING:
-    from agentperf_users.search.shape import CapacitySearchShape
+from agentperf_users.search.policy import CapacityStatus
+from agentperf_users.search.shape import CapacitySearchShape
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +88,7 @@ class RunCollector(Collector):
         yield GaugeMetricFamily("agentperf_load_step", "Index of the load step in progress", value=step.index)
         yield GaugeMetricFamily("agentperf_load_step_agents", "Agents of the load step in progress", value=step.agents)
         yield from _slo_now_metrics(self._environment)
-        # Not imported here: importing the shape adds the search's options to every locustfile that imports
-        # this one. A shape of that class exists only where its module was imported.
-        shape_module = sys.modules.get("agentperf_users.search.shape")
-        if shape_module is not None and isinstance(self._environment.shape_class, shape_module.CapacitySearchShape):
+        if isinstance(self._environment.shape_class, CapacitySearchShape):
             yield from _search_metrics(self._environment.shape_class)
 
     def _take(self, records: list[RequestRecord]) -> None:
@@ -139,7 +132,7 @@ def _slo_now_metrics(environment: Environment) -> Iterator[Metric]:
                                  ["tier"], (([tier.tier.name], tier) for tier in verdict.tiers))
 
 
-def _search_metrics(shape: "CapacitySearchShape") -> Iterator[Metric]:
+def _search_metrics(shape: CapacitySearchShape) -> Iterator[Metric]:
     """Every judged step's numbers per tier (labelled by step: a search has tens of steps, not thousands),
     and each tier's capacity as far as it is known."""
     yield from _verdict_families(
@@ -185,7 +178,3 @@ def serve(environment: Environment, **_) -> None:
         logger.error("agentperf: --metrics-port %d: cannot serve metrics on %s: %s", port, host, exc.strerror)
         return
     logger.info("agentperf: Prometheus metrics at http://%s:%d/metrics", host, port)
-
-
-events.init_command_line_parser.add_listener(add_arguments)
-events.init.add_listener(serve)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from locust import events
 from locust.env import Environment
 
+from agentperf_users.report.webui import VERDICT_COLUMNS, add_tab, verdict_cells
 from agentperf_users.search.policy import CapacityStatus
 from agentperf_users.search.shape import CapacitySearchShape, describe_capacity
-from agentperf_users.report.webui import VERDICT_COLUMNS, add_tab, verdict_cells
 
 CAPACITY_TAB = "agentperf-capacity"
 STEPS_TAB = "agentperf-steps"
@@ -73,6 +72,3 @@ def install(environment: Environment, web_ui=None, **_) -> None:
     add_tab(web_ui, STEPS_TAB, "SLO steps",
             [{"key": "step", "title": "Step"}, {"key": "phase", "title": "Phase"}, {"key": "agents", "title": "Agents"},
              {"key": "tier", "title": "SLO tier"}, *VERDICT_COLUMNS], rows(step_rows))
-
-
-events.init.add_listener(install)

@@ -15,11 +15,10 @@ import json
 from typing import Any, Callable
 
 from flask import Response, request
-from locust import events
 from locust.env import Environment
 
-from agentperf_users.measure import aggregate
 from agentperf_users.errors import AgentperfError
+from agentperf_users.measure import aggregate
 from agentperf_users.measure.slo import TierVerdict, speed_text, ttft_text
 
 LIVE_TAB = "agentperf-slo-now"
@@ -79,6 +78,3 @@ def install(environment: Environment, web_ui=None, **_) -> None:
                 [{"key": "tier", "title": "SLO tier"}, *VERDICT_COLUMNS, {"key": "agents", "title": "Agents running"},
                  {"key": "window", "title": "Window"}],
                 functools.partial(live_rows, environment))
-
-
-events.init.add_listener(install)

@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Callable, Iterable, Sequence
 
-from agentperf_users.measure.diagnose import Cause
-from agentperf_users.errors import AgentperfError
 from agentperf_users.bounded import short
+from agentperf_users.errors import AgentperfError
+from agentperf_users.measure.diagnose import Cause
 from agentperf_users.measure.slo import StepVerdict
 
 MAX_WINDOW_FACTOR = 4.0  # how far --min-requests may extend a window

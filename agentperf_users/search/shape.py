@@ -49,25 +49,45 @@ from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import gevent
-from locust import LoadTestShape, events
+from locust import LoadTestShape
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, WorkerRunner
 
-from agentperf_users.measure import aggregate
-from agentperf_users.measure.diagnose import Cause, Diagnosis, common_error, diagnose_step, not_about_capacity
 from agentperf_users.errors import AgentperfError
 from agentperf_users.files import atomic_write
+from agentperf_users.measure import aggregate
+from agentperf_users.measure.diagnose import (
+    Cause,
+    Diagnosis,
+    common_error,
+    diagnose_step,
+    not_about_capacity,
+)
+from agentperf_users.measure.records import RequestRecord
+from agentperf_users.measure.server_metrics import (
+    NOT_AVAILABLE,
+    ServerWindow,
+    describe,
+    read_samples,
+    window_summary,
+)
+from agentperf_users.measure.slo import (
+    SloSpec,
+    StepVerdict,
+    evaluate_step,
+    load_slo,
+    speed_text,
+    surely_fails,
+    ttft_text,
+)
 from agentperf_users.search.policy import (
     CapacitySearch,
-    SearchStopped,
     CapacityStatus,
     SearchParameters,
+    SearchStopped,
     TierCapacity,
     add_search_arguments,
     window_end,
 )
-from agentperf_users.measure.records import RequestRecord
-from agentperf_users.measure.server_metrics import NOT_AVAILABLE, ServerWindow, describe, read_samples, window_summary
-from agentperf_users.measure.slo import SloSpec, StepVerdict, evaluate_step, load_slo, speed_text, surely_fails, ttft_text
 
 logger = logging.getLogger(__name__)
 
@@ -438,7 +458,3 @@ def install_signal_handlers(environment, **_) -> None:
         return
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, functools.partial(_on_signal, shape))
-
-
-events.init_command_line_parser.add_listener(add_arguments)
-events.init.add_listener(install_signal_handlers)

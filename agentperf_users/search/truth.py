@@ -39,15 +39,33 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from agentperf_users.loadgen import replay
 from agentperf_users.errors import AgentperfError
+from agentperf_users.loadgen import replay
 from agentperf_users.measure.records import RequestRecord, Status
-from agentperf_users.search.policy import CapacitySearch, SearchParameters, TierCapacity, add_search_arguments, window_end
+from agentperf_users.measure.slo import (
+    SloSpec,
+    StepVerdict,
+    evaluate_step,
+    load_slo,
+    records_in_window,
+)
+from agentperf_users.search.policy import (
+    CapacitySearch,
+    SearchParameters,
+    TierCapacity,
+    add_search_arguments,
+    window_end,
+)
 from agentperf_users.simulator.engine import Engine, EngineRequest
-from agentperf_users.simulator.profile import DEFAULT_PROFILE, Profile, SimulatorError, load_profile
+from agentperf_users.simulator.profile import (
+    DEFAULT_PROFILE,
+    Profile,
+    SimulatorError,
+    load_profile,
+)
 from agentperf_users.tokens import PromptEncoder
-from agentperf_users.measure.slo import SloSpec, StepVerdict, evaluate_step, load_slo, records_in_window
-from agentperf_users.workload.trajectory import Trajectory, TrajectorySet, load_trajectories
+from agentperf_users.workload.readers import load_trajectories
+from agentperf_users.workload.trajectory import Trajectory, TrajectorySet
 
 TRUTH_RUN_ID = "truth"
 WINDOW_EXTENSION_STEP_S = 1.0  # how far the clock runs on while a window waits for --min-requests

@@ -42,8 +42,19 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from agentperf_users.simulator.faults import DEFAULT_RETRY_AFTER_S, KINDS, MAX_RETRY_AFTER_S, parse_faults
-from agentperf_users.simulator.profile import DEFAULT_PROFILE, Profile, SimulatorError, list_profiles, load_profile
+from agentperf_users.simulator.faults import (
+    DEFAULT_RETRY_AFTER_S,
+    KINDS,
+    MAX_RETRY_AFTER_S,
+    parse_faults,
+)
+from agentperf_users.simulator.profile import (
+    DEFAULT_PROFILE,
+    Profile,
+    SimulatorError,
+    list_profiles,
+    load_profile,
+)
 from agentperf_users.simulator.server import API_KEY_ENV, ServerOptions, serve
 
 STARTUP_PREFIX = "agentperf simulator: serving "

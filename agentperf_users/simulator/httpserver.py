@@ -12,12 +12,9 @@ import asyncio
 import socket
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 from agentperf_users.simulator.wire import ApiError
-
-if TYPE_CHECKING:
-    from agentperf_users.simulator.reply import Reply
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 256 * 1024 * 1024
@@ -56,7 +53,9 @@ class HttpConnection(asyncio.Protocol):
         self._keep_alive = True
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reply: Reply | None = None  # the chat completion in flight on this connection
+        # The server's answer in flight on this connection (its Reply): kept here so that a lost connection
+        # finds it; the framing only clears it, and so does not import the layer above it.
+        self.reply: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]

@@ -22,7 +22,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from agentperf_users.bounded import InputError, is_single_line_text, load_yaml, one_line, read_text, short
+from agentperf_users.bounded import (
+    InputError,
+    is_single_line_text,
+    load_yaml,
+    one_line,
+    read_text,
+    short,
+)
 from agentperf_users.tokens import BLOCK_SIZE
 
 PROFILES_DIR = Path(__file__).with_name("profiles")

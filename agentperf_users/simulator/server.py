@@ -34,17 +34,32 @@ from collections import deque
 from dataclasses import dataclass
 
 from agentperf_users.simulator.engine import (
-    ContextLengthError, Engine, EngineRequest, QueueFullError, StepResult, context_overflow_message,
+    ContextLengthError,
+    Engine,
+    EngineRequest,
+    QueueFullError,
+    StepResult,
+    context_overflow_message,
 )
 from agentperf_users.simulator.faults import (
-    BEFORE_HEADERS, DEFAULT_RETRY_AFTER_S, FaultPlan, FaultSpec, FaultyReply, answer_before_headers,
+    BEFORE_HEADERS,
+    DEFAULT_RETRY_AFTER_S,
+    FaultPlan,
+    FaultSpec,
+    FaultyReply,
+    answer_before_headers,
 )
 from agentperf_users.simulator.httpserver import HttpConnection, HttpRequest
-from agentperf_users.simulator.metrics import CacheInfo, PowerModel, PowerSpec, SimulatorMetrics
+from agentperf_users.simulator.metrics import (
+    CacheInfo,
+    PowerModel,
+    PowerSpec,
+    SimulatorMetrics,
+)
 from agentperf_users.simulator.profile import Profile
 from agentperf_users.simulator.reply import WORDS, Reply, ReplyPlan
-from agentperf_users.tokens import PromptEncoder
 from agentperf_users.simulator.wire import ApiError, ChatParams
+from agentperf_users.tokens import PromptEncoder
 
 MAX_CLOCK_SLIP_S = 0.25
 IDLE_RETRY_S = 0.001  # the engine has work but scheduled nothing this step

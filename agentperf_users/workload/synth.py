@@ -26,20 +26,19 @@ from typing import Any, Sequence
 
 import yaml
 
-from agentperf_users.errors import AgentperfError
-from agentperf_users.measure.stats import interpolated_quantile
-from agentperf_users.workload.readers import FORMATS
-from agentperf_users.workload.readers.common import REPLY_TOKENS
-from agentperf_users.tokens import TEMPLATE_OVERHEAD, count_tokens, tools_tokens
-from agentperf_users.workload.textgen import ARGUMENTS_OVERHEAD_TOKENS
 from agentperf_users.bounded import is_single_line_text, short
+from agentperf_users.errors import AgentperfError
+from agentperf_users.stats import interpolated_quantile
+from agentperf_users.tokens import TEMPLATE_OVERHEAD, count_tokens, tools_tokens
+from agentperf_users.workload.readers import FORMATS, load_trajectories
+from agentperf_users.workload.readers.common import REPLY_TOKENS
+from agentperf_users.workload.textgen import ARGUMENTS_OVERHEAD_TOKENS
 from agentperf_users.workload.trajectory import (
     MAX_CONTEXT_TOKENS,
     MAX_ID_CHARS,
     MAX_OUTPUT_TOKENS,
     MAX_TOOL_WAIT_S,
     TrajectorySet,
-    load_trajectories,
 )
 
 Z_95 = 1.6448536269514722

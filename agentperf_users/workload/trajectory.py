@@ -173,16 +173,3 @@ class TrajectorySet:
         if len(self._cache) > TRAJECTORY_CACHE_SIZE:
             self._cache.popitem(last=False)
         return trajectory
-
-
-def load_trajectories(spec: str, fmt: str = "auto", allow_outside: bool | None = None) -> TrajectorySet:
-    """Load a set from a file, a folder, a manifest, or a bundled set name ("default", "demo").
-
-    ``fmt`` is ``auto`` (sniffed from content), ``aa``, ``mooncake`` or ``agentperf``. Raises
-    ``AgentperfError`` with a one-line ``path:line: ...`` message on any problem; nothing is
-    half-loaded. ``allow_outside``: whether a manifest may list files outside its folder (None: as
-    ``AGENTPERF_MANIFEST_OUTSIDE`` says; see ``agentperf_users.workload.readers``).
-    """
-    from agentperf_users.workload.readers import read_set  # the readers build this module's types
-
-    return read_set(spec, fmt, allow_outside)

@@ -8,15 +8,14 @@ import time
 
 import gevent
 import locust.runners
-from locust import User, constant, task
+from locust import User, constant, events, task
 
-import agentperf_users.report.prometheus  # noqa: F401  (--metrics-port)
-import agentperf_users.report.search_tabs  # noqa: F401  (the search's tabs)
-import agentperf_users.report.webui  # noqa: F401  (the SLO now tab)
+from agentperf_users.locustfiles.plugin import install
 from agentperf_users.measure import aggregate
 from agentperf_users.measure.records import RequestRecord, Status
 from agentperf_users.search.shape import CapacitySearchShape  # noqa: F401  (the shape Locust runs)
 
+install(events, agents=False, search=True)  # the record union, metrics, tabs and the search; no AgentUser
 locust.runners.WORKER_REPORT_INTERVAL = 1.0  # reports every second instead of 3: a shorter test
 
 TTFT_PER_AGENT_S = 0.1

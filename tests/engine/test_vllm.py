@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from agentperf_users.measure.records import RequestRecord, Status
-from tests.engine.accounting import EngineCounters, RecordTotals, read_counters, record_totals, wait_idle
+from tests.engine.accounting import (
+    EngineCounters,
+    RecordTotals,
+    read_counters,
+    record_totals,
+    wait_idle,
+)
 from tests.engine.vllm_server import MAX_MODEL_LEN, VllmServer
 from tests.engine.workload import replay
 

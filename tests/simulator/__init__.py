@@ -10,7 +10,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentperf_users.simulator.cli import SimulatorProcess
-from agentperf_users.simulator.profile import DEFAULT_PROFILE, PROFILES_DIR, Profile, load_profile
+from agentperf_users.simulator.profile import (
+    DEFAULT_PROFILE,
+    PROFILES_DIR,
+    Profile,
+    load_profile,
+)
 from agentperf_users.tokens import BLOCK_SIZE, EncodedPrompt
 
 

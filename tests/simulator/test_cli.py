@@ -12,7 +12,11 @@ import urllib.request
 import pytest
 
 from agentperf_users.simulator import cli
-from agentperf_users.simulator.profile import DEFAULT_PROFILE, SimulatorError, load_profile
+from agentperf_users.simulator.profile import (
+    DEFAULT_PROFILE,
+    SimulatorError,
+    load_profile,
+)
 from tests.simulator import write_profile
 
 

@@ -11,7 +11,13 @@ from agentperf_users.simulator.engine import (
     QueueFullError,
     StepResult,
 )
-from agentperf_users.simulator.profile import DEFAULT_PROFILE, Profile, SimulatorError, attention_pairs, load_profile
+from agentperf_users.simulator.profile import (
+    DEFAULT_PROFILE,
+    Profile,
+    SimulatorError,
+    attention_pairs,
+    load_profile,
+)
 from agentperf_users.tokens import BLOCK_SIZE, PromptEncoder
 from tests.simulator import custom_profile, make_prompt
 

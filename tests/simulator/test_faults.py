@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 import pytest
 
 from agentperf_users.simulator.faults import (
-    ABSURD_COMPLETION_TOKENS, KINDS, TOKENS_BEFORE_FAULT, WRONG_SHAPES, FaultPlan, FaultSpec, parse_faults,
+    ABSURD_COMPLETION_TOKENS,
+    KINDS,
+    TOKENS_BEFORE_FAULT,
+    WRONG_SHAPES,
+    FaultPlan,
+    FaultSpec,
+    parse_faults,
 )
 from agentperf_users.simulator.profile import SimulatorError, load_profile
 from tests.simulator import requests_in_engine, scrape, simulator

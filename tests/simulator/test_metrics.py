@@ -14,7 +14,13 @@ from agentperf_users.simulator.engine import Engine, EngineRequest
 from agentperf_users.simulator.metrics import POWER_WINDOW_S, PowerModel, PowerSpec
 from agentperf_users.simulator.profile import load_profile
 from agentperf_users.tokens import BLOCK_SIZE
-from tests.simulator import custom_profile, make_prompt, scrape, simulator, write_profile
+from tests.simulator import (
+    custom_profile,
+    make_prompt,
+    scrape,
+    simulator,
+    write_profile,
+)
 
 PROFILE = load_profile()
 MODEL = PROFILE.model.name

@@ -18,7 +18,12 @@ from openai import OpenAI
 
 from agentperf_users.simulator.profile import load_profile
 from agentperf_users.simulator.server import API_KEY_ENV
-from agentperf_users.tokens import BLOCK_SIZE, PromptEncoder, count_prompt_tokens, count_tokens
+from agentperf_users.tokens import (
+    BLOCK_SIZE,
+    PromptEncoder,
+    count_prompt_tokens,
+    count_tokens,
+)
 from tests.simulator import requests_in_engine, simulator, write_profile
 
 PROFILE = load_profile()

@@ -20,12 +20,18 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+from agentperf_users.bounded import short
 from agentperf_users.errors import AgentperfError
 from agentperf_users.workload.readers.aa import read_aa
-from agentperf_users.workload.readers.common import fail, first_json_line, got, parse_json, read_file_text
+from agentperf_users.workload.readers.common import (
+    fail,
+    first_json_line,
+    got,
+    parse_json,
+    read_file_text,
+)
 from agentperf_users.workload.readers.compact import YAML_SUFFIXES, read_compact
 from agentperf_users.workload.readers.mooncake import read_mooncake
-from agentperf_users.bounded import short
 from agentperf_users.workload.trajectory import TrajectoryPlan, TrajectorySet
 
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "data" / "trajectories"
@@ -50,9 +56,13 @@ def bundled_sets() -> list[str]:
     return sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir() and _trace_files(p))
 
 
-def read_set(spec: str, fmt: str = "auto", allow_outside: bool | None = None) -> TrajectorySet:
-    """``allow_outside``: whether a manifest may list files outside its folder (None: as the environment
-    variable ``AGENTPERF_MANIFEST_OUTSIDE`` says, default no)."""
+def load_trajectories(spec: str, fmt: str = "auto", allow_outside: bool | None = None) -> TrajectorySet:
+    """Load a set from a file, a folder, a manifest, or a bundled set name ("default", "demo").
+
+    ``fmt`` is ``auto`` (sniffed from content), ``aa``, ``mooncake`` or ``agentperf``. Raises
+    ``AgentperfError`` with a one-line ``path:line: ...`` message on any problem; nothing is
+    half-loaded. ``allow_outside``: whether a manifest may list files outside its folder (None: as the
+    environment variable ``AGENTPERF_MANIFEST_OUTSIDE`` says, default no)."""
     if fmt not in FORMATS:
         raise AgentperfError(f"unknown trajectory format {short(fmt)} (expected {', '.join(FORMATS)})")
     if allow_outside is None:

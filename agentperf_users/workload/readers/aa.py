@@ -16,19 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from agentperf_users.tokens import message_tokens, tools_tokens
 from agentperf_users.workload.readers.common import (
     REPLY_TOKENS,
     check_message,
     fail,
     got,
     json_lines,
-    require_number,
     require_id,
     require_int,
     require_list,
+    require_number,
     tool_definitions,
 )
-from agentperf_users.tokens import message_tokens, tools_tokens
 from agentperf_users.workload.trajectory import (
     MAX_CONTEXT_TOKENS,
     MAX_OUTPUT_TOKENS,

@@ -17,7 +17,6 @@ from contextlib import closing
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, NoReturn
 
-from agentperf_users.errors import AgentperfError
 from agentperf_users.bounded import (
     InputError,
     decode_text,
@@ -26,6 +25,7 @@ from agentperf_users.bounded import (
     one_line,
     read_text,
 )
+from agentperf_users.errors import AgentperfError
 from agentperf_users.tokens import count_prompt_tokens
 from agentperf_users.workload.trajectory import MAX_ID_CHARS
 

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from agentperf_users.bounded import BoundedSafeLoader, InputError, load_yaml
+from agentperf_users.tokens import message_tokens, tools_tokens
 from agentperf_users.workload.readers.common import (
     REPLY_TOKENS,
     ROLES,
@@ -28,9 +30,11 @@ from agentperf_users.workload.readers.common import (
     require_number,
     tool_definitions,
 )
-from agentperf_users.bounded import BoundedSafeLoader, InputError, load_yaml
-from agentperf_users.tokens import message_tokens, tools_tokens
-from agentperf_users.workload.textgen import ARGUMENTS_OVERHEAD_TOKENS, filler, tool_arguments
+from agentperf_users.workload.textgen import (
+    ARGUMENTS_OVERHEAD_TOKENS,
+    filler,
+    tool_arguments,
+)
 from agentperf_users.workload.trajectory import (
     MAX_CONTEXT_TOKENS,
     MAX_OUTPUT_TOKENS,

@@ -33,10 +33,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from agentperf_users.workload.readers.common import REPLY_TOKENS, fail, got, json_lines, require_int, require_list, require_number
 from agentperf_users.tokens import TEMPLATE_OVERHEAD
+from agentperf_users.workload.readers.common import (
+    REPLY_TOKENS,
+    fail,
+    got,
+    json_lines,
+    require_int,
+    require_list,
+    require_number,
+)
 from agentperf_users.workload.textgen import filler_pieces
-from agentperf_users.workload.trajectory import MAX_CONTEXT_TOKENS, MAX_OUTPUT_TOKENS, Trajectory, Turn, TurnShape
+from agentperf_users.workload.trajectory import (
+    MAX_CONTEXT_TOKENS,
+    MAX_OUTPUT_TOKENS,
+    Trajectory,
+    Turn,
+    TurnShape,
+)
 
 MOONCAKE_BLOCK_TOKENS = 512
 BLOCK_CONTENT_TOKENS = MOONCAKE_BLOCK_TOKENS - TEMPLATE_OVERHEAD

@@ -1,0 +1,144 @@
+"""The layout is the pipeline, and it stays one: no import circles, each stage imports only the stages
+before it, the simulator only the shared leaves, and no module switches anything on in Locust by being
+imported (a locustfile calls ``locustfiles.plugin.install``)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "agentperf_users"
+LEAVES = ("errors", "tokens", "bounded", "stats", "files")  # import nothing of agentperf's but errors
+STAGES = ("workload", "client", "measure", "loadgen", "search", "report", "locustfiles", "cli")  # dependency order
+ENTRY_POINTS = ("agentperf_users.locustfiles.agents", "agentperf_users.locustfiles.capacity",
+                "agentperf_users.simulator.__main__")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every import of a project module, at any level of a file (a lazy import is still a dependency)."""
+    known = modules()
+    graph = {}
+    for name, path in known.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("agentperf_users"):
+                imported |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                             for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names if a.name.startswith("agentperf_users")}
+        graph[name] = {m for m in imported if m in known and m != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components of more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph.get(node, ()):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for node in list(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def part(module: str) -> str:
+    """The stage, leaf or sibling a module belongs to (``agentperf_users.measure.slo`` -> ``measure``)."""
+    pieces = module.split(".")
+    return pieces[1] if len(pieces) > 1 else "agentperf_users"
+
+
+def test_the_import_graph_has_no_circles():
+    assert circles(import_graph()) == []
+
+
+def test_circles_are_found():  # the check above can fail
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_each_stage_imports_only_the_leaves_and_the_stages_before_it():
+    wrong = []
+    for module, imported in import_graph().items():
+        own = part(module)
+        if own not in STAGES:
+            continue
+        allowed = {*LEAVES, "agentperf_users", "simulator", *STAGES[:STAGES.index(own) + 1]}
+        wrong += [f"{module} -> {other}" for other in imported if part(other) not in allowed]
+    assert wrong == []
+
+
+def test_the_simulator_and_the_leaves_import_nothing_of_the_harness():
+    graph = import_graph()
+    simulator = {f"{m} -> {o}" for m, deps in graph.items() if part(m) == "simulator"
+                 for o in deps if part(o) not in ("simulator", *LEAVES)}
+    leaves = {f"{m} -> {o}" for m, deps in graph.items() if part(m) in LEAVES for o in deps if part(o) != "errors"}
+    assert simulator == set() and leaves == set()
+
+
+def test_every_stage_says_what_it_does():
+    for stage in STAGES:
+        docstring = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text()))
+        assert docstring and len(docstring.split()) >= 20, stage
+
+
+def _registrations(imports: list[str]) -> dict:
+    """Locust's event handlers and its bucketing function in a fresh interpreter, after importing ``imports``."""
+    script = f"""
+import json, locust, locust.stats
+original = locust.stats.bucket_response_time
+import importlib
+for name in {imports!r}:
+    importlib.import_module(name)
+handlers = {{k: len(v._handlers) for k, v in vars(locust.events).items() if hasattr(v, "_handlers")}}
+print(json.dumps({{"handlers": handlers, "bucketing_patched": locust.stats.bucket_response_time is not original}}))
+"""
+    completed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    import json
+
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_importing_any_module_switches_nothing_on_in_locust():
+    libraries = sorted(set(modules()) - set(ENTRY_POINTS))
+    after = _registrations(libraries)
+    assert after["bucketing_patched"] is False
+    assert {event: count for event, count in after["handlers"].items() if count} == {}
+
+
+def test_a_locustfile_installs_agentperf_once():  # and the check above sees a registration when there is one
+    after = _registrations(["agentperf_users.locustfiles.capacity"])
+    assert after["bucketing_patched"] is True
+    assert after["handlers"]["init_command_line_parser"] == 4  # records and SLO, metrics, agents, the search
+    assert after["handlers"]["test_start"] == after["handlers"]["test_stop"] == 1
