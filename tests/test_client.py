@@ -228,7 +228,8 @@ from locust.contrib.fasthttp import FastHttpSession  # noqa: E402
 from locust.event import EventHook  # noqa: E402
 
 from agentperf_users.client.chat import ChatStreamClient, bucket_response_time_3sig  # noqa: E402
-from agentperf_users.client.timed_io import KERNEL_STAMPS  # noqa: E402
+from agentperf_users.client.timed_io import KERNEL_STAMPS, SO_TIMESTAMPNS, StampingSocket, stamp_connections  # noqa: E402
+from agentperf_users.errors import AgentperfError  # noqa: E402
 from agentperf_users.loadgen.body import ChatBodyEncoder  # noqa: E402
 from agentperf_users.measure.records import Status  # noqa: E402
 
@@ -333,6 +334,30 @@ def _post_with_the_loop_blocked(url, scenario, block_s):
     result = _post(client, scenario)
     hog.join()
     return result
+
+
+@pytest.mark.skipif(not KERNEL_STAMPS, reason="kernel receive timestamps are used on Linux only")
+def test_connections_are_sockets_that_keep_the_kernels_receive_stamps(server_url):
+    """geventhttpclient's socket hook is an internal: if an upgrade stopped calling it, reads would be dated by
+    the event loop without any other sign. The connection the pool kept is ours, with stamps on."""
+    import socket
+
+    client = _client(server_url)
+    assert _post(client, "ok").status is Status.OK
+    pool = client._http._connection_pool
+    kept = [pool._socket_queue.get(block=False) for _ in range(pool._socket_queue.qsize())]
+    assert len(kept) == 1 and isinstance(kept[0], StampingSocket), kept
+    assert kept[0].getsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS) == 1
+    assert kept[0].arrival_realtime_s is not None  # the last read's kernel stamp
+
+
+def test_a_geventhttpclient_without_the_socket_hook_is_an_error_not_a_silent_fallback():
+    class RenamedPool:
+        def _create_socket_for(self, *args):  # an upstream rename
+            raise AssertionError("never called")
+
+    with pytest.raises(AgentperfError, match="no ConnectionPool._create_tcp_socket: kernel timestamps would be lost"):
+        stamp_connections(RenamedPool())
 
 
 @pytest.mark.skipif(not KERNEL_STAMPS, reason="kernel receive timestamps are used on Linux only")

@@ -39,7 +39,7 @@ from agentperf_users.client.timed_io import (
     StampingSocket,
     StreamFailure,
     realtime_offset_s,
-    stamping_socket,
+    stamp_connections,
 )
 from agentperf_users.stats import interpolated_quantile
 
@@ -151,7 +151,7 @@ class ChatStreamClient:
         self._uri = getattr(url, "quoted_uri", url.request_uri)
         self._http = session.client.clientpool.get_client(url)  # the agent's own pool: one kept-alive connection
         if KERNEL_STAMPS and not self._http.ssl:
-            self._http._connection_pool._create_tcp_socket = stamping_socket  # geventhttpclient's socket hook
+            stamp_connections(self._http._connection_pool)
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream", "Accept-Encoding": "identity"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"

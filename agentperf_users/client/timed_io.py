@@ -22,6 +22,7 @@ import time
 from collections import deque
 from contextlib import suppress
 from functools import partial
+from importlib.metadata import version as _version
 from typing import Any
 
 import gevent
@@ -30,6 +31,7 @@ import gevent.socket
 from gevent.hub import Waiter
 
 from agentperf_users.client.outcome import Status
+from agentperf_users.errors import AgentperfError
 
 OFFSET_READS = 3  # at most this many bracketed clock reads per conversion (realtime_offset_s)
 OFFSET_GOOD_WIDTH_S = 10e-6  # a bracket this tight needs no further read
@@ -252,6 +254,21 @@ def stamping_socket(family: int, socktype: int, protocol: int) -> StampingSocket
     with suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     return sock
+
+
+SOCKET_HOOK = "_create_tcp_socket"
+
+
+def stamp_connections(pool: Any) -> None:
+    """Make every new connection of a geventhttpclient ``ConnectionPool`` a :class:`StampingSocket`.
+
+    The hook and ``response._sock`` are geventhttpclient internals, pinned in pyproject.toml to the versions
+    tested. Setting a hook the pool no longer calls would silently date tokens by the event loop instead of
+    the kernel, so a pool without it is an error, not a fallback."""
+    if not callable(getattr(type(pool), SOCKET_HOOK, None)):
+        raise AgentperfError(f"geventhttpclient {_version('geventhttpclient')} has no ConnectionPool.{SOCKET_HOOK}: "
+                             "kernel timestamps would be lost; install the version pyproject.toml pins")
+    setattr(pool, SOCKET_HOOK, stamping_socket)
 
 
 class BodyReader:
