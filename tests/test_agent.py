@@ -283,10 +283,10 @@ def test_a_workers_error_reaches_the_masters_console_and_stops_the_test(tmp_path
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("request_timeout", "inf", "--request-timeout 'inf': expected a positive number, at most 86400"),
-    ("stall_timeout", "1e300", "--stall-timeout '1e300': expected a positive number, at most 86400"),
-    ("tool_wait_sigma", "11", "--tool-wait-sigma '11': expected a non-negative number, at most 10"),
-    ("seed", "9" * 5000, "--seed '9999999999"),
+    ("request_timeout", "inf", "--request-timeout: expected a number > 0, at most 86400, got 'inf'"),
+    ("stall_timeout", "1e300", "--stall-timeout: expected a number > 0, at most 86400, got '1e300'"),
+    ("tool_wait_sigma", "11", "--tool-wait-sigma: expected a number >= 0, at most 10, got '11'"),
+    ("seed", "9" * 5000, "--seed: expected an integer >= -9.22337e+18, at most 9.22337e+18, got '9999999999"),
     ("tool_wait", "x" * 5000, "--tool-wait 'xxxxxxxxxx"),
 ])
 def test_agent_options_from_the_web_ui_are_bounded_in_one_short_line(field, value, message):

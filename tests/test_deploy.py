@@ -79,7 +79,8 @@ def test_workers_find_the_master_and_the_master_waits_for_all_of_them():
     assert (REPO / option(worker, "-f").removeprefix(IMAGE_ROOT)).is_file()
     args, unknown = build_parser().parse_known_args(master[1:])  # capacity's own options, and Locust's
     assert (args.warmup_s, args.window_s) == (30.0, 90.0)
-    assert unknown == ["--expect-workers-max-wait", "300", "--metrics-port", "9646", "--metrics-host", "0.0.0.0"]
+    assert unknown == ["--expect-workers-max-wait", "300"]  # Locust's own, passed on as it is
+    assert (args.metrics_port, args.metrics_host) == (9646, "0.0.0.0")  # capacity's, forwarded to its master
 
 
 def test_the_masters_metrics_are_served_announced_and_optional():
@@ -147,9 +148,9 @@ def test_compose_wires_the_same_roles():
     assert (REPO / option(worker, "-f").removeprefix(IMAGE_ROOT)).is_file()
     _, unknown = build_parser().parse_known_args(simulator[1:])
     assert unknown == []
-    args, unknown = build_parser().parse_known_args(master[1:])  # Locust's own: served for Prometheus
+    args, unknown = build_parser().parse_known_args(master[1:])  # served for Prometheus
     assert (args.warmup_s, args.window_s, args.max_agents) == (10.0, 20.0, 256)
-    assert unknown == ["--metrics-port", "9646", "--metrics-host", "0.0.0.0"]
+    assert unknown == [] and (args.metrics_port, args.metrics_host) == (9646, "0.0.0.0")
     scrape = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape["scrape_configs"]}
     assert targets == {"agentperf": ["master:9646"], "target": [option(master, "--host").removeprefix("http://")]}

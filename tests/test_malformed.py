@@ -25,7 +25,8 @@ import pytest
 from agentperf_users.bounded import MAX_DEPTH, InputError, loads_json
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure.slo import load_slo
-from agentperf_users.search.policy import SearchParameters, add_search_arguments
+from agentperf_users.options import Group, add_options
+from agentperf_users.search.policy import SearchParameters
 from agentperf_users.simulator.profile import ProfileError, load_profile
 from agentperf_users.workload.readers import MANIFEST_OUTSIDE_ENV, load_trajectories
 from agentperf_users.workload.readers import common as readers_common
@@ -288,7 +289,7 @@ def _nested(depth: int) -> list:
 
 def _search_options(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_search_arguments(parser.add_argument)
+    add_options(parser, [Group.SEARCH])
     return parser.parse_args(argv)
 
 

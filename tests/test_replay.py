@@ -7,14 +7,13 @@ import argparse
 from agentperf_users.loadgen.replay import (
     Dealer,
     ReplaySettings,
-    add_replay_arguments,
     chat_params,
     namespace_marker,
     request_tools,
     session_trajectory,
-    settings_from_args,
     start_turn,
 )
+from agentperf_users.options import Group, add_options
 
 
 def test_sessions_are_dealt_in_order_without_restarts():
@@ -71,9 +70,9 @@ def test_tools_are_on_by_default_and_off_with_no_tools():
     """``--tools/--no-tools`` reaches ``ReplaySettings.tools`` (which the agents and the truth share), and
     a turn's request then carries the trajectory's own tool definitions or none."""
     parser = argparse.ArgumentParser()
-    add_replay_arguments(parser.add_argument)
+    add_options(parser, [Group.REPLAY])
     tools = ({"type": "function", "function": {"name": "read_file"}},)
-    on, off = (settings_from_args(parser.parse_args(argv)) for argv in ([], ["--no-tools"]))
+    on, off = (ReplaySettings.from_options(parser.parse_args(argv)) for argv in ([], ["--no-tools"]))
     assert on.tools and not off.tools
     assert request_tools(tools, on) is tools  # the object itself: the body encoder caches it by identity
     assert request_tools(tools, off) == ()

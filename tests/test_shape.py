@@ -201,7 +201,7 @@ def test_window_end_waits_for_min_requests_up_to_a_cap():
 def test_a_window_with_too_few_requests_is_extended(tmp_path):
     """One agent whose turns take 7 s, a 5 s window: the window stays open until 3 requests ended."""
     environment, shape, clock = shape_environment(tmp_path, start_agents=1, max_agents=1, window_s=5.0,
-                                                  min_requests=3, no_early_stop=True)
+                                                  min_requests=3, early_stop=False)
     log = aggregate.get_record_log(environment)
     ticks = 0
     while (result := shape.tick()) is not None:
@@ -246,7 +246,7 @@ def shape_environment(tmp_path, **overrides):
     slo.write_text(SLO_YAML)
     options = dict(
         records_dir="", run_id="run", slo=str(slo), start_agents=2, step_agents=2, step_factor=2.0, max_agents=8,
-        resolution_agents=1, agent_spawn_rate=100.0, warmup_s=2.0, window_s=20.0, no_early_stop=False,
+        resolution_agents=1, agent_spawn_rate=100.0, warmup_s=2.0, window_s=20.0, early_stop=True,
         restart_agents=True, guided_search=False, min_requests=1, capacity_json=str(tmp_path / "capacity.json"),
     )
     options.update(overrides)
@@ -276,7 +276,7 @@ def drive(environment, shape, clock) -> list[tuple]:
 
 
 def test_shape_runs_the_search_on_a_local_runner(tmp_path):
-    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True)
+    environment, shape, clock = shape_environment(tmp_path, early_stop=False)
     ticks = drive(environment, shape, clock)
     assert [(s.agents, s.phase) for s in shape.steps] == [
         (2, "step"), (4, "step"), (6, "step"), (5, "bisect"), (3, "bisect")]
@@ -303,7 +303,7 @@ def test_shape_runs_the_search_on_a_local_runner(tmp_path):
 def test_agents_restart_between_steps(tmp_path, monkeypatch, restart):
     """With --restart-agents every step begins from no agents (stopped at STOP_RATE), so no step inherits
     the queue of the one before; without it the count moves straight from step to step."""
-    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True, restart_agents=restart)
+    environment, shape, clock = shape_environment(tmp_path, early_stop=False, restart_agents=restart)
     running = {"users": 0}  # users follow the shape's last tick at once, as with an instant spawn
     monkeypatch.setattr(shape, "get_current_user_count", lambda: running["users"])
     log = aggregate.get_record_log(environment)
@@ -350,10 +350,10 @@ def test_options_reach_the_web_ui_form_and_locust_conf(tmp_path):
     install_agentperf()
     extra = argument_parser.ui_extra_args_dict([])
     expected = {"slo", "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
-                "agent_spawn_rate", "warmup_s", "window_s", "no_early_stop", "restart_agents", "guided_search", "min_requests", "capacity_json", "records_dir",
+                "agent_spawn_rate", "warmup_s", "window_s", "early_stop", "restart_agents", "guided_search", "min_requests", "capacity_json", "records_dir",
                 "run_id"}
     assert expected <= set(extra)
-    assert (extra["no_early_stop"]["default_value"], extra["window_s"]["default_value"]) == (False, 90.0)
+    assert (extra["early_stop"]["default_value"], extra["window_s"]["default_value"]) == (True, 90.0)
     conf = tmp_path / "locust.conf"
     conf.write_text("start-agents = 4\nstep-factor = 1.5\nslo = tiers.yaml\n")
     options = argument_parser.get_parser().parse_args(["--config", str(conf)])
@@ -364,7 +364,7 @@ def test_options_reach_the_web_ui_form_and_locust_conf(tmp_path):
 def test_the_state_file_holds_every_step_as_soon_as_it_is_judged(tmp_path):
     """A run killed at any moment keeps what it judged: the state file is rewritten, whole, after every
     judged step, without waiting for the test to stop."""
-    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True)
+    environment, shape, clock = shape_environment(tmp_path, early_stop=False)
     path = tmp_path / "capacity.json"
     log = aggregate.get_record_log(environment)
     written = set()
@@ -385,7 +385,7 @@ def test_the_state_file_holds_every_step_as_soon_as_it_is_judged(tmp_path):
 
 
 def test_a_lost_worker_is_named_in_the_state_with_its_step_and_time(tmp_path, monkeypatch):
-    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True)
+    environment, shape, clock = shape_environment(tmp_path, early_stop=False)
     lost_at = []
 
     def workers(_environment) -> frozenset[str]:  # worker-b goes in the second step's warm-up
@@ -403,7 +403,7 @@ def test_a_lost_worker_is_named_in_the_state_with_its_step_and_time(tmp_path, mo
 
 def test_a_test_stopped_before_the_search_is_done_is_marked_interrupted(tmp_path):
     """However it was stopped (a signal, the web UI's Stop button), with every step judged so far."""
-    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True)
+    environment, shape, clock = shape_environment(tmp_path, early_stop=False)
     log = aggregate.get_record_log(environment)
     while len(shape.steps) < 2:
         environment.runner.shape_last_tick = shape.tick()

@@ -45,8 +45,10 @@ import agentperf_users
 from agentperf_users import files
 from agentperf_users.bounded import short
 from agentperf_users.client.chat import redact_url
+from agentperf_users import options
 from agentperf_users.errors import AgentperfError
-from agentperf_users.loadgen import replay
+from agentperf_users.options import Group, add_options
+from agentperf_users.loadgen.replay import ReplaySettings
 from agentperf_users.loadgen.probe import ProbeTarget, qualify
 from agentperf_users.measure import power, server_metrics
 from agentperf_users.measure.slo import load_slo
@@ -59,7 +61,7 @@ from agentperf_users.report.build import (
     write_context,
     write_report,
 )
-from agentperf_users.search.policy import SearchParameters, add_search_arguments
+from agentperf_users.search.policy import SearchParameters
 from agentperf_users.workload.readers import load_trajectories
 
 LOCUSTFILE = Path(agentperf_users.__file__).parent / "locustfiles" / "capacity.py"
@@ -72,6 +74,8 @@ EXIT_NOT_LOCATED = 3
 EXIT_INCOMPLETE = 4
 EXIT_INTERRUPTED = 130
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# The options `agentperf capacity` takes and hands its Locust master as they are; the run's files and host it sets.
+FORWARDED_GROUPS = (Group.WORKLOAD, Group.AGENT, Group.REPLAY, Group.SLO, Group.METRICS, Group.SEARCH)
 
 
 def register_cli(subparsers) -> None:
@@ -107,15 +111,9 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--simulator-fault", action="append", default=[], metavar="KIND[:RATE]",
                         help="make the embedded simulator fail so (repeatable; agentperf simulate --help lists the "
                         "kinds): to rehearse what a failing server looks like")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="name of the environment variable that holds the API key (sent as a Bearer token)")
-    parser.add_argument("--no-truth", action="store_true", help="skip the ground truth (embedded simulator only)")
-    parser.add_argument("--trajectories", default="default", help="trajectory file, folder or bundled set")
-    parser.add_argument("--trajectory-format", default="auto")
-    parser.add_argument("--slo", default="", help="SLO tiers YAML file, or a bundled preset (default, aa-agentperf); empty: default")
-    parser.add_argument("--model", default="", help="model to request; empty: the server's first model")
-    replay.add_replay_arguments(parser.add_argument)
-    add_search_arguments(parser.add_argument)
+    parser.add_argument("--truth", default=True, action=argparse.BooleanOptionalAction,
+                        help="compute the ground truth on the simulator's engine (embedded simulator only)")
+    add_options(parser, FORWARDED_GROUPS)
     parser.set_defaults(func=run, passes_unknown_options=True)
 
 
@@ -201,7 +199,7 @@ def _qualify(args: argparse.Namespace, host: str, trajectories, out: Path) -> st
     model, so workers do not ask the server for it again."""
     target = ProbeTarget(host, os.environ.get(args.api_key_env) or None, args.model, args.api_key_env)
     try:
-        qualification = qualify(target, trajectories, replay.settings_from_args(args))
+        qualification = qualify(target, trajectories, ReplaySettings.from_options(args))
     except AgentperfError:
         with contextlib.suppress(OSError):
             out.rmdir()
@@ -272,26 +270,14 @@ def _dies_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None] | None
 
 
 def _locust_command(args: argparse.Namespace, host: str, out: Path, model: str) -> list[str]:
-    options = {
-        "host": host, "records-dir": str(out / "records"), "run-id": out.name,
-        "capacity-json": str(out / "search.json"), "trajectories": args.trajectories,
-        "trajectory-format": args.trajectory_format, "slo": args.slo, "model": model,
-        "api-key-env": args.api_key_env, "server-metrics-file": str(out / server_metrics.SERVER_METRICS_FILE),
-    }
-    for action_dest in ("tool_wait", "tool_wait_median", "tool_wait_sigma", "cache_namespace", "seed", "start_turn",
-                        "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
-                        "agent_spawn_rate", "warmup_s", "window_s", "min_requests"):
-        options[action_dest.replace("_", "-")] = getattr(args, action_dest)
-    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--exit-code-on-error", "0"]
-    for name, value in options.items():
-        command += [f"--{name}", str(value)]
-    command.append("--ignore-eos" if args.ignore_eos else "--no-ignore-eos")
-    command.append("--tools" if args.tools else "--no-tools")
-    if args.no_early_stop:
-        command.append("--no-early-stop")
-    command.append("--restart-agents" if args.restart_agents else "--no-restart-agents")
-    command.append("--guided-search" if args.guided_search else "--no-guided-search")
-    return command
+    """The master's command: every option of the forwarded groups by construction (``options.forward``), the
+    model the probe settled on, and the run folder's files."""
+    run_files = ["--host", host, "--records-dir", str(out / "records"), "--run-id", out.name,
+                 "--capacity-json", str(out / "search.json"),
+                 "--server-metrics-file", str(out / server_metrics.SERVER_METRICS_FILE)]
+    forwarded = options.forward(argparse.Namespace(**{**vars(args), "model": model}), FORWARDED_GROUPS)
+    return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--exit-code-on-error", "0",
+            *run_files, *forwarded]
 
 
 def _run_locust(command: list[str], locust_args: Sequence[str], args: argparse.Namespace, out: Path,
@@ -371,10 +357,10 @@ def _report(args, out: Path, spec, params, trajectories, profile, interrupted: b
     after ``run.json`` is rewritten with how the run ended and the ground truth."""
     summary = read_search_state(out, missing_ok=True)
     truth = None
-    if profile is not None and not args.no_truth and not interrupted:
+    if profile is not None and args.truth and not interrupted:
         print("agentperf: computing the ground truth on the simulator's engine (virtual clock)", flush=True)
         try:
-            truth = _ground_truth(profile, trajectories, spec, params, replay.settings_from_args(args), summary)
+            truth = _ground_truth(profile, trajectories, spec, params, ReplaySettings.from_options(args), summary)
         except KeyboardInterrupt:
             _exit_at_once_on_a_second_signal((), out)
             print("agentperf: interrupted; writing the report without the ground truth", flush=True)

@@ -25,6 +25,7 @@ from gevent import GreenletExit
 from geventhttpclient.response import HTTPConnectionClosed, HTTPParseError
 from geventhttpclient.url import URL
 
+from agentperf_users import options
 from agentperf_users.client.outcome import Status
 from agentperf_users.client.sse import (
     SSEParser,
@@ -47,8 +48,8 @@ ERROR_BODY_BYTES = 16 * 1024  # how much of an HTTP error body is read to find i
 DRAIN_TIMEOUT_S = 1.0  # after [DONE], how long to wait for the end of the HTTP message (keeps the connection)
 MESSAGE_CHARS = 200  # records and logs carry at most this much of a server's error text
 RETRY_AFTER_STATUSES = (429, 503)  # the statuses whose Retry-After header an agent honours
-DEFAULT_REQUEST_TIMEOUT_S = 600.0
-DEFAULT_STALL_TIMEOUT_S = 120.0
+DEFAULT_REQUEST_TIMEOUT_S = options.BY_DEST["request_timeout"].default
+DEFAULT_STALL_TIMEOUT_S = options.BY_DEST["stall_timeout"].default
 LOCUST_REQUEST_NAME = "chat turn"
 _SECRET_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+", re.IGNORECASE)
 

@@ -27,11 +27,9 @@ variable named by ``--api-key-env`` and goes nowhere but the Authorization heade
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import itertools
 import logging
-import math
 import os
 import random
 import time
@@ -47,10 +45,8 @@ from locust.env import Environment
 from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 
-from agentperf_users.bounded import short
+from agentperf_users import options
 from agentperf_users.client.chat import (
-    DEFAULT_REQUEST_TIMEOUT_S,
-    DEFAULT_STALL_TIMEOUT_S,
     ChatResult,
     ChatStreamClient,
     api_url,
@@ -60,12 +56,8 @@ from agentperf_users.client.chat import (
 from agentperf_users.errors import AgentperfError
 from agentperf_users.loadgen.body import ChatBodyEncoder
 from agentperf_users.loadgen.replay import (
-    NAMESPACE_MODES,
-    START_TURN_MODES,
-    TOOL_WAIT_MODES,
     Dealer,
     ReplaySettings,
-    add_replay_arguments,
     agent_rng,
     chat_params,
     join_offset_s,
@@ -77,9 +69,8 @@ from agentperf_users.loadgen.replay import (
 )
 from agentperf_users.measure import aggregate
 from agentperf_users.measure.records import RequestRecord, Status
-from agentperf_users.workload.readers import FORMATS, load_trajectories
+from agentperf_users.workload.readers import load_trajectories
 from agentperf_users.workload.trajectory import (
-    MAX_TOOL_WAIT_S,
     Trajectory,
     TrajectorySet,
 )
@@ -110,62 +101,18 @@ class AgentSettings:
     replay: ReplaySettings  # the rules the ground truth shares (agentperf_users/loadgen/replay.py)
 
     @classmethod
-    def from_options(cls, options: argparse.Namespace) -> AgentSettings:
-        """Settings from Locust's options (the web UI may have replaced any of them with a string)."""
-        for name, value, allowed in (
-            ("--tool-wait", options.tool_wait, TOOL_WAIT_MODES),
-            ("--cache-namespace", options.cache_namespace, NAMESPACE_MODES),
-            ("--start-turn", options.start_turn, START_TURN_MODES),
-            ("--trajectory-format", options.trajectory_format, FORMATS),
-        ):
-            if value not in allowed:
-                raise AgentperfError(f"{name} {short(value)}: expected one of {', '.join(allowed)}")
+    def from_options(cls, parsed: argparse.Namespace) -> AgentSettings:
+        """Settings from Locust's options (the web UI may have replaced any of them with a string), each
+        checked against its declaration (``agentperf_users.options``)."""
         return cls(
-            trajectories=str(options.trajectories),
-            trajectory_format=str(options.trajectory_format),
-            model=str(options.model or ""),
-            api_key_env=str(options.api_key_env),
-            request_timeout_s=_positive(options.request_timeout, "--request-timeout"),
-            stall_timeout_s=_positive(options.stall_timeout, "--stall-timeout"),
-            replay=ReplaySettings(
-                ignore_eos=bool(options.ignore_eos),
-                tool_wait=str(options.tool_wait),
-                tool_wait_median_s=_positive(options.tool_wait_median, "--tool-wait-median", maximum=MAX_TOOL_WAIT_S),
-                tool_wait_sigma=_positive(options.tool_wait_sigma, "--tool-wait-sigma", allow_zero=True,
-                                          maximum=MAX_TOOL_WAIT_SIGMA),
-                cache_namespace=str(options.cache_namespace),
-                seed=_integer(options.seed, "--seed"),
-                start_turn=str(options.start_turn),
-                tools=bool(options.tools),
-            ),
+            trajectories=options.value(parsed, "trajectories"),
+            trajectory_format=options.value(parsed, "trajectory_format"),
+            model=options.value(parsed, "model"),
+            api_key_env=options.value(parsed, "api_key_env"),
+            request_timeout_s=options.value(parsed, "request_timeout"),
+            stall_timeout_s=options.value(parsed, "stall_timeout"),
+            replay=ReplaySettings.from_options(parsed),
         )
-
-
-MAX_TIMEOUT_S = 86_400.0  # a day: past that a number is a typo, and a timer that long never fires in a test
-MAX_TOOL_WAIT_SIGMA = 10.0  # e^10 times the median at one sigma: already no tool wait a trajectory holds
-MAX_SEED = 2**63  # what every random generator in the replay takes without surprise
-
-
-def _positive(value: Any, option: str, allow_zero: bool = False, maximum: float = MAX_TIMEOUT_S) -> float:
-    """A finite number in (0, maximum] (or [0, maximum]); the web UI may send any string."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        number = math.nan
-    if not (number >= 0 if allow_zero else number > 0) or not number <= maximum:
-        raise AgentperfError(f"{option} {short(value)}: expected a {'non-negative' if allow_zero else 'positive'} "
-                             f"number, at most {maximum:g}")
-    return number
-
-
-def _integer(value: Any, option: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):
-        number = None
-    if number is None or not -MAX_SEED < number < MAX_SEED:
-        raise AgentperfError(f"{option} {short(value)}: expected an integer of magnitude below 2**63") from None
-    return number
 
 
 @dataclass(frozen=True)
@@ -195,24 +142,6 @@ class _ProcessState:
     started_with: tuple[str, str] | None = None  # (--api-key-env, --host) when the process started (see install)
 
 
-def add_arguments(parser: Any) -> None:
-    """The agent options. Added on the parser itself, not a group: only then does Locust show them in the
-    web UI's start form. Each can also be set as ``LOCUST_<NAME>`` or in ``locust.conf``."""
-
-    option = functools.partial(aggregate.add_option, parser)
-    option("--trajectories", default="demo", help="trajectory file, folder, manifest or bundled set name")
-    option("--trajectory-format", default="auto", choices=FORMATS, help="trajectory format (auto: sniffed)")
-    option("--model", default="", help="model to request; empty: the first of the server's /v1/models")
-    add_replay_arguments(option)  # --ignore-eos, --tool-wait(-median, -sigma), --cache-namespace, --seed, --start-turn
-    option("--api-key-env", default="OPENAI_API_KEY", include_in_web_ui=False,
-           help="name of the environment variable that holds the API key (sent as a Bearer token); fixed when the "
-           "process starts")
-    option("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
-           help="seconds a request may take in all: its response, first token and whole stream")
-    option("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
-           help="seconds a stream may stay silent once its first token arrived")
-
-
 def _state(environment: Environment) -> _ProcessState:
     state = getattr(environment, _ENV_ATTRIBUTE, None)
     if state is None:
@@ -226,8 +155,8 @@ def install(environment: Environment, **_: Any) -> None:
     its workers' errors, and note where the API key comes from and may go (``_check_key_source``)."""
     runner = environment.runner
     state = _state(environment)
-    options = environment.parsed_options
-    state.started_with = (str(getattr(options, "api_key_env", "")), environment.host or "")
+    parsed = environment.parsed_options
+    state.started_with = (str(getattr(parsed, "api_key_env", "")), environment.host or "")
     if not isinstance(runner, WorkerRunner):  # the dealer: master or LocalRunner
         runner.register_message(CLAIM_MESSAGE, lambda msg, **_: _deal(environment, state, msg))
     if isinstance(runner, MasterRunner):

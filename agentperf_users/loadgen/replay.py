@@ -8,15 +8,12 @@ monkey-patching) have to follow exactly the same rules, or the truth is the answ
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-TOOL_WAIT_MODES = ("recorded", "sampled", "none")
-NAMESPACE_MODES = ("on-wrap", "per-run", "per-session")
-START_TURN_MODES = ("random", "first")
+from agentperf_users import options
 
 
 @dataclass
@@ -130,6 +127,16 @@ class ReplaySettings:
     start_turn: str = "random"
     tools: bool = True  # send each trajectory's tool definitions (and count them in the truth's prompts)
 
+    @classmethod
+    def from_options(cls, parsed: Any) -> ReplaySettings:
+        """The replay options, each checked against its declaration (``agentperf_users.options``), from
+        ``agentperf capacity``'s or ``truth``'s arguments or Locust's options (the web UI's strings too)."""
+        return cls(ignore_eos=options.value(parsed, "ignore_eos"), tool_wait=options.value(parsed, "tool_wait"),
+                   tool_wait_median_s=options.value(parsed, "tool_wait_median"),
+                   tool_wait_sigma=options.value(parsed, "tool_wait_sigma"),
+                   cache_namespace=options.value(parsed, "cache_namespace"), seed=options.value(parsed, "seed"),
+                   start_turn=options.value(parsed, "start_turn"), tools=options.value(parsed, "tools"))
+
 
 def chat_params(model: str, output_tokens: int, settings: ReplaySettings) -> dict[str, Any]:
     """The parameters of one turn's streaming chat request, besides its messages and tools: the one place
@@ -154,29 +161,3 @@ def request_tools(tools: Sequence[dict], settings: ReplaySettings) -> Sequence[d
     its prompts with the same tools, so it answers the same question as the live run. The trajectory's
     own object is returned, not a copy: the body encoder caches its JSON by identity."""
     return tools if settings.tools else ()
-
-
-def add_replay_arguments(add: Callable[..., object]) -> None:
-    """The replay options, declared once; ``add`` is ``parser.add_argument`` or Locust's variant of it."""
-    add("--ignore-eos", default=True, action=argparse.BooleanOptionalAction,
-        help="send ignore_eos, so that each turn generates exactly its target output tokens")
-    add("--tool-wait", default="recorded", choices=TOOL_WAIT_MODES,
-        help="pause after each turn: the recorded tool time, a seeded lognormal sample, or none")
-    add("--tool-wait-median", type=float, default=1.0, help="median of a sampled tool wait, seconds")
-    add("--tool-wait-sigma", type=float, default=1.0, help="lognormal sigma of a sampled tool wait")
-    add("--cache-namespace", default="on-wrap", choices=NAMESPACE_MODES,
-        help="prefix-cache isolation marker on the first user message, from the second pass over the set on "
-             "(on-wrap), per run and pass (per-run), or per session (per-session)")
-    add("--seed", type=int, default=0, help="seed of the sampled tool waits and the random start turns")
-    add("--start-turn", default="random", choices=START_TURN_MODES,
-        help="where an agent's first trajectory starts: a seeded random turn (steady state from the start), "
-             "or turn 0; later trajectories always start at turn 0")
-    add("--tools", default=True, action=argparse.BooleanOptionalAction,
-        help="send each trajectory's tool definitions with its requests (--no-tools: for a server without tool "
-             "calling, e.g. vLLM started without --enable-auto-tool-choice; prompts are then smaller)")
-
-
-def settings_from_args(args: argparse.Namespace) -> ReplaySettings:
-    return ReplaySettings(bool(args.ignore_eos), str(args.tool_wait), float(args.tool_wait_median),
-                          float(args.tool_wait_sigma), str(args.cache_namespace), int(args.seed),
-                          str(args.start_turn), bool(args.tools))

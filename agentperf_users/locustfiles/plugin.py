@@ -15,6 +15,7 @@ from locust.event import Events
 from agentperf_users.client.chat import bucket_response_time_3sig
 from agentperf_users.loadgen import agent
 from agentperf_users.measure import aggregate
+from agentperf_users.options import Group, add_options
 from agentperf_users.report import prometheus, search_tabs, webui
 from agentperf_users.search import shape
 
@@ -28,12 +29,12 @@ def install(events: Events, *, agents: bool = True, search: bool = False) -> Non
     up to 5 % off for 10-60 s LLM latencies): bucketing happens where a sample is logged, so every process
     that runs the locustfile (master, workers, a local run) must make the same change."""
     locust.stats.bucket_response_time = bucket_response_time_3sig
-    events.init_command_line_parser.add_listener(aggregate.add_arguments)
-    events.init_command_line_parser.add_listener(prometheus.add_arguments)
+    groups = [Group.SLO, Group.RUN, Group.METRICS]
     if agents:
-        events.init_command_line_parser.add_listener(agent.add_arguments)
+        groups += [Group.WORKLOAD, Group.AGENT, Group.REPLAY]
     if search:
-        events.init_command_line_parser.add_listener(shape.add_arguments)
+        groups += [Group.SEARCH, Group.SEARCH_FILES]
+    events.init_command_line_parser.add_listener(lambda parser: add_options(parser, groups, locust=True))
     events.init.add_listener(lambda environment, **_: aggregate.install(environment))
     events.init.add_listener(prometheus.serve)
     events.init.add_listener(webui.install)

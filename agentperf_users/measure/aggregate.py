@@ -38,6 +38,7 @@ from typing import Callable, Collection
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
+from agentperf_users import options
 from agentperf_users.measure.records import RecordLog, RecordWriter, RequestRecord
 from agentperf_users.measure.slo import (
     SloSpec,
@@ -52,7 +53,6 @@ COVERED_KEY = "agentperf_covered_until_epoch_s"
 STEP_MESSAGE = "agentperf_step"
 LOCAL_SOURCE = "local"
 RECORD_ADD_GRACE_S = 0.5  # a record is added at most this long after its end time
-DEFAULT_SLO_NOW_WINDOW_S = 60.0
 _ENV_ATTRIBUTE = "agentperf_aggregation"
 
 
@@ -173,8 +173,8 @@ def install(environment: Environment) -> _ProcessState:
     else:
         state = _ProcessState(Aggregator(lambda: (LOCAL_SOURCE,), local_log=lambda: state.log))
     if not isinstance(runner, WorkerRunner) and environment.parsed_options is not None:
-        options = environment.parsed_options
-        options.run_id = getattr(options, "run_id", "") or _new_run_id()
+        parsed = environment.parsed_options
+        parsed.run_id = getattr(parsed, "run_id", "") or _new_run_id()
     setattr(environment, _ENV_ATTRIBUTE, state)
     return state
 
@@ -259,26 +259,9 @@ def slo_now(environment: Environment) -> tuple[StepVerdict, float]:
     every worker has reported (cold joins left out, as in any window), and that window's length: what the
     web UI's SLO now tab and the metrics show while agents are ramped by hand. Raises ``AgentperfError``
     for a bad ``--slo`` file."""
-    options = environment.parsed_options
-    window_s = float(getattr(options, "slo_window_s", DEFAULT_SLO_NOW_WINDOW_S))
-    spec = _spec(getattr(options, "slo", "") or "")
+    parsed = environment.parsed_options
+    window_s = options.value(parsed, "slo_window_s")
+    spec = _spec(options.value(parsed, "slo"))
     live = aggregator(environment)
     end = min(time.time(), live.covered_until())
     return evaluate_step(live.records_between(end - window_s, end), spec), window_s
-
-
-def add_option(parser, name: str, **kwargs) -> None:
-    """A Locust custom argument, added on the parser itself (Locust's web UI start form shows only
-    those, not arguments in a group), also settable as ``LOCUST_<NAME>`` and in ``locust.conf``."""
-    kwargs["help"] = "agentperf: " + kwargs["help"]
-    parser.add_argument(name, env_var="LOCUST_" + name[2:].upper().replace("-", "_"), **kwargs)
-
-
-def add_arguments(parser) -> None:
-    """``--records-dir``, ``--run-id``, ``--slo`` (the tiers the records are judged on: by the search, and
-    live) and ``--slo-window-s``; workers receive the master's values with the test start."""
-    add_option(parser, "--records-dir", default="", help="folder for the per-process record files; empty: none")
-    add_option(parser, "--run-id", default="", help="id stamped on every record; empty: the master makes one")
-    add_option(parser, "--slo", default="", help="SLO tiers YAML file, or a bundled preset (default, aa-agentperf); empty: default")
-    add_option(parser, "--slo-window-s", type=float, default=DEFAULT_SLO_NOW_WINDOW_S,
-               help="the SLO now verdict (web UI tab, metrics) judges the requests that ended in this many last seconds")

@@ -27,6 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from agentperf_users import options
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure import aggregate
 from agentperf_users.measure.records import RequestRecord, Status
@@ -152,22 +153,10 @@ def _search_metrics(shape: CapacitySearchShape) -> Iterator[Metric]:
     yield from (capacity, status)
 
 
-DEFAULT_METRICS_HOST = "127.0.0.1"  # a run's numbers are nobody else's business unless the user says so
-
-
-def add_arguments(parser) -> None:
-    """Not in the web UI's start form: the server starts with the process, before any test."""
-    aggregate.add_option(parser, "--metrics-port", type=int, default=0, include_in_web_ui=False,
-                         help="serve Prometheus metrics on this port of the master (or local run); 0: none")
-    aggregate.add_option(parser, "--metrics-host", default=DEFAULT_METRICS_HOST, include_in_web_ui=False,
-                         help="interface the metrics listen on; default 127.0.0.1 (this host only): give 0.0.0.0 "
-                         "where a Prometheus on another host scrapes them (containers, Kubernetes)")
-
-
 def serve(environment: Environment, **_) -> None:
     """Start the metrics server on Locust's ``init`` (not on a worker: its records are the master's)."""
-    port = getattr(environment.parsed_options, "metrics_port", 0) or 0
-    host = getattr(environment.parsed_options, "metrics_host", DEFAULT_METRICS_HOST) or DEFAULT_METRICS_HOST
+    port = options.value(environment.parsed_options, "metrics_port")
+    host = options.value(environment.parsed_options, "metrics_host") or options.BY_DEST["metrics_host"].default
     if not port or isinstance(environment.runner, WorkerRunner):
         return
     registry = CollectorRegistry()

@@ -24,38 +24,16 @@ and its gevent monkey-patching) make exactly the same decisions from the same op
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
-from agentperf_users.bounded import short
+from agentperf_users import options
 from agentperf_users.errors import AgentperfError
+from agentperf_users.options import MAX_WINDOW_FACTOR, Group
 from agentperf_users.measure.diagnose import Cause
 from agentperf_users.measure.slo import StepVerdict
-
-MAX_WINDOW_FACTOR = 4.0  # how far --min-requests may extend a window
-
-
-def add_search_arguments(add: Callable[..., object]) -> None:
-    """The search options, declared once; ``add`` is ``parser.add_argument`` or Locust's variant of it."""
-    add("--start-agents", type=int, default=1, help="agents in the first load step")
-    add("--step-agents", type=int, default=0, help="agents added per step; 0: multiply by --step-factor")
-    add("--step-factor", type=float, default=2.0, help="agent multiplier per step when --step-agents is 0")
-    add("--max-agents", type=int, default=256, help="never run more agents than this")
-    add("--resolution-agents", type=int, default=1, help="bisect until pass and fail are this close")
-    add("--agent-spawn-rate", type=float, default=10.0, help="agents started (or stopped) per second")
-    add("--warmup-s", type=float, default=30.0, help="seconds after each ramp that are not judged")
-    add("--window-s", type=float, default=90.0, help="seconds judged per load step")
-    add("--min-requests", type=int, default=1,
-        help=f"a window is extended (up to {MAX_WINDOW_FACTOR:g}x --window-s) until this many requests ended in it")
-    add("--no-early-stop", action="store_true", default=False, help="always measure the whole window")
-    add("--restart-agents", default=True, action=argparse.BooleanOptionalAction,
-        help="stop every agent between load steps, so no step inherits the queue of the one before")
-    add("--guided-search", default=True, action=argparse.BooleanOptionalAction,
-        help="pick the next agent count from the SLO margins measured so far (interpolation), not only by "
-             "doubling and bisecting")
 
 
 @dataclass(frozen=True)
@@ -76,10 +54,11 @@ class SearchParameters:
     min_requests: int = 1
 
     @classmethod
-    def from_options(cls, options) -> "SearchParameters":
-        """Validated parameters from parsed options (or the web UI's strings): every number finite and
-        within ``_OPTION_BOUNDS``, so ``--window-s inf`` or ``--max-agents 10**100`` fails at once."""
-        values = {dest: _bounded_option(options, dest, *bounds) for dest, bounds in _OPTION_BOUNDS.items()}
+    def from_options(cls, parsed) -> "SearchParameters":
+        """Validated parameters from parsed options (or the web UI's strings): every number finite and within
+        its declared bounds (``agentperf_users.options``), so ``--window-s inf`` or ``--max-agents 10**100``
+        fails at once."""
+        values = {option.dest: options.value(parsed, option.dest) for option in options.in_groups([Group.SEARCH])}
         if values["max_agents"] < values["start_agents"]:
             raise AgentperfError(f"--max-agents: expected an integer >= --start-agents, got {values['max_agents']}")
         if not values["step_agents"] and values["step_factor"] <= 1:
@@ -94,49 +73,11 @@ class SearchParameters:
             spawn_rate=values["agent_spawn_rate"],
             warmup_s=values["warmup_s"],
             window_s=values["window_s"],
-            early_stop=not options.no_early_stop,
-            restart_agents=bool(options.restart_agents),
-            guided=bool(options.guided_search),
+            early_stop=values["early_stop"],
+            restart_agents=values["restart_agents"],
+            guided=values["guided_search"],
             min_requests=values["min_requests"],
         )
-
-
-MAX_AGENTS = 100_000
-"""Most agents a search may run: beyond any Locust cluster, and far below overflow in the step arithmetic."""
-MAX_STEP_SECONDS = 86_400.0
-"""Longest warm-up or window, seconds (a day): ``inf`` would never end a step."""
-_OPTION_BOUNDS: dict[str, tuple[type, float, float, bool]] = {
-    # dest: (type, lowest, highest, whether the lowest itself is allowed)
-    "start_agents": (int, 1, MAX_AGENTS, True),
-    "step_agents": (int, 0, MAX_AGENTS, True),
-    "step_factor": (float, 0.0, 1000.0, False),
-    "max_agents": (int, 1, MAX_AGENTS, True),
-    "resolution_agents": (int, 1, MAX_AGENTS, True),
-    "agent_spawn_rate": (float, 0.0, 10_000.0, False),
-    "warmup_s": (float, 0.0, MAX_STEP_SECONDS, True),
-    "window_s": (float, 0.0, MAX_STEP_SECONDS, False),
-    "min_requests": (int, 0, 10_000_000, True),
-}
-_MAX_NUMBER_CHARS = 40
-
-
-def _bounded_option(options, dest: str, kind: type, low: float, high: float, low_allowed: bool) -> int | float:
-    """Option ``dest`` as a ``kind`` in its bounds, or one line naming the option and what was expected.
-    A string (the web UI's) is length-checked before conversion; NaN and infinities fail the bounds."""
-    value = getattr(options, dest)
-    number = None
-    if isinstance(value, str) and len(value) <= _MAX_NUMBER_CHARS:
-        try:
-            number = kind(value.strip())
-        except ValueError:
-            number = None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)):
-        number = kind(value)
-    if number is not None and (low <= number if low_allowed else low < number) and number <= high:
-        return number
-    noun = "an integer" if kind is int else "a number"
-    expected = f"{noun} {'>=' if low_allowed else '>'} {low:g}, at most {high:g}"
-    raise AgentperfError(f"--{dest.replace('_', '-')}: expected {expected}, got {short(value)}")
 
 
 def window_end(start_s: float, params: SearchParameters, ended_s: Iterable[float], seen_until_s: float) -> float | None:

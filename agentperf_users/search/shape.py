@@ -85,7 +85,6 @@ from agentperf_users.search.policy import (
     SearchParameters,
     SearchStopped,
     TierCapacity,
-    add_search_arguments,
     window_end,
 )
 
@@ -99,17 +98,6 @@ EARLY_STOP_MIN_FRACTION = 0.25
 EARLY_STOP_MIN_REQUESTS = 20
 EARLY_STOP_RATE_SLACK = 2.0
 EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C
-
-
-def add_arguments(parser) -> None:
-    """The search's Locust custom arguments (command line, locust.conf, LOCUST_* variables, web UI)."""
-    option = functools.partial(aggregate.add_option, parser)
-    add_search_arguments(option)
-    option("--capacity-json", default="",
-           help="write the search's state (steps, capacity) here after every judged step and at test stop")
-    option("--server-metrics-file", default="", include_in_web_ui=False,
-           help="the server's metrics as read every second (server_metrics.jsonl; agentperf capacity writes it): "
-           "each step's server numbers and the diagnosis of a failing tier; empty: client numbers only")
 
 
 @dataclass(frozen=True)

@@ -32,39 +32,32 @@ Modelling choices (each mirrors the live run):
 from __future__ import annotations
 
 import heapq
-import json
 import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from agentperf_users.errors import AgentperfError
 from agentperf_users.loadgen import replay
 from agentperf_users.measure.records import RequestRecord, Status
 from agentperf_users.measure.slo import (
     SloSpec,
     StepVerdict,
     evaluate_step,
-    load_slo,
     records_in_window,
 )
 from agentperf_users.search.policy import (
     CapacitySearch,
     SearchParameters,
     TierCapacity,
-    add_search_arguments,
     window_end,
 )
 from agentperf_users.simulator.engine import Engine, EngineRequest
 from agentperf_users.simulator.profile import (
-    DEFAULT_PROFILE,
     Profile,
     SimulatorError,
-    load_profile,
 )
 from agentperf_users.tokens import PromptEncoder
-from agentperf_users.workload.readers import load_trajectories
 from agentperf_users.workload.trajectory import Trajectory, TrajectorySet
 
 TRUTH_RUN_ID = "truth"
@@ -332,31 +325,3 @@ def verdict_bands(
         last_pass = max((n for n, ok in enumerate(passed, 1) if ok), default=0)
         bands[tier.name] = VerdictBand(first_fail - 1, last_pass, up_to)
     return bands
-
-
-def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "truth",
-        help="the true capacity per SLO tier, from the simulator's engine on a virtual clock",
-        description="Run the capacity search against the simulator's engine on a virtual clock (no HTTP, no "
-        "client) and print the capacity per tier as JSON.",
-    )
-    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="simulator profile name or YAML file")
-    parser.add_argument("--trajectories", default="default", help="trajectory file, folder or bundled set")
-    parser.add_argument("--trajectory-format", default="auto")
-    parser.add_argument("--slo", default="", help="SLO tiers YAML file, or a bundled preset (default, aa-agentperf); empty: default")
-    replay.add_replay_arguments(parser.add_argument)
-    add_search_arguments(parser.add_argument)
-    parser.set_defaults(func=run)
-
-
-def run(args) -> int:
-    spec = load_slo(args.slo or None)
-    try:
-        profile = load_profile(args.profile)
-    except SimulatorError as exc:
-        raise AgentperfError(str(exc)) from None
-    result = find_capacity(profile, load_trajectories(args.trajectories, args.trajectory_format), spec,
-                           SearchParameters.from_options(args), replay.settings_from_args(args))
-    print(json.dumps(result.to_dict(spec), indent=2))
-    return 0

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence
 
+from agentperf_users.options import MAX_TOOL_WAIT_S  # noqa: F401  (re-exported: the readers' bound)
 from agentperf_users.tokens import count_tokens
 
 TRAJECTORY_CACHE_SIZE = 8
@@ -36,8 +37,8 @@ MAX_CONTEXT_TOKENS = 10_000_000
 today; a set beyond it is a typo or an attack, and its text alone would be gigabytes."""
 MAX_OUTPUT_TOKENS = 1_000_000
 """Most output tokens one turn may ask for: far beyond any model's reply limit."""
-MAX_TOOL_WAIT_S = 86_400.0
-"""Longest tool wait after a turn, seconds: a day. Longer is no tool call, and 1e300 would never end."""
+# MAX_TOOL_WAIT_S (from options): the longest tool wait after a turn, seconds: a day. Longer is no tool call,
+# and 1e300 would never end. Declared with the options, as it also bounds --tool-wait-median.
 MAX_ID_CHARS = 256
 """Longest trajectory id; ids are single printable lines (they appear in records and reports)."""
 

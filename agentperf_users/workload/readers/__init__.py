@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 from agentperf_users.bounded import short
 from agentperf_users.errors import AgentperfError
+from agentperf_users.options import TRAJECTORY_FORMATS
 from agentperf_users.workload.readers.aa import read_aa
 from agentperf_users.workload.readers.common import (
     fail,
@@ -41,7 +42,7 @@ READERS: dict[str, Callable[[Sequence[Path]], Sequence[TrajectoryPlan]]] = {
     "mooncake": read_mooncake,
     "agentperf": read_compact,
 }
-FORMATS = ("auto", *READERS)
+FORMATS = TRAJECTORY_FORMATS  # "auto" (sniffed) and the READERS (tests/test_layout.py checks they agree)
 MANIFEST_OUTSIDE_ENV = "AGENTPERF_MANIFEST_OUTSIDE"
 """Set to 1 to let manifests list files outside their folder (see the module docstring)."""
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
