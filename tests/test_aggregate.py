@@ -13,7 +13,7 @@ from locust.event import Events
 from locust.rpc.protocol import Message
 
 from agentperf_users.measure import aggregate
-from agentperf_users.measure.aggregate import Aggregator, LoadStep, build_report
+from agentperf_users.measure.aggregate import Aggregator, LoadStep, attach_records
 from agentperf_users.measure.records import (
     RecordLog,
     RecordWriter,
@@ -53,12 +53,12 @@ def test_records_cross_locust_msgpack_unchanged():
         log.add(item)
     report: dict = {}
     before = time.time()
-    build_report(log, report)
+    attach_records(log, report)
     aggregator = Aggregator(active_sources=lambda: ["worker-a"])
     aggregator.receive("worker-a", over_the_wire(report))
     assert aggregator.records() == sent
     assert before - aggregate.RECORD_ADD_GRACE_S <= aggregator.covered_until() <= time.time()
-    build_report(log, report)  # drained: a second report carries no record twice
+    attach_records(log, report)  # drained: a second report carries no record twice
     aggregator.receive("worker-a", over_the_wire(report))
     assert len(aggregator.records()) == len(sent)
 

@@ -3,8 +3,6 @@ agents per megawatt at the capacity step."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from agentperf_users.errors import AgentperfError
@@ -19,6 +17,7 @@ from agentperf_users.measure.power import (
 )
 from agentperf_users.simulator.profile import load_profile
 from tests.simulator import simulator
+from tests.support import wait_for
 
 EXPOSITION = f"""# HELP {DEFAULT_METRIC} Power draw.
 # TYPE {DEFAULT_METRIC} gauge
@@ -57,7 +56,7 @@ def test_the_sampler_reads_an_idle_simulators_gauge_once_a_second(tmp_path):
     profile = load_profile("l4-llama3.2-3b")
     with simulator("--profile", profile.name) as server:
         with PowerSampler(f"{server.url}/metrics", tmp_path / "power.jsonl", interval_s=0.2) as sampler:
-            time.sleep(1.0)
+            wait_for(lambda: len(read_samples(tmp_path / "power.jsonl")) >= 3, 30, "three power samples")
     samples = read_samples(tmp_path / "power.jsonl")
     assert len(samples) >= 3 and sampler.misses == 0
     idle = profile.gpu.count * profile.gpu.idle_w  # nothing ran: every accelerator at idle

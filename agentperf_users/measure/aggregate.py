@@ -75,7 +75,7 @@ def record_to_wire(record: RequestRecord) -> dict:
     return {**dataclasses.asdict(record), "status": record.status.value}
 
 
-def build_report(log: RecordLog | None, data: dict) -> None:
+def attach_records(log: RecordLog | None, data: dict) -> None:
     """Fill a ``report_to_master`` payload: the log's new records and the time they cover.
     The time is taken before draining, and nothing yields in between (one greenlet)."""
     data[COVERED_KEY] = time.time() - RECORD_ADD_GRACE_S
@@ -113,7 +113,7 @@ class Aggregator:
     def _pull_local(self) -> None:
         if self._local_log is not None:
             report: dict = {}
-            build_report(self._local_log(), report)
+            attach_records(self._local_log(), report)
             self.receive(LOCAL_SOURCE, report)
 
     def covered_until(self) -> float:
@@ -167,7 +167,7 @@ def install(environment: Environment) -> _ProcessState:
         )
     elif isinstance(runner, WorkerRunner):
         state = _ProcessState(aggregator=None)
-        environment.events.report_to_master.add_listener(lambda client_id, data: build_report(state.log, data))
+        environment.events.report_to_master.add_listener(lambda client_id, data: attach_records(state.log, data))
         runner.register_message(STEP_MESSAGE, lambda msg, **_: _set_step(state, msg.data))
         runner.send_message(STEP_MESSAGE)  # a worker that joins mid-search learns the current step
     else:

@@ -82,7 +82,7 @@ class EngineRequest:
 
 
 @dataclass(frozen=True)
-class StepResult:
+class EngineStep:
     start_s: float
     duration_s: float
     emitted: tuple[EngineRequest, ...]
@@ -190,7 +190,7 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
-    def step(self, now_s: float) -> StepResult | None:
+    def step(self, now_s: float) -> EngineStep | None:
         """Schedule and price one step starting at ``now_s``; ``None`` when there is nothing to do."""
         if not self._running and not self._waiting:
             return None
@@ -281,7 +281,7 @@ class Engine:
         if computed == seq.target:
             prefills.append(seq)
 
-    def _finish_step(self, now_s: float, work: list[int], prefills: list[_Seq], decodes: list[_Seq]) -> StepResult:
+    def _finish_step(self, now_s: float, work: list[int], prefills: list[_Seq], decodes: list[_Seq]) -> EngineStep:
         """Price the step, emit its tokens, retire finished requests, refresh the counters."""
         prefill_tokens, prefill_context, pairs, decode_context = work
         duration_s = self.profile.step_time_s(prefill_tokens, prefill_context, pairs, len(decodes), decode_context)
@@ -311,7 +311,7 @@ class Engine:
         counters.requests_finished_total += len(finished)
         counters.busy_s_total += duration_s
         self._sync_counters()
-        return StepResult(now_s, duration_s, tuple(emitted), tuple(finished), prefill_tokens, len(decodes))
+        return EngineStep(now_s, duration_s, tuple(emitted), tuple(finished), prefill_tokens, len(decodes))
 
     def _preempt(self, seq: _Seq) -> None:
         """Recompute preemption: free everything, restart from the prompt plus generated tokens."""

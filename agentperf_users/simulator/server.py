@@ -38,7 +38,7 @@ from agentperf_users.simulator.engine import (
     Engine,
     EngineRequest,
     QueueFullError,
-    StepResult,
+    EngineStep,
     context_overflow_message,
 )
 from agentperf_users.simulator.faults import (
@@ -166,7 +166,7 @@ class SimulatorServer:
         while self._finishing:
             self._finishing.popleft().finish()
 
-    def _prepare(self, result: StepResult, end_s: float) -> list[Reply]:
+    def _prepare(self, result: EngineStep, end_s: float) -> list[Reply]:
         """Build every emitted token's bytes ahead of ``end_s`` and observe the step's latencies; returns the
         replies to flush then.
 

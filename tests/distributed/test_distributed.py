@@ -28,7 +28,7 @@ import pytest
 
 from agentperf_users.measure.records import RequestRecord, read_records
 from agentperf_users.measure.slo import load_slo, recompute
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -121,7 +121,6 @@ def search_run(tmp_path_factory):
             assert time.monotonic() < deadline and master.poll() is None, (folder / "master.log").read_text()[-3000:]
             time.sleep(0.5)
         if CHROMIUM:
-            time.sleep(0.5)
             for tab in ("agentperf-steps", "agentperf-capacity", "agentperf-slo-now"):
                 tabs[tab] = rendered_rows(f"http://127.0.0.1:{web_port}/?tab={tab}", folder / f"chromium-{tab}")
         master.send_signal(signal.SIGTERM)  # as a user ends a web UI run
@@ -240,6 +239,20 @@ def test_the_slo_tabs_show_what_the_search_decided(search_run):
     assert all(int(row[4]) >= judged and row[6] == "0" and row[7] == "last 60 s" for row in now_table[1:])
 
 
+def _workers_with_records_of_step(records_dir: Path, step: int) -> set[str]:
+    """The worker record files that hold a record of load step ``step`` (a line being written is skipped)."""
+    found = set()
+    for path in records_dir.glob("records-worker-*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("load_step") == step:
+                    found.add(path.name)
+                    break
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_a_step_that_loses_a_worker_is_measured_again_on_the_others(tmp_path):
@@ -263,7 +276,9 @@ def test_a_step_that_loses_a_worker_is_measured_again_on_the_others(tmp_path):
         while "Sending spawn jobs of 4 users" not in log.read_text():  # the second step's ramp
             assert time.monotonic() < deadline and master.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
-        time.sleep(1.0)  # its agents run (a step lost before its ramp just ramps on the workers left)
+        # its agents run on both workers (a step lost before its ramp just ramps on the workers left)
+        wait_for(lambda: len(_workers_with_records_of_step(records_dir, 1)) == 2, RUN_TIMEOUT_S,
+                 "both workers' records of the second step", master, lambda: log.read_text()[-3000:])
         workers[1].kill()
         master_rc = master.wait(timeout=RUN_TIMEOUT_S + 30)
     finally:

@@ -9,7 +9,7 @@ from agentperf_users.simulator.engine import (
     Engine,
     EngineRequest,
     QueueFullError,
-    StepResult,
+    EngineStep,
 )
 from agentperf_users.simulator.profile import (
     DEFAULT_PROFILE,
@@ -27,7 +27,7 @@ def profile() -> Profile:
     return load_profile(DEFAULT_PROFILE)
 
 
-def drain(engine: Engine, now_s: float = 0.0) -> tuple[list[StepResult], float]:
+def drain(engine: Engine, now_s: float = 0.0) -> tuple[list[EngineStep], float]:
     """Step until idle on a virtual clock; the steps and the clock at the end."""
     steps = []
     while (result := engine.step(now_s)) is not None:
@@ -61,7 +61,7 @@ def test_step_times_equal_the_profile_formula_for_the_scheduled_work(profile):
 
 
 def test_batching_raises_per_token_latency_as_the_profile_predicts(profile):
-    def decode_step(concurrency: int) -> tuple[StepResult, int]:
+    def decode_step(concurrency: int) -> tuple[EngineStep, int]:
         """The first pure-decode step of ``concurrency`` requests, and the context they attend over."""
         engine = Engine(profile)
         requests = [request(f"r{i}", 2048, 200, conversation=i) for i in range(concurrency)]
