@@ -375,9 +375,9 @@ def _report(args, out: Path, spec, params, trajectories, profile, interrupted: b
             interrupted = True
     write_context(out, replace(context, interrupted=interrupted), truth)
     report = write_report(out, spec)
-    for line in capacity_lines(report) + lost_worker_lines(report):
-        print(line, flush=True)
     print(f"agentperf: report {out / 'report.html'}", flush=True)
+    for line in lost_worker_lines(report) + capacity_lines(report):  # the headline: the last lines
+        print(line, flush=True)
     if interrupted:
         return EXIT_INTERRUPTED
     if report.get("stopped"):  # its line, the server's words, was printed with the capacity lines

@@ -27,12 +27,12 @@ from agentperf_users import files
 from agentperf_users.errors import AgentperfError
 from agentperf_users import server_metrics
 from agentperf_users.diagnose import diagnose_step
+from agentperf_users.headline import MEGAWATT_W, headlines
 from agentperf_users.power import POWER_FILE, PowerSample, mean_watts, read_samples
 from agentperf_users.records import RequestRecord, read_records
 from agentperf_users.search import SearchStopped
 from agentperf_users.slo import SloSpec, evaluate_step, parse_slo, quantile, records_in_window
 
-MEGAWATT_W = 1_000_000.0
 TTFT_QUANTILES = (0.5, 0.9, 0.95, 0.99)
 SPEED_QUANTILES = (0.05, 0.5, 0.95)
 
@@ -235,24 +235,12 @@ def _power_at(steps: list[dict], agents: int | None) -> float | None:
 
 
 def capacity_lines(report: dict) -> list[str]:
-    """One line per tier: ``capacity @ 20 tok/s, TTFT ≤ 10 s: 37 agents (ground truth 38)``."""
+    """The headline, per tier (``headline.TierHeadline.lines``): ``capacity @ 20 tok/s, TTFT ≤ 10 s: 37
+    agents (fails at 38; ground truth 38 agents)``, then agents per accelerator and per megawatt and the
+    binding cause at the first failing count; after why the search stopped, if it did."""
     stopped = report.get("stopped")
     lines = [stopped_line(stopped)] if stopped else []
-    truth = (report.get("ground_truth") or {}).get("capacity", {})
-    bands = (report.get("ground_truth") or {}).get("bands", {})
-    for name, cap in report["capacity"].items():
-        answer = {
-            "found": f"{cap['agents']} agents",
-            "none_passed": f"none (fails already at {cap['first_failing_agents']} agents)",
-            "never_failed": f"at least {cap['agents']} agents (never failed up to the maximum)",
-        }.get(cap["status"]) or _incomplete_words(cap)
-        if name in truth:
-            band = bands.get(name)
-            flips = (f"; true verdicts flip between {band['passes_up_to'] + 1} and {band['fails_above']} agents"
-                     if band and band["fails_above"] > band["passes_up_to"] else "")
-            answer += f" (ground truth {_truth_words(truth[name])}{flips})"
-        lines.append(f"capacity @ {cap['label']}: {answer}")
-    return lines
+    return lines + [line for tier in headlines(report) for line in tier.lines()]
 
 
 def stopped_line(stopped: dict) -> str:
@@ -265,21 +253,6 @@ def lost_worker_lines(report: dict) -> list[str]:
     return [f"Lost worker {lost['worker']} during step {lost['step']} ({lost['agents']} agents) at "
             f"{datetime.fromtimestamp(lost['epoch_s'], timezone.utc):%Y-%m-%d %H:%M:%S} UTC: the step was measured "
             "again on the workers left" for lost in report.get("lost_workers", [])]
-
-
-def _incomplete_words(cap: dict) -> str:
-    """A tier the search did not decide (interrupted, or out of counts): what it had measured."""
-    known = [f"{word} at {cap[key]} agents" for word, key in (("passed", "agents"), ("failed", "first_failing_agents"))
-             if cap.get(key) is not None]
-    return f"incomplete ({', '.join(known) or 'no step judged'})"
-
-
-def _truth_words(cap: dict) -> str:
-    if cap["status"] == "found":
-        return str(cap["agents"])
-    if cap["status"] == "never_failed":
-        return f">= {cap['agents']}"
-    return "none" if cap["status"] == "none_passed" else "incomplete"
 
 
 def write_run(directory: Path, report: dict, records: Sequence[RequestRecord]) -> None:
@@ -387,9 +360,9 @@ def register_cli(subparsers) -> None:
 def report_command(args) -> int:
     folder = Path(args.run_dir)
     report = write_report(folder)
-    for line in capacity_lines(report) + lost_worker_lines(report):
-        print(line)
     if report["interrupted"]:
         print(f"agentperf: the run was interrupted after {len(report['steps'])} judged step(s)")
     print(f"agentperf: report {folder / 'report.html'}")
+    for line in lost_worker_lines(report) + capacity_lines(report):  # the headline: the last lines
+        print(line)
     return 0

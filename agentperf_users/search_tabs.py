@@ -14,7 +14,8 @@ from locust import events
 from locust.env import Environment
 
 from agentperf_users.search import CapacityStatus
-from agentperf_users.shape import CapacitySearchShape, describe_capacity
+from agentperf_users.headline import capacity_words
+from agentperf_users.shape import CapacitySearchShape
 from agentperf_users.webui import VERDICT_COLUMNS, add_tab, verdict_cells
 
 CAPACITY_TAB = "agentperf-capacity"
@@ -52,7 +53,7 @@ def _capacity_text(shape: CapacitySearchShape, capacity) -> str:
         passes = "-" if capacity.agents is None else capacity.agents
         fails = "-" if capacity.first_failing_agents is None else capacity.first_failing_agents
         return f"searching (passes at {passes}, fails at {fails})"
-    return describe_capacity(capacity)
+    return capacity_words(capacity.to_dict())
 
 
 def install(environment: Environment, web_ui=None, **_) -> None:

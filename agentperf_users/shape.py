@@ -56,10 +56,10 @@ from agentperf_users import aggregate
 from agentperf_users.diagnose import Cause, Diagnosis, common_error, diagnose_step, not_about_capacity
 from agentperf_users.errors import AgentperfError
 from agentperf_users.files import atomic_write
+from agentperf_users.headline import capacity_words
 from agentperf_users.search import (
     CapacitySearch,
     SearchStopped,
-    CapacityStatus,
     SearchParameters,
     TierCapacity,
     add_search_arguments,
@@ -242,7 +242,7 @@ class CapacitySearchShape(LoadTestShape):
         agents = None if self.stopped else self.search.next_agents()
         if agents is None:
             for capacity in self.search.capacity().values():
-                logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label, describe_capacity(capacity))
+                logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label, capacity_words(capacity.to_dict()))
             self._agents = 0
             return self._enter("stop", now, self._ramp_deadline(now, 0, STOP_RATE))
         self._phase = "step" if self.search.stepping else "bisect"
@@ -410,19 +410,6 @@ class CapacitySearchShape(LoadTestShape):
             main.throw(SystemExit(EXIT_INTERRUPTED))
         logger.warning("agentperf: %s: ending the search; every judged step is kept (%d)", name, len(self.steps))
         main.throw(KeyboardInterrupt())
-
-
-def describe_capacity(capacity: TierCapacity) -> str:
-    """A tier's capacity as the progress log and the web UI say it."""
-    if capacity.status is CapacityStatus.FOUND:
-        return f"{capacity.agents} agents (fails at {capacity.first_failing_agents})"
-    if capacity.status is CapacityStatus.NONE_PASSED:
-        return f"none: fails already at {capacity.first_failing_agents} agents"
-    if capacity.status is CapacityStatus.NEVER_FAILED:
-        return f"at least {capacity.agents} agents (never failed up to --max-agents)"
-    if capacity.agents is None and capacity.first_failing_agents is None:
-        return "incomplete (no step judged)"
-    return f"incomplete (passes at {capacity.agents}, fails at {capacity.first_failing_agents})"
 
 
 def _on_signal(shape: CapacitySearchShape, signum: int, _frame) -> None:

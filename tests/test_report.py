@@ -11,6 +11,7 @@ import pytest
 
 from agentperf_users import files
 from agentperf_users.cli import main
+from agentperf_users.headline import number_words, watts_words
 from agentperf_users.records import Status
 from agentperf_users.power import PowerSample
 from agentperf_users.report import (
@@ -106,16 +107,33 @@ def test_a_record_missing_from_the_live_union_shows_as_a_mismatch():
     assert report["steps"][0]["live_verdict_matches_records"] is False
 
 
-def test_capacity_lines_name_the_tier_and_the_truth():
+def test_capacity_lines_name_the_tier_the_normalised_numbers_the_cause_and_the_truth():
     records = window_records()
+    summary = summary_for(records)
+    summary["capacity"][SPEC.tiers[1].name]["first_failing_agents"] = 4  # the step measured: its cause is known
     truth = {"capacity": {SPEC.tiers[0].name: {"status": "found", "agents": 5}}}
-    lines = capacity_lines(build_report(summary_for(records), records, SPEC, CONTEXT, truth))
-    assert lines[0] == f"capacity @ {SPEC.tiers[0].label}: 4 agents (ground truth 5)"
-    assert lines[1] == f"capacity @ {SPEC.tiers[1].label}: none (fails already at 1 agents)"
+    lines = capacity_lines(build_report(summary, records, SPEC, CONTEXT, truth))
+    assert lines[0] == f"capacity @ {SPEC.tiers[0].label}: 4 agents (fails at 5; ground truth 5 agents)"
+    assert lines[1] == "    2 per accelerator · 2,857 agents/MW (1.4 kW, nameplate: test)"  # 4 / 0.0014 MW
+    assert lines[2] == f"capacity @ {SPEC.tiers[1].label}: none (fails already at 4 agents)"
+    assert lines[3].startswith("    at 4 agents: server errors — 5 % of 20 requests failed")
+    assert lines[4] == f"capacity @ {SPEC.tiers[2].label}: none (fails already at 1 agent)"  # never measured at 1
     truth["bands"] = {SPEC.tiers[0].name: {"passes_up_to": 3, "fails_above": 6, "measured_up_to": 8}}
-    lines = capacity_lines(build_report(summary_for(records), records, SPEC, CONTEXT, truth))
+    lines = capacity_lines(build_report(summary, records, SPEC, CONTEXT, truth))
     assert lines[0] == (f"capacity @ {SPEC.tiers[0].label}: 4 agents "
-                        f"(ground truth 5; true verdicts flip between 4 and 6 agents)")
+                        f"(fails at 5; ground truth 5 agents, true verdicts flip between 4 and 6 agents)")
+
+
+@pytest.mark.parametrize("value, words", [(2594.3, "2,594"), (12.44, "12.4"), (10.0, "10"), (1.25, "1.25"),
+                                          (0.0312, "0.031"), (None, "n/a"), (float("inf"), "n/a")])
+def test_numbers_are_rounded_as_a_person_reads_them(value, words):
+    assert number_words(value) == words
+
+
+@pytest.mark.parametrize("watts, words", [(700.0, "700 W"), (12_400.0, "12.4 kW"), (1_350_000.0, "1.35 MW"),
+                                          (132_000.0, "132 kW")])
+def test_power_is_worded_with_its_unit(watts, words):
+    assert watts_words(watts) == words
 
 
 def test_write_run_leaves_complete_files_only(tmp_path):
