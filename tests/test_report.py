@@ -24,6 +24,7 @@ from agentperf_users.report import (
     write_context,
     write_run,
 )
+from agentperf_users.search import SearchParameters
 from agentperf_users.slo import evaluate_step, load_slo
 from tests.test_slo import record as slo_record
 
@@ -52,9 +53,10 @@ def summary_for(records, live_records=None):
     tier = SPEC.tiers[0].name
     return {
         "run_id": "r1",
-        "slo": {"source": SPEC.source, "tiers": [{"label": t.label, "ttft_max_s": t.ttft_max_s,
-                                                    "output_tps_min": t.output_tps_min} for t in SPEC.tiers]},
-        "parameters": {"window_s": 30.0},
+        "slo": {"source": SPEC.source, "tiers": [{**dataclasses.asdict(t), "label": t.label} for t in SPEC.tiers]},
+        "parameters": dataclasses.asdict(SearchParameters(start_agents=4, step_agents=0, step_factor=2.0, max_agents=8,
+                                                          resolution_agents=1, spawn_rate=10.0, warmup_s=5.0,
+                                                          window_s=30.0, early_stop=True)),
         "steps": [{"index": 0, "agents": 4, "phase": "step", "window_start_epoch_s": 100.0,
                    "window_end_epoch_s": 130.0, "early_stop": False, "verdict": json.loads(json.dumps(verdict.to_dict()))}],
         "capacity": {t.name: {"tier": t.name, "status": "found" if t.name == tier else "none_passed",
@@ -144,8 +146,11 @@ def test_write_run_leaves_complete_files_only(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["records"] == len(records)
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == len(records)
     page = (tmp_path / "report.html").read_text()
-    assert capacity_lines(report)[0].replace("≤", "&le;") in page or capacity_lines(report)[0] in page
-    assert page.count("data:image/png;base64,") == 4
+    card = page.split("<div class=tier>")[1]  # the first tier's headline, at the top of the page
+    assert all(words in card for words in (SPEC.tiers[0].label, "4 agents", "fails at 5", "<b>2</b> agents per accelerator",
+                                           "<b>2,857</b> agents per megawatt", "nameplate: test"))
+    assert page.count("<svg") == 2 * len(SPEC.tiers) + 2  # TTFT and speed per tier; throughput, cache hits
+    assert "e+09" not in page and "<script" not in page and "src=" not in page and "href=" not in page  # readable, offline
     header = (tmp_path / "steps.csv").read_text().splitlines()[0]
     assert "ttft_s.p95" in header and f"passed.{SPEC.tiers[0].name}" in header
 
@@ -219,7 +224,7 @@ def test_agentperf_report_rebuilds_the_live_report_field_for_field(tmp_path, cap
     assert (folder / "steps.csv").read_text() == steps_frame(live).to_csv(index=False)
     assert capacity_lines(live)[0] in capsys.readouterr().out
     page = (folder / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("<svg") == 2 * len(SPEC.tiers) + 3  # with the power measured
     assert "Lost worker worker-b during step 0 (4 agents) at 1970-01-01 00:01:44 UTC" in page
 
 
