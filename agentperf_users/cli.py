@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "agentperf_users.synth",  # agentperf trajectories {synth,stats}
     "agentperf_users.capacity",  # agentperf capacity
     "agentperf_users.report",  # agentperf report
+    "agentperf_users.compare",  # agentperf compare
     "agentperf_users.truth",  # agentperf truth
 )
 

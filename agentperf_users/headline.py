@@ -98,7 +98,7 @@ class TierHeadline:
         return bracket_words(self.capacity)
 
     def normalised_words(self) -> str:
-        """``10 per accelerator · 2,594 agents/MW (3.9 kW, measured)``; empty with nothing to normalise by."""
+        """``10 per accelerator · 2,594 agents/MW (3.9 kW, measured at the capacity step)``; empty with nothing to normalise by."""
         parts = []
         if self.per_accelerator is not None:
             parts.append(f"{number_words(self.per_accelerator)} per accelerator")
@@ -121,7 +121,7 @@ class TierHeadline:
 
 
 def power_basis_words(basis: str | None) -> str:
-    return "measured at that step" if basis == "measured" else f"nameplate: {basis}" if basis else "basis unknown"
+    return "measured at the capacity step" if basis == "measured" else f"nameplate: {basis}" if basis else "basis unknown"
 
 
 def headlines(report: dict) -> list[TierHeadline]:

@@ -67,7 +67,9 @@ def render(chart: Chart, width: int = 520, height: int = 300) -> str:
     x_axis = _Axis(min(xs + x_refs), max(xs + x_refs), False, 0.0)
     y_axis = _Axis(min(finite + y_refs, default=0.0), max(finite + y_refs, default=1.0), bool(log_y),
                    None if log_y else 0.0)
-    plot = _Plot(width, height, x_axis, y_axis)
+    legend_h = 20 if len(chart.series) > 1 else 0  # a row under the axis label
+    height += legend_h
+    plot = _Plot(width, height, x_axis, y_axis, legend_h)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
              f'height="{height}" class="chart" role="img" aria-label="{_esc(chart.title)}">',
              f'<text x="{_MARGIN["left"]}" y="18" class="ct">{_esc(chart.title)}</text>']
@@ -129,10 +131,10 @@ def _tick_words(value: float) -> str:
 
 
 class _Plot:
-    def __init__(self, width: int, height: int, x_axis: _Axis, y_axis: _Axis) -> None:
-        self.width, self.height, self.x_axis, self.y_axis = width, height, x_axis, y_axis
+    def __init__(self, width: int, height: int, x_axis: _Axis, y_axis: _Axis, legend_h: int = 0) -> None:
+        self.width, self.height, self.x_axis, self.y_axis = width, height - legend_h, x_axis, y_axis
         self.left, self.top = _MARGIN["left"], _MARGIN["top"]
-        self.right, self.bottom = width - _MARGIN["right"], height - _MARGIN["bottom"]
+        self.right, self.bottom = width - _MARGIN["right"], self.height - _MARGIN["bottom"]
 
     def x(self, value: float) -> float:
         return self.left + self.x_axis.fraction(value) * (self.right - self.left)
@@ -188,9 +190,9 @@ class _Plot:
         return parts
 
     def legend(self, series: tuple[Series, ...]) -> str:
-        """Above the plot, right-aligned with it, so it never hides a point."""
+        """Under the axis label, centred, so it never hides a point or a limit's label."""
         widths = [40 + 6.3 * len(one.name) for one in series]
-        parts, x, y = [], self.right - sum(widths), self.top - 8
+        parts, x, y = [], (self.left + self.right - sum(widths)) / 2, self.height + 10
         for one, width in zip(series, widths):
             dash = ' stroke-dasharray="5 4"' if one.dashed else ""
             parts.append(f'<line x1="{x:.1f}" x2="{x + 18:.1f}" y1="{y}" y2="{y}" stroke="{one.colour}" '
