@@ -46,6 +46,7 @@ from agentperf_users import files, power, replay, server_metrics
 from agentperf_users.errors import AgentperfError
 from agentperf_users.client import redact_url
 from agentperf_users.probe import ProbeTarget, qualify
+from agentperf_users.progress import ConsoleProgress, expected_duration_words
 from agentperf_users.report import (
     RunContext,
     capacity_lines,
@@ -55,7 +56,7 @@ from agentperf_users.report import (
     write_context,
     write_report,
 )
-from agentperf_users.search import SearchParameters, add_search_arguments
+from agentperf_users.search import SearchParameters, add_search_arguments, search_defaults
 from agentperf_users.simulator.bounded import short
 from agentperf_users.slo import load_slo
 from agentperf_users.trajectory import load_trajectories
@@ -149,6 +150,9 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
             raise AgentperfError(f"--simulator-fault: {exc}") from None
     out = files.claim_run_folder(Path(args.out)) if args.out else files.new_run_folder()
     print(f"agentperf: run folder {out}", flush=True)
+    defaults = all(getattr(args, name) == search_defaults()[name] for name in ("warmup_s", "window_s"))
+    print(expected_duration_words(params.warmup_s, params.window_s, suggest_demo=defaults and profile is not None),
+          flush=True)
     _interrupt_on_signals()
 
     interrupted, master_code, children = False, None, []
@@ -276,7 +280,8 @@ def _locust_command(args: argparse.Namespace, host: str, out: Path, model: str) 
                         "start_agents", "step_agents", "step_factor", "max_agents", "resolution_agents",
                         "agent_spawn_rate", "warmup_s", "window_s", "min_requests"):
         options[action_dest.replace("_", "-")] = getattr(args, action_dest)
-    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--exit-code-on-error", "0"]
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--exit-code-on-error", "0",
+               "--progress-events"]
     for name, value in options.items():
         command += [f"--{name}", str(value)]
     command.append("--ignore-eos" if args.ignore_eos else "--no-ignore-eos")
@@ -305,12 +310,13 @@ def _run_locust(command: list[str], locust_args: Sequence[str], args: argparse.N
     worker_command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
                       "--master-host", "127.0.0.1", "--master-port", str(port)]
     master, workers, tail = None, [], None
+    console = ConsoleProgress(sys.stdout)
     log = open(out / "locust.log", "w", encoding="utf-8")
     try:
         master = subprocess.Popen(master_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   start_new_session=True, preexec_fn=_dies_with_parent())
         children.append(master)
-        tail = threading.Thread(target=_tail, args=(master.stdout, log), daemon=True)
+        tail = threading.Thread(target=_tail, args=(master.stdout, log, console), daemon=True)
         tail.start()
         if remote:
             print(f"agentperf: waiting for {args.remote_workers} remote worker(s): locust -f locustfiles/capacity.py "
@@ -332,16 +338,19 @@ def _run_locust(command: list[str], locust_args: Sequence[str], args: argparse.N
             _wait(worker, WORKER_EXIT_GRACE_S, terminate_after=True)
         if tail is not None:
             tail.join(timeout=5)
+        console.end()
         log.close()
 
 
-def _tail(stream: IO[str], log: IO[str]) -> None:
+def _tail(stream: IO[str], log: IO[str], console: ConsoleProgress) -> None:
+    """Every master line to locust.log; the search's own to the console (progress events compactly)."""
     for line in stream:
         log.write(line)
         log.flush()
         if any(marker in line for marker in PROGRESS_MARKERS):
             message = line.split(": ", 1)[1] if "] " in line and ": " in line else line
-            print(f"  {message.rstrip()}", flush=True)
+            if not console.message(message.rstrip()):
+                console.line(f"  {message.rstrip()}")
 
 
 def _wait(process: subprocess.Popen, timeout_s: float, terminate_after: bool = False) -> None:

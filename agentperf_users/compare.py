@@ -98,17 +98,21 @@ def terminal_lines(runs: list[ComparedRun]) -> list[str]:
         tiers = [run.tiers.get(name) for run in runs]
         lines += ["", f"capacity @ {tiers[0].label}"]
         rows = [["run", *[words for title, _ in RATIO_COLUMNS for words in (title, f"×{letter(0)}")], "power"]]
-        for i, tier in enumerate(tiers):
-            cells = [f"{letter(i)} {runs[i].name}"]
-            for _, key in RATIO_COLUMNS:
-                value, base = _value(tier, key), _value(tiers[0], key)
-                shown = tier.answer if key == "agents" and tier is not None else number_words(value)
-                cells += [shown, _ratio_words(ratio(value, base))]
-            cells.append(f"{watts_words(tier.power_watts)} {power_basis_words(tier.power_basis)}"
-                         if tier is not None and tier.power_watts else "–")
-            rows.append(cells)
+        rows += [_row(i, run, tier, tiers[0], " ") for i, (run, tier) in enumerate(zip(runs, tiers))]
         lines += _aligned(rows)
     return lines
+
+
+def _row(index: int, run: ComparedRun, tier: TierHeadline | None, base: TierHeadline | None, sep: str) -> list[str]:
+    """One run's cells under a tier: its name, each number and its ratio to the baseline's, its power."""
+    cells = [f"{letter(index)} {run.name}"]
+    for _, key in RATIO_COLUMNS:
+        value = _value(tier, key)
+        shown = tier.answer if key == "agents" and tier is not None else number_words(value)
+        cells += [shown, _ratio_words(ratio(value, _value(base, key)))]
+    power = (f"{watts_words(tier.power_watts)}{sep}{power_basis_words(tier.power_basis)}"
+             if tier is not None and tier.power_watts else "–")
+    return cells + [power]
 
 
 def letter(index: int) -> str:
@@ -146,16 +150,12 @@ def _tier_table(runs: list[ComparedRun], tiers: list[TierHeadline | None]) -> st
     head = "<tr><th class=l>run</th>" + "".join(f"<th>{html.escape(title)}</th><th>×{letter(0)}</th>"
                                                 for title, _ in RATIO_COLUMNS) + "<th class=l>power</th></tr>"
     rows = []
-    for i, tier in enumerate(tiers):
-        cells = [f"<td class=l>{letter(i)} {html.escape(runs[i].name)}</td>"]
-        for _, key in RATIO_COLUMNS:
-            value, base = _value(tier, key), _value(tiers[0], key)
-            shown = tier.answer if key == "agents" and tier is not None else number_words(value)
-            cells.append(f"<td><b>{html.escape(shown)}</b></td><td>{_ratio_words(ratio(value, base))}</td>")
-        power = (f"{watts_words(tier.power_watts)}, {power_basis_words(tier.power_basis)}"
-                 if tier is not None and tier.power_watts else "–")
-        cells.append(f"<td class=l>{html.escape(power)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
+    for i, (run, tier) in enumerate(zip(runs, tiers)):
+        cells = _row(i, run, tier, tiers[0], ", ")
+        shown = [f"<td class=l>{html.escape(cells[0])}</td>"]
+        shown += [f"<td>{'<b>' if col % 2 else ''}{html.escape(cell)}{'</b>' if col % 2 else ''}</td>"
+                  for col, cell in enumerate(cells[1:-1], 1)]
+        rows.append("<tr>" + "".join(shown) + f"<td class=l>{html.escape(cells[-1])}</td></tr>")
     return f"<div class=scroll><table>{head}{''.join(rows)}</table></div>"
 
 

@@ -58,6 +58,13 @@ def add_search_arguments(add: Callable[..., object]) -> None:
              "doubling and bisecting")
 
 
+def search_defaults() -> dict:
+    """The search options' defaults, as ``add_search_arguments`` declares them (by option dest)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_search_arguments(parser.add_argument)
+    return vars(parser.parse_args([]))
+
+
 @dataclass(frozen=True)
 class SearchParameters:
     """The search's options, validated (one line naming the option on a bad value)."""

@@ -52,7 +52,7 @@ import gevent
 from locust import LoadTestShape, events
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, WorkerRunner
 
-from agentperf_users import aggregate
+from agentperf_users import aggregate, progress
 from agentperf_users.diagnose import Cause, Diagnosis, common_error, diagnose_step, not_about_capacity
 from agentperf_users.errors import AgentperfError
 from agentperf_users.files import atomic_write
@@ -70,6 +70,7 @@ from agentperf_users.server_metrics import NOT_AVAILABLE, ServerWindow, describe
 from agentperf_users.slo import SloSpec, StepVerdict, evaluate_step, load_slo, speed_text, surely_fails, ttft_text
 
 logger = logging.getLogger(__name__)
+steps_logger = logging.getLogger(progress.STEPS_LOGGER)  # the full line of each judged step: locust.log only
 
 COVERAGE_TIMEOUT_S = 10.0  # longest wait for workers' reports covering a window (reports come every 3 s)
 RAMP_GRACE_S = 15.0  # beyond |agents changed| / spawn rate, before measuring anyway
@@ -87,6 +88,8 @@ def add_arguments(parser) -> None:
     add_search_arguments(option)
     option("--capacity-json", default="",
            help="write the search's state (steps, capacity) here after every judged step and at test stop")
+    option("--progress-events", action="store_true", default=False, include_in_web_ui=False,
+           help="log the search's progress as events for agentperf capacity's console (a live line per step)")
     option("--server-metrics-file", default="", include_in_web_ui=False,
            help="the server's metrics as read every second (server_metrics.jsonl; agentperf capacity writes it): "
            "each step's server numbers and the diagnosis of a failing tier; empty: client numbers only")
@@ -177,10 +180,17 @@ class CapacitySearchShape(LoadTestShape):
         self._phase = "step"
         self._window = (math.nan, math.nan)
         self._workers: frozenset[str] = frozenset()  # the workers the step in progress was ramped on
+        self._step_started = 0.0  # when the step in progress began its ramp
+        self._last_progress = -math.inf  # when its last live progress event was logged
 
     @property
     def environment(self):
         return self.runner.environment
+
+    @property
+    def _progress_events(self) -> bool:
+        """Whether a console reads this master's progress events (``agentperf capacity`` asks for them)."""
+        return bool(getattr(self.environment.parsed_options, "progress_events", False))
 
     def tick(self) -> tuple[int, float] | None:
         now = self._clock()
@@ -188,6 +198,7 @@ class CapacitySearchShape(LoadTestShape):
             return None
         while self._advance(now):
             pass
+        self._live_progress(now)
         if self._stage.name == "finished":
             return None
         if self._stage.name in ("restart", "stop"):
@@ -257,7 +268,24 @@ class CapacitySearchShape(LoadTestShape):
                                   ramp_start_epoch_s=now, spawn_rate=self.params.spawn_rate)
         aggregate.announce_step(self.environment, step)
         self._workers = aggregate.active_workers(self.environment)
+        self._step_started = now
         return self._enter("ramp", now, self._ramp_deadline(now, self._agents))
+
+    def _live_progress(self, now: float) -> None:
+        """Every ``progress.LIVE_INTERVAL_S`` of a step: its stage, seconds elapsed and expected, and in its
+        window the requests so far with each tier's verdict on them (``progress``: the console's live line)."""
+        stage = self._stage.name
+        if (not self._progress_events or stage not in ("ramp", "warmup", "window")
+                or now - self._last_progress < progress.LIVE_INTERVAL_S):
+            return
+        self._last_progress = now
+        records = []
+        if stage == "window":
+            aggregator = aggregate.aggregator(self.environment)
+            records = aggregator.records_between(self._window[0], min(aggregator.covered_until(), now))
+        expected = self._agents / self.params.spawn_rate + self.params.warmup_s + self.params.window_s
+        logger.info(progress.live_event(len(self.steps), self._phase, self._agents, stage, now - self._step_started,
+                                        expected, len(records), evaluate_step(records, self.spec) if records else None))
 
     def _lost_a_worker(self, now: float) -> bool:
         """A worker lost during a step took its agents with it (Locust does not hand them to the others),
@@ -333,7 +361,10 @@ class CapacitySearchShape(LoadTestShape):
         step = StepResult(len(self.steps), self._agents, self._phase, start, end_epoch_s, verdict, early, complete,
                           server, diagnoses)
         self.steps.append(step)
-        logger.info(format_step(step))
+        steps_logger.info(format_step(step))
+        if self._progress_events:
+            logger.info(progress.judged_event(step.index, step.phase, step.agents, verdict,
+                                              list(dict.fromkeys(found.cause.value for found in diagnoses))))
         doubt = not_about_capacity(diagnoses)
         if doubt is None:
             self.search.record_verdict(self._agents, verdict)
