@@ -328,6 +328,7 @@ def _run_locust(command: list[str], locust_args: Sequence[str], args: argparse.N
         return master.wait()
     except KeyboardInterrupt:
         _exit_at_once_on_a_second_signal(children, out)
+        console.end()
         print("agentperf: interrupted; stopping the test and keeping every judged step and record", flush=True)
         if master is not None:
             master.send_signal(signal.SIGTERM)

@@ -67,6 +67,21 @@ def check_comparable(runs: list[ComparedRun]) -> None:
                     "(--force compares them anyway)")
 
 
+NOTED_SETTINGS = (("warmup_s", "warm-up", "s"), ("window_s", "window", "s"), ("resolution_agents", "resolution", "agents"))
+
+
+def setting_notes(runs: list[ComparedRun]) -> list[str]:
+    """Search settings that differ between the runs: allowed, but a shorter window judges fewer requests,
+    so a reader should know (``note: window differs: A 20 s, B 15 s``)."""
+    notes = []
+    for key, words, unit in NOTED_SETTINGS:
+        values = [(run.report.get("search") or {}).get(key) for run in runs]
+        if len(set(values)) > 1:
+            notes.append(f"note: {words} differs: " + ", ".join(
+                f"{letter(i)} {'?' if v is None else f'{v:g}'} {unit}" for i, v in enumerate(values)))
+    return notes
+
+
 def _tiers(run: ComparedRun) -> list[dict]:
     """The tiers as judged (every threshold, not the name a file gave them)."""
     tiers = (run.report.get("slo") or {}).get("tiers") or []
@@ -93,6 +108,7 @@ def _value(tier: TierHeadline | None, key: str) -> float | None:
 def terminal_lines(runs: list[ComparedRun]) -> list[str]:
     """Per tier a small table: each run's numbers and its ratio to the first run's."""
     lines = [f"{letter(i)} = {run.name}: {target_words(run.report)}" for i, run in enumerate(runs)]
+    lines += setting_notes(runs)
     names = [tier.tier for tier in headlines(runs[0].report)]
     for name in names:
         tiers = [run.tiers.get(name) for run in runs]
@@ -138,6 +154,7 @@ def render_page(runs: list[ComparedRun]) -> str:
                                  f"{html.escape(str(run.report.get('trajectories')))}; accelerators "
                                  f"{html.escape(str(run.report.get('accelerators') or 'not given'))}</dd>"
                                  for i, run in enumerate(runs)) + "</dl>"]
+    body += [f"<p class=warn>{html.escape(note)}</p>" for note in setting_notes(runs)]
     for name in [tier.tier for tier in headlines(runs[0].report)]:
         tiers = [run.tiers.get(name) for run in runs]
         body.append(f"<h2>{html.escape(tiers[0].label)}</h2>" + _tier_table(runs, tiers))

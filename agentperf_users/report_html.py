@@ -48,8 +48,9 @@ def render_html(report: dict, lines_before: list[str] = ()) -> str:
             "".join(f"<p class=warn>{_esc(line)}</p>" for line in warnings),
             "<section class=tiers>" + "".join(_tier_card(tier) for tier in headlines(report)) + "</section>",
             "<h2>Capacity curve per tier</h2><p class=muted>Each step's numbers the tier was judged on, against "
-            "agents: green passed, red failed; dashed lines are the tier's limits, dotted the capacity found. "
-            "Hover a point for its numbers.</p>",
+            "agents: green passed, red failed (on either number, or on errors, so a red point may sit inside one "
+            "chart's limit); dashed lines are the tier's limits, dotted the capacity found. Hover a point for its "
+            "numbers.</p>",
             "<div class=charts>" + "".join(render(chart) for chart in tier_charts(report)) + "</div>",
             "<h2>Run settings</h2>" + settings_list(report),
             "<h2>Steps</h2>" + steps_table(report),
@@ -213,7 +214,8 @@ def steps_table(report: dict) -> str:
                      for i, h in enumerate(head))
     note = ("<p class=muted>TTFT in seconds, speed in tok/s per request, over the requests that ended in the step's "
             "window (+s: seconds after the first step's window began); a tier's verdict uses its own quantile (see "
-            "Run settings). Hover a FAIL for its cause in full.</p>")
+            "Run settings). Hover a FAIL for its cause in full; ≠ truth: the simulator's ground truth judged the same "
+            "step the other way.</p>")
     return f"{note}<div class=scroll><table><tr>{header}</tr>{''.join(rows)}</table></div>"
 
 

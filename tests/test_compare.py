@@ -47,6 +47,16 @@ def test_runs_under_different_tiers_or_trajectories_are_refused_in_one_line_unle
     assert main(["compare", str(tmp_path / "slow"), str(tmp_path / "aa"), "--force"]) == 0
 
 
+def test_search_settings_that_differ_are_noted_not_refused(tmp_path, capsys):
+    slow, _ = two_runs(tmp_path)
+    report = tmp_path / "fast" / "report.json"
+    report.write_text(json.dumps({**json.loads(report.read_text()), "search": {**slow["search"], "window_s": 15.0}}))
+    assert main(["compare", str(tmp_path / "slow"), str(tmp_path / "fast")]) == 0
+    assert "note: window differs: A 30 s, B 15 s" in capsys.readouterr().out.splitlines()
+    assert main(["compare", str(tmp_path / "slow"), str(tmp_path / "slow")]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_a_run_without_its_report_is_compared_from_its_files_and_left_as_it_was(tmp_path, capsys):
     slow, _ = two_runs(tmp_path)
     for name in ("report.json", "report.html", "steps.csv", "records.jsonl"):

@@ -34,15 +34,19 @@ def live(elapsed_s: float = 35.0, stage: str = "window") -> str:
 
 def test_a_terminal_gets_one_live_line_rewritten_in_place_and_cut_to_its_width():
     stream = io.StringIO()
-    console = ConsoleProgress(stream, tty=True, width=120)
+    console = ConsoleProgress(stream, tty=True, width=200)
     assert console.message(live(10.0, "warmup")) and console.message(live(35.0))
     first, second = stream.getvalue().split("\r")[1:]
     assert first.startswith("step 3 (bisect) 16 agents · warmup · 10 of ~48 s") and "\n" not in stream.getvalue()
-    assert second.startswith("step 3 (bisect) 16 agents · window · 35 of ~48 s · 20 requests · 20 tok/s FAIL so far")
-    assert len(second.removesuffix("\x1b[K")) == 119  # never wraps, so \r can rewrite it
+    assert second.startswith("step 3 (bisect) 16 agents · window · 35 of ~48 s · 20 requests so far · TTFT p95 1.9 s, "
+                             "p5 30 tok/s · 20 tok/s FAIL · 60 tok/s FAIL · 100 tok/s FAIL")  # the numbers said once
+    console = ConsoleProgress(stream, tty=True, width=60)
+    console.message(live(35.0))
+    assert len(stream.getvalue().rsplit("\r", 1)[1].removesuffix("\x1b[K")) == 59  # never wraps: \r rewrites it
     console.message(judged_event(3, "bisect", 16, VERDICT, ["server errors"]))
     judged = stream.getvalue().rsplit("\r\x1b[K", 1)[1]  # the live line cleared first
-    assert judged.startswith("step 3 (bisect): 16 agents, 20 requests, 1 errors | 20 tok/s FAIL (TTFT p95")
+    assert judged.startswith("step 3 (bisect): 16 agents, 20 requests, 1 errors | TTFT p95 1.9 s, p5 30 tok/s | "
+                             "20 tok/s FAIL | 60 tok/s FAIL")
     assert judged.endswith(" | why: server errors\n")
 
 
