@@ -28,6 +28,7 @@ import pytest
 
 from agentperf_users.records import RequestRecord, read_records
 from agentperf_users.slo import load_slo, recompute
+from tests.browser import CHROMIUM_FLAGS
 from tests.support import free_port
 
 HERE = Path(__file__).parent
@@ -37,9 +38,6 @@ SLO_FILE = HERE / "slo.yaml"
 RUN_TIMEOUT_S = 60
 PROMETHEUS = shutil.which("prometheus")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# As root in a container, without a GPU, and with no background connections to a closed network.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def locust(*args: str, log: Path) -> subprocess.Popen:
