@@ -45,7 +45,7 @@ class Group(str, Enum):
     RUN = "run"  # where records go, and the run's id (``agentperf capacity`` sets them itself)
     METRICS = "metrics"  # the master's Prometheus endpoint
     SEARCH = "search"  # the capacity search
-    SEARCH_FILES = "search-files"  # files of a search's run folder (``agentperf capacity`` sets them itself)
+    SEARCH_FILES = "search-files"  # a search's run folder and console (``agentperf capacity`` sets them itself)
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,8 @@ OPTIONS: tuple[Option, ...] = (
            "(interpolation), not only by doubling and bisecting"),
     Option("--capacity-json", Group.SEARCH_FILES, "", "write the search's state (steps, capacity) to this file, whole, "
            "after every judged step"),
+    Option("--progress-events", Group.SEARCH_FILES, False, "log the search's progress as events for agentperf "
+           "capacity's console (a live line per step)", web_ui=False),
     Option("--server-metrics-file", Group.SEARCH_FILES, "", "the server's metrics per second (JSONL, written by "
            "agentperf capacity's reader), for each step's server numbers and diagnosis", web_ui=False),
 )

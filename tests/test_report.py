@@ -24,6 +24,8 @@ from agentperf_users.report.build import (
     write_context,
     write_run,
 )
+from agentperf_users.search.headline import number_words, watts_words
+from agentperf_users.search.policy import SearchParameters
 from tests.test_slo import record as slo_record
 
 
@@ -51,9 +53,10 @@ def summary_for(records, live_records=None):
     tier = SPEC.tiers[0].name
     return {
         "run_id": "r1",
-        "slo": {"source": SPEC.source, "tiers": [{"label": t.label, "ttft_max_s": t.ttft_max_s,
-                                                    "output_tps_min": t.output_tps_min} for t in SPEC.tiers]},
-        "parameters": {"window_s": 30.0},
+        "slo": {"source": SPEC.source, "tiers": [{**dataclasses.asdict(t), "label": t.label} for t in SPEC.tiers]},
+        "parameters": dataclasses.asdict(SearchParameters(start_agents=4, step_agents=0, step_factor=2.0, max_agents=8,
+                                                          resolution_agents=1, spawn_rate=10.0, warmup_s=5.0,
+                                                          window_s=30.0, early_stop=True)),
         "steps": [{"index": 0, "agents": 4, "phase": "step", "window_start_epoch_s": 100.0,
                    "window_end_epoch_s": 130.0, "early_stop": False, "verdict": json.loads(json.dumps(verdict.to_dict()))}],
         "capacity": {t.name: {"tier": t.name, "status": "found" if t.name == tier else "none_passed",
@@ -106,16 +109,33 @@ def test_a_record_missing_from_the_live_union_shows_as_a_mismatch():
     assert report["steps"][0]["live_verdict_matches_records"] is False
 
 
-def test_capacity_lines_name_the_tier_and_the_truth():
+def test_capacity_lines_name_the_tier_the_normalised_numbers_the_cause_and_the_truth():
     records = window_records()
+    summary = summary_for(records)
+    summary["capacity"][SPEC.tiers[1].name]["first_failing_agents"] = 4  # the step measured: its cause is known
     truth = {"capacity": {SPEC.tiers[0].name: {"status": "found", "agents": 5}}}
-    lines = capacity_lines(build_report(summary_for(records), records, SPEC, CONTEXT, truth))
-    assert lines[0] == f"capacity @ {SPEC.tiers[0].label}: 4 agents (ground truth 5)"
-    assert lines[1] == f"capacity @ {SPEC.tiers[1].label}: none (fails already at 1 agents)"
+    lines = capacity_lines(build_report(summary, records, SPEC, CONTEXT, truth))
+    assert lines[0] == f"capacity @ {SPEC.tiers[0].label}: 4 agents (fails at 5; ground truth 5 agents)"
+    assert lines[1] == "    2 per accelerator · 2,857 agents/MW (1.4 kW, nameplate: test)"  # 4 / 0.0014 MW
+    assert lines[2] == f"capacity @ {SPEC.tiers[1].label}: none (fails already at 4 agents)"
+    assert lines[3].startswith("    at 4 agents: server errors — 5 % of 20 requests failed")
+    assert lines[4] == f"capacity @ {SPEC.tiers[2].label}: none (fails already at 1 agent)"  # never measured at 1
     truth["bands"] = {SPEC.tiers[0].name: {"passes_up_to": 3, "fails_above": 6, "measured_up_to": 8}}
-    lines = capacity_lines(build_report(summary_for(records), records, SPEC, CONTEXT, truth))
+    lines = capacity_lines(build_report(summary, records, SPEC, CONTEXT, truth))
     assert lines[0] == (f"capacity @ {SPEC.tiers[0].label}: 4 agents "
-                        f"(ground truth 5; true verdicts flip between 4 and 6 agents)")
+                        f"(fails at 5; ground truth 5 agents, true verdicts flip between 4 and 6 agents)")
+
+
+@pytest.mark.parametrize("value, words", [(2594.3, "2,594"), (12.44, "12.4"), (10.0, "10"), (1.25, "1.25"),
+                                          (0.0312, "0.031"), (None, "n/a"), (float("inf"), "n/a")])
+def test_numbers_are_rounded_as_a_person_reads_them(value, words):
+    assert number_words(value) == words
+
+
+@pytest.mark.parametrize("watts, words", [(700.0, "700 W"), (12_400.0, "12.4 kW"), (1_350_000.0, "1.35 MW"),
+                                          (132_000.0, "132 kW")])
+def test_power_is_worded_with_its_unit(watts, words):
+    assert watts_words(watts) == words
 
 
 def test_write_run_leaves_complete_files_only(tmp_path):
@@ -126,8 +146,11 @@ def test_write_run_leaves_complete_files_only(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["records"] == len(records)
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == len(records)
     page = (tmp_path / "report.html").read_text()
-    assert capacity_lines(report)[0].replace("≤", "&le;") in page or capacity_lines(report)[0] in page
-    assert page.count("data:image/png;base64,") == 4
+    card = page.split("<div class=tier>")[1]  # the first tier's headline, at the top of the page
+    assert all(words in card for words in (SPEC.tiers[0].label, "4 agents", "fails at 5", "<b>2</b> agents per accelerator",
+                                           "<b>2,857</b> agents per megawatt", "nameplate: test"))
+    assert page.count("<svg") == 2 * len(SPEC.tiers) + 2  # TTFT and speed per tier; throughput, cache hits
+    assert "e+09" not in page and "<script" not in page and "src=" not in page and "href=" not in page  # readable, offline
     header = (tmp_path / "steps.csv").read_text().splitlines()[0]
     assert "ttft_s.p95" in header and f"passed.{SPEC.tiers[0].name}" in header
 
@@ -201,7 +224,7 @@ def test_agentperf_report_rebuilds_the_live_report_field_for_field(tmp_path, cap
     assert (folder / "steps.csv").read_text() == steps_frame(live).to_csv(index=False)
     assert capacity_lines(live)[0] in capsys.readouterr().out
     page = (folder / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("<svg") == 2 * len(SPEC.tiers) + 3  # with the power measured
     assert "Lost worker worker-b during step 0 (4 agents) at 1970-01-01 00:01:44 UTC" in page
 
 

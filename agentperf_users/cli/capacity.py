@@ -42,16 +42,15 @@ from pathlib import Path
 from typing import IO, Callable, Sequence
 
 import agentperf_users
-from agentperf_users import files
+from agentperf_users import files, options
 from agentperf_users.bounded import short
 from agentperf_users.client.chat import redact_url
-from agentperf_users import options
 from agentperf_users.errors import AgentperfError
-from agentperf_users.options import Group, add_options
-from agentperf_users.loadgen.replay import ReplaySettings
 from agentperf_users.loadgen.probe import ProbeTarget, qualify
+from agentperf_users.loadgen.replay import ReplaySettings
 from agentperf_users.measure import power, server_metrics
 from agentperf_users.measure.slo import load_slo
+from agentperf_users.options import Group, add_options
 from agentperf_users.report.build import (
     RunContext,
     capacity_lines,
@@ -62,6 +61,7 @@ from agentperf_users.report.build import (
     write_report,
 )
 from agentperf_users.search.policy import SearchParameters
+from agentperf_users.search.progress import ConsoleProgress, expected_duration_words
 from agentperf_users.workload.readers import load_trajectories
 
 LOCUSTFILE = Path(agentperf_users.__file__).parent / "locustfiles" / "capacity.py"
@@ -153,6 +153,9 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
             raise AgentperfError(f"--simulator-fault: {exc}") from None
     out = files.claim_run_folder(Path(args.out)) if args.out else files.new_run_folder()
     print(f"agentperf: run folder {out}", flush=True)
+    defaults = all(getattr(args, name) == options.BY_DEST[name].default for name in ("warmup_s", "window_s"))
+    print(expected_duration_words(params.warmup_s, params.window_s, suggest_demo=defaults and profile is not None),
+          flush=True)
     _interrupt_on_signals()
 
     interrupted, master_code, children = False, None, []
@@ -271,10 +274,11 @@ def _dies_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None] | None
 
 def _locust_command(args: argparse.Namespace, host: str, out: Path, model: str) -> list[str]:
     """The master's command: every option of the forwarded groups by construction (``options.forward``), the
-    model the probe settled on, and the run folder's files."""
+    model the probe settled on, and the run folder's files; it logs the search's progress as events for the
+    console (``--progress-events``)."""
     run_files = ["--host", host, "--records-dir", str(out / "records"), "--run-id", out.name,
                  "--capacity-json", str(out / "search.json"),
-                 "--server-metrics-file", str(out / server_metrics.SERVER_METRICS_FILE)]
+                 "--server-metrics-file", str(out / server_metrics.SERVER_METRICS_FILE), "--progress-events"]
     forwarded = options.forward(argparse.Namespace(**{**vars(args), "model": model}), FORWARDED_GROUPS)
     return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--exit-code-on-error", "0",
             *run_files, *forwarded]
@@ -297,12 +301,13 @@ def _run_locust(command: list[str], locust_args: Sequence[str], args: argparse.N
     worker_command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
                       "--master-host", "127.0.0.1", "--master-port", str(port)]
     master, workers, tail = None, [], None
+    console = ConsoleProgress(sys.stdout)
     log = open(out / "locust.log", "w", encoding="utf-8")
     try:
         master = subprocess.Popen(master_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   start_new_session=True, preexec_fn=_dies_with_parent())
         children.append(master)
-        tail = threading.Thread(target=_tail, args=(master.stdout, log), daemon=True)
+        tail = threading.Thread(target=_tail, args=(master.stdout, log, console), daemon=True)
         tail.start()
         if remote:
             print(f"agentperf: waiting for {args.remote_workers} remote worker(s): locust -f locustfiles/capacity.py "
@@ -314,6 +319,7 @@ def _run_locust(command: list[str], locust_args: Sequence[str], args: argparse.N
         return master.wait()
     except KeyboardInterrupt:
         _exit_at_once_on_a_second_signal(children, out)
+        console.end()
         print("agentperf: interrupted; stopping the test and keeping every judged step and record", flush=True)
         if master is not None:
             master.send_signal(signal.SIGTERM)
@@ -324,16 +330,19 @@ def _run_locust(command: list[str], locust_args: Sequence[str], args: argparse.N
             _wait(worker, WORKER_EXIT_GRACE_S, terminate_after=True)
         if tail is not None:
             tail.join(timeout=5)
+        console.end()
         log.close()
 
 
-def _tail(stream: IO[str], log: IO[str]) -> None:
+def _tail(stream: IO[str], log: IO[str], console: ConsoleProgress) -> None:
+    """Every master line to locust.log; the search's own to the console (progress events compactly)."""
     for line in stream:
         log.write(line)
         log.flush()
         if any(marker in line for marker in PROGRESS_MARKERS):
             message = line.split(": ", 1)[1] if "] " in line and ": " in line else line
-            print(f"  {message.rstrip()}", flush=True)
+            if not console.message(message.rstrip()):
+                console.line(f"  {message.rstrip()}")
 
 
 def _wait(process: subprocess.Popen, timeout_s: float, terminate_after: bool = False) -> None:
@@ -367,9 +376,9 @@ def _report(args, out: Path, spec, params, trajectories, profile, interrupted: b
             interrupted = True
     write_context(out, replace(context, interrupted=interrupted), truth)
     report = write_report(out, spec)
-    for line in capacity_lines(report) + lost_worker_lines(report):
-        print(line, flush=True)
     print(f"agentperf: report {out / 'report.html'}", flush=True)
+    for line in lost_worker_lines(report) + capacity_lines(report):  # the headline: the last lines
+        print(line, flush=True)
     if interrupted:
         return EXIT_INTERRUPTED
     if report.get("stopped"):  # its line, the server's words, was printed with the capacity lines

@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "agentperf_users.workload.synth",  # agentperf trajectories {synth,stats}
     "agentperf_users.cli.capacity",  # agentperf capacity
     "agentperf_users.report.build",  # agentperf report
+    "agentperf_users.report.compare",  # agentperf compare
     "agentperf_users.cli.truth",  # agentperf truth
 )
 

@@ -12,7 +12,11 @@ from agentperf_users.measure.slo import load_slo
 from agentperf_users.options import Group, add_options
 from agentperf_users.search.policy import SearchParameters
 from agentperf_users.search.truth import find_capacity
-from agentperf_users.simulator.profile import DEFAULT_PROFILE, SimulatorError, load_profile
+from agentperf_users.simulator.profile import (
+    DEFAULT_PROFILE,
+    SimulatorError,
+    load_profile,
+)
 from agentperf_users.workload.readers import load_trajectories
 
 GROUPS = (Group.WORKLOAD, Group.REPLAY, Group.SLO, Group.SEARCH)

@@ -12,9 +12,6 @@ half-written report.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
@@ -41,9 +38,10 @@ from agentperf_users.measure.slo import (
     quantile,
     records_in_window,
 )
+from agentperf_users.report import html as report_html
+from agentperf_users.search.headline import MEGAWATT_W, headlines
 from agentperf_users.search.policy import SearchStopped
 
-MEGAWATT_W = 1_000_000.0
 TTFT_QUANTILES = (0.5, 0.9, 0.95, 0.99)
 SPEED_QUANTILES = (0.05, 0.5, 0.95)
 
@@ -195,6 +193,8 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
             **step_stats(judged, end - start),
             "power_watts": mean_watts(context.power_samples, start, end),
             "passed": passed,
+            "judged": {v.tier.name: {key: value for key, value in v.to_dict().items()
+                                     if key in ("ttft_quantile_s", "output_tps_quantile")} for v in verdict.tiers},
             "live_verdict_matches_records": passed == live_passed and verdict.to_dict() == live["verdict"],
             "server": server.to_dict(),
             "diagnoses": [found.to_dict() for found in diagnose_step(verdict, judged, server)],
@@ -246,24 +246,12 @@ def _power_at(steps: list[dict], agents: int | None) -> float | None:
 
 
 def capacity_lines(report: dict) -> list[str]:
-    """One line per tier: ``capacity @ 20 tok/s, TTFT ≤ 10 s: 37 agents (ground truth 38)``."""
+    """The headline, per tier (``headline.TierHeadline.lines``): ``capacity @ 20 tok/s, TTFT ≤ 10 s: 37
+    agents (fails at 38; ground truth 38 agents)``, then agents per accelerator and per megawatt and the
+    binding cause at the first failing count; after why the search stopped, if it did."""
     stopped = report.get("stopped")
     lines = [stopped_line(stopped)] if stopped else []
-    truth = (report.get("ground_truth") or {}).get("capacity", {})
-    bands = (report.get("ground_truth") or {}).get("bands", {})
-    for name, cap in report["capacity"].items():
-        answer = {
-            "found": f"{cap['agents']} agents",
-            "none_passed": f"none (fails already at {cap['first_failing_agents']} agents)",
-            "never_failed": f"at least {cap['agents']} agents (never failed up to the maximum)",
-        }.get(cap["status"]) or _incomplete_words(cap)
-        if name in truth:
-            band = bands.get(name)
-            flips = (f"; true verdicts flip between {band['passes_up_to'] + 1} and {band['fails_above']} agents"
-                     if band and band["fails_above"] > band["passes_up_to"] else "")
-            answer += f" (ground truth {_truth_words(truth[name])}{flips})"
-        lines.append(f"capacity @ {cap['label']}: {answer}")
-    return lines
+    return lines + [line for tier in headlines(report) for line in tier.lines()]
 
 
 def stopped_line(stopped: dict) -> str:
@@ -276,21 +264,6 @@ def lost_worker_lines(report: dict) -> list[str]:
     return [f"Lost worker {lost['worker']} during step {lost['step']} ({lost['agents']} agents) at "
             f"{datetime.fromtimestamp(lost['epoch_s'], timezone.utc):%Y-%m-%d %H:%M:%S} UTC: the step was measured "
             "again on the workers left" for lost in report.get("lost_workers", [])]
-
-
-def _incomplete_words(cap: dict) -> str:
-    """A tier the search did not decide (interrupted, or out of counts): what it had measured."""
-    known = [f"{word} at {cap[key]} agents" for word, key in (("passed", "agents"), ("failed", "first_failing_agents"))
-             if cap.get(key) is not None]
-    return f"incomplete ({', '.join(known) or 'no step judged'})"
-
-
-def _truth_words(cap: dict) -> str:
-    if cap["status"] == "found":
-        return str(cap["agents"])
-    if cap["status"] == "never_failed":
-        return f">= {cap['agents']}"
-    return "none" if cap["status"] == "none_passed" else "incomplete"
 
 
 def write_run(directory: Path, report: dict, records: Sequence[RequestRecord]) -> None:
@@ -312,77 +285,9 @@ def steps_frame(report: dict) -> pd.DataFrame:
 
 
 def render_html(report: dict) -> str:
-    """A self-contained page: capacity per tier up top, then charts and the step table."""
-    title = f"agentperf capacity report {html.escape(str(report.get('run_id') or ''))}"
-    lines = "".join(f"<li>{html.escape(line)}</li>" for line in capacity_lines(report))
-    note = "<p class=warn>The run was interrupted: steps not measured are missing.</p>" if report["interrupted"] else ""
-    note += "".join(f"<p class=warn>{html.escape(line)}</p>" for line in lost_worker_lines(report))
-    target = html.escape(json.dumps(report["target"]))
-    table = steps_frame(report).to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0) \
-        if report["steps"] else "<p>No step was measured.</p>"
-    charts = "".join(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">' for alt, png in _charts(report))
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}} li{{font-size:1.2em;margin:.3em 0}}
-.warn{{color:#a00}} img{{max-width:49%}} table{{border-collapse:collapse;font-size:.8em}}
-td,th{{padding:2px 6px;border-bottom:1px solid #ddd;text-align:right}}</style></head><body>
-<h1>{title}</h1>{note}<h2>Capacity</h2><ul>{lines}</ul>
-<p>Target: <code>{target}</code>; trajectories: <code>{html.escape(str(report['trajectories']))}</code>;
-accelerators: {report['accelerators']}; power: {_power_words(report)}.</p>
-<h2>Steps</h2>{charts}{table}</body></html>"""
-
-
-def _power_words(report: dict) -> str:
-    measured = report.get("power_measured")
-    if measured:
-        return html.escape(f"measured at every step ({measured['samples']} readings of {measured['source']})")
-    return html.escape(f"{report['power_watts']} W ({report['power_source']})")
-
-
-def _charts(report: dict) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    steps = sorted(report["steps"], key=lambda s: s["agents"])
-    if not steps:
-        return []
-    agents = [s["agents"] for s in steps]
-    tiers = (report.get("slo") or {}).get("tiers", [])
-    panels = (  # (y label, the number of a step, the tier limits drawn)
-        ("TTFT p95 (s)", lambda s: s["ttft_s"]["p95"], [(t["label"], t["ttft_max_s"]) for t in tiers]),
-        ("output speed p5 (tok/s per request)", lambda s: s["output_tps"]["p5"],
-         [(t["label"], t["output_tps_min"]) for t in tiers]),
-        ("output throughput (tok/s)", lambda s: s["output_tokens_per_s"], []),
-        ("prefix-cache hit ratio", lambda s: s["cached_token_ratio"], []),
-    )
-    if any(s["power_watts"] is not None for s in steps):  # (the truth has no power: number() gives None)
-        panels += (("power, measured (W)", lambda s: s.get("power_watts"), []),)
-    truth_steps = [s for s in steps if "ground_truth" in s]
-    charts = []
-    for ylabel, number, limits in panels:
-        figure, axes = plt.subplots(figsize=(5.2, 3.4), dpi=100)
-        axes.plot(agents, [_nan_if_none(number(s)) for s in steps], marker="o", label="measured")
-        if truth_steps and any(number(s["ground_truth"]) is not None for s in truth_steps):
-            axes.plot([s["agents"] for s in truth_steps], [_nan_if_none(number(s["ground_truth"])) for s in truth_steps],
-                      marker="x", linestyle=":", color="black", label="ground truth, same steps")
-            axes.legend(fontsize=7)
-        for label, limit in limits:
-            axes.axhline(limit, linestyle="--", linewidth=1, color="grey")
-            axes.annotate(label, (agents[0], limit), fontsize=7, va="bottom")
-        axes.set_xlabel("concurrent agents")
-        axes.set_ylabel(ylabel)
-        axes.grid(alpha=0.3)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        plt.close(figure)
-        charts.append((f"{ylabel} against agents", base64.b64encode(buffer.getvalue()).decode("ascii")))
-    return charts
-
-
-def _nan_if_none(value: float | None) -> float:
-    return float("nan") if value is None else value
+    """report.html (``report_html``), with the lines a person must not miss under its title."""
+    stopped = report.get("stopped")
+    return report_html.render_html(report, ([stopped_line(stopped)] if stopped else []) + lost_worker_lines(report))
 
 
 def register_cli(subparsers) -> None:
@@ -398,9 +303,9 @@ def register_cli(subparsers) -> None:
 def report_command(args) -> int:
     folder = Path(args.run_dir)
     report = write_report(folder)
-    for line in capacity_lines(report) + lost_worker_lines(report):
-        print(line)
     if report["interrupted"]:
         print(f"agentperf: the run was interrupted after {len(report['steps'])} judged step(s)")
     print(f"agentperf: report {folder / 'report.html'}")
+    for line in lost_worker_lines(report) + capacity_lines(report):  # the headline: the last lines
+        print(line)
     return 0

@@ -13,8 +13,9 @@ from typing import Any, Callable
 from locust.env import Environment
 
 from agentperf_users.report.webui import VERDICT_COLUMNS, add_tab, verdict_cells
+from agentperf_users.search.headline import capacity_words
 from agentperf_users.search.policy import CapacityStatus
-from agentperf_users.search.shape import CapacitySearchShape, describe_capacity
+from agentperf_users.search.shape import CapacitySearchShape
 
 CAPACITY_TAB = "agentperf-capacity"
 STEPS_TAB = "agentperf-steps"
@@ -51,7 +52,7 @@ def _capacity_text(shape: CapacitySearchShape, capacity) -> str:
         passes = "-" if capacity.agents is None else capacity.agents
         fails = "-" if capacity.first_failing_agents is None else capacity.first_failing_agents
         return f"searching (passes at {passes}, fails at {fails})"
-    return describe_capacity(capacity)
+    return capacity_words(capacity.to_dict())
 
 
 def install(environment: Environment, web_ui=None, **_) -> None:

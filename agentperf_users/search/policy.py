@@ -31,9 +31,9 @@ from typing import Iterable, Sequence
 
 from agentperf_users import options
 from agentperf_users.errors import AgentperfError
-from agentperf_users.options import MAX_WINDOW_FACTOR, Group
 from agentperf_users.measure.diagnose import Cause
 from agentperf_users.measure.slo import StepVerdict
+from agentperf_users.options import MAX_WINDOW_FACTOR, Group
 
 
 @dataclass(frozen=True)

@@ -79,9 +79,10 @@ from agentperf_users.measure.slo import (
     surely_fails,
     ttft_text,
 )
+from agentperf_users.search import progress
+from agentperf_users.search.headline import capacity_words
 from agentperf_users.search.policy import (
     CapacitySearch,
-    CapacityStatus,
     SearchParameters,
     SearchStopped,
     TierCapacity,
@@ -89,6 +90,7 @@ from agentperf_users.search.policy import (
 )
 
 logger = logging.getLogger(__name__)
+steps_logger = logging.getLogger(progress.STEPS_LOGGER)  # the full line of each judged step: locust.log only
 
 COVERAGE_TIMEOUT_S = 10.0  # longest wait for workers' reports covering a window (reports come every 3 s)
 RAMP_GRACE_S = 15.0  # beyond |agents changed| / spawn rate, before measuring anyway
@@ -185,10 +187,17 @@ class CapacitySearchShape(LoadTestShape):
         self._phase = "step"
         self._window = (math.nan, math.nan)
         self._workers: frozenset[str] = frozenset()  # the workers the step in progress was ramped on
+        self._step_started = 0.0  # when the step in progress began its ramp
+        self._last_progress = -math.inf  # when its last live progress event was logged
 
     @property
     def environment(self):
         return self.runner.environment
+
+    @property
+    def _progress_events(self) -> bool:
+        """Whether a console reads this master's progress events (``agentperf capacity`` asks for them)."""
+        return bool(getattr(self.environment.parsed_options, "progress_events", False))
 
     def tick(self) -> tuple[int, float] | None:
         now = self._clock()
@@ -196,6 +205,7 @@ class CapacitySearchShape(LoadTestShape):
             return None
         while self._advance(now):
             pass
+        self._live_progress(now)
         if self._stage.name == "finished":
             return None
         if self._stage.name in ("restart", "stop"):
@@ -250,7 +260,7 @@ class CapacitySearchShape(LoadTestShape):
         agents = None if self.stopped else self.search.next_agents()
         if agents is None:
             for capacity in self.search.capacity().values():
-                logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label, describe_capacity(capacity))
+                logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label, capacity_words(capacity.to_dict()))
             self._agents = 0
             return self._enter("stop", now, self._ramp_deadline(now, 0, STOP_RATE))
         self._phase = "step" if self.search.stepping else "bisect"
@@ -265,7 +275,24 @@ class CapacitySearchShape(LoadTestShape):
                                   ramp_start_epoch_s=now, spawn_rate=self.params.spawn_rate)
         aggregate.announce_step(self.environment, step)
         self._workers = aggregate.active_workers(self.environment)
+        self._step_started = now
         return self._enter("ramp", now, self._ramp_deadline(now, self._agents))
+
+    def _live_progress(self, now: float) -> None:
+        """Every ``progress.LIVE_INTERVAL_S`` of a step: its stage, seconds elapsed and expected, and in its
+        window the requests so far with each tier's verdict on them (``progress``: the console's live line)."""
+        stage = self._stage.name
+        if (not self._progress_events or stage not in ("ramp", "warmup", "window")
+                or now - self._last_progress < progress.LIVE_INTERVAL_S):
+            return
+        self._last_progress = now
+        records = []
+        if stage == "window":
+            aggregator = aggregate.aggregator(self.environment)
+            records = aggregator.records_between(self._window[0], min(aggregator.covered_until(), now))
+        expected = self._agents / self.params.spawn_rate + self.params.warmup_s + self.params.window_s
+        logger.info(progress.live_event(len(self.steps), self._phase, self._agents, stage, now - self._step_started,
+                                        expected, len(records), evaluate_step(records, self.spec) if records else None))
 
     def _lost_a_worker(self, now: float) -> bool:
         """A worker lost during a step took its agents with it (Locust does not hand them to the others),
@@ -341,7 +368,10 @@ class CapacitySearchShape(LoadTestShape):
         step = StepResult(len(self.steps), self._agents, self._phase, start, end_epoch_s, verdict, early, complete,
                           server, diagnoses)
         self.steps.append(step)
-        logger.info(format_step(step))
+        steps_logger.info(format_step(step))
+        if self._progress_events:
+            logger.info(progress.judged_event(step.index, step.phase, step.agents, verdict,
+                                              list(dict.fromkeys(found.cause.value for found in diagnoses))))
         doubt = not_about_capacity(diagnoses)
         if doubt is None:
             self.search.record_verdict(self._agents, verdict)
@@ -418,19 +448,6 @@ class CapacitySearchShape(LoadTestShape):
             main.throw(SystemExit(EXIT_INTERRUPTED))
         logger.warning("agentperf: %s: ending the search; every judged step is kept (%d)", name, len(self.steps))
         main.throw(KeyboardInterrupt())
-
-
-def describe_capacity(capacity: TierCapacity) -> str:
-    """A tier's capacity as the progress log and the web UI say it."""
-    if capacity.status is CapacityStatus.FOUND:
-        return f"{capacity.agents} agents (fails at {capacity.first_failing_agents})"
-    if capacity.status is CapacityStatus.NONE_PASSED:
-        return f"none: fails already at {capacity.first_failing_agents} agents"
-    if capacity.status is CapacityStatus.NEVER_FAILED:
-        return f"at least {capacity.agents} agents (never failed up to --max-agents)"
-    if capacity.agents is None and capacity.first_failing_agents is None:
-        return "incomplete (no step judged)"
-    return f"incomplete (passes at {capacity.agents}, fails at {capacity.first_failing_agents})"
 
 
 def _on_signal(shape: CapacitySearchShape, signum: int, _frame) -> None:

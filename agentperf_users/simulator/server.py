@@ -37,8 +37,8 @@ from agentperf_users.simulator.engine import (
     ContextLengthError,
     Engine,
     EngineRequest,
-    QueueFullError,
     EngineStep,
+    QueueFullError,
     context_overflow_message,
 )
 from agentperf_users.simulator.faults import (

@@ -28,6 +28,7 @@ import pytest
 
 from agentperf_users.measure.records import RequestRecord, read_records
 from agentperf_users.measure.slo import load_slo, recompute
+from tests.browser import CHROMIUM_FLAGS
 from tests.support import free_port, wait_for
 
 HERE = Path(__file__).parent
@@ -37,9 +38,6 @@ SLO_FILE = HERE / "slo.yaml"
 RUN_TIMEOUT_S = 60
 PROMETHEUS = shutil.which("prometheus")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# As root in a container, without a GPU, and with no background connections to a closed network.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def locust(*args: str, log: Path) -> subprocess.Popen:
@@ -190,9 +188,9 @@ def test_prometheus_stores_every_judged_step_as_judged(search_run):
     for step in steps:
         for verdict in step["verdict"]["tiers"]:
             key = (step["index"], step["agents"], verdict["tier"])
-            assert stored["passed", *key] == (1.0 if verdict["passed"] else 0.0), key
-            assert stored["ttft_seconds", *key] == verdict["ttft_quantile_s"], key  # exact
-            assert stored["requests", *key] == verdict["requests"], key
+            assert stored[("passed", *key)] == (1.0 if verdict["passed"] else 0.0), key
+            assert stored[("ttft_seconds", *key)] == verdict["ttft_quantile_s"], key  # exact
+            assert stored[("requests", *key)] == verdict["requests"], key
 
     counted = {series["metric"]["status"]: float(series["value"][1])
                for series in query(port, "max_over_time(agentperf_requests_total[10m])")}

@@ -8,8 +8,8 @@ from agentperf_users.simulator.engine import (
     ContextLengthError,
     Engine,
     EngineRequest,
-    QueueFullError,
     EngineStep,
+    QueueFullError,
 )
 from agentperf_users.simulator.profile import (
     DEFAULT_PROFILE,
