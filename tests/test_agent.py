@@ -232,6 +232,48 @@ def test_a_restarted_steps_agents_are_dealt_first_requests_one_per_spawn_interva
     assert (added.agent, added.start_epoch_s) == (3, 0.0)  # joins running agents: with its batch
 
 
+def test_the_event_loop_runs_while_a_set_loads(monkeypatch):
+    """Loading a large set takes seconds of CPU; a worker whose loop stopped that long would miss Locust's
+    heartbeats and be dropped. The load below ends only once a greenlet has run meanwhile: on the loop
+    itself it could never end (bounded: it gives up, and the test fails)."""
+    import argparse
+    import gevent.monkey
+
+    from locust import User, constant
+    from locust.env import Environment
+    from locust.event import Events
+
+    from agentperf_users.errors import AgentperfError
+    from agentperf_users.loadgen import agent
+    from agentperf_users.measure import aggregate
+
+    class Idle(User):
+        wait_time = constant(1)
+
+    greenlet_ran = gevent.monkey.get_original("_thread", "allocate_lock")()  # a real lock: blocks its thread
+    greenlet_ran.acquire()
+    real_load = agent.load_trajectories
+
+    def slow_load(spec, fmt):
+        if not greenlet_ran.acquire(timeout=10):
+            raise AgentperfError("no greenlet ran while the set loaded")
+        return real_load(spec, fmt)
+
+    monkeypatch.setattr(agent, "load_trajectories", slow_load)
+    monkeypatch.setattr(agent, "_served_model", lambda host, key: "m")
+    environment = Environment(user_classes=[Idle], events=Events(), host="http://127.0.0.1:9",
+                              parsed_options=argparse.Namespace(run_id="r", records_dir="", trajectories="demo",
+                                                                api_key_env="OPENAI_API_KEY"))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    environment.create_local_runner()
+    aggregate.install(environment)
+    agent.install(environment)
+    gevent.spawn(greenlet_ran.release)
+    agent.on_test_start(environment)
+    state = agent._state(environment)
+    assert state.error is None and len(state.trajectories) > 0
+
+
 def test_an_agent_backs_off_from_the_second_failure_in_a_row_and_honours_retry_after():
     """What an agent adds to its tool wait after each result: nothing after one failure (the ground truth
     replays a lone rejected request the same way), then 0.5 s doubling to 8 s; a Retry-After as the server

@@ -209,7 +209,11 @@ def on_test_start(environment: Environment, **_: Any) -> None:
         state.settings = settings = AgentSettings.from_options(environment.parsed_options)
         if not isinstance(environment.runner, WorkerRunner):
             _check_key_source(state, settings.api_key_env, environment.host or "")
-        state.trajectories = load_trajectories(settings.trajectories, settings.trajectory_format)
+        # Seconds of CPU for a large set: on the event loop, a worker would miss Locust's heartbeats (the
+        # master drops a worker silent for 3 s, and with it the whole step). A native thread keeps the loop,
+        # and so the heartbeats, running meanwhile.
+        state.trajectories = gevent.get_hub().threadpool.apply(
+            load_trajectories, (settings.trajectories, settings.trajectory_format))
         state.api_key = os.environ.get(settings.api_key_env) or None
         if not isinstance(environment.runner, MasterRunner):
             state.model = settings.model or _served_model(environment.host, state.api_key)
