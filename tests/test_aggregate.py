@@ -63,6 +63,23 @@ def test_records_cross_locust_msgpack_unchanged():
     assert len(aggregator.records()) == len(sent)
 
 
+def test_a_request_in_flight_holds_coverage_however_late_its_record_comes():
+    """A starved worker's agent may add its record long after the request ended: coverage stays at the
+    request's beginning until then, so no window closes without it."""
+    log = RecordLog(writer=None)
+    ticket = log.begin(100.0)
+    report: dict = {}
+    attach_records(log, report)
+    assert report[aggregate.COVERED_KEY] == 100.0 and report[aggregate.RECORDS_KEY] == []
+    late = record(agent=1, ttft_s=0.2, end=101.0)  # ended at 101, added now
+    log.add(late, ticket)
+    attach_records(log, report)
+    assert report[aggregate.COVERED_KEY] > 101.0 and len(report[aggregate.RECORDS_KEY]) == 1
+    cut = log.begin(200.0)
+    log.end(cut)  # a request that left no record (killed before its client returned) holds nothing
+    assert log.covered_until(300.0, 0.5) == 299.5
+
+
 def test_coverage_is_the_minimum_over_active_workers():
     active = ["a", "b"]
     aggregator = Aggregator(active_sources=lambda: active)

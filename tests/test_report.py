@@ -26,6 +26,7 @@ from agentperf_users.report.build import (
 )
 from agentperf_users.search.headline import number_words, watts_words
 from agentperf_users.search.policy import SearchParameters
+from agentperf_users.search.state import SearchState
 from tests.test_slo import record as slo_record
 
 
@@ -66,6 +67,11 @@ def summary_for(records, live_records=None):
     }
 
 
+def state_for(records, live_records=None) -> SearchState:
+    """summary_for's state read as the report reads a state file."""
+    return SearchState.from_dict(summary_for(records, live_records))
+
+
 def test_step_stats_are_nearest_rank_over_the_window():
     stats = step_stats([r for r in window_records() if 100.0 <= r.end_epoch_s < 130.0], 30.0)
     assert stats["requests"] == 20 and stats["errors"] == 1
@@ -78,7 +84,7 @@ def test_step_stats_are_nearest_rank_over_the_window():
 
 def test_report_normalises_capacity_and_checks_live_verdicts():
     records = window_records()
-    report = build_report(summary_for(records), records, SPEC, CONTEXT)
+    report = build_report(state_for(records), records, SPEC, CONTEXT)
     first = report["capacity"][SPEC.tiers[0].name]
     assert first["agents_per_accelerator"] == 2.0
     assert first["agents_per_megawatt"] == pytest.approx(4 / 0.0014)
@@ -92,7 +98,7 @@ def test_measured_power_at_the_capacity_step_sets_agents_per_megawatt():
     records = window_records()
     samples = tuple(PowerSample(t, w) for t, w in ((95.0, 150.0), (100.0, 900.0), (115.0, 1100.0), (130.0, 2000.0)))
     context = dataclasses.replace(CONTEXT, power_samples=samples, power_measured_from="DCGM at x")
-    report = build_report(summary_for(records), records, SPEC, context)
+    report = build_report(state_for(records), records, SPEC, context)
     assert report["steps"][0]["power_watts"] == 1000.0  # the readings inside [100, 130)
     first = report["capacity"][SPEC.tiers[0].name]
     assert (first["power_watts"], first["power_basis"]) == (1000.0, "measured")
@@ -105,7 +111,7 @@ def test_measured_power_at_the_capacity_step_sets_agents_per_megawatt():
 def test_a_record_missing_from_the_live_union_shows_as_a_mismatch():
     records = window_records()
     live = [r for r in records if r.ttft_s != pytest.approx(1.9)]  # the live search missed one request
-    report = build_report(summary_for(records, live_records=live), records, SPEC, CONTEXT)
+    report = build_report(state_for(records, live_records=live), records, SPEC, CONTEXT)
     assert report["steps"][0]["live_verdict_matches_records"] is False
 
 
@@ -114,14 +120,14 @@ def test_capacity_lines_name_the_tier_the_normalised_numbers_the_cause_and_the_t
     summary = summary_for(records)
     summary["capacity"][SPEC.tiers[1].name]["first_failing_agents"] = 4  # the step measured: its cause is known
     truth = {"capacity": {SPEC.tiers[0].name: {"status": "found", "agents": 5}}}
-    lines = capacity_lines(build_report(summary, records, SPEC, CONTEXT, truth))
+    lines = capacity_lines(build_report(SearchState.from_dict(summary), records, SPEC, CONTEXT, truth))
     assert lines[0] == f"capacity @ {SPEC.tiers[0].label}: 4 agents (fails at 5; ground truth 5 agents)"
     assert lines[1] == "    2 per accelerator · 2,857 agents/MW (1.4 kW, nameplate: test)"  # 4 / 0.0014 MW
     assert lines[2] == f"capacity @ {SPEC.tiers[1].label}: none (fails already at 4 agents)"
     assert lines[3].startswith("    at 4 agents: server errors — 5 % of 20 requests failed")
     assert lines[4] == f"capacity @ {SPEC.tiers[2].label}: none (fails already at 1 agent)"  # never measured at 1
     truth["bands"] = {SPEC.tiers[0].name: {"passes_up_to": 3, "fails_above": 6, "measured_up_to": 8}}
-    lines = capacity_lines(build_report(summary, records, SPEC, CONTEXT, truth))
+    lines = capacity_lines(build_report(SearchState.from_dict(summary), records, SPEC, CONTEXT, truth))
     assert lines[0] == (f"capacity @ {SPEC.tiers[0].label}: 4 agents "
                         f"(fails at 5; ground truth 5 agents, true verdicts flip between 4 and 6 agents)")
 
@@ -140,7 +146,7 @@ def test_power_is_worded_with_its_unit(watts, words):
 
 def test_write_run_leaves_complete_files_only(tmp_path):
     records = window_records()
-    report = build_report(summary_for(records), records, SPEC, CONTEXT)
+    report = build_report(state_for(records), records, SPEC, CONTEXT)
     write_run(tmp_path, report, records)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl", "report.html", "report.json", "steps.csv"]
     assert json.loads((tmp_path / "report.json").read_text())["records"] == len(records)
@@ -159,7 +165,7 @@ def test_ground_truth_steps_sit_beside_the_live_ones(tmp_path):
     records = window_records()
     truth_stats = step_stats([r for r in records if 100.0 <= r.end_epoch_s < 110.0], 30.0)
     truth = {"capacity": {}, "same_steps": [{"agents": 4, **truth_stats, "passed": {SPEC.tiers[0].name: False}}]}
-    report = build_report(summary_for(records), records, SPEC, CONTEXT, truth)
+    report = build_report(state_for(records), records, SPEC, CONTEXT, truth)
     step = report["steps"][0]
     assert step["ground_truth"]["ttft_s"]["p95"] == truth_stats["ttft_s"]["p95"] != step["ttft_s"]["p95"]
     assert step["ground_truth"]["passed"] == {SPEC.tiers[0].name: False}
@@ -167,7 +173,7 @@ def test_ground_truth_steps_sit_beside_the_live_ones(tmp_path):
     write_run(tmp_path, report, records)
     assert "ground_truth.ttft_s.p95" in (tmp_path / "steps.csv").read_text().splitlines()[0]
     mismatched = {"capacity": {}, "same_steps": [{"agents": 8, **truth_stats, "passed": {}}]}
-    assert "ground_truth" not in build_report(summary_for(records), records, SPEC, CONTEXT, mismatched)["steps"][0]
+    assert "ground_truth" not in build_report(state_for(records), records, SPEC, CONTEXT, mismatched)["steps"][0]
 
 
 def test_atomic_write_replaces_the_whole_file_or_leaves_the_old_one(tmp_path):
@@ -215,7 +221,7 @@ def test_agentperf_report_rebuilds_the_live_report_field_for_field(tmp_path, cap
     truth = {"capacity": {SPEC.tiers[0].name: {"status": "found", "agents": 5}},
              "same_steps": [{"agents": 4, **step_stats(records[:5], 30.0), "passed": {SPEC.tiers[0].name: True}}]}
     folder = run_folder(tmp_path, records, summary, samples, truth)
-    live = build_report(summary, records, SPEC, dataclasses.replace(CONTEXT, power_samples=samples), truth)
+    live = build_report(SearchState.from_dict(summary), records, SPEC, dataclasses.replace(CONTEXT, power_samples=samples), truth)
     assert main(["report", str(folder)]) == 0
     rebuilt = json.loads((folder / "report.json").read_text())
     assert rebuilt == json.loads(json.dumps(live))
@@ -265,3 +271,21 @@ def test_a_torn_or_absent_state_file_is_one_line(tmp_path, capsys, state, expect
 def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: not a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("steps", 5, "steps: expected list, got int"), ("complete", "yes", "complete: expected bool, got str"),
+    ("lost_workers", [1], "lost_workers: expected a list of objects"),
+])
+def test_a_state_file_with_a_field_of_the_wrong_type_is_one_line_naming_it(tmp_path, capsys, field, value, expected):
+    records = window_records()
+    folder = run_folder(tmp_path, records, {**shape_summary(records), field: value})
+    assert main(["report", str(folder)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"agentperf: error: {folder / 'search.json'}: {expected}" and not (folder / "report.json").exists()
+
+
+def test_the_state_file_reads_back_as_it_was_written(tmp_path):
+    state = state_for(window_records())
+    state.write(tmp_path / "search.json")
+    assert SearchState.read(tmp_path) == state

@@ -397,7 +397,7 @@ def test_a_lost_worker_is_named_in_the_state_with_its_step_and_time(tmp_path, mo
     drive(environment, shape, clock)
     assert [s.agents for s in shape.steps] == [2, 4, 6, 5, 3]  # the step measured again, not judged short
     expected = [{"worker": "worker-b", "step": 1, "agents": 4, "epoch_s": lost_at[0]}]
-    assert shape.summary()["lost_workers"] == expected
+    assert list(shape.summary().lost_workers) == expected
     assert json.loads((tmp_path / "capacity.json").read_text())["lost_workers"] == expected
 
 

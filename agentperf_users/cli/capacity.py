@@ -62,6 +62,7 @@ from agentperf_users.report.build import (
 )
 from agentperf_users.search.policy import SearchParameters
 from agentperf_users.search.progress import ConsoleProgress, expected_duration_words
+from agentperf_users.search.state import SearchState
 from agentperf_users.workload.readers import load_trajectories
 
 LOCUSTFILE = Path(agentperf_users.__file__).parent / "locustfiles" / "capacity.py"
@@ -383,7 +384,7 @@ def _report(args, out: Path, spec, params, trajectories, profile, interrupted: b
         return EXIT_INTERRUPTED
     if report.get("stopped"):  # its line, the server's words, was printed with the capacity lines
         return EXIT_INCOMPLETE
-    if master_code not in (0, None) or not summary.get("complete"):
+    if master_code not in (0, None) or not summary.complete:
         print(f"agentperf: the search did not finish (Locust exit code {master_code}); see {out / 'locust.log'}",
               file=sys.stderr)
         return EXIT_INCOMPLETE
@@ -391,13 +392,13 @@ def _report(args, out: Path, spec, params, trajectories, profile, interrupted: b
     return 0 if located else EXIT_NOT_LOCATED
 
 
-def _ground_truth(profile, trajectories, spec, params, settings, summary: dict) -> dict:
+def _ground_truth(profile, trajectories, spec, params, settings, summary: SearchState) -> dict:
     """The truth's search, its verdict band per tier (every count up to where a located tier failed, live
     or in the truth) and the live steps' twins (``same_steps``, which the report puts beside them)."""
     from agentperf_users.search import truth as truth_module
 
     truth = truth_module.find_capacity(profile, trajectories, spec, params, settings).to_dict(spec)
-    located = [cap["first_failing_agents"] for caps in (summary.get("capacity", {}), truth["capacity"])
+    located = [cap["first_failing_agents"] for caps in (summary.capacity or {}, truth["capacity"])
                for cap in caps.values() if cap["status"] == "found"]
     if located:
         bands = truth_module.verdict_bands(profile, trajectories, spec, params, max(located), settings)
@@ -410,14 +411,14 @@ def _ground_truth(profile, trajectories, spec, params, settings, summary: dict) 
     return truth
 
 
-def twin_windows(summary: dict) -> list[tuple[int, float | None]]:
+def twin_windows(summary: SearchState) -> list[tuple[int, float | None]]:
     """The live steps as ``truth.measure_steps`` replays them: (agents, window). A step that ended early
     gets its actual window (the truth has no early stop); any other gets None, the truth's own window
     rule, so that a window the live run extended for ``--min-requests`` is extended by the same rule in
     the truth, until *its* requests ended, not cut at the live length, where a request that ended a few
     milliseconds later in the truth would leave it empty."""
     return [(step["agents"], step["window_end_epoch_s"] - step["window_start_epoch_s"] if step["early_stop"] else None)
-            for step in summary.get("steps", [])]
+            for step in summary.steps]
 
 
 def _free_port() -> int:

@@ -347,8 +347,13 @@ class AgentUser(FastHttpUser):
         params = chat_params(self._process.model, turn.output_tokens, settings.replay)
         load_step = aggregate.current_load_step(self.environment)
         body = self._encoder.body(params, turn.messages, request_tools(turn.tools, settings.replay))
-        result = self.stream.post(body, {"agent": self.agent}, max_tokens=turn.output_tokens)
-        aggregate.get_record_log(self.environment).add(self._record(result, load_step))
+        log = aggregate.get_record_log(self.environment)
+        ticket = log.begin(time.time())  # nothing after this is covered until its record is added
+        try:
+            result = self.stream.post(body, {"agent": self.agent}, max_tokens=turn.output_tokens)
+            log.add(self._record(result, load_step), ticket)
+        finally:
+            log.end(ticket)
         if result.status is Status.CANCELLED:
             raise GreenletExit  # the kill that cut the request: Locust is stopping this agent
         self._cold_join = False

@@ -14,8 +14,10 @@ or running) of what each has reported. A worker that went missing or quit is ign
 would stall the search, and its unreported records are still in its file for the recomputation. A
 worker that is active but has not reported yet holds coverage at -inf until it does. Windows are in
 the master's wall clock and records in the worker's, so hosts need synchronised clocks (NTP), as
-Locust itself assumes. Contract for whoever adds records: add a record within
-``RECORD_ADD_GRACE_S`` of its ``end_epoch_s``.
+Locust itself assumes. Contract for whoever adds records: ``RecordLog.begin`` before the request starts
+and ``add(record, ticket)`` after (the agents do), or add a record within ``RECORD_ADD_GRACE_S`` of its
+``end_epoch_s``. A starved worker's agents can take longer than any fixed grace to add theirs: a
+covered time past them once let a window be judged on fewer records than its files held.
 
 After the run the per-process JSONL files are the source of truth (Locust's master waits only
 0.5 s for final reports on quit); the master's own file (``records-master.jsonl``) holds a copy of
@@ -78,7 +80,7 @@ def record_to_wire(record: RequestRecord) -> dict:
 def attach_records(log: RecordLog | None, data: dict) -> None:
     """Fill a ``report_to_master`` payload: the log's new records and the time they cover.
     The time is taken before draining, and nothing yields in between (one greenlet)."""
-    data[COVERED_KEY] = time.time() - RECORD_ADD_GRACE_S
+    data[COVERED_KEY] = log.covered_until(time.time(), RECORD_ADD_GRACE_S) if log else time.time() - RECORD_ADD_GRACE_S
     data[RECORDS_KEY] = [record_to_wire(record) for record in log.drain()] if log else []
 
 

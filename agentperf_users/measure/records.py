@@ -120,15 +120,33 @@ class RecordLog:
     def __init__(self, writer: RecordWriter | None) -> None:
         self._writer = writer
         self._pending: list[RequestRecord] = []
+        self._in_flight: dict[object, float] = {}  # ticket -> when its request began (epoch seconds)
 
     @property
     def path(self) -> Path | None:
         return self._writer.path if self._writer else None
 
-    def add(self, record: RequestRecord) -> None:
+    def begin(self, epoch_s: float) -> object:
+        """A request is in flight from ``epoch_s`` on: until ``add(record, ticket)`` (or ``end(ticket)``), no
+        time after it counts as covered, however long the agent's greenlet waits to add the record."""
+        ticket = object()
+        self._in_flight[ticket] = epoch_s
+        return ticket
+
+    def end(self, ticket: object) -> None:
+        self._in_flight.pop(ticket, None)
+
+    def add(self, record: RequestRecord, ticket: object = None) -> None:
         if self._writer:
             self._writer.write(record)
         self._pending.append(record)
+        self._in_flight.pop(ticket, None)
+
+    def covered_until(self, now_epoch_s: float, grace_s: float) -> float:
+        """Every request that ended before the time returned has its record here (drained or pending): one
+        not added yet is in flight, and began, so ends, at or after it. ``grace_s`` covers records added
+        without a ticket (within that long of their end)."""
+        return min([now_epoch_s - grace_s, *self._in_flight.values()])
 
     def keep(self, records: Iterable[RequestRecord]) -> None:
         """Other processes' records, received here: written to this process's file only (never drained).

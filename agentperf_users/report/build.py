@@ -41,6 +41,7 @@ from agentperf_users.measure.slo import (
 from agentperf_users.report import html as report_html
 from agentperf_users.search.headline import MEGAWATT_W, headlines
 from agentperf_users.search.policy import SearchStopped
+from agentperf_users.search.state import SearchState
 
 TTFT_QUANTILES = (0.5, 0.9, 0.95, 0.99)
 SPEED_QUANTILES = (0.05, 0.5, 0.95)
@@ -74,7 +75,7 @@ UNKNOWN_CONTEXT = RunContext(target={"host": None, "model": None, "simulator_pro
 class RunFolder:
     """What a run folder holds, read back: everything a report is built from."""
 
-    summary: dict  # the search's state file (the shape's ``summary()``)
+    summary: SearchState  # the search's state file (the shape's ``summary()``)
     records: list[RequestRecord]
     spec: SloSpec
     context: RunContext
@@ -96,9 +97,10 @@ def read_run(folder: Path, spec: SloSpec | None = None) -> RunFolder:
     if not folder.is_dir():
         raise AgentperfError(f"{folder}: not a run folder (expected a folder with {files.SEARCH_FILE} and "
                              f"{files.RECORDS_DIR}/)")
-    summary = read_search_state(folder, missing_ok=spec is not None)
-    if summary:
-        spec = _spec_from(summary, folder / files.SEARCH_FILE)
+    state = SearchState.read(folder, missing_ok=spec is not None)
+    if state is not None:
+        spec = _spec_from(state, folder / files.SEARCH_FILE)
+    summary = state or SearchState()
     saved = _read_json(folder / files.CONTEXT_FILE, missing_ok=True)
     context, truth = UNKNOWN_CONTEXT, None
     if saved is not None:
@@ -114,9 +116,9 @@ def read_run(folder: Path, spec: SloSpec | None = None) -> RunFolder:
     return RunFolder(summary, records, spec, context, truth)
 
 
-def read_search_state(folder: Path, missing_ok: bool = False) -> dict:
-    """The search's state file (``{}`` where it is missing and that is ok: the search never began)."""
-    return _read_json(folder / files.SEARCH_FILE, missing_ok) or {}
+def read_search_state(folder: Path, missing_ok: bool = False) -> SearchState:
+    """The search's state file (an empty state where it is missing and that is ok: the search never began)."""
+    return SearchState.read(folder, missing_ok) or SearchState()
 
 
 def _read_json(path: Path, missing_ok: bool) -> dict | None:
@@ -135,9 +137,9 @@ def _read_json(path: Path, missing_ok: bool) -> dict | None:
     return data
 
 
-def _spec_from(summary: dict, path: Path) -> SloSpec:
+def _spec_from(summary: SearchState, path: Path) -> SloSpec:
     """The tiers the search judged, as its state file names them (checked as an SLO file is)."""
-    slo = summary.get("slo")
+    slo = summary.slo
     if not isinstance(slo, dict) or not isinstance(slo.get("tiers"), list):
         raise AgentperfError(f"{path}: slo: expected the search's tiers, got {slo!r}")
     tiers = [{key: value for key, value in tier.items() if key != "label"} if isinstance(tier, dict) else tier
@@ -174,12 +176,12 @@ def step_stats(records: Sequence[RequestRecord], window_s: float) -> dict:
     }
 
 
-def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec, context: RunContext,
+def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: SloSpec, context: RunContext,
                  ground_truth: dict | None = None) -> dict:
     """report.json's content from the search summary (the shape's) and the records from the files."""
     steps = []
     same_steps = (ground_truth or {}).get("same_steps") or []
-    for index, live in enumerate(summary.get("steps", [])):
+    for index, live in enumerate(summary.steps):
         start, end = live["window_start_epoch_s"], live["window_end_epoch_s"]
         judged = records_in_window(records, start, end)
         verdict = evaluate_step(judged, spec)
@@ -202,7 +204,7 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
         if index < len(same_steps) and same_steps[index]["agents"] == live["agents"]:
             steps[-1]["ground_truth"] = {key: value for key, value in same_steps[index].items() if key != "agents"}
     capacity = {}
-    for name, cap in summary.get("capacity", {}).items():
+    for name, cap in (summary.capacity or {}).items():
         agents = cap["agents"]
         per_accelerator = agents / context.accelerators if agents and context.accelerators else None
         watts, basis = _power_at(steps, agents), "measured"
@@ -213,12 +215,12 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
                           "agents_per_megawatt": per_mw, "power_watts": watts if per_mw else None,
                           "power_basis": basis if per_mw else None}
     report = {
-        "run_id": summary.get("run_id"),
+        "run_id": summary.run_id or None,
         "capacity": capacity,
         "steps": steps,
-        "slo": summary.get("slo"),
-        "search": summary.get("parameters"),
-        "search_complete": summary.get("complete", False),
+        "slo": summary.slo,
+        "search": summary.parameters,
+        "search_complete": summary.complete,
         "target": context.target,
         "trajectories": context.trajectories,
         "accelerators": context.accelerators,
@@ -226,9 +228,9 @@ def build_report(summary: dict, records: Sequence[RequestRecord], spec: SloSpec,
         "power_source": context.power_source,
         "power_measured": {"source": context.power_measured_from, "samples": len(context.power_samples)}
         if context.power_measured_from else None,
-        "interrupted": bool(context.interrupted or summary.get("interrupted")),
-        "lost_workers": summary.get("lost_workers", []),
-        "stopped": summary.get("stopped"),
+        "interrupted": bool(context.interrupted or summary.interrupted),
+        "lost_workers": list(summary.lost_workers),
+        "stopped": summary.stopped,
         "server_metrics": {"source": context.server_metrics_from, "samples": len(context.server_samples)}
         if context.server_metrics_from else None,
         "records": len(records),

@@ -39,7 +39,6 @@ window it records.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -53,7 +52,6 @@ from locust import LoadTestShape
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, WorkerRunner
 
 from agentperf_users.errors import AgentperfError
-from agentperf_users.files import atomic_write
 from agentperf_users.measure import aggregate
 from agentperf_users.measure.diagnose import (
     Cause,
@@ -88,6 +86,7 @@ from agentperf_users.search.policy import (
     TierCapacity,
     window_end,
 )
+from agentperf_users.search.state import SearchState
 
 logger = logging.getLogger(__name__)
 steps_logger = logging.getLogger(progress.STEPS_LOGGER)  # the full line of each judged step: locust.log only
@@ -215,20 +214,20 @@ class CapacitySearchShape(LoadTestShape):
     def capacity(self) -> dict[str, TierCapacity]:
         return self.search.capacity() if self.search else {}
 
-    def summary(self) -> dict:
+    def summary(self) -> SearchState:
         spec, params = self.spec, self.params
         tiers = [{**asdict(tier), "label": tier.label} for tier in spec.tiers] if spec else []
-        return {
-            "run_id": aggregate.run_id(self.environment),
-            "slo": spec and {"source": spec.source, "tiers": tiers},
-            "parameters": params and asdict(params),
-            "steps": [step.to_dict() for step in self.steps],
-            "capacity": {name: capacity.to_dict() for name, capacity in self.capacity().items()},
-            "complete": bool(self.search and self.search.done),
-            "interrupted": self.interrupted,
-            "lost_workers": [asdict(lost) for lost in self.lost_workers],
-            "stopped": self.stopped and asdict(self.stopped),
-        }
+        return SearchState(
+            run_id=aggregate.run_id(self.environment),
+            slo={"source": spec.source, "tiers": tiers} if spec else None,
+            parameters=asdict(params) if params else None,
+            steps=tuple(step.to_dict() for step in self.steps),
+            capacity={name: capacity.to_dict() for name, capacity in self.capacity().items()},
+            complete=bool(self.search and self.search.done),
+            interrupted=self.interrupted,
+            lost_workers=tuple(asdict(lost) for lost in self.lost_workers),
+            stopped=asdict(self.stopped) if self.stopped else None,
+        )
 
     def _begin(self, now: float) -> bool:
         options = self.environment.parsed_options
@@ -418,7 +417,7 @@ class CapacitySearchShape(LoadTestShape):
         if not path or self.params is None:
             return
         try:
-            atomic_write(path, json.dumps(self.summary(), indent=2))
+            self.summary().write(path)
         except OSError as exc:
             logger.error("agentperf: %s: cannot write the capacity summary: %s", path, exc.strerror)
 
