@@ -111,7 +111,7 @@ def netns_run(tmp_path_factory) -> NetnsRun:
             pytest.fail(f"the search did not end within {SEARCH_WAIT_S} s:\n{master_log.read_text()[-3000:]}")
         # The master told its workers to quit: they end by themselves.
         for role in roles[2:]:
-            wait_for(lambda: processes[role].poll() is not None, STOP_WAIT_S, f"{role} ending after the search")
+            wait_for(lambda worker=processes[role]: worker.poll() is not None, STOP_WAIT_S, f"{role} ending after the search")
         sent = network.received_bytes()
     finally:
         _stop({role: processes[role] for role in ["master", *roles[2:], "target"] if role in processes})
@@ -144,7 +144,7 @@ def test_the_masters_folder_holds_every_judged_record_and_the_verdicts_recompute
 
     own_files = [list(folder.rglob("records-*.jsonl")) for folder in netns_run.worker_dirs]
     assert [len(files) for files in own_files] == [1] * WORKERS  # each worker's, in its own folder only
-    assert [f.relative_to(d).parts[:2] for (f,), d in zip(own_files, netns_run.worker_dirs)] == [
+    assert [f.relative_to(d).parts[:2] for (f,), d in zip(own_files, netns_run.worker_dirs, strict=True)] == [
         ("agentperf-runs", run.name)] * WORKERS
     assert not list(netns_run.master_dir.rglob("records-worker-*"))
     by_worker = [read_records([f]) for (f,) in own_files]
