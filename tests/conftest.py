@@ -10,13 +10,14 @@ simulator's event loop) runs in a child process: see :func:`tests.simulator.simu
 
 import locust  # noqa: F401  # imported for its monkey-patching; must stay this file's first import
 
-HEAVY_MARKERS = ("engine", "containers")
+HEAVY_MARKERS = ("engine", "containers", "netns")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The heavy real parts (a vLLM engine holding a core and 4 GB, a Docker daemon and its containers) run
-    after everything else, each group together, so that no timing-sensitive test runs beside them on a
-    2-core machine (their fixtures end with their folder's tests)."""
+    """The heavy real parts (a vLLM engine holding a core and 4 GB, a Docker daemon and its containers, a
+    search across network namespaces) run after everything else, each group together, so that no
+    timing-sensitive test runs beside them on a 2-core machine (their fixtures end with their folder's
+    tests)."""
 
     def group(item) -> int:
         for rank, marker in enumerate(HEAVY_MARKERS, 1):
