@@ -58,6 +58,7 @@ from agentperf_users.measure import aggregate
 from agentperf_users.measure.diagnose import (
     Cause,
     Diagnosis,
+    LoadGenerator,
     common_error,
     diagnose_step,
     not_about_capacity,
@@ -126,11 +127,14 @@ class StepResult:
     coverage_complete: bool  # False: judged after COVERAGE_TIMEOUT_S without every worker's reports
     server: ServerWindow = NOT_AVAILABLE  # the server's own numbers over the window (``server_metrics``)
     diagnoses: tuple[Diagnosis, ...] = ()  # why each failing tier failed (``diagnose``)
+    load_generator: LoadGenerator | None = None  # each worker's CPU over the window (``loadgen_cpu``)
 
     def to_dict(self) -> dict:
-        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("verdict", "server", "diagnoses")}
+        nested = ("verdict", "server", "diagnoses", "load_generator")
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in nested}
         return {**plain, "verdict": self.verdict.to_dict(), "server": self.server.to_dict(),
-                "diagnoses": [found.to_dict() for found in self.diagnoses]}
+                "diagnoses": [found.to_dict() for found in self.diagnoses],
+                "load_generator": self.load_generator and self.load_generator.to_dict()}
 
 
 def format_step(step: StepResult) -> str:
@@ -346,12 +350,14 @@ class CapacitySearchShape(LoadTestShape):
 
     def _finish_step(self, end_epoch_s: float, early: bool, complete: bool) -> None:
         start = self._window[0]
-        records = aggregate.aggregator(self.environment).records_between(start, end_epoch_s)
+        aggregator = aggregate.aggregator(self.environment)
+        records = aggregator.records_between(start, end_epoch_s)
         verdict = evaluate_step(records, self.spec)
         server = self._server_window(start, end_epoch_s)
-        diagnoses = diagnose_step(verdict, records, server)
+        loadgen = aggregator.load_generator(start, end_epoch_s)
+        diagnoses = diagnose_step(verdict, records, server, loadgen)
         step = StepResult(len(self.steps), self._agents, self._phase, start, end_epoch_s, verdict, early, complete,
-                          server, diagnoses)
+                          server, diagnoses, loadgen)
         self.steps.append(step)
         logger.info(format_step(step))
         doubt = not_about_capacity(diagnoses)
