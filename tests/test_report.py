@@ -242,3 +242,21 @@ def test_a_torn_or_absent_state_file_is_one_line(tmp_path, capsys, state, expect
 def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: not a run folder" in capsys.readouterr().err
+
+
+def test_each_step_carries_the_workers_cpu_from_the_search_and_the_diagnosis_reads_it():
+    """The workers' CPU is measured live only (it is in no record): the report takes it from the search's state
+    and diagnoses with it, as the live search did."""
+    records = window_records()
+    summary = summary_for(records)
+    plain = build_report(summary, records, SPEC, CONTEXT)["steps"][0]
+    failed = [name for name, passed in plain["passed"].items() if not passed]
+    assert failed and plain["load_generator"] is None
+    assert {(found["cause"], found["about_capacity"]) for found in plain["diagnoses"]} == {("server errors", True)}
+    summary["steps"][0]["load_generator"] = {"worker_cpu": {"worker-1-5": 0.97, "worker-2-6": 0.4}}
+    step = build_report(summary, records, SPEC, CONTEXT)["steps"][0]
+    assert step["load_generator"] == {"worker_cpu": {"worker-1-5": 0.97, "worker-2-6": 0.4}}
+    assert [found["tier"] for found in step["diagnoses"]] == failed
+    assert all((found["cause"], found["about_capacity"]) == ("the load generator", False) for found in step["diagnoses"])
+    assert "worker worker-1-5 used 97 % of a core" in step["diagnoses"][0]["text"]
+    assert steps_frame({"steps": [step]})["load_generator.worker_cpu.worker-1-5"].tolist() == [0.97]
