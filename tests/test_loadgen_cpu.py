@@ -13,6 +13,7 @@ from agentperf_users.measure.aggregate import Aggregator, build_report
 from agentperf_users.measure.diagnose import LOADGEN_CPU_BUSY, CpuReading, LoadGenerator
 from agentperf_users.measure.loadgen_cpu import MIN_INTERVAL_S, CpuInterval, CpuMeter, window_load
 from agentperf_users.measure.records import RecordLog
+from agentperf_users.search.shape import format_step
 from tests.test_aggregate import local_environment, over_the_wire
 from tests.test_shape import shape_environment
 from tests.test_slo import record
@@ -123,9 +124,12 @@ def test_a_busy_worker_is_not_a_capacity_fail_measured_again_then_the_search_sto
     for step in shape.steps[1:]:
         assert step.load_generator.worker_cpu == (("worker-1-99", pytest.approx(0.95)),)
         (diagnosis,) = step.diagnoses
-        assert (diagnosis.tier, diagnosis.cause.value, diagnosis.about_capacity) == ("strict", "the load generator", False)
+        assert (diagnosis.tier, diagnosis.cause.value) == ("strict", "the load generator")
+        assert not diagnosis.about_capacity
         assert "worker worker-1-99 used 95 % of a core" in diagnosis.text
     assert shape.stopped.cause == "the load generator" and shape.stopped.agents == 4
+    assert "| load generator: 95 % of a core at most (worker-1-99, 1 worker(s)) | strict why: the load generator" in (
+        format_step(shape.steps[1]))
     assert shape.stopped.line().startswith("search stopped at step 2 (4 agents): the load generator is the limit")
     assert shape.capacity()["strict"].first_failing_agents is None  # never counted as the tier failing
     state = json.loads((tmp_path / "capacity.json").read_text())

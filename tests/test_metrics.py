@@ -88,7 +88,8 @@ def server_readings(path, start_epoch_s: float, seconds: int = 400) -> None:
     pressure mark, and queue time 0.8 s of every request's 1 s server TTFT."""
     lines = []
     for i in range(seconds):
-        values = {"requests_running": 4.0 + i % 3, "requests_waiting": float(i % 7), "kv_cache_usage": 0.5 + (i % 5) / 20,
+        values = {"requests_running": 4.0 + i % 3, "requests_waiting": float(i % 7),
+                  "kv_cache_usage": 0.5 + (i % 5) / 20,
                   "prefix_cache_queries": 1000.0 * i, "prefix_cache_hits": 900.0 * i, "preemptions": 0.0,
                   "requests_finished": float(i)}
         histograms = {"queue_time": histogram(0.8 * i, i), "prefill_time": histogram(0.15 * i, i),

@@ -63,8 +63,9 @@ def test_the_steps_tab_shows_each_step_s_server_numbers_and_each_failing_tier_s_
     web_ui = environment.create_web_ui("127.0.0.1", 0)
     try:
         search_tabs.install(environment, web_ui=web_ui)
-        keys = [column["key"] for table in web_ui.template_args["extended_tables"] if table["key"] == search_tabs.STEPS_TAB
-                for column in table["structure"]]
+        (steps_table,) = [table for table in web_ui.template_args["extended_tables"]
+                          if table["key"] == search_tabs.STEPS_TAB]
+        keys = [column["key"] for column in steps_table["structure"]]
         assert {"server_waiting", "server_queue", "server_ttft", "load_generator_cpu", "why", "evidence"} <= set(keys)
         answer = web_ui.app.test_client().get("/stats/requests").get_json()
         (tab,) = [tab for tab in answer["extended_stats"] if tab["key"] == search_tabs.STEPS_TAB]
@@ -73,10 +74,11 @@ def test_the_steps_tab_shows_each_step_s_server_numbers_and_each_failing_tier_s_
         for row, (step, verdict) in zip(tab["data"], expected):
             server = step.server
             assert row["server_waiting"] == f"{server.requests_waiting_mean:.3g} / {server.requests_waiting_max:.3g}"
-            assert row["server_kv_cache"] == f"{server.kv_cache_usage_mean * 100:.0f} % / {server.kv_cache_usage_max * 100:.0f} %"
+            kv = (server.kv_cache_usage_mean * 100, server.kv_cache_usage_max * 100)
+            assert row["server_kv_cache"] == f"{kv[0]:.0f} % / {kv[1]:.0f} %"
             assert row["server_prefix_hits"] == "90 %" and row["server_preemptions"] == "0"
-            assert (row["server_queue"], row["server_ttft"], row["server_itl"]) == (
-                seconds(server.queue_time_mean_s), seconds(server.ttft_mean_s), seconds(server.inter_token_latency_mean_s))
+            times = (server.queue_time_mean_s, server.ttft_mean_s, server.inter_token_latency_mean_s)
+            assert (row["server_queue"], row["server_ttft"], row["server_itl"]) == tuple(map(seconds, times))
             assert row["load_generator_cpu"] == "50 % of a core (worker-1-99)"
             found = [d for d in step.diagnoses if d.tier == verdict.tier.name]
             if verdict.passed:

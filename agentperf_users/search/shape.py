@@ -152,6 +152,10 @@ def format_step(step: StepResult) -> str:
             f"{first.errors} errors | " + " | ".join(parts))
     if step.server.available:
         line += f" | {describe(step.server)}"
+    if step.load_generator is not None and step.load_generator.worker_cpu:
+        worker, cpu = step.load_generator.busiest()
+        line += (f" | load generator: {cpu * 100:.0f} % of a core at most ({worker}, "
+                 f"{len(step.load_generator.worker_cpu)} worker(s))")
     texts = {found.text for found in step.diagnoses}
     if len(texts) == 1 and len(step.diagnoses) == len(step.verdict.tiers) > 1:  # one cause for every tier: said once
         return line + f" | every tier {texts.pop()}"

@@ -231,7 +231,7 @@ def test_the_slo_tabs_show_what_the_search_decided(search_run):
     assert [row[-2] for row in steps_table[1:]] == causes and "not available" in causes
     busiest = [max(step["load_generator"]["worker_cpu"].items(), key=lambda item: item[1])
                for step in reversed(summary["steps"]) for _ in step["verdict"]["tiers"]]
-    assert [row[-3] for row in steps_table[1:]] == [f"{cpu * 100:.0f} % of a core ({worker})" for worker, cpu in busiest]
+    assert [row[-3] for row in steps_table[1:]] == [f"{cpu * 100:.0f} % of a core ({name})" for name, cpu in busiest]
     assert {row[9] for row in steps_table[1:]} == {"-"}
 
     capacity_table = tabs["agentperf-capacity"]
