@@ -192,3 +192,4 @@ def test_a_busy_worker_is_the_load_generator_and_the_search_stops_naming_it(tmp_
     assert (stopped["step"], stopped["cause"]) == (1, "the load generator")
     assert "search stopped at step 1 (2 agents): the load generator is the limit, not a capacity" in run.stdout
     assert run.report["capacity"]["first-token"]["first_failing_agents"] is None  # never a fail of the tier
+    assert not run.report["interrupted"] and "interrupted" not in run.stdout  # the search ended it, as it meant to

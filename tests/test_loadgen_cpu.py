@@ -132,7 +132,9 @@ def test_a_busy_worker_is_not_a_capacity_fail_measured_again_then_the_search_sto
         format_step(shape.steps[1]))
     assert shape.stopped.line().startswith("search stopped at step 2 (4 agents): the load generator is the limit")
     assert shape.capacity()["strict"].first_failing_agents is None  # never counted as the tier failing
+    environment.events.test_stop.fire(environment=environment)  # the search ended the test: not an interruption
     state = json.loads((tmp_path / "capacity.json").read_text())
+    assert state["interrupted"] is False and state["stopped"]["cause"] == "the load generator"
     assert state["steps"][1]["load_generator"] == {"worker_cpu": {"worker-1-99": pytest.approx(0.95)}}
 
 

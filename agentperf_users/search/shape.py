@@ -398,8 +398,9 @@ class CapacitySearchShape(LoadTestShape):
 
     def _on_test_stop(self, environment, **_) -> None:
         """A test stopped before the search was done was interrupted, whoever stopped it: a signal, the
-        web UI's Stop button, Locust's own SIGTERM handler (installed at once in a web UI run)."""
-        if self.search is not None and not self.search.done:
+        web UI's Stop button, Locust's own SIGTERM handler (installed at once in a web UI run); not one that
+        the search itself stopped (``stopped``: a failing server, the load generator), which ended as it meant to."""
+        if self.search is not None and not self.search.done and self.stopped is None:
             self.interrupted = True
         self._write_summary(environment)
 
