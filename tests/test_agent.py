@@ -237,8 +237,8 @@ def test_the_event_loop_runs_while_a_set_loads(monkeypatch):
     heartbeats and be dropped. The load below ends only once a greenlet has run meanwhile: on the loop
     itself it could never end (bounded: it gives up, and the test fails)."""
     import argparse
-    import gevent.monkey
 
+    import gevent.monkey
     from locust import User, constant
     from locust.env import Environment
     from locust.event import Events

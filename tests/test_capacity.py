@@ -154,12 +154,13 @@ def test_twin_steps_end_windows_by_the_truths_own_rule_unless_the_live_step_ende
     """An extended live window (``--min-requests``) is not cut at its live length in the truth, where the
     request that ended it may end milliseconds later and leave the twin's window empty."""
     from agentperf_users.cli.capacity import twin_windows
+    from agentperf_users.search.state import SearchState
 
     def step(agents, start, end, early):
         return {"agents": agents, "window_start_epoch_s": start, "window_end_epoch_s": end, "early_stop": early}
 
     summary = {"steps": [step(1, 100.0, 145.7, False), step(16, 200.0, 211.5, True), step(8, 300.0, 320.0, False)]}
-    assert twin_windows(summary) == [(1, None), (16, pytest.approx(11.5)), (8, None)]
+    assert twin_windows(SearchState.from_dict(summary)) == [(1, None), (16, pytest.approx(11.5)), (8, None)]
 
 
 def test_out_holding_an_earlier_run_is_refused_before_anything_starts(tmp_path):

@@ -289,3 +289,21 @@ def test_the_state_file_reads_back_as_it_was_written(tmp_path):
     state = state_for(window_records())
     state.write(tmp_path / "search.json")
     assert SearchState.read(tmp_path) == state
+
+
+def test_each_step_carries_the_workers_cpu_from_the_search_and_the_diagnosis_reads_it():
+    """The workers' CPU is measured live only (it is in no record): the report takes it from the search's state
+    and diagnoses with it, as the live search did."""
+    records = window_records()
+    summary = summary_for(records)
+    plain = build_report(SearchState.from_dict(summary), records, SPEC, CONTEXT)["steps"][0]
+    failed = [name for name, passed in plain["passed"].items() if not passed]
+    assert failed and plain["load_generator"] is None
+    assert {(found["cause"], found["about_capacity"]) for found in plain["diagnoses"]} == {("server errors", True)}
+    summary["steps"][0]["load_generator"] = {"worker_cpu": {"worker-1-5": 0.97, "worker-2-6": 0.4}}
+    step = build_report(SearchState.from_dict(summary), records, SPEC, CONTEXT)["steps"][0]
+    assert step["load_generator"] == {"worker_cpu": {"worker-1-5": 0.97, "worker-2-6": 0.4}}
+    assert [found["tier"] for found in step["diagnoses"]] == failed
+    assert {(found["cause"], found["about_capacity"]) for found in step["diagnoses"]} == {("the load generator", False)}
+    assert "worker worker-1-5 used 97 % of a core" in step["diagnoses"][0]["text"]
+    assert steps_frame({"steps": [step]})["load_generator.worker_cpu.worker-1-5"].tolist() == [0.97]

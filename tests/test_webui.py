@@ -12,9 +12,11 @@ from locust.env import Environment
 from locust.event import Events
 
 from agentperf_users.measure import aggregate
+from agentperf_users.measure.server_metrics import seconds
 from agentperf_users.measure.slo import evaluate_step, load_slo, ttft_text
-from agentperf_users.report import webui
+from agentperf_users.report import search_tabs, webui
 from tests.support import install_agentperf
+from tests.test_metrics import searched
 from tests.test_slo import record
 
 
@@ -49,3 +51,41 @@ def test_slo_now_judges_the_last_window_of_records(monkeypatch):
         assert {row["agents"] for row in tab["data"]} == {0} and {row["window"] for row in tab["data"]} == {"last 30 s"}
     finally:
         web_ui.greenlet.kill()  # the server never got to start: the test client needs none
+
+
+def test_the_steps_tab_shows_each_step_s_server_numbers_and_each_failing_tier_s_diagnosis(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["locust"])
+    environment, shape = searched(tmp_path)
+    install_agentperf()
+    options = argument_parser.get_parser().parse_args([])  # the web UI's start form reads all of Locust's
+    vars(options).update(vars(environment.parsed_options))
+    environment.parsed_options = options
+    web_ui = environment.create_web_ui("127.0.0.1", 0)
+    try:
+        search_tabs.install(environment, web_ui=web_ui)
+        (steps_table,) = [table for table in web_ui.template_args["extended_tables"]
+                          if table["key"] == search_tabs.STEPS_TAB]
+        keys = [column["key"] for column in steps_table["structure"]]
+        assert {"server_waiting", "server_queue", "server_ttft", "load_generator_cpu", "why", "evidence"} <= set(keys)
+        answer = web_ui.app.test_client().get("/stats/requests").get_json()
+        (tab,) = [tab for tab in answer["extended_stats"] if tab["key"] == search_tabs.STEPS_TAB]
+        expected = [(step, verdict) for step in reversed(shape.steps) for verdict in step.verdict.tiers]
+        assert [(row["step"], row["tier"]) for row in tab["data"]] == [(s.index, v.tier.label) for s, v in expected]
+        for row, (step, verdict) in zip(tab["data"], expected):
+            server = step.server
+            assert row["server_waiting"] == f"{server.requests_waiting_mean:.3g} / {server.requests_waiting_max:.3g}"
+            kv = (server.kv_cache_usage_mean * 100, server.kv_cache_usage_max * 100)
+            assert row["server_kv_cache"] == f"{kv[0]:.0f} % / {kv[1]:.0f} %"
+            assert row["server_prefix_hits"] == "90 %" and row["server_preemptions"] == "0"
+            times = (server.queue_time_mean_s, server.ttft_mean_s, server.inter_token_latency_mean_s)
+            assert (row["server_queue"], row["server_ttft"], row["server_itl"]) == tuple(map(seconds, times))
+            assert row["load_generator_cpu"] == "50 % of a core (worker-1-99)"
+            found = [d for d in step.diagnoses if d.tier == verdict.tier.name]
+            if verdict.passed:
+                assert not found and (row["why"], row["evidence"]) == ("", "")
+            else:
+                assert (row["why"], row["evidence"]) == ("queueing", found[0].summary)
+                assert row["evidence"].endswith(" requests waiting on average, queue time 80 % of TTFT (800 ms of 1 s)")
+        assert {row["server_queue"] for row in tab["data"]} == {"800 ms"}
+    finally:
+        web_ui.greenlet.kill()

@@ -7,7 +7,8 @@ record that ended before that time is in this or an earlier report. The master a
 ``events.worker_report``. A LocalRunner takes the same path without the network: the aggregator
 builds the same report from the local log whenever it is asked for records. Verdicts are therefore
 computed on the raw records of all processes, never on averaged per-worker percentiles or on
-Locust's bucketed response times.
+Locust's bucketed response times. The same report carries the worker's process CPU use since its last
+report (``loadgen_cpu``), which the master keeps per worker for a step's "load generator" diagnosis.
 
 Coverage: ``Aggregator.covered_until()`` is the minimum over the *active* workers (ready, spawning
 or running) of what each has reported. A worker that went missing or quit is ignored: waiting for it
@@ -41,6 +42,8 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 from agentperf_users import options
+from agentperf_users.measure.diagnose import LoadGenerator
+from agentperf_users.measure.loadgen_cpu import CpuInterval, CpuMeter, window_load
 from agentperf_users.measure.records import RecordLog, RecordWriter, RequestRecord
 from agentperf_users.measure.slo import (
     SloSpec,
@@ -52,6 +55,7 @@ from agentperf_users.measure.slo import (
 
 RECORDS_KEY = "agentperf_records"
 COVERED_KEY = "agentperf_covered_until_epoch_s"
+CPU_KEY = "agentperf_cpu"  # the worker's process CPU since its last report (``loadgen_cpu``)
 STEP_MESSAGE = "agentperf_step"
 LOCAL_SOURCE = "local"
 RECORD_ADD_GRACE_S = 0.5  # a record is added at most this long after its end time
@@ -77,11 +81,13 @@ def record_to_wire(record: RequestRecord) -> dict:
     return {**dataclasses.asdict(record), "status": record.status.value}
 
 
-def attach_records(log: RecordLog | None, data: dict) -> None:
-    """Fill a ``report_to_master`` payload: the log's new records and the time they cover.
-    The time is taken before draining, and nothing yields in between (one greenlet)."""
+def attach_records(log: RecordLog | None, data: dict, cpu: CpuInterval | None = None) -> None:
+    """Fill a ``report_to_master`` payload: the log's new records and the time they cover, and the
+    process's CPU use since its last report when metered (``cpu``). The time is taken before draining,
+    and nothing yields in between (one greenlet)."""
     data[COVERED_KEY] = log.covered_until(time.time(), RECORD_ADD_GRACE_S) if log else time.time() - RECORD_ADD_GRACE_S
     data[RECORDS_KEY] = [record_to_wire(record) for record in log.drain()] if log else []
+    data[CPU_KEY] = [cpu.to_wire()] if cpu is not None else []
 
 
 class Aggregator:
@@ -92,15 +98,19 @@ class Aggregator:
         active_sources: Callable[[], Collection[str]],
         local_log: Callable[[], RecordLog | None] | None = None,
         received: Callable[[list[RequestRecord]], None] | None = None,
+        local_cpu: Callable[[], CpuInterval | None] | None = None,
     ) -> None:
         """:param active_sources: the sources (worker client ids) whose coverage a verdict waits for
         :param local_log: in a LocalRunner, the process's own log, pulled on every query
-        :param received: on a master, given every worker report's records as they arrive"""
+        :param received: on a master, given every worker report's records as they arrive
+        :param local_cpu: in a LocalRunner, the process's CPU since the last pull (``CpuMeter``)"""
         self._active_sources = active_sources
         self._local_log = local_log
         self._received = received
+        self._local_cpu = local_cpu
         self._records: list[RequestRecord] = []
         self._covered: dict[str, float] = {}
+        self._cpu: list[CpuInterval] = []
 
     def receive(self, source: str, data: dict) -> None:
         """Take one report (a ``worker_report`` payload); payloads without our keys are ignored."""
@@ -108,6 +118,7 @@ class Aggregator:
             return
         records = [RequestRecord.from_dict(item) for item in data[RECORDS_KEY]]
         self._records.extend(records)
+        self._cpu.extend(CpuInterval.from_wire(item) for item in data.get(CPU_KEY, ()))
         if self._received is not None:
             self._received(records)
         self._covered[source] = max(self._covered.get(source, -math.inf), data[COVERED_KEY])
@@ -115,7 +126,7 @@ class Aggregator:
     def _pull_local(self) -> None:
         if self._local_log is not None:
             report: dict = {}
-            attach_records(self._local_log(), report)
+            attach_records(self._local_log(), report, self._local_cpu() if self._local_cpu else None)
             self.receive(LOCAL_SOURCE, report)
 
     def covered_until(self) -> float:
@@ -129,6 +140,11 @@ class Aggregator:
         """The records that ended in ``[start, end)``."""
         self._pull_local()
         return records_in_window(self._records, start_epoch_s, end_epoch_s)
+
+    def load_generator(self, start_epoch_s: float, end_epoch_s: float) -> LoadGenerator | None:
+        """Each worker's CPU use over ``[start, end)`` (``loadgen_cpu.window_load``)."""
+        self._pull_local()
+        return window_load(self._cpu, start_epoch_s, end_epoch_s)
 
     def records(self) -> list[RequestRecord]:
         self._pull_local()
@@ -146,6 +162,7 @@ class _ProcessState:
 
     aggregator: Aggregator | None  # on the master or a LocalRunner
     log: RecordLog | None = None
+    cpu: CpuMeter | None = None  # on a worker or a LocalRunner: the load generator's own CPU
     step: LoadStep = LoadStep(index=0, agents=0)
 
 
@@ -168,12 +185,14 @@ def install(environment: Environment) -> _ProcessState:
             lambda msg, **_: runner.send_message(STEP_MESSAGE, dataclasses.asdict(state.step), msg.node_id),
         )
     elif isinstance(runner, WorkerRunner):
-        state = _ProcessState(aggregator=None)
-        environment.events.report_to_master.add_listener(lambda client_id, data: attach_records(state.log, data))
+        state = _ProcessState(aggregator=None, cpu=CpuMeter())
+        environment.events.report_to_master.add_listener(
+            lambda client_id, data: attach_records(state.log, data, state.cpu.interval(process_id(environment))))
         runner.register_message(STEP_MESSAGE, lambda msg, **_: _set_step(state, msg.data))
         runner.send_message(STEP_MESSAGE)  # a worker that joins mid-search learns the current step
     else:
-        state = _ProcessState(Aggregator(lambda: (LOCAL_SOURCE,), local_log=lambda: state.log))
+        state = _ProcessState(Aggregator(lambda: (LOCAL_SOURCE,), local_log=lambda: state.log,
+                                         local_cpu=lambda: state.cpu.interval(LOCAL_SOURCE)), cpu=CpuMeter())
     if not isinstance(runner, WorkerRunner) and environment.parsed_options is not None:
         parsed = environment.parsed_options
         parsed.run_id = getattr(parsed, "run_id", "") or _new_run_id()

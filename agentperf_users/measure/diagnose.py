@@ -144,8 +144,8 @@ def read_cpu() -> CpuReading:
 
 def cpu_fraction(earlier: CpuReading, later: CpuReading) -> float | None:
     """The process's CPU use between two readings, as a fraction of one core (above 1 when several of
-    its threads ran at once). None when no wall time passed. A worker reads at the start of a step's
-    window and when it reports, and sends the fraction to the master."""
+    its threads ran at once). None when no wall time passed. (A worker meters its CPU between its reports
+    and the master cuts that to a step's window: ``loadgen_cpu``.)"""
     wall = later.wall_s - earlier.wall_s
     return (later.cpu_s - earlier.cpu_s) / wall if wall > 0 else None
 
@@ -158,6 +158,17 @@ class LoadGenerator:
 
     def busiest(self) -> tuple[str, float] | None:
         return max(self.worker_cpu, key=lambda item: item[1], default=None)
+
+    def to_dict(self) -> dict:
+        """As a step in search.json and report.json keeps it: ``{"worker_cpu": {worker: fraction}}``."""
+        return {"worker_cpu": dict(self.worker_cpu)}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> LoadGenerator | None:
+        """``to_dict``'s form back; None for a step that has none (no worker reported its CPU)."""
+        if not data:
+            return None
+        return cls(tuple(sorted((str(worker), float(cpu)) for worker, cpu in data["worker_cpu"].items())))
 
 
 # --- the diagnosis --------------------------------------------------------------------------------

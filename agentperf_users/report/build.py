@@ -23,7 +23,7 @@ import pandas as pd
 from agentperf_users import files
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure import server_metrics
-from agentperf_users.measure.diagnose import diagnose_step
+from agentperf_users.measure.diagnose import LoadGenerator, diagnose_step
 from agentperf_users.measure.power import (
     POWER_FILE,
     PowerSample,
@@ -187,6 +187,7 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
         verdict = evaluate_step(judged, spec)
         server = (server_metrics.window_summary(context.server_samples, start, end) if context.server_samples
                   else server_metrics.NOT_AVAILABLE)
+        loadgen = LoadGenerator.from_dict(live.get("load_generator"))  # measured live only: the workers' CPU
         passed = {v.tier.name: v.passed for v in verdict.tiers}
         live_passed = {v["tier"]: v["passed"] for v in live["verdict"]["tiers"]}
         steps.append({
@@ -199,7 +200,8 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
                                      if key in ("ttft_quantile_s", "output_tps_quantile")} for v in verdict.tiers},
             "live_verdict_matches_records": passed == live_passed and verdict.to_dict() == live["verdict"],
             "server": server.to_dict(),
-            "diagnoses": [found.to_dict() for found in diagnose_step(verdict, judged, server)],
+            "load_generator": loadgen and loadgen.to_dict(),
+            "diagnoses": [found.to_dict() for found in diagnose_step(verdict, judged, server, loadgen)],
         })
         if index < len(same_steps) and same_steps[index]["agents"] == live["agents"]:
             steps[-1]["ground_truth"] = {key: value for key, value in same_steps[index].items() if key != "agents"}

@@ -2,10 +2,15 @@
 
 They show, while a search runs, what its verdicts see: every request of every worker by status, TTFT and
 output-speed histograms, and each judged step's numbers and pass/fail per SLO tier, then the capacity.
-A collector reads them when Prometheus scrapes, from the aggregator's union of records and the shape's
-verdicts, which already hold them exactly; nothing is added to the path a record takes, and no number
-here is an average of workers' numbers. Only status and tier names are labels, never a message, a
-header or a URL, so no secret can reach a metric.
+Each judged step also has the server's own numbers over its window (``agentperf_step_server_<number>``,
+named after ``server_metrics.ServerWindow``'s fields, seconds as ``_seconds``), the load generator's CPU
+(``agentperf_step_load_generator_cpu_max``/``_mean``, of its workers) and, per failing tier, the
+diagnosis (``agentperf_step_diagnosis{cause}`` 1, ``..._about_capacity``, and each number of its evidence
+as ``agentperf_step_diagnosis_evidence_<name>``). A collector reads them when Prometheus scrapes, from
+the aggregator's union of records and the shape's step results, which already hold them exactly; nothing
+is added to the path a record takes, and no number here is an average of workers' numbers. Only status,
+tier, cause, step and agent count are labels, never a message, a header, a URL or a worker's name, so no
+secret (and no unbounded set of series) can reach a metric.
 """
 
 from __future__ import annotations
@@ -33,11 +38,30 @@ from agentperf_users.measure import aggregate
 from agentperf_users.measure.records import RequestRecord, Status
 from agentperf_users.measure.slo import TierVerdict
 from agentperf_users.search.policy import CapacityStatus
-from agentperf_users.search.shape import CapacitySearchShape
+from agentperf_users.search.shape import CapacitySearchShape, StepResult
 
 logger = logging.getLogger(__name__)
 
 TTFT_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+STEP_LABELS = ["step", "agents"]
+TIER_LABELS = [*STEP_LABELS, "tier", "cause"]
+SERVER_NUMBERS = {  # ServerWindow's numbers, as each step's gauge documents them
+    "readings": "Readings of the server's metrics endpoint in the step's window",
+    "requests_running_mean": "Requests the server was running, mean over the window",
+    "requests_running_max": "Requests the server was running, max over the window",
+    "requests_waiting_mean": "Requests waiting in the server's queue, mean over the window",
+    "requests_waiting_max": "Requests waiting in the server's queue, max over the window",
+    "kv_cache_usage_mean": "KV-cache usage (0..1), mean over the window",
+    "kv_cache_usage_max": "KV-cache usage (0..1), max over the window (the fullest engine)",
+    "prefix_cache_hit_ratio": "Server-side prefix-cache hits / queries, tokens, over the window",
+    "preemptions": "Requests the server preempted in the window",
+    "requests_finished": "Requests the server finished in the window",
+    "queue_time_mean_s": "Mean queue time, from the server's histogram, over the window",
+    "prefill_time_mean_s": "Mean prefill time, from the server's histogram, over the window",
+    "decode_time_mean_s": "Mean decode time, from the server's histogram, over the window",
+    "ttft_mean_s": "Mean time to first token as the server measured it, over the window",
+    "inter_token_latency_mean_s": "Mean inter-token latency as the server measured it, over the window",
+}
 OUTPUT_TPS_BUCKETS = (5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 100.0, 150.0, 200.0, 300.0)
 
 
@@ -151,6 +175,65 @@ def _search_metrics(shape: CapacitySearchShape) -> Iterator[Metric]:
         for value in CapacityStatus:
             status.add_metric([name, value.value], 1.0 if tier.status is value else 0.0)
     yield from (capacity, status)
+    yield from _step_server_metrics(shape.steps)
+    yield from _step_diagnosis_metrics(shape.steps)
+
+
+def metric_name(name: str) -> str:
+    """A number's name in Prometheus' style: seconds spelt out (``queue_time_mean_s`` -> ``..._seconds``)."""
+    return name[:-2] + "_seconds" if name.endswith("_s") else name
+
+
+def _step_key(step: StepResult) -> list[str]:
+    return [str(step.index), str(step.agents)]
+
+
+def _step_server_metrics(steps: list[StepResult]) -> Iterator[Metric]:
+    """Each judged step's server numbers (a series only where the server gave the number) and its load
+    generator's CPU, as fractions of one core (above 1: several threads at once)."""
+    for name, documentation in SERVER_NUMBERS.items():
+        family = GaugeMetricFamily(f"agentperf_step_server_{metric_name(name)}", documentation, labels=STEP_LABELS)
+        for step in steps:
+            value = getattr(step.server, name)
+            if value is not None:
+                family.add_metric(_step_key(step), float(value))
+        yield family
+    busiest = GaugeMetricFamily("agentperf_step_load_generator_cpu_max",
+                                "The busiest worker's process CPU over the step's window, fraction of one core",
+                                labels=STEP_LABELS)
+    mean = GaugeMetricFamily("agentperf_step_load_generator_cpu_mean",
+                             "The workers' mean process CPU over the step's window, fraction of one core",
+                             labels=STEP_LABELS)
+    for step in steps:
+        if step.load_generator is not None and step.load_generator.worker_cpu:
+            cpu = [fraction for _, fraction in step.load_generator.worker_cpu]
+            busiest.add_metric(_step_key(step), max(cpu))
+            mean.add_metric(_step_key(step), sum(cpu) / len(cpu))
+    yield from (busiest, mean)
+
+
+def _step_diagnosis_metrics(steps: list[StepResult]) -> Iterator[Metric]:
+    """Each failing tier's binding cause (1 under its ``cause`` label), whether its verdict is about capacity,
+    and the numbers of its evidence, a gauge per evidence name (the names ``diagnose`` gives: a fixed set)."""
+    cause = GaugeMetricFamily("agentperf_step_diagnosis", "1 for a failing tier's binding cause in the step",
+                              labels=TIER_LABELS)
+    about = GaugeMetricFamily("agentperf_step_diagnosis_about_capacity",
+                              "1 if the failing verdict is about the server's capacity; 0: a failing server or the "
+                              "load generator, not counted by the search", labels=TIER_LABELS)
+    evidence: dict[str, GaugeMetricFamily] = {}
+    for step in steps:
+        for found in step.diagnoses:
+            key = [*_step_key(step), found.tier, found.cause.value]
+            cause.add_metric(key, 1.0)
+            about.add_metric(key, 1.0 if found.about_capacity else 0.0)
+            for name, value in found.evidence:
+                family = evidence.get(name)
+                if family is None:
+                    family = evidence[name] = GaugeMetricFamily(
+                        f"agentperf_step_diagnosis_evidence_{metric_name(name)}",
+                        f"Evidence of a failing tier's diagnosis: {name}", labels=TIER_LABELS)
+                family.add_metric(key, float(value))
+    yield from (cause, about, *evidence.values())
 
 
 def serve(environment: Environment, **_) -> None:

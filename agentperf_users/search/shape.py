@@ -56,6 +56,7 @@ from agentperf_users.measure import aggregate
 from agentperf_users.measure.diagnose import (
     Cause,
     Diagnosis,
+    LoadGenerator,
     common_error,
     diagnose_step,
     not_about_capacity,
@@ -115,11 +116,14 @@ class StepResult:
     coverage_complete: bool  # False: judged after COVERAGE_TIMEOUT_S without every worker's reports
     server: ServerWindow = NOT_AVAILABLE  # the server's own numbers over the window (``server_metrics``)
     diagnoses: tuple[Diagnosis, ...] = ()  # why each failing tier failed (``diagnose``)
+    load_generator: LoadGenerator | None = None  # each worker's CPU over the window (``loadgen_cpu``)
 
     def to_dict(self) -> dict:
-        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("verdict", "server", "diagnoses")}
+        nested = ("verdict", "server", "diagnoses", "load_generator")
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in nested}
         return {**plain, "verdict": self.verdict.to_dict(), "server": self.server.to_dict(),
-                "diagnoses": [found.to_dict() for found in self.diagnoses]}
+                "diagnoses": [found.to_dict() for found in self.diagnoses],
+                "load_generator": self.load_generator and self.load_generator.to_dict()}
 
 
 def format_step(step: StepResult) -> str:
@@ -137,6 +141,10 @@ def format_step(step: StepResult) -> str:
             f"{first.errors} errors | " + " | ".join(parts))
     if step.server.available:
         line += f" | {describe(step.server)}"
+    if step.load_generator is not None and step.load_generator.worker_cpu:
+        worker, cpu = step.load_generator.busiest()
+        line += (f" | load generator: {cpu * 100:.0f} % of a core at most ({worker}, "
+                 f"{len(step.load_generator.worker_cpu)} worker(s))")
     texts = {found.text for found in step.diagnoses}
     if len(texts) == 1 and len(step.diagnoses) == len(step.verdict.tiers) > 1:  # one cause for every tier: said once
         return line + f" | every tier {texts.pop()}"
@@ -360,12 +368,14 @@ class CapacitySearchShape(LoadTestShape):
 
     def _finish_step(self, end_epoch_s: float, early: bool, complete: bool) -> None:
         start = self._window[0]
-        records = aggregate.aggregator(self.environment).records_between(start, end_epoch_s)
+        aggregator = aggregate.aggregator(self.environment)
+        records = aggregator.records_between(start, end_epoch_s)
         verdict = evaluate_step(records, self.spec)
         server = self._server_window(start, end_epoch_s)
-        diagnoses = diagnose_step(verdict, records, server)
+        loadgen = aggregator.load_generator(start, end_epoch_s)
+        diagnoses = diagnose_step(verdict, records, server, loadgen)
         step = StepResult(len(self.steps), self._agents, self._phase, start, end_epoch_s, verdict, early, complete,
-                          server, diagnoses)
+                          server, diagnoses, loadgen)
         self.steps.append(step)
         steps_logger.info(format_step(step))
         if self._progress_events:
@@ -405,8 +415,9 @@ class CapacitySearchShape(LoadTestShape):
 
     def _on_test_stop(self, environment, **_) -> None:
         """A test stopped before the search was done was interrupted, whoever stopped it: a signal, the
-        web UI's Stop button, Locust's own SIGTERM handler (installed at once in a web UI run)."""
-        if self.search is not None and not self.search.done:
+        web UI's Stop button, Locust's own SIGTERM handler (installed at once in a web UI run); not one that
+        the search itself stopped (``stopped``: a failing server, the load generator), which ended as it meant to."""
+        if self.search is not None and not self.search.done and self.stopped is None:
             self.interrupted = True
         self._write_summary(environment)
 

@@ -28,6 +28,7 @@ import pytest
 
 from agentperf_users.measure.records import RequestRecord, read_records
 from agentperf_users.measure.slo import load_slo, recompute
+from agentperf_users.report import search_tabs
 from tests.browser import CHROMIUM_FLAGS
 from tests.support import free_port, wait_for
 
@@ -215,12 +216,20 @@ def test_the_slo_tabs_show_what_the_search_decided(search_run):
     labels = {tier["name"]: tier["label"] for tier in summary["slo"]["tiers"]}
     steps_table = tabs["agentperf-steps"]
     assert steps_table[0] == ["Step", "Phase", "Agents", "SLO tier", "Verdict", "TTFT", "Output speed", "Requests",
-                              "Errors"]
+                              "Errors", *[column["title"] for column in search_tabs.SERVER_COLUMNS], "Why", "Evidence"]
     expected = [[str(step["index"]), step["phase"], str(step["agents"]), labels[verdict["tier"]],
                  "pass" if verdict["passed"] else "FAIL", verdict["requests"], verdict["errors"]]
                 for step in reversed(summary["steps"]) for verdict in step["verdict"]["tiers"]]
     shown = [row[:5] + [int(row[7]), int(row[8])] for row in steps_table[1:]]
     assert shown == expected and len(shown) == 6  # three steps, two tiers, newest first
+    # no server metrics in this run ("-"); the workers' CPU, measured; a failing tier's cause, as the search's
+    causes = [next((found["cause"] for found in step["diagnoses"] if found["tier"] == verdict["tier"]), "")
+              for step in reversed(summary["steps"]) for verdict in step["verdict"]["tiers"]]
+    assert [row[-2] for row in steps_table[1:]] == causes and "not available" in causes
+    busiest = [max(step["load_generator"]["worker_cpu"].items(), key=lambda item: item[1])
+               for step in reversed(summary["steps"]) for _ in step["verdict"]["tiers"]]
+    assert [row[-3] for row in steps_table[1:]] == [f"{cpu * 100:.0f} % of a core ({name})" for name, cpu in busiest]
+    assert {row[9] for row in steps_table[1:]} == {"-"}
 
     capacity_table = tabs["agentperf-capacity"]
     assert capacity_table[0][:3] == ["SLO tier", "Capacity", "Latest step: agents"]

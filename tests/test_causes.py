@@ -1,0 +1,195 @@
+"""Why a step failed, made to happen: each cause of ``diagnose`` brought about on the embedded simulator and
+named by ``agentperf capacity`` end to end (the server's metrics read every second, the live diagnosis in
+the progress line and search.json, the report's recomputed one).
+
+Each server cause is one short one-step search (``--start-agents`` = ``--max-agents`` =
+``--resolution-agents``) against a profile changed to have it:
+
+* **KV-cache pressure**: a KV cache of ~9K tokens (the activation reserve raised until that is what is
+  left), six agents on the demo set, whose contexts of ~3K tokens do not fit together: the engine preempts.
+* **queueing**: ``max_num_seqs: 1``, three agents: one request runs, the others wait.
+* **prefill**: a tenth of the compute (``mfu``), one agent on one-turn trajectories of ~9K-token tasks
+  (``agentperf trajectories synth``): every judged request prefills a cold prompt for seconds, alone.
+
+They run one after another, not side by side: on two cores, three simulators and their load generators
+at once would put the load generator's own delay into the verdicts this file checks.
+
+**The load generator**: a worker whose process burns CPU beside its agents (``fixtures/locustfiles/
+busy_worker.py``: two native threads hashing without pause, at a raised priority where that is allowed),
+started by the test as a remote worker of the search's master. Its CPU over the window is at least
+``LOADGEN_CPU_BUSY`` of a core, so its failing verdict is not about the server: measured again, then the
+search stops naming it. (A worker merely starved of CPU, pinned to a core it shares with a hog, would not
+show it: its CPU is low, and its TTFT is taken from kernel receive timestamps, so it measures the server
+right; a worker that needs more CPU than it gets is the load generator limiting the verdict.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agentperf_users.measure.diagnose import LOADGEN_CPU_BUSY, MOST_OF_TTFT
+from agentperf_users.simulator.profile import PROFILES_DIR
+from tests.support import free_port
+
+pytestmark = pytest.mark.slow
+
+BASE_PROFILE = "h100-llama3.1-8b"
+BUSY_WORKER = Path(__file__).parent / "fixtures" / "locustfiles" / "busy_worker.py"
+FIRST_TOKEN_TIER = "tiers:\n  - {name: first-token, ttft_max_s: %s, output_tps_min: 1, scope: request}\n"
+SHORT_STEP = ["--warmup-s", "3", "--window-s", "8", "--workers", "1", "--no-truth"]
+RUN_TIMEOUT_S = 150
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``agentperf capacity`` run: its exit code, console, report and live search state."""
+
+    returncode: int
+    stdout: str
+    report: dict
+    state: dict
+
+    def diagnosis(self, step: int = 0) -> dict:
+        """The step's one diagnosis (one tier), the same live and recomputed from the files."""
+        (found,) = self.report["steps"][step]["diagnoses"]
+        (live,) = self.state["steps"][step]["diagnoses"]
+        assert found == live, self.stdout
+        return found
+
+
+def profile(folder: Path, name: str, **changes) -> Path:
+    """The base profile with ``section__field`` values changed, as a profile file of its own."""
+    data = yaml.safe_load((PROFILES_DIR / f"{BASE_PROFILE}.yaml").read_text())
+    data.pop("anchors")  # the published numbers are the base deployment's, not this one's
+    for key, value in changes.items():
+        section, field = key.split("__")
+        data[section][field] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def capacity(folder: Path, *args: str, ttft_max_s: float = 0.5) -> subprocess.Popen:
+    slo = folder / "slo.yaml"
+    slo.write_text(FIRST_TOKEN_TIER % ttft_max_s)
+    return subprocess.Popen([sys.executable, "-m", "agentperf_users.cli.main", "capacity", "--slo", str(slo),
+                             "--out", str(folder / "run"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finished(folder: Path, process: subprocess.Popen) -> Run:
+    try:
+        stdout, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    out = folder / "run"
+    assert (out / "report.json").is_file(), stdout
+    return Run(process.returncode, stdout, json.loads((out / "report.json").read_text()),
+               json.loads((out / "search.json").read_text()))
+
+
+def one_step(folder: Path, agents: int, *args: str) -> Run:
+    count = str(agents)
+    return finished(folder, capacity(folder, "--start-agents", count, "--max-agents", count, "--resolution-agents",
+                                     count, *SHORT_STEP, *args))
+
+
+@pytest.fixture(scope="module")
+def server_causes(tmp_path_factory) -> dict[str, Run]:
+    """The three server causes' runs, one after another."""
+    runs = {}
+    folder = tmp_path_factory.mktemp("kv")
+    runs["kv"] = one_step(folder, 6, "--trajectories", "demo", "--profile", str(profile(
+        folder, "little-kv", engine__activation_reserve_gib=55.2, model__max_context_tokens=8192)))
+    folder = tmp_path_factory.mktemp("queueing")
+    runs["queueing"] = one_step(folder, 3, "--trajectories", "demo", "--profile", str(profile(
+        folder, "one-seq", engine__max_num_seqs=1)))
+    folder = tmp_path_factory.mktemp("prefill")
+    cold = folder / "cold.jsonl"
+    subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", "trajectories", "synth", "--out", str(cold),
+                    "--count", "40", "--system-tokens", "1000", "--task-median", "8000", "--task-sigma", "0.1",
+                    "--max-turns", "1", "--output-median", "16", "--output-p95", "32", "--tool-count", "1"],
+                   check=True, capture_output=True, timeout=60)
+    runs["prefill"] = one_step(folder, 1, "--trajectories", str(cold), "--profile", str(profile(
+        folder, "slow-prefill", efficiency__mfu=0.066)))
+    return runs
+
+
+def assert_failed_about_capacity(run: Run) -> dict:
+    """A one-step search whose step failed its tier as a capacity verdict: none located (exit 3)."""
+    assert run.returncode == 3 and run.report["capacity"]["first-token"]["status"] == "none_passed", run.stdout
+    found = run.diagnosis()
+    assert found["about_capacity"] and found["tier"] == "first-token"
+    assert found["text"] in run.stdout  # the progress line says it
+    assert run.report["steps"][0]["server"]["server"] == "vllm"
+    return found
+
+
+def test_a_kv_cache_too_small_for_the_agents_contexts_is_kv_cache_pressure(server_causes):
+    run = server_causes["kv"]
+    found = assert_failed_about_capacity(run)
+    assert found["cause"] == "KV-cache pressure", run.stdout
+    server = run.report["steps"][0]["server"]
+    assert server["kv_cache_usage_max"] >= 0.95 or server["preemptions"] > 0
+    assert found["evidence"]["kv_cache_usage_max"] == server["kv_cache_usage_max"]
+    assert found["evidence"]["preemptions"] == server["preemptions"]
+
+
+def test_one_sequence_at_a_time_is_queueing(server_causes):
+    run = server_causes["queueing"]
+    found = assert_failed_about_capacity(run)
+    assert found["cause"] == "queueing", run.stdout
+    server = run.report["steps"][0]["server"]
+    assert server["requests_running_max"] == 1 and server["requests_waiting_mean"] > 0
+    evidence = found["evidence"]
+    assert evidence["queue_time_mean_s"] / evidence["server_ttft_mean_s"] >= MOST_OF_TTFT
+    assert server["kv_cache_usage_max"] < 0.95 and server["preemptions"] == 0  # not the KV cause's doing
+
+
+def test_long_cold_prompts_on_slow_compute_are_prefill(server_causes):
+    run = server_causes["prefill"]
+    found = assert_failed_about_capacity(run)
+    assert found["cause"] == "prefill", run.stdout
+    assert found["text"].endswith("(cold contexts)")
+    server = run.report["steps"][0]["server"]
+    assert server["prefix_cache_hit_ratio"] < 0.5 and server["requests_waiting_max"] == 0
+    assert found["evidence"]["prefill_time_mean_s"] / found["evidence"]["server_ttft_mean_s"] >= MOST_OF_TTFT
+
+
+def test_a_busy_worker_is_the_load_generator_and_the_search_stops_naming_it(tmp_path):
+    """Against the unchanged profile, a tier no server meets (TTFT ≤ 1 ms) fails at every count; with the
+    worker at a core or more, that is put down to the load generator, not to the server."""
+    port = free_port()
+    process = capacity(tmp_path, "--trajectories", "demo", "--start-agents", "2", "--max-agents", "2",
+                       "--resolution-agents", "2", *SHORT_STEP[:4], "--no-truth", "--workers", "0",
+                       "--remote-workers", "1", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
+                       ttft_max_s=0.001)
+    worker = subprocess.Popen([sys.executable, "-m", "locust", "-f", str(BUSY_WORKER), "--worker", "--master-host",
+                               "127.0.0.1", "--master-port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)  # its priority is its own
+    try:
+        run = finished(tmp_path, process)
+    finally:
+        worker.kill()  # the master's quit has normally ended it already
+        worker.wait()
+    assert run.returncode == 4, run.stdout  # the search did not finish: it stopped
+    assert [step["agents"] for step in run.report["steps"]] == [2, 2]  # measured once more, then stopped
+    for index, step in enumerate(run.report["steps"]):
+        assert list(step["load_generator"]["worker_cpu"]) == [f"worker-0-{worker.pid}"]
+        assert step["load_generator"]["worker_cpu"][f"worker-0-{worker.pid}"] >= LOADGEN_CPU_BUSY
+        found = run.diagnosis(index)
+        assert (found["cause"], found["about_capacity"]) == ("the load generator", False)
+    stopped = run.report["stopped"]
+    assert (stopped["step"], stopped["cause"]) == (1, "the load generator")
+    assert "search stopped at step 1 (2 agents): the load generator is the limit, not a capacity" in run.stdout
+    assert run.report["capacity"]["first-token"]["first_failing_agents"] is None  # never a fail of the tier
+    assert not run.report["interrupted"] and "interrupted" not in run.stdout  # the search ended it, as it meant to
