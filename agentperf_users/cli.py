@@ -16,6 +16,8 @@ SUBCOMMAND_MODULES = (
     "agentperf_users.capacity",  # agentperf capacity
     "agentperf_users.report",  # agentperf report
     "agentperf_users.truth",  # agentperf truth
+    "agentperf_users.twin.calibrate",  # agentperf calibrate
+    "agentperf_users.twin.predict",  # agentperf predict
 )
 
 

@@ -323,16 +323,23 @@ def register_cli(subparsers) -> None:
         description="Run the capacity search against the simulator's engine on a virtual clock (no HTTP, no "
         "client) and print the capacity per tier as JSON.",
     )
-    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="simulator profile name or YAML file")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser, profile_default: str | None = DEFAULT_PROFILE) -> None:
+    """The truth's options (also ``agentperf predict``'s); ``profile_default`` None makes --profile required."""
+    parser.add_argument("--profile", default=profile_default, required=profile_default is None,
+                        help="simulator profile name or YAML file")
     parser.add_argument("--trajectories", default="default", help="trajectory file, folder or bundled set")
     parser.add_argument("--trajectory-format", default="auto")
     parser.add_argument("--slo", default="", help="SLO tiers YAML file, or a bundled preset (default, aa-agentperf); empty: default")
     replay.add_replay_arguments(parser.add_argument)
     add_search_arguments(parser.add_argument)
-    parser.set_defaults(func=run)
 
 
-def run(args) -> int:
+def capacity_from_args(args) -> tuple[SloSpec, TruthResult]:
+    """The search that ``add_arguments``' options ask for, and its SLO spec."""
     spec = load_slo(args.slo or None)
     try:
         profile = load_profile(args.profile)
@@ -340,5 +347,10 @@ def run(args) -> int:
         raise AgentperfError(str(exc)) from None
     result = find_capacity(profile, load_trajectories(args.trajectories, args.trajectory_format), spec,
                            SearchParameters.from_options(args), replay.settings_from_args(args))
+    return spec, result
+
+
+def run(args) -> int:
+    spec, result = capacity_from_args(args)
     print(json.dumps(result.to_dict(spec), indent=2))
     return 0

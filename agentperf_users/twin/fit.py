@@ -122,6 +122,7 @@ class StepConstants:
 @dataclass(frozen=True)
 class FitResult:
     constants: StepConstants
+    observations: tuple[Observation, ...]  # those fitted (the usable ones), in order
     relative_residuals: tuple[float, ...]  # (predicted - measured) / measured, one per observation, in order
     memory_bound_steps: int
     compute_bound_steps: int
@@ -166,7 +167,7 @@ def _fit_from(observations: Sequence[Observation], threshold_tokens: float) -> F
     residuals = tuple((constants.predict_s(obs) - obs.measured_s) / obs.measured_s for obs in observations)
     compute = sum(constants.compute_s(step) > constants.memory_s(step) for obs in observations for step in obs.steps)
     total = sum(len(obs.steps) for obs in observations)
-    return FitResult(constants, residuals, total - compute, compute)
+    return FitResult(constants, tuple(observations), residuals, total - compute, compute)
 
 
 def _solve(observations: Sequence[Observation], sides: Sequence[Sequence[bool]]) -> StepConstants:

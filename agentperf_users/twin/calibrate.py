@@ -1,0 +1,169 @@
+"""``agentperf calibrate``: probe a server, fit the simulator's step constants, write a profile YAML.
+
+Steps: ask the server what it serves and its limits (``/v1/models``'s ``max_model_len``; vLLM's
+``vllm:cache_config_info`` on ``/metrics`` for the KV cache's blocks and block size; options for what no
+server tells: ``max_num_seqs``, ``max_num_batched_tokens``); send the probe
+(:mod:`agentperf_users.twin.probe_run`); fit (:mod:`agentperf_users.twin.fit`); write the profile
+(:mod:`agentperf_users.twin.profile_yaml`, checked by the simulator's own loader and renamed into place)
+with a comment block saying where every number came from, and beside it ``NAME.probe.json`` with each
+probe timing, its prediction and residual. Any failure (unreachable server, not OpenAI-compatible, a
+probe that cannot be fitted) is one line and exit 2, with no profile written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentperf_users.client import redact_url
+from agentperf_users.errors import AgentperfError
+from agentperf_users.files import atomic_write
+from agentperf_users.probe import ProbeTarget, served_models
+from agentperf_users.simulator.profile import SimulatorError
+from agentperf_users.twin.fit import FitResult, fit
+from agentperf_users.twin.probe_design import DESIGNS
+from agentperf_users.twin.probe_run import ProbeClient, ProbeData, run_probe
+from agentperf_users.twin.profile_yaml import Limits, profile_data, write_profile
+
+METRICS_TIMEOUT_S = 10.0
+SIDECAR_SUFFIX = ".probe.json"
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="fit a simulator profile to a measured server (the digital twin)",
+        description="Send a short designed probe to an OpenAI-compatible streaming server, fit the simulator's "
+                    "step-time constants to it and write a profile YAML that simulate, truth, predict and "
+                    "capacity --profile accept.")
+    parser.add_argument("--host", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--out", required=True, type=Path, help="the profile YAML to write (NAME.probe.json goes beside it)")
+    parser.add_argument("--design", choices=sorted(DESIGNS), default="standard",
+                        help="the probe: standard (minutes on a slow server) or quick (seconds, coarser)")
+    parser.add_argument("--model", default="", help="model to probe; empty: the server's first")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="longest wait for one probe request")
+    parser.add_argument("--max-num-seqs", type=int, default=256,
+                        help="the server's max_num_seqs (no server reports it; vLLM's default is 256, 1024 on large GPUs)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                        help="the server's token budget per step (chunked prefill size; vLLM logs it at start)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=0,
+                        help="the KV cache's size in tokens, where the server does not report vllm:cache_config_info")
+    parser.add_argument("--max-model-len", type=int, default=0, help="the context limit, where /v1/models does not say")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    out: Path = args.out
+    if not out.parent.is_dir():
+        raise AgentperfError(f"--out {out}: no folder {out.parent}; expected a profile path in an existing folder")
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) < 1:
+            raise AgentperfError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    target = ProbeTarget(args.host, api_key=os.environ.get(args.api_key_env) or None, model=args.model,
+                         api_key_env=args.api_key_env, timeout_s=args.timeout_s)
+    served = served_models(target)
+    model = args.model or next(iter(served))
+    if model not in served:
+        raise AgentperfError(f"--model {model!r} is not served by {redact_url(args.host)}; it serves {', '.join(served)}")
+    limits, sources = _limits(args, target, served[model])
+    design = DESIGNS[args.design].fitted_to(limits.max_context_tokens, limits.kv_capacity_tokens)
+    _say(f"agentperf calibrate: probing {redact_url(args.host)} ({model}) with the {design.name} design")
+    data = run_probe(ProbeClient(target, model), design, limits.max_num_batched_tokens)
+    result = fit(data.observations)
+    header = _header(args, model, design.name, result, limits, sources, data, out)
+    try:
+        profile = write_profile(out, profile_data(out.stem, result.constants, limits), header)
+    except SimulatorError as exc:
+        raise AgentperfError(f"the fitted numbers make no valid profile ({exc}): run calibrate again, or with the "
+                             "standard --design") from None
+    atomic_write(out.with_name(out.stem + SIDECAR_SUFFIX), json.dumps(_sidecar(args, model, design.name, result, limits,
+                                                                              sources, data), indent=2) + "\n")
+    _say(f"agentperf calibrate: wrote {out} (fit residual {result.rms_relative:.1%} RMS over "
+         f"{len(result.relative_residuals)} timings; decode step at batch 1 {profile.decode_step_s(1) * 1e3:.2f} ms, "
+         f"prefill {profile.prefill_tok_s():,.0f} tok/s, KV {profile.kv_capacity_tokens:,} tokens)")
+    return 0
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _limits(args, target: ProbeTarget, max_model_len: int | None) -> tuple[Limits, dict[str, str]]:
+    """The server's limits and where each came from (reported, or an option)."""
+    sources = {"max_num_seqs": "--max-num-seqs (not reported by servers)",
+               "max_num_batched_tokens": "--max-num-batched-tokens (not reported by servers)"}
+    context = max_model_len or args.max_model_len
+    if not context:
+        raise AgentperfError(f"{redact_url(args.host)}/v1/models does not say max_model_len: pass --max-model-len")
+    sources["max_context_tokens"] = "/v1/models max_model_len" if max_model_len else "--max-model-len"
+    kv_tokens = kv_cache_tokens(args.host, target) if not args.kv_cache_tokens else None
+    if kv_tokens:
+        sources["kv_capacity_tokens"] = "vllm:cache_config_info (num_gpu_blocks x block_size)"
+    elif args.kv_cache_tokens > 0:
+        kv_tokens, sources["kv_capacity_tokens"] = args.kv_cache_tokens, "--kv-cache-tokens"
+    else:
+        raise AgentperfError(f"{redact_url(args.host)}/metrics has no vllm:cache_config_info (num_gpu_blocks, "
+                             "block_size): pass the KV cache's size as --kv-cache-tokens")
+    return Limits(kv_tokens, context, args.max_num_seqs, args.max_num_batched_tokens), sources
+
+
+def kv_cache_tokens(host: str, target: ProbeTarget) -> int | None:
+    """num_gpu_blocks x block_size from vLLM's ``vllm:cache_config_info``; None where the server has no such metric."""
+    base = host.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    try:
+        with requests.Session() as session:
+            session.trust_env = False
+            response = session.get(f"{base}/metrics", headers=headers, timeout=METRICS_TIMEOUT_S)
+        if response.status_code != 200:
+            return None
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name == "vllm:cache_config_info":
+                    blocks, size = sample.labels.get("num_gpu_blocks", ""), sample.labels.get("block_size", "")
+                    if blocks.isdigit() and size.isdigit() and int(blocks) * int(size) > 0:
+                        return int(blocks) * int(size)
+    except (requests.RequestException, ValueError):
+        return None
+    return None
+
+
+def _header(args, model: str, design: str, result: FitResult, limits: Limits, sources: dict[str, str],
+            data: ProbeData, out: Path) -> str:
+    c = result.constants
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"Calibrated by `agentperf calibrate --design {design}` from {redact_url(args.host)} (model {model}), {when}.",
+        "Step constants fitted (the simulator's roofline, agentperf_users/twin/fit.py):",
+        f"  overhead per step {c.overhead_s * 1e3:.4g} ms; memory-bound: weights {c.weights_s * 1e3:.4g} ms + "
+        f"{c.kv_s_per_token * 1e9:.4g} ns per KV token read;",
+        f"  compute-bound: {c.compute_s_per_token * 1e6:.4g} us per token + {c.attention_s_per_pair * 1e12:.4g} ps per "
+        f"attention pair; request latency outside steps {c.request_latency_s * 1e3:.4g} ms (not in this profile).",
+        f"Fit: {len(result.relative_residuals)} timings, residual {result.rms_relative:.1%} RMS, {result.max_relative:.1%} "
+        f"max; every timing and its residual: {out.stem}{SIDECAR_SUFFIX}",
+        "Limits: " + "; ".join(f"{name} {getattr(limits, name)} from {sources[name]}" for name in
+                               ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")),
+        f"Prefix caching on the server: {data.prefix_caching} (the simulator always caches prefixes).",
+        "The gpu and model fields are a stand-in that gives these constants (twin/profile_yaml.py); power is a placeholder.",
+    ]
+    return "\n".join(lines)
+
+
+def _sidecar(args, model: str, design: str, result: FitResult, limits: Limits, sources: dict[str, str],
+             data: ProbeData) -> dict:
+    c = result.constants
+    return {
+        "server": redact_url(args.host), "model": model, "design": design, "prefix_caching": data.prefix_caching,
+        "limits": {name: getattr(limits, name) for name in sources}, "limit_sources": sources,
+        "constants": c.to_dict(),
+        "fit": {"rms_relative": result.rms_relative, "max_relative": result.max_relative,
+                "memory_bound_steps": result.memory_bound_steps, "compute_bound_steps": result.compute_bound_steps},
+        "observations": [{**obs.to_dict(), "predicted_s": c.predict_s(obs), "relative_residual": residual}
+                         for obs, residual in zip(result.observations, result.relative_residuals)],
+    }

@@ -1,0 +1,210 @@
+"""Send a :class:`~agentperf_users.twin.probe_design.ProbeDesign` to a server and turn what came back into
+:class:`~agentperf_users.twin.fit.Observation` s.
+
+Requests are plain streaming chat completions (``replay.chat_params``: usage included, ``ignore_eos`` so
+output lengths are exact), one user message of filler text (``textgen.filler``) behind a nonce, so no
+two probe prompts share a first block unless the shared-prefix pair means them to. Token arrival times
+are taken as the bytes arrive (``sse.StreamTally``), and the server's own ``usage.prompt_tokens`` is the
+prompt length the fit uses: the server's tokenizer may count the filler differently from agentperf's.
+A decode group runs its requests on threads released together by a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import requests
+
+from agentperf_users import replay
+from agentperf_users.client import api_url, redact
+from agentperf_users.errors import AgentperfError
+from agentperf_users.probe import ProbeTarget
+from agentperf_users.simulator.profile import attention_pairs
+from agentperf_users.sse import SSEParser, StreamTally
+from agentperf_users.textgen import filler
+from agentperf_users.twin.fit import Observation, StepWork
+from agentperf_users.twin.probe_design import ProbeDesign
+
+PREFILL_OUTPUT_TOKENS = 2  # a first token is all a prefill probe needs; a second shows the stream goes on
+MIN_DECODE_GAPS = 5  # gaps inside a group's all-decoding window needed to take its median
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One probe request as the client saw it."""
+
+    prompt_tokens: int  # the server's count (usage), or agentperf's when the server reports none
+    cached_tokens: int | None  # usage.prompt_tokens_details.cached_tokens; None: not reported
+    sent_s: float  # monotonic time the request was sent
+    token_times: tuple[float, ...]  # monotonic arrival time of each token chunk
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] - self.sent_s
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    observations: tuple[Observation, ...]
+    prefix_caching: str  # "on", "off" or "unknown"
+
+
+class ProbeClient:
+    """Streams probe requests to one model of one server; one ``requests.Session`` per thread."""
+
+    def __init__(self, target: ProbeTarget, model: str) -> None:
+        self._target = target
+        self._model = model
+        self._url = api_url(target.host, "chat/completions")
+        self._local = threading.local()
+
+    def send(self, prompt_tokens: int, output_tokens: int, text: str | None = None) -> Measured:
+        """A request of about ``prompt_tokens`` (agentperf's count) of fresh text, or of ``text``."""
+        text = text or fresh_text(prompt_tokens)
+        body = {**replay.chat_params(self._model, output_tokens, replay.ReplaySettings()),
+                "messages": [{"role": "user", "content": text}]}
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self._target.api_key:
+            headers["Authorization"] = f"Bearer {self._target.api_key}"
+        session = self._session()
+        sent_s = time.monotonic()
+        try:
+            with session.post(self._url, data=json.dumps(body), headers=headers, stream=True,
+                              timeout=(CONNECT_TIMEOUT_S, self._target.timeout_s)) as response:
+                if response.status_code != 200:
+                    raise self._error(f"answered a probe request with HTTP {response.status_code} "
+                                      f"({self._redact(response.text)})")
+                tally, parser = StreamTally(), SSEParser()
+                for data in response.iter_content(chunk_size=None):
+                    for event in parser.feed(data):
+                        tally.add(event, time.monotonic())
+                    if tally.error is not None or tally.done_at is not None:
+                        break
+        except requests.RequestException as exc:
+            raise self._error(f"stopped answering during the probe ({type(exc).__name__})") from None
+        if tally.error is not None or not tally.token_times:
+            raise self._error(f"sent a stream without tokens or not OpenAI's chunks ({tally.error or 'no tokens'})")
+        usage = tally.usage or {}
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        prompt = usage.get("prompt_tokens")
+        return Measured(prompt if isinstance(prompt, int) and prompt > 0 else prompt_tokens,
+                        cached if isinstance(cached, int) else None, sent_s, tuple(tally.token_times))
+
+    def group(self, count: int, prompt_tokens: int, output_tokens: int) -> list[Measured]:
+        """``count`` requests sent at once from threads (a barrier releases them together)."""
+        barrier = threading.Barrier(count)
+        results: list[Measured | BaseException | None] = [None] * count
+
+        def one(index: int) -> None:
+            try:
+                barrier.wait()
+                results[index] = self.send(prompt_tokens, output_tokens)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+                results[index] = exc
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.trust_env = False
+        return session
+
+    def _redact(self, text: str) -> str:
+        return redact(text, (self._target.api_key,) if self._target.api_key else ())
+
+    def _error(self, what: str) -> AgentperfError:
+        return AgentperfError(f"{redact(self._url)} {what}: calibrate needs an idle OpenAI-compatible streaming "
+                              "server; see its log and run calibrate again")
+
+
+def fresh_text(prompt_tokens: int) -> str:
+    """Filler text of ``prompt_tokens`` behind a random nonce, so its first block is nobody's prefix."""
+    nonce = secrets.token_hex(8)
+    return f"probe {nonce}\n" + filler(max(1, prompt_tokens - 4), nonce)
+
+
+def prefill_steps(new_tokens: int, cached_tokens: int, budget_tokens: int) -> tuple[StepWork, ...]:
+    """The steps that prefill ``new_tokens`` after ``cached_tokens`` in chunks of at most ``budget_tokens``."""
+    steps, done = [], cached_tokens
+    while done < cached_tokens + new_tokens:
+        chunk = min(budget_tokens, cached_tokens + new_tokens - done)
+        steps.append(StepWork(chunk, done, attention_pairs(chunk, done)))
+        done += chunk
+    return tuple(steps)
+
+
+def decode_observation(streams: Sequence[Measured], label: str) -> Observation | None:
+    """One decode step of the whole group: the median gap between tokens while every request of the group
+    is decoding (after the last first token, before the first last token); None if that window is too short."""
+    start_s = max(s.token_times[0] for s in streams)
+    end_s = min(s.token_times[-1] for s in streams)
+    gaps = [b - a for s in streams for a, b in zip(s.token_times, s.token_times[1:]) if a >= start_s and b <= end_s]
+    if len(gaps) < MIN_DECODE_GAPS:
+        return None
+    middle_s = (start_s + end_s) / 2
+    context = sum(s.prompt_tokens + sum(1 for t in s.token_times if t <= middle_s) for s in streams)
+    return Observation("itl", label, (StepWork(decode_batch=len(streams), decode_context_tokens=context),),
+                       statistics.median(gaps))
+
+
+def run_probe(client: ProbeClient, design: ProbeDesign, budget_tokens: int,
+              progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ProbeData:
+    """Send the whole design; the observations for the fit, and whether the server caches prefixes."""
+    for _ in range(design.warmup_requests):
+        client.send(64, 4)
+    observations = []
+    for tokens in design.prefill_tokens:
+        runs = [client.send(tokens, PREFILL_OUTPUT_TOKENS) for _ in range(design.prefill_repeats)]
+        ttft_s = statistics.median(run.ttft_s for run in runs)
+        prompt = runs[0].prompt_tokens
+        observations.append(Observation("ttft", f"cold prefill {prompt}", prefill_steps(prompt, 0, budget_tokens), ttft_s))
+        progress(f"agentperf calibrate: cold prefill of {prompt} tokens: TTFT {ttft_s * 1e3:.1f} ms")
+    for context in design.decode_contexts:
+        for batch in design.decode_batches:
+            streams = client.group(batch, context, design.decode_output_tokens)
+            found = decode_observation(streams, f"decode {batch} x {streams[0].prompt_tokens}")
+            if found is None:
+                progress(f"agentperf calibrate: {batch} decodes at {context} tokens: no all-decoding window, skipped")
+                continue
+            observations.append(found)
+            progress(f"agentperf calibrate: {batch} concurrent decodes at {streams[0].prompt_tokens} tokens: "
+                     f"{found.measured_s * 1e3:.2f} ms per step")
+    caching, pair = _prefix_pair(client, design.prefix_tokens, budget_tokens)
+    observations += pair
+    progress(f"agentperf calibrate: shared-prefix pair of {design.prefix_tokens} tokens: prefix caching {caching}")
+    return ProbeData(tuple(observations), caching)
+
+
+def _prefix_pair(client: ProbeClient, tokens: int, budget_tokens: int) -> tuple[str, list[Observation]]:
+    """The same prompt twice: is the second a prefix-cache hit? Both TTFTs are observations where known."""
+    text = fresh_text(tokens)
+    first = client.send(tokens, PREFILL_OUTPUT_TOKENS, text)
+    second = client.send(tokens, PREFILL_OUTPUT_TOKENS, text)
+    found = [Observation("ttft", f"cold prefill {first.prompt_tokens} (pair)",
+                         prefill_steps(first.prompt_tokens, 0, budget_tokens), first.ttft_s)]
+    if second.cached_tokens is None:
+        return ("on" if second.ttft_s < 0.5 * first.ttft_s else "off") + " (by TTFT, no cached_tokens reported)", found
+    new = second.prompt_tokens - second.cached_tokens
+    if new > 0:
+        found.append(Observation("ttft", f"prefill {new} after {second.cached_tokens} cached",
+                                 prefill_steps(new, second.cached_tokens, budget_tokens), second.ttft_s))
+    return ("on" if second.cached_tokens > 0 else "off"), found
