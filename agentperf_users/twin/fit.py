@@ -71,7 +71,7 @@ class StepWork:
 class Observation:
     """A measured duration that is the sum of ``steps`` (plus the request latency when ``kind`` is ttft)."""
 
-    kind: str  # "ttft" (a first token: request latency + prefill steps) or "itl" (one decode step)
+    kind: str  # "ttft" (client: request latency + prefill steps), "prefill" (engine clock: the steps) or "itl" (a decode step)
     label: str  # what the probe did, for the sidecar and the messages
     steps: tuple[StepWork, ...]
     measured_s: float

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from agentperf_users import replay
 from agentperf_users.client import api_url, redact
@@ -35,6 +36,8 @@ from agentperf_users.twin.probe_design import ProbeDesign
 PREFILL_OUTPUT_TOKENS = 2  # a first token is all a prefill probe needs; a second shows the stream goes on
 MIN_DECODE_GAPS = 5  # gaps inside a group's all-decoding window needed to take its median
 CONNECT_TIMEOUT_S = 10.0
+PREFILL_HISTOGRAM = "vllm:request_prefill_time_seconds"
+METRICS_SETTLE_S = 2.0  # how long a finished request may take to show in the server's histograms
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class ProbeClient:
         self._target = target
         self._model = model
         self._url = api_url(target.host, "chat/completions")
+        self._metrics_url = target.host.rstrip("/").removesuffix("/v1") + "/metrics"
         self._local = threading.local()
 
     def send(self, prompt_tokens: int, output_tokens: int, text: str | None = None) -> Measured:
@@ -98,6 +102,38 @@ class ProbeClient:
         prompt = usage.get("prompt_tokens")
         return Measured(prompt if isinstance(prompt, int) and prompt > 0 else prompt_tokens,
                         cached if isinstance(cached, int) else None, sent_s, tuple(tally.token_times))
+
+    def prefill_clock(self) -> tuple[float, int] | None:
+        """(sum, count) of the server's ``vllm:request_prefill_time_seconds`` histogram (each request's time
+        from its first scheduled step to its first token, on the engine's clock); None where it has none."""
+        try:
+            response = self._session().get(self._metrics_url, timeout=CONNECT_TIMEOUT_S)
+            if response.status_code != 200:
+                return None
+            found = {}
+            for family in text_string_to_metric_families(response.text):
+                for sample in family.samples:
+                    if sample.name in (PREFILL_HISTOGRAM + "_sum", PREFILL_HISTOGRAM + "_count"):
+                        found[sample.name] = found.get(sample.name, 0.0) + sample.value
+        except (requests.RequestException, ValueError):
+            return None
+        if len(found) != 2:
+            return None
+        return found[PREFILL_HISTOGRAM + "_sum"], int(found[PREFILL_HISTOGRAM + "_count"])
+
+    def send_prefill(self, prompt_tokens: int, text: str | None = None) -> tuple[Measured, float | None]:
+        """A lone request and its prefill time on the engine's clock (None where the server does not tell
+        it): the difference of the prefill histogram's sum around it, once its count has moved by one."""
+        before = self.prefill_clock()
+        measured = self.send(prompt_tokens, PREFILL_OUTPUT_TOKENS, text)
+        if before is None:
+            return measured, None
+        deadline = time.monotonic() + METRICS_SETTLE_S
+        while (after := self.prefill_clock()) is not None and after[1] == before[1] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if after is None or after[1] != before[1] + 1:
+            return measured, None
+        return measured, after[0] - before[0]
 
     def group(self, count: int, prompt_tokens: int, output_tokens: int) -> list[Measured]:
         """``count`` requests sent at once from threads (a barrier releases them together)."""
@@ -153,17 +189,24 @@ def prefill_steps(new_tokens: int, cached_tokens: int, budget_tokens: int) -> tu
 
 
 def decode_observation(streams: Sequence[Measured], label: str) -> Observation | None:
-    """One decode step of the whole group: the median gap between tokens while every request of the group
-    is decoding (after the last first token, before the first last token); None if that window is too short."""
+    """One decode step of the whole group: while every request of the group is decoding (after the last
+    first token, before the first last token), each stream's mean gap between tokens, and the median of
+    those; None if that window is too short. A mean over the window, not a median of gaps: a server (or
+    client) that falls behind and catches up squeezes many gaps and stretches one, which a median of
+    gaps would read as faster steps."""
     start_s = max(s.token_times[0] for s in streams)
     end_s = min(s.token_times[-1] for s in streams)
-    gaps = [b - a for s in streams for a, b in zip(s.token_times, s.token_times[1:]) if a >= start_s and b <= end_s]
-    if len(gaps) < MIN_DECODE_GAPS:
+    means = []
+    for stream in streams:
+        inside = [t for t in stream.token_times if start_s <= t <= end_s]
+        if len(inside) > MIN_DECODE_GAPS:
+            means.append((inside[-1] - inside[0]) / (len(inside) - 1))
+    if len(means) < len(streams):
         return None
     middle_s = (start_s + end_s) / 2
     context = sum(s.prompt_tokens + sum(1 for t in s.token_times if t <= middle_s) for s in streams)
     return Observation("itl", label, (StepWork(decode_batch=len(streams), decode_context_tokens=context),),
-                       statistics.median(gaps))
+                       statistics.median(means))
 
 
 def run_probe(client: ProbeClient, design: ProbeDesign, budget_tokens: int,
@@ -173,11 +216,11 @@ def run_probe(client: ProbeClient, design: ProbeDesign, budget_tokens: int,
         client.send(64, 4)
     observations = []
     for tokens in design.prefill_tokens:
-        runs = [client.send(tokens, PREFILL_OUTPUT_TOKENS) for _ in range(design.prefill_repeats)]
-        ttft_s = statistics.median(run.ttft_s for run in runs)
-        prompt = runs[0].prompt_tokens
-        observations.append(Observation("ttft", f"cold prefill {prompt}", prefill_steps(prompt, 0, budget_tokens), ttft_s))
-        progress(f"agentperf calibrate: cold prefill of {prompt} tokens: TTFT {ttft_s * 1e3:.1f} ms")
+        runs = [client.send_prefill(tokens) for _ in range(design.prefill_repeats)]
+        found = _prefill_observation(runs, 0, budget_tokens, "cold prefill")
+        observations.append(found)
+        progress(f"agentperf calibrate: {found.label}: {found.measured_s * 1e3:.1f} ms "
+                 f"({'engine clock' if found.kind == 'prefill' else 'TTFT'})")
     for context in design.decode_contexts:
         for batch in design.decode_batches:
             streams = client.group(batch, context, design.decode_output_tokens)
@@ -195,16 +238,25 @@ def run_probe(client: ProbeClient, design: ProbeDesign, budget_tokens: int,
 
 
 def _prefix_pair(client: ProbeClient, tokens: int, budget_tokens: int) -> tuple[str, list[Observation]]:
-    """The same prompt twice: is the second a prefix-cache hit? Both TTFTs are observations where known."""
+    """The same prompt twice: is the second a prefix-cache hit? Both prefills are observations where known."""
     text = fresh_text(tokens)
-    first = client.send(tokens, PREFILL_OUTPUT_TOKENS, text)
-    second = client.send(tokens, PREFILL_OUTPUT_TOKENS, text)
-    found = [Observation("ttft", f"cold prefill {first.prompt_tokens} (pair)",
-                         prefill_steps(first.prompt_tokens, 0, budget_tokens), first.ttft_s)]
-    if second.cached_tokens is None:
-        return ("on" if second.ttft_s < 0.5 * first.ttft_s else "off") + " (by TTFT, no cached_tokens reported)", found
-    new = second.prompt_tokens - second.cached_tokens
-    if new > 0:
-        found.append(Observation("ttft", f"prefill {new} after {second.cached_tokens} cached",
-                                 prefill_steps(new, second.cached_tokens, budget_tokens), second.ttft_s))
-    return ("on" if second.cached_tokens > 0 else "off"), found
+    first = client.send_prefill(tokens, text)
+    second = client.send_prefill(tokens, text)
+    found = [_prefill_observation([first], 0, budget_tokens, "cold prefill (pair)")]
+    cached = second[0].cached_tokens
+    if cached is None:
+        return ("on" if second[0].ttft_s < 0.5 * first[0].ttft_s else "off") + " (by TTFT, no cached_tokens)", found
+    if second[0].prompt_tokens > cached:
+        found.append(_prefill_observation([second], cached, budget_tokens, f"prefill after {cached} cached"))
+    return ("on" if cached > 0 else "off"), found
+
+
+def _prefill_observation(runs: Sequence[tuple[Measured, float | None]], cached_tokens: int, budget_tokens: int,
+                         what: str) -> Observation:
+    """The median of lone prefills of one prompt length: on the engine's clock where every run has it (no
+    request latency in it), else the client's TTFT."""
+    prompt = runs[0][0].prompt_tokens
+    engine = [seconds for _, seconds in runs]
+    kind, values = ("prefill", engine) if all(s is not None for s in engine) else ("ttft", [m.ttft_s for m, _ in runs])
+    return Observation(kind, f"{what} of {prompt - cached_tokens} tokens",
+                       prefill_steps(prompt - cached_tokens, cached_tokens, budget_tokens), statistics.median(values))
