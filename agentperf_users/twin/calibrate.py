@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,8 +78,11 @@ def run(args) -> int:
     data = run_probe(ProbeClient(target, model), design, limits.max_num_batched_tokens)
     result = fit(data.observations)
     header = _header(args, model, design.name, result, limits, sources, data, out)
+    scale = data.token_scale
+    ours = replace(limits, kv_capacity_tokens=int(limits.kv_capacity_tokens / scale),
+                   max_context_tokens=int(limits.max_context_tokens / scale))
     try:
-        profile = write_profile(out, profile_data(out.stem, result.constants, limits), header)
+        profile = write_profile(out, profile_data(out.stem, result.constants.per_token_of(scale), ours), header)
     except SimulatorError as exc:
         raise AgentperfError(f"the fitted numbers make no valid profile ({exc}): run calibrate again, or with the "
                              "standard --design") from None
@@ -150,6 +154,8 @@ def _header(args, model: str, design: str, result: FitResult, limits: Limits, so
         "Limits: " + "; ".join(f"{name} {getattr(limits, name)} from {sources[name]}" for name in
                                ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")),
         f"Prefix caching on the server: {data.prefix_caching} (the simulator always caches prefixes).",
+        f"Token scale: the server counts {data.token_scale:.4g} tokens per agentperf token; the constants and limits "
+        "above are per server token, the profile's are per agentperf token (the simulator's count).",
         "The gpu and model fields are a stand-in that gives these constants (twin/profile_yaml.py); power is a placeholder.",
     ]
     return "\n".join(lines)
@@ -160,6 +166,7 @@ def _sidecar(args, model: str, design: str, result: FitResult, limits: Limits, s
     c = result.constants
     return {
         "server": redact_url(args.host), "model": model, "design": design, "prefix_caching": data.prefix_caching,
+        "token_scale": data.token_scale,
         "limits": {name: getattr(limits, name) for name in sources}, "limit_sources": sources,
         "constants": c.to_dict(),
         "fit": {"rms_relative": result.rms_relative, "max_relative": result.max_relative,

@@ -113,6 +113,13 @@ class StepConstants:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def per_token_of(self, scale: float) -> StepConstants:
+        """The same costs counted in another tokenizer's tokens, ``scale`` server tokens each: per-token
+        costs ``scale`` times, per-pair costs ``scale ** 2`` times, per-step costs unchanged."""
+        return StepConstants(self.overhead_s, self.weights_s, self.kv_s_per_token * scale,
+                             self.compute_s_per_token * scale, self.attention_s_per_pair * scale**2,
+                             self.request_latency_s)
+
     def ratios_to(self, other: StepConstants) -> dict[str, float | None]:
         """Each number of ``self`` over ``other``'s (None where ``other``'s is 0)."""
         return {f.name: (getattr(self, f.name) / getattr(other, f.name) if getattr(other, f.name) else None)

@@ -28,6 +28,7 @@ from agentperf_users.client import api_url, redact
 from agentperf_users.errors import AgentperfError
 from agentperf_users.probe import ProbeTarget
 from agentperf_users.simulator.profile import attention_pairs
+from agentperf_users.simulator.tokenizer import count_prompt_tokens
 from agentperf_users.sse import SSEParser, StreamTally
 from agentperf_users.textgen import filler
 from agentperf_users.twin.fit import Observation, StepWork
@@ -45,6 +46,7 @@ class Measured:
     """One probe request as the client saw it."""
 
     prompt_tokens: int  # the server's count (usage), or agentperf's when the server reports none
+    our_tokens: int  # agentperf's count of the same request (the simulator's tokenizer and template)
     cached_tokens: int | None  # usage.prompt_tokens_details.cached_tokens; None: not reported
     sent_s: float  # monotonic time the request was sent
     token_times: tuple[float, ...]  # monotonic arrival time of each token chunk
@@ -58,6 +60,7 @@ class Measured:
 class ProbeData:
     observations: tuple[Observation, ...]
     prefix_caching: str  # "on", "off" or "unknown"
+    token_scale: float  # the server's prompt tokens per agentperf token (the slope over the cold prefills)
 
 
 class ProbeClient:
@@ -73,8 +76,8 @@ class ProbeClient:
     def send(self, prompt_tokens: int, output_tokens: int, text: str | None = None) -> Measured:
         """A request of about ``prompt_tokens`` (agentperf's count) of fresh text, or of ``text``."""
         text = text or fresh_text(prompt_tokens)
-        body = {**replay.chat_params(self._model, output_tokens, replay.ReplaySettings()),
-                "messages": [{"role": "user", "content": text}]}
+        messages = [{"role": "user", "content": text}]
+        body = {**replay.chat_params(self._model, output_tokens, replay.ReplaySettings()), "messages": messages}
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self._target.api_key:
             headers["Authorization"] = f"Bearer {self._target.api_key}"
@@ -100,7 +103,8 @@ class ProbeClient:
         details = usage.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
         prompt = usage.get("prompt_tokens")
-        return Measured(prompt if isinstance(prompt, int) and prompt > 0 else prompt_tokens,
+        ours = count_prompt_tokens(messages)
+        return Measured(prompt if isinstance(prompt, int) and prompt > 0 else ours, ours,
                         cached if isinstance(cached, int) else None, sent_s, tuple(tally.token_times))
 
     def prefill_clock(self) -> tuple[float, int] | None:
@@ -214,9 +218,10 @@ def run_probe(client: ProbeClient, design: ProbeDesign, budget_tokens: int,
     """Send the whole design; the observations for the fit, and whether the server caches prefixes."""
     for _ in range(design.warmup_requests):
         client.send(64, 4)
-    observations = []
+    observations, sizes = [], []
     for tokens in design.prefill_tokens:
         runs = [client.send_prefill(tokens) for _ in range(design.prefill_repeats)]
+        sizes.append((runs[0][0].our_tokens, runs[0][0].prompt_tokens))
         found = _prefill_observation(runs, 0, budget_tokens, "cold prefill")
         observations.append(found)
         progress(f"agentperf calibrate: {found.label}: {found.measured_s * 1e3:.1f} ms "
@@ -234,7 +239,24 @@ def run_probe(client: ProbeClient, design: ProbeDesign, budget_tokens: int,
     caching, pair = _prefix_pair(client, design.prefix_tokens, budget_tokens)
     observations += pair
     progress(f"agentperf calibrate: shared-prefix pair of {design.prefix_tokens} tokens: prefix caching {caching}")
-    return ProbeData(tuple(observations), caching)
+    scale = token_scale(sizes)
+    if scale != 1.0:
+        progress(f"agentperf calibrate: the server counts {scale:.3f} tokens per agentperf token; the profile is "
+                 "priced in agentperf's tokens, as the simulator counts them")
+    return ProbeData(tuple(observations), caching, scale)
+
+
+def token_scale(sizes: Sequence[tuple[int, int]]) -> float:
+    """The slope of the server's prompt count over agentperf's (least squares with an intercept: a template
+    preamble costs every prompt alike); 1 where the counts agree or there is no spread to draw a line."""
+    if all(ours == theirs for ours, theirs in sizes) or len(sizes) < 2:
+        return 1.0
+    mean_ours = statistics.fmean(o for o, _ in sizes)
+    mean_theirs = statistics.fmean(t for _, t in sizes)
+    spread = sum((o - mean_ours) ** 2 for o, _ in sizes)
+    if spread == 0:
+        return 1.0
+    return sum((o - mean_ours) * (t - mean_theirs) for o, t in sizes) / spread
 
 
 def _prefix_pair(client: ProbeClient, tokens: int, budget_tokens: int) -> tuple[str, list[Observation]]:
