@@ -116,7 +116,7 @@ def part_a(seeds: list[int], design: str, folder: Path) -> None:
     print("\n".join(capacity_rows), flush=True)
 
 
-def part_b(design: str, folder: Path, measured: dict[int, int], live: bool) -> None:
+def part_b(design: str, folder: Path, measured: dict[int, dict[str, int | None]], live: bool) -> None:
     from tests.engine.vllm_server import LOAD_CPUS, VllmServer, pin, require_install
     from tests.engine.workload import write_small_set
 
@@ -130,18 +130,23 @@ def part_b(design: str, folder: Path, measured: dict[int, int], live: bool) -> N
             from benchmarks.engine_capacity import search
             options = argparse.Namespace(warmup_s=10, window_s=30, max_agents=48, start_agents=2)
             report = search(server.url, folder, trajectories, 0, options)["report"]
-            measured = {0: next(c["agents"] for c in report["capacity"].values() if c["label"].startswith("20 tok/s"))}
+            measured = {0: {c["label"]: c["agents"] for c in report["capacity"].values()}}
     print(f"calibrated in {wall_s:.0f} s; {twin.read_text().split('description')[0]}")
-    print("(b) real vLLM (tiny Llama, CPU): predicted vs measured capacity, small engine set\n")
-    print("| seed | tier | predicted | measured (engine_capacity.py) | error | within max(1, 20 %) |\n|---|---|---|---|---|---|")
-    for seed in sorted(measured):
+    sidecar = json.loads(twin.with_name(twin.stem + ".probe.json").read_text())
+    print("| probe timing | measured | fitted | residual |\n|---|---|---|---|")
+    for obs in sidecar["observations"]:
+        print(f"| {obs['label']} | {obs['measured_s'] * 1e3:.1f} ms | {obs['predicted_s'] * 1e3:.1f} ms | "
+              f"{obs['relative_residual']:+.0%} |")
+    print("\n(b) real vLLM (tiny Llama, CPU): predicted vs measured capacity, small engine set\n")
+    print("| seed | tier | predicted | measured | error | within max(1, 20 %) |\n|---|---|---|---|---|---|")
+    for seed, tiers in sorted(measured.items()):
         predicted = capacities("predict", twin, "--trajectories", str(trajectories), "--seed", str(seed), *ENGINE_SEARCH)
         for cap in predicted.values():
-            real = measured[seed] if cap["label"].startswith("20 tok/s") else None
-            error = abs((cap["agents"] or 0) - real) if real is not None else None
-            within = "" if real is None else "yes" if error <= max(1, 0.2 * real) else "NO"
-            print(f"| {seed} | {cap['label']} | {cap['status']} {cap['agents']} | {real if real is not None else '-'} | "
-                  f"{error if error is not None else '-'} | {within} |", flush=True)
+            real = next((agents for label, agents in tiers.items() if cap["label"].startswith(label)), "-")
+            error = abs((cap["agents"] or 0) - (real or 0)) if real != "-" else None
+            within = "" if error is None else "yes" if error <= max(1, 0.2 * (real or 0)) else "NO"
+            print(f"| {seed} | {cap['label']} | {cap['status']} {cap['agents']} | {real} | "
+                  f"{'-' if error is None else error} | {within} |", flush=True)
 
 
 def main() -> None:
@@ -151,12 +156,14 @@ def main() -> None:
     parser.add_argument("--design", default="standard")
     parser.add_argument("--measured", default="0:11,1:14", help="seed:agents of the measured 20 tok/s capacity")
     parser.add_argument("--live", action="store_true", help="(b): measure seed 0's capacity live instead (~6 min)")
+    parser.add_argument("--keep", default="", help="a folder to write the profiles, sidecars and runs into (kept)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="twin-accuracy-") as tmp:
+        tmp = args.keep or tmp
         if "a" in args.part:
             part_a([int(s) for s in args.seeds.split(",")], args.design, Path(tmp))
         if "b" in args.part:
-            measured = {int(k): int(v) for k, v in (pair.split(":") for pair in args.measured.split(","))}
+            measured = {int(k): {"20 tok/s": int(v)} for k, v in (pair.split(":") for pair in args.measured.split(","))}
             part_b(args.design, Path(tmp), measured, args.live)
 
 
