@@ -56,10 +56,11 @@ def test_fit_recovers_known_constants_from_noisy_timings(seed):
     assert result.compute_bound_steps > 0 and result.memory_bound_steps > 0  # both sides of the roofline seen
 
 
-def test_fit_without_noise_is_exact_and_separates_request_latency():
-    """Client TTFTs (request latency + steps) beside engine-clock decodes: the latency is its own number."""
+def test_fit_without_noise_is_exact_and_separates_request_latency_and_per_sequence_cost():
+    """Client TTFTs (request latency + steps) beside decodes on a server whose front end costs 0.7 ms per
+    streamed sequence and step (a CPU vLLM's): both are numbers of their own."""
     true = constants_of(load_profile("l4-llama3.2-3b"))
-    true = StepConstants(**{**true.to_dict(), "request_latency_s": 0.004})
+    true = StepConstants(**{**true.to_dict(), "request_latency_s": 0.004, "sequence_s": 0.0007})
     observations = [Observation("ttft", o.label, o.steps, true.predict_s(Observation("ttft", "", o.steps, 0.0)))
                     if o.kind == "prefill" else o for o in synthetic(true, noise=0.0, seed=0)]
     found = fit(observations).constants
@@ -87,6 +88,8 @@ def test_calibrate_recovers_the_profile_of_a_simulator(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     twin, truth = load_profile(out), load_profile(hidden)
     assert_close(constants_of(twin), constants_of(truth), tolerance=0.10, attention_tolerance=0.35)
+    floor_s = truth.decode_step_s(1)
+    assert constants_of(twin).sequence_s < 0.03 * floor_s  # the simulator's front end costs its steps nothing
     assert twin.kv_capacity_tokens == truth.kv_capacity_tokens  # read from vllm:cache_config_info, not fitted
     assert twin.model.max_context_tokens == truth.model.max_context_tokens
     assert twin.engine.max_num_seqs == 64
@@ -155,3 +158,13 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_a_profile_prices_each_decoding_sequence_outside_the_roofline(tmp_path):
+    """``efficiency.sequence_overhead_ms`` (what calibrate writes for a CPU server) adds to every decode step
+    per sequence, and a profile without it prices steps as before."""
+    plain = load_profile(write_profile(tmp_path, {}))
+    costed = load_profile(write_profile(tmp_path, {"efficiency.sequence_overhead_ms": 0.5}))
+    assert costed.decode_step_s(4) - plain.decode_step_s(4) == pytest.approx(4 * 0.5e-3)
+    assert costed.step_time_s(prefill_tokens=512) == plain.step_time_s(prefill_tokens=512)
+    assert constants_of(costed).sequence_s == pytest.approx(0.5e-3)

@@ -148,7 +148,8 @@ def _header(args, model: str, design: str, result: FitResult, limits: Limits, so
         f"  overhead per step {c.overhead_s * 1e3:.4g} ms; memory-bound: weights {c.weights_s * 1e3:.4g} ms + "
         f"{c.kv_s_per_token * 1e9:.4g} ns per KV token read;",
         f"  compute-bound: {c.compute_s_per_token * 1e6:.4g} us per token + {c.attention_s_per_pair * 1e12:.4g} ps per "
-        f"attention pair; request latency outside steps {c.request_latency_s * 1e3:.4g} ms (not in this profile).",
+        f"attention pair; per decoding sequence {c.sequence_s * 1e3:.4g} ms; request latency outside steps "
+        f"{c.request_latency_s * 1e3:.4g} ms (not in this profile).",
         f"Fit: {len(result.relative_residuals)} timings, residual {result.rms_relative:.1%} RMS, {result.max_relative:.1%} "
         f"max; every timing and its residual: {out.stem}{SIDECAR_SUFFIX}",
         "Limits: " + "; ".join(f"{name} {getattr(limits, name)} from {sources[name]}" for name in

@@ -3,19 +3,22 @@
 The model is the simulator's own roofline (:class:`agentperf_users.simulator.profile.StepCost`, for a dense
 model without sliding-window layers), written with the six numbers that price a step::
 
-    step_s = overhead_s + max(weights_s + kv_s_per_token * kv_tokens,                  # memory-bound
-                              compute_s_per_token * tokens + attention_s_per_pair * pairs)  # compute-bound
+    step_s = overhead_s + sequence_s * decodes
+             + max(weights_s + kv_s_per_token * kv_tokens,                  # memory-bound
+                   compute_s_per_token * tokens + attention_s_per_pair * pairs)  # compute-bound
 
 with ``kv_tokens`` the KV the step reads (each decode's context, each prefill chunk's prior context and
 new tokens), ``tokens`` the tokens it computes (prefill tokens plus one per decode) and ``pairs`` the
-attended (query, key) pairs (prefill pairs plus each decode's context). An :class:`Observation` is a
+attended (query, key) pairs (prefill pairs plus each decode's context). ``sequence_s`` is work per
+decoding sequence outside the roofline (a CPU server's front end streaming each token on the engine's
+cores: ``Efficiency.sequence_overhead_ms``; ~0 on a GPU server). An :class:`Observation` is a
 measured duration that is a sum of known steps: one decode step (a median inter-token gap), or the
 prefill chunks before a first token. A TTFT also holds ``request_latency_s``: what the server does
 before its engine sees the request (HTTP, chat template, tokenizer) and the network both ways, which is
 no engine step and so is kept out of the profile.
 
 Why piecewise least squares: given which side of the ``max`` each step is on, the model is linear in
-the six numbers, so the fit alternates (assign each step its side under the current numbers, solve a
+the seven numbers, so the fit alternates (assign each step its side under the current numbers, solve a
 least squares on relative errors with non-negative numbers) until the sides stop changing, from a few
 starting assignments (steps of at least T tokens compute-bound), and keeps the best. It needs no
 dependency beyond numpy, which pandas already brings.
@@ -88,7 +91,7 @@ class Observation:
 
 @dataclass(frozen=True)
 class StepConstants:
-    """The six fitted numbers (see the module docstring), in seconds."""
+    """The fitted numbers (see the module docstring), in seconds."""
 
     overhead_s: float
     weights_s: float
@@ -96,6 +99,7 @@ class StepConstants:
     compute_s_per_token: float
     attention_s_per_pair: float
     request_latency_s: float = 0.0
+    sequence_s: float = 0.0
 
     def memory_s(self, work: StepWork) -> float:
         return self.weights_s + self.kv_s_per_token * work.kv_tokens
@@ -104,7 +108,7 @@ class StepConstants:
         return self.compute_s_per_token * work.tokens + self.attention_s_per_pair * work.pairs
 
     def step_s(self, work: StepWork) -> float:
-        return self.overhead_s + max(self.memory_s(work), self.compute_s(work))
+        return self.overhead_s + self.sequence_s * work.decode_batch + max(self.memory_s(work), self.compute_s(work))
 
     def predict_s(self, observation: Observation) -> float:
         latency = self.request_latency_s if observation.kind == "ttft" else 0.0
@@ -118,7 +122,7 @@ class StepConstants:
         costs ``scale`` times, per-pair costs ``scale ** 2`` times, per-step costs unchanged."""
         return StepConstants(self.overhead_s, self.weights_s, self.kv_s_per_token * scale,
                              self.compute_s_per_token * scale, self.attention_s_per_pair * scale**2,
-                             self.request_latency_s)
+                             self.request_latency_s, self.sequence_s)
 
     def ratios_to(self, other: StepConstants) -> dict[str, float | None]:
         """Each number of ``self`` over ``other``'s (None where ``other``'s is 0)."""
@@ -181,9 +185,10 @@ def _solve(observations: Sequence[Observation], sides: Sequence[Sequence[bool]])
     """Non-negative least squares on relative errors, for the given sides (True: compute-bound)."""
     rows = []
     for obs, obs_sides in zip(observations, sides):
-        row = np.zeros(6)  # overhead, weights, kv per token, compute per token, per pair, request latency
+        row = np.zeros(7)  # overhead, weights, kv per token, compute per token, per pair, request latency, per sequence
         for step, compute_bound in zip(obs.steps, obs_sides):
             row[0] += 1
+            row[6] += step.decode_batch
             if compute_bound:
                 row[3] += step.tokens
                 row[4] += step.pairs

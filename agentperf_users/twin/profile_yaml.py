@@ -48,7 +48,7 @@ class Limits:
 
 
 def constants_of(profile: Profile) -> StepConstants:
-    """The five step constants a profile's ``StepCost`` uses (dense model, no sliding window, no MoE)."""
+    """The step constants a profile's ``StepCost`` uses (dense model, no sliding window, no MoE)."""
     if profile.model.moe or profile.model.sliding_window:
         raise SimulatorError(f"profile {profile.name}: MoE and sliding-window profiles have no five-number step cost")
     gpu, model, efficiency = profile.gpu, profile.model, profile.efficiency
@@ -57,7 +57,7 @@ def constants_of(profile: Profile) -> StepConstants:
     pair_flops = 4 * model.attention_heads * model.head_dim * model.layers
     return StepConstants(efficiency.step_overhead_ms / 1e3, model.weights_gib * GIB / bandwidth,
                          profile.kv_bytes_per_token / bandwidth, 2 * model.active_params_b * 1e9 / flops,
-                         pair_flops / flops)
+                         pair_flops / flops, sequence_s=(efficiency.sequence_overhead_ms or 0.0) / 1e3)
 
 
 def profile_data(name: str, constants: StepConstants, limits: Limits) -> dict:
@@ -77,7 +77,8 @@ def profile_data(name: str, constants: StepConstants, limits: Limits) -> dict:
         "engine": {"max_num_seqs": limits.max_num_seqs, "max_num_batched_tokens": limits.max_num_batched_tokens,
                    "max_waiting_requests": limits.max_waiting_requests, "block_size": BLOCK_SIZE,
                    "gpu_memory_utilization": 1.0, "activation_reserve_gib": RESERVE_GIB},
-        "efficiency": {"bandwidth": 1.0, "mfu": 1.0, "step_overhead_ms": max(constants.overhead_s * 1e3, 1e-6)},
+        "efficiency": {"bandwidth": 1.0, "mfu": 1.0, "step_overhead_ms": max(constants.overhead_s * 1e3, 1e-6),
+                       **({"sequence_overhead_ms": constants.sequence_s * 1e3} if constants.sequence_s > 1e-9 else {})},
         "output_tokens": {"median_tokens": limits.output_median_tokens, "p95_tokens": limits.output_p95_tokens},
     }
 
