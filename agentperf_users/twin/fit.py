@@ -20,7 +20,8 @@ no engine step and so is kept out of the profile.
 Why piecewise least squares: given which side of the ``max`` each step is on, the model is linear in
 the seven numbers, so the fit alternates (assign each step its side under the current numbers, solve a
 least squares on relative errors with non-negative numbers) until the sides stop changing, from a few
-starting assignments (steps of at least T tokens compute-bound), and keeps the best. It needs no
+starting assignments (steps of at least T tokens compute-bound), and keeps the best; timings far
+slower than that fit (a stall of a shared machine) are set aside and the rest fitted again. It needs no
 dependency beyond numpy, which pandas already brings.
 """
 
@@ -39,6 +40,10 @@ MIN_OBSERVATIONS = 8
 MAX_RMS_RELATIVE = 0.25
 """A fit whose predictions miss the measurements by more (root mean square of relative errors) is no
 model of the server: its timings are too noisy, or it is not a batching engine this model describes."""
+MAX_SPIKE_SHARE = 0.15
+"""At most this share of the timings may be set aside as spikes (see :func:`fit`)."""
+SPIKE_MIN_RELATIVE = 0.15
+SPIKE_MEDIANS = 4.0
 START_THRESHOLDS_TOKENS = (32, 128, 512, 2048, 8192, math.inf)
 MAX_ITERATIONS = 30
 
@@ -133,18 +138,24 @@ class StepConstants:
 @dataclass(frozen=True)
 class FitResult:
     constants: StepConstants
-    observations: tuple[Observation, ...]  # those fitted (the usable ones), in order
+    observations: tuple[Observation, ...]  # the usable ones, in order
     relative_residuals: tuple[float, ...]  # (predicted - measured) / measured, one per observation, in order
     memory_bound_steps: int
     compute_bound_steps: int
+    spikes: frozenset[int] = frozenset()  # indices of the observations set aside as spikes (not fitted)
+
+    @property
+    def fitted_residuals(self) -> list[float]:
+        return [r for i, r in enumerate(self.relative_residuals) if i not in self.spikes]
 
     @property
     def rms_relative(self) -> float:
-        return math.sqrt(sum(r * r for r in self.relative_residuals) / len(self.relative_residuals))
+        fitted = self.fitted_residuals
+        return math.sqrt(sum(r * r for r in fitted) / len(fitted))
 
     @property
     def max_relative(self) -> float:
-        return max(abs(r) for r in self.relative_residuals)
+        return max(abs(r) for r in self.fitted_residuals)
 
 
 def fit(observations: Sequence[Observation], max_rms_relative: float = MAX_RMS_RELATIVE) -> FitResult:
@@ -153,12 +164,32 @@ def fit(observations: Sequence[Observation], max_rms_relative: float = MAX_RMS_R
     if len(usable) < MIN_OBSERVATIONS:
         raise FitError(f"the probe measured {len(usable)} usable timings, the fit needs at least {MIN_OBSERVATIONS}: "
                        "run calibrate with a larger --design (or check that the server streams tokens)")
-    best = min((_fit_from(usable, threshold) for threshold in START_THRESHOLDS_TOKENS), key=_score)
+    best = _best_fit(usable)
+    spikes = _spikes(best.relative_residuals)
+    if spikes:
+        kept = _best_fit([obs for i, obs in enumerate(usable) if i not in spikes])
+        residuals = tuple((kept.constants.predict_s(obs) - obs.measured_s) / obs.measured_s for obs in usable)
+        best = FitResult(kept.constants, tuple(usable), residuals, kept.memory_bound_steps, kept.compute_bound_steps,
+                         spikes)
     if best.rms_relative > max_rms_relative:
         raise FitError(f"the fit misses the measured timings by {best.rms_relative:.0%} (root mean square, more than "
                        f"{max_rms_relative:.0%}): the server's timings are too noisy to calibrate from; run calibrate "
                        "again on an otherwise idle server and load generator (or with a larger --design)")
     return best
+
+
+def _best_fit(observations: Sequence[Observation]) -> FitResult:
+    return min((_fit_from(observations, threshold) for threshold in START_THRESHOLDS_TOKENS), key=_score)
+
+
+def _spikes(residuals: Sequence[float]) -> frozenset[int]:
+    """Timings much *slower* than the fit (another process took the server's core for a while: interference
+    only ever adds time), at most ``MAX_SPIKE_SHARE`` of them, the slowest first; set aside and refitted
+    without, so one stall does not bend every constant. Timings faster than the model are never dropped."""
+    typical = sorted(abs(r) for r in residuals)[len(residuals) // 2]
+    limit = max(SPIKE_MIN_RELATIVE, SPIKE_MEDIANS * typical)
+    slow = sorted((r, i) for i, r in enumerate(residuals) if r < -limit)
+    return frozenset(i for _, i in slow[:int(MAX_SPIKE_SHARE * len(residuals))])
 
 
 def _score(result: FitResult) -> float:
