@@ -53,6 +53,6 @@ DESIGNS = {
                             prefill_repeats=3, decode_batches=(1, 2, 4, 8, 16), decode_contexts=(128, 1024, 4096),
                             decode_output_tokens=48, prefix_tokens=2048),
     "quick": ProbeDesign("quick", prefill_tokens=(16, 64, 256, 1024, 4096), prefill_repeats=1,
-                         decode_batches=(1, 4, 16), decode_contexts=(128, 1024, 4096), decode_output_tokens=32,
+                         decode_batches=(1, 4, 16), decode_contexts=(128, 1024, 4096), decode_output_tokens=48,
                          prefix_tokens=1024, warmup_requests=1),
 }
