@@ -273,8 +273,8 @@ class StepCost:
     """
 
     __slots__ = ("_overhead_s", "_sequence_s", "_dense_bytes", "_expert_bytes", "_expert_miss", "_kv_token_bytes",
-                 "_window_kv_bytes", "_window_kv_bytes_per_seq", "_bandwidth", "_flops_per_token", "_pair_flops", "_window_token_flops",
-                 "_flops_per_s")
+                 "_window_kv_bytes", "_window_kv_bytes_per_seq", "_bandwidth", "_flops_per_token", "_pair_flops",
+                 "_window_token_flops", "_flops_per_s")
 
     def __init__(self, profile: Profile) -> None:
         model, gpu = profile.model, profile.gpu
