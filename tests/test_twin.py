@@ -103,6 +103,8 @@ def test_calibrate_recovers_the_profile_of_a_simulator(tmp_path, capsys):
     assert sidecar["prefix_caching"] == "on"
     assert len(sidecar["observations"]) >= MIN_OBSERVATIONS
     assert {o["kind"] for o in sidecar["observations"]} == {"prefill", "itl"}  # the simulator tells prefill times
+    # so the time outside its steps is measured beside them: client TTFT minus the prefill, one per cold length
+    assert len(sidecar["front_end_s"]) == 5 and all(seconds > 0 for _, seconds in sidecar["front_end_s"])
     assert "residual" in out.read_text().splitlines()[4]  # the comment block says how well it fits
     assert "calibrate: cold prefill" in capsys.readouterr().err  # progress lines
 

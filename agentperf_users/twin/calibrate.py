@@ -126,7 +126,8 @@ def _stored(path: Path) -> Source:
         stored = json.loads(path.read_text(encoding="utf-8"))
         limits = Limits(**{name: int(stored["limits"][name]) for name in LIMIT_NAMES})
         data = ProbeData(tuple(Observation.from_dict(o) for o in stored["observations"]), str(stored["prefix_caching"]),
-                         float(stored["token_scale"]))
+                         float(stored["token_scale"]),
+                         tuple((int(n), float(s)) for n, s in stored.get("front_end_s", ())))
         return Source(str(stored["server"]), str(stored["model"]), str(stored["design"]), limits,
                       {name: str(stored["limit_sources"][name]) for name in LIMIT_NAMES}, data)
     except OSError as exc:
@@ -200,6 +201,8 @@ def _header(source: Source, result: FitResult, out: Path) -> str:
         f"Prefix caching on the server: {data.prefix_caching} (the simulator always caches prefixes).",
         f"Token scale: the server counts {data.token_scale:.4g} tokens per agentperf token; the constants and limits "
         "above are per server token, the profile's are per agentperf token (the simulator's count).",
+        *([f"Outside the engine's steps (client TTFT minus its prefill time; not in this profile): "
+           + ", ".join(f"{s * 1e3:.1f} ms at {n} tokens" for n, s in data.front_end_s[::3])] if data.front_end_s else []),
         "The gpu and model fields are a stand-in that gives these constants (twin/profile_yaml.py); power is a placeholder.",
     ]
     return "\n".join(lines)
@@ -209,7 +212,7 @@ def _sidecar(source: Source, result: FitResult) -> dict:
     c, data, limits = result.constants, source.data, source.limits
     return {
         "server": source.server, "model": source.model, "design": source.design, "prefix_caching": data.prefix_caching,
-        "token_scale": data.token_scale,
+        "token_scale": data.token_scale, "front_end_s": [list(pair) for pair in data.front_end_s],
         "limits": {name: getattr(limits, name) for name in LIMIT_NAMES}, "limit_sources": source.sources,
         "constants": c.to_dict(),
         "fit": {"rms_relative": result.rms_relative, "max_relative": result.max_relative,

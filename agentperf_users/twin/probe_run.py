@@ -61,6 +61,10 @@ class ProbeData:
     observations: tuple[Observation, ...]
     prefix_caching: str  # "on", "off" or "unknown"
     token_scale: float  # the server's prompt tokens per agentperf token (the slope over the cold prefills)
+    front_end_s: tuple[tuple[int, float], ...] = ()
+    """(prompt tokens, client TTFT minus the engine's prefill time) of each cold prefill length, where the
+    server tells its prefill time: what happens outside the engine's steps (HTTP, chat template, tokenizer,
+    the hop to the engine), which the profile does not price; kept for the planner to see."""
 
 
 class ProbeClient:
@@ -218,10 +222,12 @@ def run_probe(client: ProbeClient, design: ProbeDesign, budget_tokens: int,
     """Send the whole design; the observations for the fit, and whether the server caches prefixes."""
     for _ in range(design.warmup_requests):
         client.send(64, 4)
-    observations, sizes = [], []
+    observations, sizes, front_end = [], [], []
     for tokens in design.prefill_tokens:
         runs = [client.send_prefill(tokens) for _ in range(design.prefill_repeats)]
         sizes.append((runs[0][0].our_tokens, runs[0][0].prompt_tokens))
+        if all(seconds is not None for _, seconds in runs):
+            front_end.append((runs[0][0].prompt_tokens, statistics.median(m.ttft_s - s for m, s in runs)))
         found = _prefill_observation(runs, 0, budget_tokens, "cold prefill")
         observations.append(found)
         progress(f"agentperf calibrate: {found.label}: {found.measured_s * 1e3:.1f} ms "
@@ -243,7 +249,7 @@ def run_probe(client: ProbeClient, design: ProbeDesign, budget_tokens: int,
     if scale != 1.0:
         progress(f"agentperf calibrate: the server counts {scale:.3f} tokens per agentperf token; the profile is "
                  "priced in agentperf's tokens, as the simulator counts them")
-    return ProbeData(tuple(observations), caching, scale)
+    return ProbeData(tuple(observations), caching, scale, tuple(front_end))
 
 
 def token_scale(sizes: Sequence[tuple[int, int]]) -> float:
