@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "agentperf_users"
 LEAVES = ("errors", "bounded", "options", "tokens", "stats", "files")  # import only leaves before them
-STAGES = ("workload", "client", "measure", "loadgen", "search", "report", "locustfiles", "cli")  # dependency order
+STAGES = ("workload", "client", "measure", "loadgen", "search", "report", "twin", "locustfiles", "cli")  # dependency order
 ENTRY_POINTS = ("agentperf_users.locustfiles.agents", "agentperf_users.locustfiles.capacity",
                 "agentperf_users.simulator.__main__")
 

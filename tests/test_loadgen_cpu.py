@@ -121,7 +121,7 @@ def run_search(environment, shape, clock) -> None:
 def test_a_busy_worker_is_not_a_capacity_fail_measured_again_then_the_search_stops_naming_it(tmp_path):
     """Steps of 2 agents pass, 4 fail the strict tier: with a worker at 95 % of a core the fail is put
     down to the load generator, the count measured once more, then the search ends saying so."""
-    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True)
+    environment, shape, clock = shape_environment(tmp_path, early_stop=False)
     busy(environment, clock.now, LOADGEN_CPU_BUSY + 0.05)
     run_search(environment, shape, clock)
     assert [s.agents for s in shape.steps] == [2, 4, 4]
@@ -144,7 +144,7 @@ def test_a_busy_worker_is_not_a_capacity_fail_measured_again_then_the_search_sto
 
 
 def test_a_worker_below_the_threshold_leaves_the_verdict_to_the_server(tmp_path):
-    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True)
+    environment, shape, clock = shape_environment(tmp_path, early_stop=False)
     busy(environment, clock.now, LOADGEN_CPU_BUSY - 0.05)
     run_search(environment, shape, clock)
     assert shape.stopped is None and [s.agents for s in shape.steps] == [2, 4, 6, 5, 3]

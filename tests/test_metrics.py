@@ -108,7 +108,7 @@ def searched(tmp_path):
     one from 5), with the server's readings and a worker at 50 % of a core: every step has server numbers,
     the load generator's CPU, and each failing tier a diagnosis (queueing)."""
     readings = tmp_path / "server_metrics.jsonl"
-    environment, shape, clock = shape_environment(tmp_path, no_early_stop=True, server_metrics_file=str(readings))
+    environment, shape, clock = shape_environment(tmp_path, early_stop=False, server_metrics_file=str(readings))
     server_readings(readings, clock.now - 5)
     busy(environment, clock.now, 0.5)
     run_search(environment, shape, clock)

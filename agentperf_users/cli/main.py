@@ -17,6 +17,8 @@ SUBCOMMAND_MODULES = (
     "agentperf_users.report.build",  # agentperf report
     "agentperf_users.report.compare",  # agentperf compare
     "agentperf_users.cli.truth",  # agentperf truth
+    "agentperf_users.twin.calibrate",  # agentperf calibrate
+    "agentperf_users.twin.predict",  # agentperf predict
 )
 
 

@@ -225,6 +225,15 @@ def qualify(target: ProbeTarget, trajectories: TrajectorySet, settings: replay.R
 # -- the server and its models ------------------------------------------------------------------------
 
 
+def served_models(target: ProbeTarget) -> dict[str, int | None]:
+    """``{model id: max_model_len or None}`` of the server, or ``AgentperfError`` with the one line that says
+    why it cannot be asked (unreachable, not OpenAI-compatible, a refused key): for callers that probe a
+    server their own way (``agentperf calibrate``)."""
+    with requests.Session() as session:
+        session.trust_env = False
+        return _served_models(session, target)
+
+
 def _served_models(session: requests.Session, target: ProbeTarget) -> dict[str, int | None]:
     """``{model id: max_model_len or None}`` from ``GET /v1/models``, in the server's order."""
     url = api_url(target.host, "models")

@@ -38,14 +38,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+from agentperf_users.errors import AgentperfError
 from agentperf_users.loadgen import replay
 from agentperf_users.measure.records import RequestRecord, Status
 from agentperf_users.measure.slo import (
     SloSpec,
     StepVerdict,
     evaluate_step,
+    load_slo,
     records_in_window,
 )
+from agentperf_users.options import Group, add_options
 from agentperf_users.search.policy import (
     CapacitySearch,
     SearchParameters,
@@ -54,10 +57,13 @@ from agentperf_users.search.policy import (
 )
 from agentperf_users.simulator.engine import Engine, EngineRequest
 from agentperf_users.simulator.profile import (
+    DEFAULT_PROFILE,
     Profile,
     SimulatorError,
+    load_profile,
 )
 from agentperf_users.tokens import PromptEncoder
+from agentperf_users.workload.readers import load_trajectories
 from agentperf_users.workload.trajectory import Trajectory, TrajectorySet
 
 TRUTH_RUN_ID = "truth"
@@ -325,3 +331,23 @@ def verdict_bands(
         last_pass = max((n for n, ok in enumerate(passed, 1) if ok), default=0)
         bands[tier.name] = VerdictBand(first_fail - 1, last_pass, up_to)
     return bands
+
+
+def add_arguments(parser, profile_default: str | None = DEFAULT_PROFILE) -> None:
+    """The truth's options (``agentperf truth``'s, also ``agentperf predict``'s); ``profile_default`` None makes
+    --profile required."""
+    parser.add_argument("--profile", default=profile_default, required=profile_default is None,
+                        help="simulator profile name or YAML file")
+    add_options(parser, (Group.WORKLOAD, Group.REPLAY, Group.SLO, Group.SEARCH))
+
+
+def capacity_from_args(args) -> tuple[SloSpec, TruthResult]:
+    """The search that ``add_arguments``' options ask for, and its SLO spec."""
+    spec = load_slo(args.slo or None)
+    try:
+        profile = load_profile(args.profile)
+    except SimulatorError as exc:
+        raise AgentperfError(str(exc)) from None
+    result = find_capacity(profile, load_trajectories(args.trajectories, args.trajectory_format), spec,
+                           SearchParameters.from_options(args), replay.ReplaySettings.from_options(args))
+    return spec, result

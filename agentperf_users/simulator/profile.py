@@ -131,6 +131,11 @@ class Efficiency:
     bandwidth: float = dataclasses.field(metadata=FRACTION)
     mfu: float = dataclasses.field(metadata=FRACTION)
     step_overhead_ms: float
+    sequence_overhead_ms: float | None = dataclasses.field(default=None, metadata=ANCHOR)
+    """Per sequence decoded in a step, outside the roofline: CPU work per streamed token that the step
+    waits for (detokenizing, framing the stream) where the server's front end shares the engine's cores,
+    as on a CPU vLLM; absent (0) for a GPU server, whose front end runs beside the GPU. Set by
+    ``agentperf calibrate`` when it measures one."""
 
 
 @dataclass(frozen=True)
@@ -264,7 +269,7 @@ def attention_pairs(new_tokens: int, context_tokens: int) -> int:
 class StepCost:
     """The roofline step time, with every per-profile constant folded once (``step()`` calls it a lot).
 
-    ``step = overhead + max(memory_s, compute_s)`` where, summed over the TP GPUs,
+    ``step = overhead + sequence_overhead * decodes + max(memory_s, compute_s)`` where, summed over the TP GPUs,
 
     * ``memory_s = (weight bytes read + KV bytes read) / (bandwidth * count * efficiency)``: dense weights
       are read once per step; an MoE reads its shared weights plus the fraction of experts the step's
@@ -274,15 +279,16 @@ class StepCost:
       head_dim per layer per attended (query, key) pair.
     """
 
-    __slots__ = ("_overhead_s", "_dense_bytes", "_expert_bytes", "_expert_miss", "_kv_token_bytes", "_window_kv_bytes",
-                 "_window_kv_bytes_per_seq", "_bandwidth", "_flops_per_token", "_pair_flops", "_window_token_flops",
-                 "_flops_per_s")
+    __slots__ = ("_overhead_s", "_sequence_s", "_dense_bytes", "_expert_bytes", "_expert_miss", "_kv_token_bytes",
+                 "_window_kv_bytes", "_window_kv_bytes_per_seq", "_bandwidth", "_flops_per_token", "_pair_flops",
+                 "_window_token_flops", "_flops_per_s")
 
     def __init__(self, profile: Profile) -> None:
         model, gpu = profile.model, profile.gpu
         moe = model.moe
         expert_gib = moe.expert_weights_gib if moe else 0.0
         self._overhead_s = profile.efficiency.step_overhead_ms / 1e3
+        self._sequence_s = (profile.efficiency.sequence_overhead_ms or 0.0) / 1e3
         self._dense_bytes = (model.weights_gib - expert_gib) * GIB
         self._expert_bytes = expert_gib * GIB
         self._expert_miss = 1 - moe.experts_per_token / moe.experts if moe else 0.0
@@ -312,7 +318,7 @@ class StepCost:
         memory_s = (weight_bytes + kv_bytes) / self._bandwidth
         flops = (self._flops_per_token * tokens + self._pair_flops * (prefill_attention_pairs + decode_context_tokens)
                  + self._window_token_flops * tokens)
-        return self._overhead_s + max(memory_s, flops / self._flops_per_s)
+        return self._overhead_s + self._sequence_s * decode_batch + max(memory_s, flops / self._flops_per_s)
 
 
 def list_profiles() -> list[str]:

