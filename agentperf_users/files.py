@@ -10,6 +10,7 @@ power files are append-only logs of one line per entry instead (their readers sk
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 from datetime import datetime
@@ -76,3 +77,21 @@ def claim_run_folder(path: Path) -> Path:
     if found:
         raise AgentperfError(f"--out {path}: already holds a run ({', '.join(found)}); expected a new or empty folder")
     return path
+
+
+def read_json_object(path: Path, missing_ok: bool, missing: str = "missing") -> dict | None:
+    """A whole-file JSON object of the run folder, or one line saying why not (None where the file is
+    missing and that is ok). ``missing`` says what a missing file means."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise AgentperfError(f"{path}: {missing}") from None
+    except OSError as exc:
+        raise AgentperfError(f"{path}: cannot read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise AgentperfError(f"{path}: not valid JSON ({exc}); the file is torn or not a run's") from None
+    if not isinstance(data, dict):
+        raise AgentperfError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -101,7 +101,7 @@ def read_run(folder: Path, spec: SloSpec | None = None) -> RunFolder:
     if state is not None:
         spec = _spec_from(state, folder / files.SEARCH_FILE)
     summary = state or SearchState()
-    saved = _read_json(folder / files.CONTEXT_FILE, missing_ok=True)
+    saved = files.read_json_object(folder / files.CONTEXT_FILE, missing_ok=True)
     context, truth = UNKNOWN_CONTEXT, None
     if saved is not None:
         try:
@@ -119,22 +119,6 @@ def read_run(folder: Path, spec: SloSpec | None = None) -> RunFolder:
 def read_search_state(folder: Path, missing_ok: bool = False) -> SearchState:
     """The search's state file (an empty state where it is missing and that is ok: the search never began)."""
     return SearchState.read(folder, missing_ok) or SearchState()
-
-
-def _read_json(path: Path, missing_ok: bool) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if missing_ok:
-            return None
-        raise AgentperfError(f"{path}: missing (the search's state; was the search started?)") from None
-    except OSError as exc:
-        raise AgentperfError(f"{path}: cannot read: {exc.strerror}") from None
-    except ValueError as exc:
-        raise AgentperfError(f"{path}: not valid JSON ({exc}); the file is torn or not a run's") from None
-    if not isinstance(data, dict):
-        raise AgentperfError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _spec_from(summary: SearchState, path: Path) -> SloSpec:

@@ -67,14 +67,5 @@ class SearchState:
     def read(cls, folder: Path, missing_ok: bool = False) -> SearchState | None:
         """The folder's state; None where the file is missing and that is ok (the search never began)."""
         path = folder / files.SEARCH_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            if missing_ok:
-                return None
-            raise AgentperfError(f"{path}: missing (the search's state; was the search started?)") from None
-        except OSError as exc:
-            raise AgentperfError(f"{path}: cannot read: {exc.strerror}") from None
-        except ValueError as exc:
-            raise AgentperfError(f"{path}: not valid JSON ({exc}); the file is torn or not a run's") from None
-        return cls.from_dict(data, str(path))
+        data = files.read_json_object(path, missing_ok, "missing (the search's state; was the search started?)")
+        return None if data is None else cls.from_dict(data, str(path))
