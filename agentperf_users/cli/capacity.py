@@ -60,7 +60,7 @@ from agentperf_users.report.build import (
     write_context,
     write_report,
 )
-from agentperf_users.search.policy import SearchParameters
+from agentperf_users.search.policy import CapacityStatus, SearchParameters
 from agentperf_users.search.progress import ConsoleProgress, expected_duration_words
 from agentperf_users.search.state import SearchState
 from agentperf_users.workload.readers import load_trajectories
@@ -388,7 +388,7 @@ def _report(args, out: Path, spec, params, trajectories, profile, interrupted: b
         print(f"agentperf: the search did not finish (Locust exit code {master_code}); see {out / 'locust.log'}",
               file=sys.stderr)
         return EXIT_INCOMPLETE
-    located = all(cap["status"] == "found" for cap in report["capacity"].values())
+    located = all(cap["status"] == CapacityStatus.FOUND for cap in report["capacity"].values())
     return 0 if located else EXIT_NOT_LOCATED
 
 
@@ -399,7 +399,7 @@ def _ground_truth(profile, trajectories, spec, params, settings, summary: Search
 
     truth = truth_module.find_capacity(profile, trajectories, spec, params, settings).to_dict(spec)
     located = [cap["first_failing_agents"] for caps in (summary.capacity or {}, truth["capacity"])
-               for cap in caps.values() if cap["status"] == "found"]
+               for cap in caps.values() if cap["status"] == CapacityStatus.FOUND]
     if located:
         bands = truth_module.verdict_bands(profile, trajectories, spec, params, max(located), settings)
         truth["bands"] = {name: band.to_dict() for name, band in bands.items()}

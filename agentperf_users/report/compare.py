@@ -30,6 +30,7 @@ from agentperf_users.search.headline import (
     power_basis_words,
     watts_words,
 )
+from agentperf_users.search.policy import CapacityStatus
 
 RATIO_COLUMNS = (("agents", "agents"), ("per accelerator", "per_accelerator"), ("agents/MW", "per_megawatt"))
 
@@ -106,7 +107,7 @@ def ratio(value: float | None, base: float | None) -> float | None:
 
 
 def _value(tier: TierHeadline | None, key: str) -> float | None:
-    if tier is None or tier.capacity["status"] not in ("found", "never_failed"):
+    if tier is None or tier.capacity["status"] not in (CapacityStatus.FOUND, CapacityStatus.NEVER_FAILED):
         return None
     return tier.capacity.get("agents") if key == "agents" else getattr(tier, key)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from agentperf_users.search.policy import CapacityStatus
+
 MEGAWATT_W = 1_000_000.0
 
 
@@ -47,21 +49,21 @@ def agents_words(count: int | None) -> str:
 def answer_words(cap: dict) -> str:
     """A tier's answer alone: ``10 agents``, ``none``, ``at least 256 agents``, ``incomplete``."""
     status, agents = cap["status"], cap.get("agents")
-    if status == "found":
+    if status == CapacityStatus.FOUND:
         return agents_words(agents)
-    if status == "never_failed":
+    if status == CapacityStatus.NEVER_FAILED:
         return f"at least {agents_words(agents)}"
-    return "none" if status == "none_passed" else "incomplete"
+    return "none" if status == CapacityStatus.NONE_PASSED else "incomplete"
 
 
 def bracket_words(cap: dict) -> str:
     """What the search bisected between: ``fails at 11``, ``fails already at 1 agent``, ..."""
     status, agents, failing = cap["status"], cap.get("agents"), cap.get("first_failing_agents")
-    if status == "found":
+    if status == CapacityStatus.FOUND:
         return f"fails at {failing:,}"
-    if status == "none_passed":
+    if status == CapacityStatus.NONE_PASSED:
         return f"fails already at {agents_words(failing)}"
-    if status == "never_failed":
+    if status == CapacityStatus.NEVER_FAILED:
         return "never failed up to the maximum"
     known = [f"{word} at {agents_words(count)}" for word, count in (("passed", agents), ("failed", failing))
              if count is not None]
