@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from agentperf_users.measure.diagnose import LOADGEN_CPU_BUSY, MOST_OF_TTFT
+from agentperf_users.search.headline import agents_words
 from agentperf_users.simulator.profile import PROFILES_DIR
 from tests.support import free_port
 
@@ -129,7 +130,9 @@ def assert_failed_about_capacity(run: Run) -> dict:
     assert run.returncode == 3 and run.report["capacity"]["first-token"]["status"] == "none_passed", run.stdout
     found = run.diagnosis()
     assert found["about_capacity"] and found["tier"] == "first-token"
-    assert found["text"] in run.stdout  # the progress line says it
+    at = agents_words(run.report["steps"][0]["agents"])
+    assert f"at {at}: {found['text'].removeprefix('why: ')}" in run.stdout  # the headline's binding cause
+    assert f"why: {found['cause']}" in run.stdout  # and the step's progress line
     assert run.report["steps"][0]["server"]["server"] == "vllm"
     return found
 
