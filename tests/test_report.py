@@ -234,11 +234,14 @@ def test_agentperf_report_rebuilds_the_live_report_field_for_field(tmp_path, cap
     assert "Lost worker worker-b during step 0 (4 agents) at 1970-01-01 00:01:44 UTC" in page
 
 
-def test_an_interrupted_search_is_reported_as_such(tmp_path, capsys):
+@pytest.mark.parametrize("said", [True, False], ids=["said-so", "killed-before-its-last-word"])
+def test_an_interrupted_search_is_reported_as_such(tmp_path, capsys, said):
+    """Also where the state never said so: a master killed (SIGKILL, the OOM killer, its parent and workers
+    gone at once) keeps the state of its last judged step, neither complete nor stopped by itself."""
     records = window_records()
     capacity = {t.name: {"tier": t.name, "status": "incomplete", "agents": 4, "first_failing_agents": None}
                 for t in SPEC.tiers}
-    folder = run_folder(tmp_path, records, shape_summary(records, interrupted=True, complete=False, capacity=capacity))
+    folder = run_folder(tmp_path, records, shape_summary(records, interrupted=said, complete=False, capacity=capacity))
     assert main(["report", str(folder)]) == 0
     report = json.loads((folder / "report.json").read_text())
     assert report["interrupted"] is True and len(report["steps"]) == 1
@@ -246,6 +249,16 @@ def test_an_interrupted_search_is_reported_as_such(tmp_path, capsys):
     assert f"capacity @ {SPEC.tiers[0].label}: incomplete (passed at 4 agents)" in out
     assert "interrupted after 1 judged step(s)" in out
     assert "The run was interrupted" in (folder / "report.html").read_text()
+
+
+@pytest.mark.parametrize("fields", [{"complete": True}, {"complete": False, "stopped": {
+    "step": 0, "agents": 4, "cause": "server errors", "text": "why: server errors", "error": None}}],
+    ids=["complete", "stopped-itself"])
+def test_a_search_that_ended_on_its_own_is_not_interrupted(tmp_path, fields):
+    records = window_records()
+    folder = run_folder(tmp_path, records, shape_summary(records, **fields))
+    assert main(["report", str(folder)]) in (0, 3, 4)
+    assert json.loads((folder / "report.json").read_text())["interrupted"] is False
 
 
 @pytest.mark.parametrize("state, expected", [(None, "search.json: missing"),

@@ -214,7 +214,7 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
         "power_source": context.power_source,
         "power_measured": {"source": context.power_measured_from, "samples": len(context.power_samples)}
         if context.power_measured_from else None,
-        "interrupted": bool(context.interrupted or summary.interrupted),
+        "interrupted": bool(context.interrupted or summary.ended_unfinished),
         "lost_workers": list(summary.lost_workers),
         "stopped": summary.stopped,
         "server_metrics": {"source": context.server_metrics_from, "samples": len(context.server_samples)}

@@ -31,6 +31,15 @@ class SearchState:
     lost_workers: tuple[dict, ...] = ()
     stopped: dict | None = None  # why a failing server stopped the search (policy.SearchStopped)
 
+    @property
+    def ended_unfinished(self) -> bool:
+        """The search was cut short: it says so (a signal, the web UI's Stop), or it neither ended on its
+        own nor stopped itself (a master killed before it could write its last word, by SIGKILL or the
+        OOM killer, or by losing its parent and every worker at once, where which of them Locust hears
+        first decides whether a last write happens). Judged from the file alone, so a report rebuilt
+        from any run folder says the same."""
+        return self.interrupted or (not self.complete and self.stopped is None)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(steps=list(self.steps), lost_workers=list(self.lost_workers), capacity=self.capacity or {})
