@@ -121,15 +121,17 @@ def test_capacity_lines_name_the_tier_the_normalised_numbers_the_cause_and_the_t
     summary["capacity"][SPEC.tiers[1].name]["first_failing_agents"] = 4  # the step measured: its cause is known
     truth = {"capacity": {SPEC.tiers[0].name: {"status": "found", "agents": 5}}}
     lines = capacity_lines(build_report(SearchState.from_dict(summary), records, SPEC, CONTEXT, truth))
-    assert lines[0] == f"capacity @ {SPEC.tiers[0].label}: 4 agents (fails at 5; ground truth 5 agents)"
+    # the one step (4 agents) passes the first tier in 28 % of its resamples (stable neither way), fails the others in all
+    anywhere, below_4 = "no judged verdict held: a rerun may land anywhere", "a rerun may land at 0–3"
+    assert lines[0] == f"capacity @ {SPEC.tiers[0].label}: 4 agents (fails at 5; {anywhere}; ground truth 5 agents)"
     assert lines[1] == "    2 per accelerator · 2,857 agents/MW (1.4 kW, nameplate: test)"  # 4 / 0.0014 MW
-    assert lines[2] == f"capacity @ {SPEC.tiers[1].label}: none (fails already at 4 agents)"
+    assert lines[2] == f"capacity @ {SPEC.tiers[1].label}: none (fails already at 4 agents; {below_4})"
     assert lines[3].startswith("    at 4 agents: server errors — 5 % of 20 requests failed")
-    assert lines[4] == f"capacity @ {SPEC.tiers[2].label}: none (fails already at 1 agent)"  # never measured at 1
+    assert lines[4] == f"capacity @ {SPEC.tiers[2].label}: none (fails already at 1 agent; {below_4})"  # never at 1
     truth["bands"] = {SPEC.tiers[0].name: {"passes_up_to": 3, "fails_above": 6, "measured_up_to": 8}}
     lines = capacity_lines(build_report(SearchState.from_dict(summary), records, SPEC, CONTEXT, truth))
-    assert lines[0] == (f"capacity @ {SPEC.tiers[0].label}: 4 agents "
-                        f"(fails at 5; ground truth 5 agents, true verdicts flip between 4 and 6 agents)")
+    assert lines[0] == (f"capacity @ {SPEC.tiers[0].label}: 4 agents (fails at 5; {anywhere}; "
+                        f"ground truth 5 agents, true verdicts flip between 4 and 6 agents)")
 
 
 @pytest.mark.parametrize("value, words", [(2594.3, "2,594"), (12.44, "12.4"), (10.0, "10"), (1.25, "1.25"),

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -306,6 +307,44 @@ def _by_agent(records: Iterable[RequestRecord]) -> dict[int, list[RequestRecord]
     for record in records:
         groups[record.agent].append(record)
     return groups
+
+
+@dataclass(frozen=True)
+class _AgentDraw:
+    """One agent of a step, as much of it as a verdict needs: what a resample draws, whole."""
+
+    requests: int
+    errors: int
+    margin: float  # its own criteria's margin (agent scope)
+    ttfts: tuple[float, ...]  # its requests' TTFTs and speeds, pooled with the others' (request scope)
+    speeds: tuple[float, ...]
+
+
+def pass_fraction(records: Sequence[RequestRecord], tier: SloTier, resamples: int, seed: int) -> float | None:
+    """The share of ``resamples`` bootstrap resamples of the records' agents in which ``tier`` passes;
+    None without records. Whole agents are drawn, with replacement, as many as were judged: an agent's
+    requests are not independent (one trajectory, one growing context, one place in the batch), so
+    drawing requests one by one would understate how much a window's verdict rests on which agents it
+    happened to see. Each resample is judged as ``evaluate`` judges (the identity resample gives its
+    verdict, tested): error rate, then the quantile criteria, pooled or per agent."""
+    draws = [_AgentDraw(len(group), sum(not r.ok for r in group), _margin(group, tier),
+                        tuple(_ttft(r) for r in group), tuple(_speeds(group)))
+             for group in _by_agent(records).values()]
+    if not draws:
+        return None
+    rng = random.Random(seed)
+    passed = sum(_resample_passes([rng.choice(draws) for _ in draws], tier) for _ in range(resamples))
+    return passed / resamples
+
+
+def _resample_passes(sample: Sequence[_AgentDraw], tier: SloTier) -> bool:
+    if sum(d.errors for d in sample) / sum(d.requests for d in sample) > tier.max_error_rate:
+        return False
+    if tier.scope == "agent":
+        return sum(d.margin >= 0 for d in sample) / len(sample) >= tier.agents_passing
+    speeds = [speed for d in sample for speed in d.speeds]
+    ttft_q = quantile([ttft for d in sample for ttft in d.ttfts], tier.quantile)
+    return _criteria_margin(ttft_q, low_quantile(speeds, tier.quantile) if speeds else None, tier) >= 0
 
 
 def surely_fails(records: Sequence[RequestRecord], tier: SloTier, agents: int, extra_fraction: float) -> bool:

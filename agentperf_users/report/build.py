@@ -35,12 +35,14 @@ from agentperf_users.measure.slo import (
     SloSpec,
     evaluate_step,
     parse_slo,
+    pass_fraction,
     quantile,
     records_in_window,
 )
 from agentperf_users.report import html as report_html
 from agentperf_users.search.headline import MEGAWATT_W, headlines
 from agentperf_users.search.policy import SearchStopped
+from agentperf_users.search.spread import RESAMPLES, capacity_spread
 from agentperf_users.search.state import SearchState
 
 TTFT_QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -173,6 +175,8 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
                   else server_metrics.NOT_AVAILABLE)
         loadgen = LoadGenerator.from_dict(live.get("load_generator"))  # measured live only: the workers' CPU
         passed = {v.tier.name: v.passed for v in verdict.tiers}
+        shares = {tier.name: pass_fraction(judged, tier, RESAMPLES, seed=live["index"] * len(spec.tiers) + position)
+                  for position, tier in enumerate(spec.tiers)}
         live_passed = {v["tier"]: v["passed"] for v in live["verdict"]["tiers"]}
         steps.append({
             "index": live["index"], "agents": live["agents"], "phase": live["phase"],
@@ -180,6 +184,7 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
             **step_stats(judged, end - start),
             "power_watts": mean_watts(context.power_samples, start, end),
             "passed": passed,
+            "pass_share": shares,  # of the resamples of the step's agents (search/spread.py)
             "judged": {v.tier.name: {key: value for key, value in v.to_dict().items()
                                      if key in ("ttft_quantile_s", "output_tps_quantile")} for v in verdict.tiers},
             "live_verdict_matches_records": passed == live_passed and verdict.to_dict() == live["verdict"],
@@ -197,7 +202,9 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
         if watts is None:
             watts, basis = context.power_watts, context.power_source
         per_mw = agents / (watts / MEGAWATT_W) if agents and watts else None
-        capacity[name] = {**cap, "label": spec.tier(name).label, "agents_per_accelerator": per_accelerator,
+        spread = capacity_spread(((step["agents"], step["pass_share"][name]) for step in steps), cap)
+        capacity[name] = {**cap, "label": spec.tier(name).label, "spread": spread and spread.to_dict(),
+                          "agents_per_accelerator": per_accelerator,
                           "agents_per_megawatt": per_mw, "power_watts": watts if per_mw else None,
                           "power_basis": basis if per_mw else None}
     report = {

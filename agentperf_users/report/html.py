@@ -98,6 +98,9 @@ def target_words(report: dict) -> str:
 def _tier_card(tier: TierHeadline) -> str:
     lines = [f"<h3>{_esc(tier.label)}</h3><div class=big>{_esc(tier.answer)}</div>",
              f"<div class=n>{_esc(tier.bracket)}</div>"]
+    if tier.spread:
+        lines.append(f"<div class=n title='each judged step&#39;s verdict resampled over its agents'>"
+                     f"{_esc(tier.spread[0].upper() + tier.spread[1:])}</div>")
     if tier.per_accelerator is not None:
         lines.append(f"<div class=n><b>{_esc(number_words(tier.per_accelerator))}</b> agents per accelerator</div>")
     if tier.per_megawatt is not None:

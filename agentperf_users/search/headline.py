@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from agentperf_users.search.policy import CapacityStatus
+from agentperf_users.search.spread import spread_words
 
 MEGAWATT_W = 1_000_000.0
 
@@ -90,6 +91,7 @@ class TierHeadline:
     power_basis: str | None  # "measured", or where the nameplate figure came from
     binding: str | None  # the diagnosis at the first failing count: "queueing — 3.2 requests waiting ..."
     truth: str | None  # the ground truth's words, with its verdict band, against the simulator
+    spread: str = ""  # where a rerun may land (``spread.spread_words``)
 
     @property
     def answer(self) -> str:
@@ -116,8 +118,9 @@ class TierHeadline:
     def lines(self) -> list[str]:
         """The terminal's lines: ``capacity @ LABEL: ANSWER (BRACKET; ground truth ...)``, then the
         normalised numbers and the binding cause, indented."""
+        spread = f"; {self.spread}" if self.spread else ""
         truth = f"; ground truth {self.truth}" if self.truth else ""
-        lines = [f"capacity @ {self.label}: {self.answer} ({self.bracket}{truth})"]
+        lines = [f"capacity @ {self.label}: {self.answer} ({self.bracket}{spread}{truth})"]
         lines += [f"    {words}" for words in (self.normalised_words(), self.binding_words()) if words]
         return lines
 
@@ -135,6 +138,7 @@ def headlines(report: dict) -> list[TierHeadline]:
         per_megawatt=cap.get("agents_per_megawatt"), power_watts=cap.get("power_watts"),
         power_basis=cap.get("power_basis"), binding=_binding(report["steps"], name, cap.get("first_failing_agents")),
         truth=_truth_words(truth[name], bands.get(name)) if name in truth else None,
+        spread=spread_words(cap.get("spread")),
     ) for name, cap in report["capacity"].items()]
 
 
