@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from html import escape as html_escape
 
 from agentperf_users.cli.main import main
 from agentperf_users.measure.slo import load_slo
@@ -44,7 +45,13 @@ def test_runs_under_different_tiers_or_trajectories_are_refused_in_one_line_unle
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and f"its {what} (" in err and "--force" in err, err
         assert not html.exists()
-    assert main(["compare", str(tmp_path / "slow"), str(tmp_path / "aa"), "--force"]) == 0
+    capsys.readouterr()
+    # the one-tier run first: the other's two example tiers are shown too
+    assert main(["compare", str(tmp_path / "aa"), str(tmp_path / "slow"), "--force", "--out", str(html)]) == 0
+    shown = capsys.readouterr().out
+    for spec in (load_slo(None), load_slo("aa-agentperf")):  # every tier of either run, not only the first's
+        for tier in spec.tiers:
+            assert f"capacity @ {tier.label}" in shown and html_escape(tier.label) in html.read_text()
 
 
 def test_search_settings_that_differ_are_noted_not_refused(tmp_path, capsys):

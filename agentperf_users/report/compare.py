@@ -116,14 +116,23 @@ def terminal_lines(runs: list[ComparedRun]) -> list[str]:
     """Per tier a small table: each run's numbers and its ratio to the first run's."""
     lines = [f"{letter(i)} = {run.name}: {target_words(run.report)}" for i, run in enumerate(runs)]
     lines += setting_notes(runs)
-    names = [tier.tier for tier in headlines(runs[0].report)]
-    for name in names:
+    for name in tier_names(runs):
         tiers = [run.tiers.get(name) for run in runs]
-        lines += ["", f"capacity @ {tiers[0].label}"]
+        lines += ["", f"capacity @ {_label(tiers)}"]
         rows = [["run", *[words for title, _ in RATIO_COLUMNS for words in (title, f"×{letter(0)}")], "power"]]
         rows += [_row(i, run, tier, tiers[0], " ") for i, (run, tier) in enumerate(zip(runs, tiers))]
         lines += _aligned(rows)
     return lines
+
+
+def tier_names(runs: list[ComparedRun]) -> list[str]:
+    """Every tier any run judged, the first run's first: under ``--force`` the runs' tiers may differ, and
+    a tier only a later run judged is shown too (against a first run without it, its ratios are n/a)."""
+    return list(dict.fromkeys(tier.tier for run in runs for tier in headlines(run.report)))
+
+
+def _label(tiers: list[TierHeadline | None]) -> str:
+    return next(tier.label for tier in tiers if tier is not None)
 
 
 def _row(index: int, run: ComparedRun, tier: TierHeadline | None, base: TierHeadline | None, sep: str) -> list[str]:
@@ -162,9 +171,9 @@ def render_page(runs: list[ComparedRun]) -> str:
                                  f"{html.escape(str(run.report.get('accelerators') or 'not given'))}</dd>"
                                  for i, run in enumerate(runs)) + "</dl>"]
     body += [f"<p class=warn>{html.escape(note)}</p>" for note in setting_notes(runs)]
-    for name in [tier.tier for tier in headlines(runs[0].report)]:
+    for name in tier_names(runs):
         tiers = [run.tiers.get(name) for run in runs]
-        body.append(f"<h2>{html.escape(tiers[0].label)}</h2>" + _tier_table(runs, tiers))
+        body.append(f"<h2>{html.escape(_label(tiers))}</h2>" + _tier_table(runs, tiers))
         body.append("<div class=charts>" + "".join(render(chart) for chart in overlaid_charts(runs, name)) + "</div>")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<style>{PAGE_CSS}</style></head><body><main>{"".join(body)}</main></body></html>')
@@ -185,7 +194,7 @@ def _tier_table(runs: list[ComparedRun], tiers: list[TierHeadline | None]) -> st
 
 def overlaid_charts(runs: list[ComparedRun], tier_name: str) -> list[Chart]:
     """The tier's TTFT and speed curves of every run on one pair of charts, the tier's limits drawn."""
-    tier = next(t for t in runs[0].report["slo"]["tiers"] if t["name"] == tier_name)
+    tier = next(t for run in runs for t in run.report["slo"]["tiers"] if t["name"] == tier_name)
     charts = []
     for key, limit, words, unit, log_y in (
             ("ttft_quantile_s", tier["ttft_max_s"], f"TTFT p{100 * tier['quantile']:g}", "s", True),
