@@ -167,8 +167,10 @@ def install(environment: Environment, **_: Any) -> None:
 
 
 def _deal(environment: Environment, state: _ProcessState, msg: Any) -> None:
-    if state.error:  # the test is stopping with its one line: an agent dealt nothing sends nothing until it is
-        return       # stopped (a worker's agents may start before the master's quit reaches them)
+    # The test is stopping with its one line: deal nothing, so an agent of a worker that started before the
+    # master's quit reached it sends nothing before it is stopped.
+    if state.error:
+        return
     step = aggregate.current_step(environment)
     if step.fresh_agents:
         state.dealer.restart(step.index, step.agents)
