@@ -109,6 +109,8 @@ OPTIONS: tuple[Option, ...] = (
            "then smaller)"),
     Option("--records-dir", Group.RUN, "", "folder for the per-process record files; empty: none"),
     Option("--run-id", Group.RUN, "", "id stamped on every record; empty: the master makes one"),
+    Option("--probe", Group.RUN, True, "send the qualification probe (one short request of the run's shape) before "
+           "the agents start; a server that cannot serve the run stops it (agentperf capacity probes first itself)"),
     Option("--slo", Group.SLO, "", "SLO tiers YAML file, or a bundled preset (default, aa-agentperf); empty: "
            "default"),
     _number("--slo-window-s", Group.SLO, 60.0, "the SLO now verdict (web UI tab, metrics) judges the requests "

@@ -263,7 +263,7 @@ def test_the_event_loop_runs_while_a_set_loads(monkeypatch):
     monkeypatch.setattr(agent, "_served_model", lambda host, key: "m")
     environment = Environment(user_classes=[Idle], events=Events(), host="http://127.0.0.1:9",
                               parsed_options=argparse.Namespace(run_id="r", records_dir="", trajectories="demo",
-                                                                api_key_env="OPENAI_API_KEY"))
+                                                                api_key_env="OPENAI_API_KEY", probe=False))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     environment.create_local_runner()
     aggregate.install(environment)

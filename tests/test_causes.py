@@ -11,6 +11,15 @@ Each server cause is one short one-step search (``--start-agents`` = ``--max-age
 * **prefill**: a tenth of the compute (``mfu``), one agent on one-turn trajectories of ~9K-token tasks
   (``agentperf trajectories synth``): every judged request prefills a cold prompt for seconds, alone.
 
+The two output-speed causes, TTFT unlimited:
+
+* **decode speed**: the prefill run has a second tier, a 1,000 tok/s floor that no single stream of the
+  server meets: its one agent's requests decode alone, too slowly.
+* **decode batch**: the README's demo deployment (``l4-llama3.2-3b``: one L4 decodes its 3B model at ~33
+  tok/s alone, ~23 tok/s with ten agents' requests in a batch), ten agents against a 30 tok/s floor, which a
+  request decoding alone meets: the batch's decode steps are what slow every request under it. Without
+  tool waits every agent decodes all the time, so a window of a few seconds judges enough requests.
+
 They run one after another, not side by side: on two cores, three simulators and their load generators
 at once would put the load generator's own delay into the verdicts this file checks.
 
@@ -34,7 +43,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agentperf_users.measure.diagnose import LOADGEN_CPU_BUSY, MOST_OF_TTFT
+from agentperf_users.measure.diagnose import DECODE_ITL_SHARE, DECODE_MIN_RUNNING, LOADGEN_CPU_BUSY, MOST_OF_TTFT
 from agentperf_users.search.headline import agents_words
 from agentperf_users.simulator.profile import PROFILES_DIR
 from tests.support import free_port
@@ -44,6 +53,10 @@ pytestmark = pytest.mark.slow
 BASE_PROFILE = "h100-llama3.1-8b"
 BUSY_WORKER = Path(__file__).parent / "fixtures" / "locustfiles" / "busy_worker.py"
 FIRST_TOKEN_TIER = "tiers:\n  - {name: first-token, ttft_max_s: %s, output_tps_min: 1, scope: request}\n"
+SPEED_TIER = "tiers:\n  - {name: speed, ttft_max_s: 600, output_tps_min: %s, scope: request}\n"
+ALONE_SPEED_TIER = "  - {name: speed, ttft_max_s: 600, output_tps_min: 1000, scope: request}\n"
+DEMO_PROFILE = "l4-llama3.2-3b"
+SPEED_STEP = ["--warmup-s", "2", "--window-s", "5", "--tool-wait", "none"]  # every agent decoding all the time
 SHORT_STEP = ["--warmup-s", "3", "--window-s", "8", "--workers", "1", "--no-truth"]
 RUN_TIMEOUT_S = 150
 
@@ -57,10 +70,10 @@ class Run:
     report: dict
     state: dict
 
-    def diagnosis(self, step: int = 0) -> dict:
-        """The step's one diagnosis (one tier), the same live and recomputed from the files."""
-        (found,) = self.report["steps"][step]["diagnoses"]
-        (live,) = self.state["steps"][step]["diagnoses"]
+    def diagnosis(self, step: int = 0, tier: str = "first-token") -> dict:
+        """The step's diagnosis of ``tier``, the same live and recomputed from the files."""
+        (found,) = [found for found in self.report["steps"][step]["diagnoses"] if found["tier"] == tier]
+        (live,) = [live for live in self.state["steps"][step]["diagnoses"] if live["tier"] == tier]
         assert found == live, self.stdout
         return found
 
@@ -77,9 +90,10 @@ def profile(folder: Path, name: str, **changes) -> Path:
     return path
 
 
-def capacity(folder: Path, *args: str, ttft_max_s: float = 0.5) -> subprocess.Popen:
+def capacity(folder: Path, *args: str, ttft_max_s: float = 0.5, tiers: str | None = None) -> subprocess.Popen:
+    """``agentperf capacity`` of one tier: ``first-token`` (TTFT ≤ ``ttft_max_s``), or ``tiers`` (YAML)."""
     slo = folder / "slo.yaml"
-    slo.write_text(FIRST_TOKEN_TIER % ttft_max_s)
+    slo.write_text(tiers or FIRST_TOKEN_TIER % ttft_max_s)
     return subprocess.Popen([sys.executable, "-m", "agentperf_users.cli.main", "capacity", "--slo", str(slo),
                              "--out", str(folder / "run"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -98,10 +112,10 @@ def finished(folder: Path, process: subprocess.Popen) -> Run:
                json.loads((out / "search.json").read_text()))
 
 
-def one_step(folder: Path, agents: int, *args: str) -> Run:
+def one_step(folder: Path, agents: int, *args: str, tiers: str | None = None) -> Run:
     count = str(agents)
     return finished(folder, capacity(folder, "--start-agents", count, "--max-agents", count, "--resolution-agents",
-                                     count, *SHORT_STEP, *args))
+                                     count, *SHORT_STEP, *args, tiers=tiers))
 
 
 @pytest.fixture(scope="module")
@@ -121,18 +135,19 @@ def server_causes(tmp_path_factory) -> dict[str, Run]:
                     "--max-turns", "1", "--output-median", "16", "--output-p95", "32", "--tool-count", "1"],
                    check=True, capture_output=True, timeout=60)
     runs["prefill"] = one_step(folder, 1, "--trajectories", str(cold), "--profile", str(profile(
-        folder, "slow-prefill", efficiency__mfu=0.066)))
+        folder, "slow-prefill", efficiency__mfu=0.066)), tiers=FIRST_TOKEN_TIER % 0.5 + ALONE_SPEED_TIER)
     return runs
 
 
-def assert_failed_about_capacity(run: Run) -> dict:
+def assert_failed_about_capacity(run: Run, tier: str = "first-token") -> dict:
     """A one-step search whose step failed its tier as a capacity verdict: none located (exit 3)."""
-    assert run.returncode == 3 and run.report["capacity"]["first-token"]["status"] == "none_passed", run.stdout
-    found = run.diagnosis()
-    assert found["about_capacity"] and found["tier"] == "first-token"
+    assert run.returncode == 3 and run.report["capacity"][tier]["status"] == "none_passed", run.stdout
+    found = run.diagnosis(tier=tier)
+    assert found["about_capacity"] and found["tier"] == tier
     at = agents_words(run.report["steps"][0]["agents"])
     assert f"at {at}: {found['text'].removeprefix('why: ')}" in run.stdout  # the headline's binding cause
-    assert f"why: {found['cause']}" in run.stdout  # and the step's progress line
+    named = [line.split("why: ", 1)[1].split(", ") for line in run.stdout.splitlines() if "why: " in line]
+    assert any(found["cause"] in causes for causes in named), run.stdout  # and the step's progress line
     assert run.report["steps"][0]["server"]["server"] == "vllm"
     return found
 
@@ -166,6 +181,48 @@ def test_long_cold_prompts_on_slow_compute_are_prefill(server_causes):
     server = run.report["steps"][0]["server"]
     assert server["prefix_cache_hit_ratio"] < 0.5 and server["requests_waiting_max"] == 0
     assert found["evidence"]["prefill_time_mean_s"] / found["evidence"]["server_ttft_mean_s"] >= MOST_OF_TTFT
+
+
+@pytest.fixture(scope="module")
+def decode_batch(tmp_path_factory) -> Run:
+    """Ten agents on the demo deployment against a 30 tok/s floor (module docstring)."""
+    folder = tmp_path_factory.mktemp("decode-batch")
+    return one_step(folder, 10, "--trajectories", "demo", "--profile", DEMO_PROFILE, *SPEED_STEP,
+                    tiers=SPEED_TIER % 30)
+
+
+def assert_the_speed_floor_failed_on_the_servers_decode(run: Run, floor: float) -> tuple[dict, dict]:
+    """The step failed the floor (its TTFT limit is out of reach), and the diagnosis' inter-token latency is
+    the server's own for the window, within ``DECODE_ITL_SHARE`` of the floor's gap or above it, with
+    nothing else holding (no KV pressure)."""
+    found = assert_failed_about_capacity(run, tier="speed")
+    server = run.report["steps"][0]["server"]
+    assert found["evidence"]["inter_token_latency_mean_s"] == server["inter_token_latency_mean_s"]
+    assert server["inter_token_latency_mean_s"] >= DECODE_ITL_SHARE / floor
+    assert server["kv_cache_usage_max"] < 0.95 and server["preemptions"] == 0
+    assert found["also"] == []
+    return found, server
+
+
+def test_one_agent_decoding_slower_than_the_floor_is_decode_speed(server_causes):
+    """The prefill run's second tier, a floor no single stream of the server meets: not "not identified"
+    (as for the README's demo at 60 tok/s before), but the server's own decode speed, and the words say
+    that no count of agents can pass there."""
+    run = server_causes["prefill"]
+    found, server = assert_the_speed_floor_failed_on_the_servers_decode(run, 1000)
+    assert found["cause"] == "decode speed", run.stdout
+    assert found["text"].endswith("so no agent count can pass this tier on this server")
+    assert found["evidence"]["floor_inter_token_latency_s"] == pytest.approx(1 / 1000)
+    assert server["requests_running_max"] == 1 and found["evidence"]["requests_running_mean"] < DECODE_MIN_RUNNING
+
+
+def test_ten_agents_decoding_in_a_batch_slower_than_the_floor_is_decode_batch(decode_batch):
+    """A floor that a request decoding alone on this deployment meets (~33 tok/s), failed by ten agents whose
+    batch slows every decode step past the floor's gap."""
+    found, server = assert_the_speed_floor_failed_on_the_servers_decode(decode_batch, 30)
+    assert found["cause"] == "decode batch", decode_batch.stdout
+    assert found["evidence"]["requests_running_mean"] == server["requests_running_mean"] >= DECODE_MIN_RUNNING
+    assert server["inter_token_latency_mean_s"] > 1 / 30  # above the gap itself, not only near it
 
 
 def test_a_busy_worker_is_the_load_generator_and_the_search_stops_naming_it(tmp_path):

@@ -111,8 +111,39 @@ def test_decode_batch_when_the_speed_floor_fails_with_a_slow_batch():
     fast_server = replace(DECODE, inter_token_latency_mean_s=0.01)  # the server decodes fast: not its batch
     alone = replace(DECODE, requests_running_mean=1.0, requests_running_max=1.0)
     assert why(SLOW_TOKENS, fast_server).cause is Cause.NOT_IDENTIFIED
-    assert why(SLOW_TOKENS, alone).cause is Cause.NOT_IDENTIFIED
+    assert why(SLOW_TOKENS, alone).cause is Cause.DECODE_SPEED  # no batch: the server's own speed
     assert why(SLOW_TOKENS, QUEUEING).cause is Cause.NOT_IDENTIFIED  # queueing is a TTFT cause, not speed's
+
+
+def test_decode_speed_when_a_request_decoding_alone_is_slower_than_the_floor():
+    """One agent on a server whose single stream decodes at ~33 tok/s against a 60 tok/s floor: no count of
+    agents passes, and the diagnosis says so rather than "not identified"."""
+    tier = SloTier(name="60tps", ttft_max_s=5.0, output_tps_min=60.0, scope="agent", agents_passing=0.95)
+    records = [record(tps=33.0)] * 20
+    one_agent = replace(SERVER, requests_running_mean=0.93, requests_running_max=1.0, inter_token_latency_mean_s=0.0303)
+    diagnosis = why(records, one_agent, tier=tier)
+    assert diagnosis.cause is Cause.DECODE_SPEED and diagnosis.about_capacity and diagnosis.also == ()
+    assert diagnosis.text == ("why: decode speed — inter-token latency 30.3 ms (the 60 tok/s floor allows 16.7 ms) "
+                              "with 0.93 requests running on average: the server decodes a request alone slower "
+                              "than the floor, so no agent count can pass this tier on this server")
+    assert dict(diagnosis.evidence) == {"inter_token_latency_mean_s": 0.0303,
+                                        "floor_inter_token_latency_s": pytest.approx(1 / 60),
+                                        "requests_running_mean": 0.93}
+    # Just below two requests running it is still the server's own speed; at two, a batch shares the steps.
+    assert why(records, replace(one_agent, requests_running_mean=1.9), tier=tier).cause is Cause.DECODE_SPEED
+    assert why(records, replace(one_agent, requests_running_mean=2.0), tier=tier).cause is Cause.DECODE_BATCH
+    # A single stream that decodes well within the floor's gap is not what failed the floor.
+    quick = replace(one_agent, inter_token_latency_mean_s=0.8 / 60 * 0.99)
+    assert why(records, quick, tier=tier).cause is Cause.NOT_IDENTIFIED
+
+
+def test_a_ttft_failing_at_one_agent_with_nothing_waiting_is_prefill():
+    """The TTFT counterpart of decode speed needs no cause of its own: with nothing waiting, queue time is
+    near zero and prefill is most of the server's TTFT."""
+    alone = replace(SERVER, requests_running_mean=0.9, requests_running_max=1.0, requests_waiting_mean=0.0,
+                    queue_time_mean_s=0.002, prefill_time_mean_s=5.1, ttft_mean_s=5.2, prefix_cache_hit_ratio=0.8)
+    diagnosis = why(SLOW_FIRST_TOKENS, alone)
+    assert diagnosis.cause is Cause.PREFILL and diagnosis.text.endswith("prefix-cache hits 80 %")
 
 
 def test_decode_batch_is_considered_when_too_few_agents_pass_but_the_pooled_quantiles_do():

@@ -67,7 +67,7 @@ def test_every_fault_kind_becomes_its_own_records_and_the_agents_go_on(tmp_path)
              "--headless", "--exit-code-on-error", "0", "-u", str(AGENTS), "-r", "50", "-t", f"{RUN_S}s", "--stop-timeout", "0",
              "--trajectories", str(tmp_path / "set.jsonl"), "--records-dir", str(tmp_path / "records"),
              "--tool-wait", "none", "--request-timeout", str(REQUEST_TIMEOUT_S),
-             "--stall-timeout", str(STALL_TIMEOUT_S)],
+             "--stall-timeout", str(STALL_TIMEOUT_S), "--no-probe"],  # the probe too would draw a fault
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_S + 60)
         with urlopen(f"{simulator.url}/metrics", timeout=10) as response:
             exposition = response.read().decode()

@@ -144,7 +144,10 @@ if __name__ == "__main__":
 
 # ---- tests ----
 
+import os  # noqa: E402
 import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+from urllib.request import urlopen  # noqa: E402
 
 from agentperf_users.errors import AgentperfError  # noqa: E402
 from agentperf_users.loadgen.probe import (  # noqa: E402
@@ -155,9 +158,11 @@ from agentperf_users.loadgen.probe import (  # noqa: E402
     qualify,
 )
 from agentperf_users.loadgen.replay import ReplaySettings  # noqa: E402
+from agentperf_users.measure.records import Status, read_records  # noqa: E402
 from agentperf_users.simulator.profile import DEFAULT_PROFILE, load_profile  # noqa: E402
 from agentperf_users.workload.readers import load_trajectories  # noqa: E402
 from tests.simulator import simulator  # noqa: E402
+from tests.support import free_port, wait_for  # noqa: E402
 
 RUN_SHAPE = ReplaySettings()  # tools and ignore_eos on: what a run sends by default
 
@@ -423,3 +428,91 @@ def test_no_tools_takes_the_tool_definitions_off_the_context(server_url, demo):
     turn = trajectory.turns[without.turn]
     assert without.prompt_tokens == count_prompt_tokens(turn.messages) + NAMESPACE_ALLOWANCE_TOKENS
     assert without.prompt_tokens < with_tools.prompt_tokens
+
+
+# -- a plain Locust run probes at test start ---------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+AGENTS_LOCUSTFILE = str(REPO / "locustfiles" / "agents.py")
+CAPACITY_LOCUSTFILE = str(REPO / "locustfiles" / "capacity.py")
+LOCUST_TIMEOUT_S = 120
+
+
+def plain_locust(tmp_path, host: str, *args: str, locustfile: str = AGENTS_LOCUSTFILE) -> tuple[int, str, list]:
+    """A headless ``locust -f locustfiles/agents.py`` (two agents, a run time far longer than a probe) against
+    ``host``: (exit code, its output, its records)."""
+    tmp_path.mkdir(exist_ok=True)
+    completed = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", locustfile, "--host", host, "--headless", "-u", "2", "-r", "10",
+         "-t", "60s", "--stop-timeout", "0", "--trajectories", "demo", "--records-dir", str(tmp_path / "records"),
+         "--api-key-env", "AGENTPERF_TEST_KEY", *args],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "AGENTPERF_TEST_KEY": CANARY_KEY},
+        capture_output=True, text=True, timeout=LOCUST_TIMEOUT_S)
+    output = completed.stdout + completed.stderr
+    assert_no_key(output)
+    records = tmp_path / "records"  # made when the first record is written
+    return completed.returncode, output, read_records([records]) if records.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("locustfile", "processes"), [
+    (AGENTS_LOCUSTFILE, []), (AGENTS_LOCUSTFILE, ["--processes", "1"]), (CAPACITY_LOCUSTFILE, [])],
+    ids=["local", "master-and-worker", "capacity-search"])
+def test_a_plain_locust_run_against_a_server_rejecting_tools_stops_at_its_start(server_url, tmp_path, locustfile,
+                                                                                 processes):
+    """vLLM without tool calling: the run ends at its start (long before its 60 s) with the probe's one line
+    at error level and exit 2, no traceback, and no agent's request (no record): on a LocalRunner, on a
+    master whose worker's agents were already dispatched, and in the capacity search's shape (whose first
+    tick comes before the test starts)."""
+    code, output, records = plain_locust(tmp_path, f"{server_url}/tools=reject,len=32768", *processes,
+                                         locustfile=locustfile)
+    assert code == 2, output[-3000:]
+    lines = [line for line in output.splitlines() if VLLM_TOOLS_MESSAGE in line]
+    assert len(lines) == 1 and "ERROR" in lines[0] and "--no-tools" in lines[0], output[-3000:]
+    assert "Traceback" not in output
+    assert records == []
+
+
+@pytest.mark.slow
+def test_a_plain_locust_run_the_server_can_serve_is_qualified_and_runs(server_url, tmp_path):
+    """The same server with ``--no-tools``: the probe qualifies it, says so, and the agents send; with
+    ``--no-probe`` the run is not probed (and its agents' requests with tools fail, as the server says)."""
+    code, output, records = plain_locust(tmp_path / "qualified", f"{server_url}/tools=reject,len=32768", "--no-tools",
+                                         "-t", "3s")
+    assert code == 0, output[-3000:]
+    assert f"agentperf: server qualified: model {MODEL}, max_model_len 32768" in output
+    assert records and all(record.ok for record in records if record.status is not Status.CANCELLED)
+    code, output, records = plain_locust(tmp_path / "unprobed", f"{server_url}/tools=reject,len=32768", "--no-probe",
+                                         "-t", "3s", "--exit-code-on-error", "0")
+    assert code == 0 and "server qualified" not in output, output[-3000:]
+    assert records and {record.status for record in records} <= {Status.HTTP_4XX, Status.CANCELLED}
+
+
+@pytest.mark.slow
+def test_in_the_web_ui_the_run_stops_with_the_reason_in_its_log(server_url, tmp_path):
+    """A web UI run (started at once, ``--autostart``) against the same server: the test is stopped, not the
+    UI, and the probe's line is in the master's log that the UI's Logs tab shows."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "locust", "-f", AGENTS_LOCUSTFILE, "--host", f"{server_url}/tools=reject,len=32768",
+         "--web-host", "127.0.0.1", "--web-port", str(port), "--autostart", "-u", "2", "-r", "10",
+         "--trajectories", "demo"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def page(path: str):
+            try:
+                with urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                    return json.loads(response.read())
+            except OSError:
+                return None
+
+        stats = wait_for(lambda: (stats := page("/stats/requests")) and stats["state"] == "stopped" and stats, 60,
+                         "the test stopped", process)
+        logs = page("/logs")["master"]
+    finally:
+        process.kill()
+        process.wait()
+    lines = [line for line in logs if VLLM_TOOLS_MESSAGE in line]
+    assert len(lines) == 1 and "ERROR" in lines[0] and "--no-tools" in lines[0], logs
+    assert not any("Traceback" in line for line in logs)
+    assert [row["num_requests"] for row in stats["stats"] if row["name"] == "Aggregated"] == [0]  # no agent sent

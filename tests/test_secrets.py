@@ -183,7 +183,8 @@ def test_a_canary_key_echoed_by_a_failing_server_reaches_no_output(tmp_path):
             [sys.executable, "-m", "locust", "-f", str(REPO / "locustfiles" / "agents.py"), "--host", url,
              "--web-host", "127.0.0.1", "--web-port", str(web_port), "--autostart", "-u", "2", "-r", "2",
              "--api-key-env", "AGENTPERF_CANARY", "--trajectories", "demo", "--records-dir", str(web / "records"),
-             "--csv", str(web / "stats"), "--csv-full-history", "--logfile", str(web / "locust.log")],
+             "--csv", str(web / "stats"), "--csv-full-history", "--logfile", str(web / "locust.log"),
+             "--no-probe"],  # its requests fail on purpose: the probe would stop the run before they are seen
             cwd=web, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         base = f"http://127.0.0.1:{web_port}"
         wait_for(lambda: "http_4xx" in _text(f"{base}/stats/requests", "") and "bad_stream" in

@@ -174,7 +174,7 @@ def test_five_minutes_at_twice_capacity_with_faults_lose_no_record_and_leak_no_m
                           "-u", str(agents), "-r", "50", "-t", f"{RUN_S}s", "--stop-timeout", "0",
                           "--host", simulator.url, "--trajectories", TRAJECTORIES, "--tool-wait", "none",
                           "--request-timeout", str(REQUEST_TIMEOUT_S), "--stall-timeout", str(STALL_TIMEOUT_S),
-                          *common], tmp_path / "master", env)
+                          "--no-probe", *common], tmp_path / "master", env)  # the simulator's counts: the agents' only
         worker = _locust(["--worker", "--master-host", "127.0.0.1", "--master-port", port, *common],
                          tmp_path / "worker", env)
         try:

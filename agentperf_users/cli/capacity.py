@@ -279,7 +279,8 @@ def _locust_command(args: argparse.Namespace, host: str, out: Path, model: str) 
     console (``--progress-events``)."""
     run_files = ["--host", host, "--records-dir", str(out / "records"), "--run-id", out.name,
                  "--capacity-json", str(out / "search.json"),
-                 "--server-metrics-file", str(out / server_metrics.SERVER_METRICS_FILE), "--progress-events"]
+                 "--server-metrics-file", str(out / server_metrics.SERVER_METRICS_FILE), "--progress-events",
+                 "--no-probe"]  # probed already (_qualify)
     forwarded = options.forward(argparse.Namespace(**{**vars(args), "model": model}), FORWARDED_GROUPS)
     return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--exit-code-on-error", "0",
             *run_files, *forwarded]

@@ -55,6 +55,7 @@ from agentperf_users.client.chat import (
 )
 from agentperf_users.errors import AgentperfError
 from agentperf_users.loadgen.body import ChatBodyEncoder
+from agentperf_users.loadgen.probe import ProbeTarget, qualify
 from agentperf_users.loadgen.replay import (
     Dealer,
     ReplaySettings,
@@ -166,6 +167,10 @@ def install(environment: Environment, **_: Any) -> None:
 
 
 def _deal(environment: Environment, state: _ProcessState, msg: Any) -> None:
+    # The test is stopping with its one line: deal nothing, so an agent of a worker that started before the
+    # master's quit reached it sends nothing before it is stopped.
+    if state.error:
+        return
     step = aggregate.current_step(environment)
     if step.fresh_agents:
         state.dealer.restart(step.index, step.agents)
@@ -201,8 +206,9 @@ def claim(environment: Environment, new_agent: bool) -> Claim:
 
 
 def on_test_start(environment: Environment, **_: Any) -> None:
-    """Load this test's settings and trajectory set (and find the model) once per process; on bad
-    input, stop the test with a one-line error."""
+    """Load this test's settings and trajectory set (and find the model) once per process, and on the
+    master or a LocalRunner probe the server (``_qualify``); on bad input or a server that cannot serve
+    the run, stop the test with a one-line error."""
     state = _state(environment)
     state.dealer = Dealer()
     try:
@@ -217,6 +223,8 @@ def on_test_start(environment: Environment, **_: Any) -> None:
         state.api_key = os.environ.get(settings.api_key_env) or None
         if not isinstance(environment.runner, MasterRunner):
             state.model = settings.model or _served_model(environment.host, state.api_key)
+        if not isinstance(environment.runner, WorkerRunner):
+            _qualify(environment, state)
         state.error = None
     except AgentperfError as exc:
         state.error = f"agentperf: {exc}"
@@ -226,6 +234,25 @@ def on_test_start(environment: Environment, **_: Any) -> None:
     # loaded worker one took ~30 ms, long enough for a stream's next chunks to pile up behind a read.
     gc.collect()
     gc.freeze()
+
+
+def _qualify(environment: Environment, state: _ProcessState) -> None:
+    """The qualification probe (``probe.qualify``) of a plain Locust run, on the master or a LocalRunner once
+    the set is loaded: Locust fires ``test_start`` there before it spawns or dispatches a user, so a server
+    that cannot serve the run (an option it rejects, a context past its ``max_model_len``, ...) stops the
+    test with the probe's one line (``AgentperfError``, exit 2) before any agent sends (a worker's agents,
+    already dispatched, are dealt nothing: ``_deal``). ``agentperf capacity`` probes in its own process
+    before it starts Locust, and passes ``--no-probe``."""
+    if not options.value(environment.parsed_options, "probe"):
+        return
+    if not environment.host:
+        raise AgentperfError("no --host given, so there is no server to probe")
+    settings = state.settings
+    qualification = qualify(ProbeTarget(environment.host, state.api_key, settings.model, settings.api_key_env),
+                            state.trajectories, settings.replay)
+    logger.info(qualification.summary())
+    for warning in qualification.warnings:
+        logger.warning(warning)
 
 
 def _check_key_source(state: _ProcessState, api_key_env: str, host: str) -> None:

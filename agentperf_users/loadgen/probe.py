@@ -9,8 +9,9 @@ says what the server said and what to do (exit 2), before a run folder or a Locu
 
 Where it belongs: ``agentperf capacity`` calls it in its own process after loading its inputs and
 (without ``--host``) starting the embedded simulator, and before it creates the run folder or starts
-Locust; a plain Locust run calls it from the ``test_start`` listener on the master (or the LocalRunner),
-never on workers, and stops the test with its line. The caller prints :meth:`Qualification.summary`
+Locust (and passes its master ``--no-probe``); a plain Locust run calls it from a ``test_start`` listener on
+the master (or the LocalRunner), never on workers, before any agent is spawned or dispatched, and stops the
+test with its line (``agent.on_test_start``). The caller prints :meth:`Qualification.summary`
 and each of :attr:`Qualification.warnings`.
 
 What it sends: ``GET /v1/models``, then two streaming chat requests built exactly as an agent builds

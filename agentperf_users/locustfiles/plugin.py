@@ -4,7 +4,11 @@ No module of the package registers anything when it is imported (tests, the grou
 import them freely, and an import never changes what Locust does); a locustfile calls :func:`install` once,
 at its top, because Locust reads options from ``init_command_line_parser`` listeners after it imports the
 locustfile and before it makes the Environment. The order below is the order the parts need: the record
-log (``aggregate``) exists before the Prometheus collector, the tabs and the agents read it.
+log (``aggregate``) exists before the Prometheus collector, the tabs and the agents read it. The agents'
+``test_start`` listener also runs the qualification probe on the master (or a LocalRunner), after it has
+loaded the set: Locust fires ``test_start`` there before it spawns or dispatches a user (in a shape run,
+after the shape's first tick, which only plans the step), so no agent sends to a server that cannot
+serve the run (``--no-probe`` skips it; ``agentperf capacity`` probes before it starts Locust).
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ later ones that also hold are listed beside it (``also``):
    taken as TTFT minus queue time, and the evidence says so.
 7. **decode batch** (output speed) — the speed floor failed while the server's inter-token latency was
    near the floor's own (``DECODE_ITL_SHARE``) with a batch of requests running (``DECODE_MIN_RUNNING``).
+8. **decode speed** (output speed) — the same inter-token latency with fewer than ``DECODE_MIN_RUNNING``
+   requests running: the server decodes a request (nearly) alone slower than the floor allows, so no
+   agent count can pass the tier on this server (an L4 decoding a 3B model at ~33 tok/s against a
+   60 tok/s floor). Its TTFT counterpart needs no cause of its own: with nothing waiting, a TTFT is
+   queue time and prefill, and prefill is then most of it (6).
 
 When none holds the cause is **not identified** (the server's numbers are there but none reaches its
 threshold), or **not available** when the server gave no metrics: then only the client's numbers
@@ -77,7 +82,7 @@ DECODE_ITL_SHARE = 0.8
 
 DECODE_MIN_RUNNING = 2.0
 """At least this many requests running on average: the decode steps are shared by a batch (a single
-request decoding slowly is not a batching limit)."""
+request decoding slowly is not a batching limit, but the server's own speed: ``decode speed``)."""
 
 
 class Cause(str, Enum):
@@ -87,6 +92,7 @@ class Cause(str, Enum):
     QUEUEING = "queueing"
     PREFILL = "prefill"
     DECODE_BATCH = "decode batch"
+    DECODE_SPEED = "decode speed"
     NOT_IDENTIFIED = "not identified"
     NOT_AVAILABLE = "not available"
 
@@ -326,23 +332,46 @@ def _prefill(i: _Inputs) -> Diagnosis | None:
                     prefill_time_mean_s=prefill, server_ttft_mean_s=ttft, prefix_cache_hit_ratio=hits)
 
 
-def _decode_batch(i: _Inputs) -> Diagnosis | None:
+def _slow_decode(i: _Inputs) -> tuple[float, float, float] | None:
+    """(the server's mean inter-token latency, the gap the speed floor allows, requests running on average)
+    when the floor failed and the server's decode steps are near that gap (``DECODE_ITL_SHARE``)."""
     server, floor = i.server, i.verdict.tier.output_tps_min
     itl, running = server.inter_token_latency_mean_s, server.requests_running_mean
-    if not i.speed_failed or floor <= 0 or itl is None or running is None:
+    if not i.speed_failed or floor <= 0 or itl is None or running is None or itl < DECODE_ITL_SHARE / floor:
         return None
-    allowed = 1 / floor
-    if itl < DECODE_ITL_SHARE * allowed or running < DECODE_MIN_RUNNING:
+    return itl, 1 / floor, running
+
+
+def _itl_text(itl: float, allowed: float, floor: float) -> str:
+    return f"inter-token latency {seconds(itl)} (the {floor:g} tok/s floor allows {seconds(allowed)})"
+
+
+def _decode_batch(i: _Inputs) -> Diagnosis | None:
+    slow = _slow_decode(i)
+    if slow is None or slow[2] < DECODE_MIN_RUNNING:
         return None
-    return _finding(Cause.DECODE_BATCH, f"inter-token latency {seconds(itl)} (the {floor:g} tok/s floor allows "
-                    f"{seconds(allowed)}) with {running:.3g} requests running on average "
-                    f"(max {server.requests_running_max:g})",
+    itl, allowed, running = slow
+    server = i.server
+    return _finding(Cause.DECODE_BATCH, f"{_itl_text(itl, allowed, i.verdict.tier.output_tps_min)} with {running:.3g} "
+                    f"requests running on average (max {server.requests_running_max:g})",
                     inter_token_latency_mean_s=itl, requests_running_mean=running,
                     requests_running_max=server.requests_running_max)
 
 
+def _decode_speed(i: _Inputs) -> Diagnosis | None:
+    slow = _slow_decode(i)
+    if slow is None or slow[2] >= DECODE_MIN_RUNNING:
+        return None
+    itl, allowed, running = slow
+    return _finding(Cause.DECODE_SPEED, f"{_itl_text(itl, allowed, i.verdict.tier.output_tps_min)} with "
+                    f"{running:.2g} requests running on average: the server decodes a request alone slower than "
+                    "the floor, so no agent count can pass this tier on this server",
+                    inter_token_latency_mean_s=itl, floor_inter_token_latency_s=allowed,
+                    requests_running_mean=running)
+
+
 _CHECKS: tuple[Callable[[_Inputs], Diagnosis | None], ...] = (
-    _failing_server, _load_generator, _server_errors, _kv_cache, _queueing, _prefill, _decode_batch,
+    _failing_server, _load_generator, _server_errors, _kv_cache, _queueing, _prefill, _decode_batch, _decode_speed,
 )
 
 

@@ -37,7 +37,7 @@ def replay(url: str, tmp: Path, agents: int, run_s: int, *extra: str) -> list[Re
     completed = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(agents), "-r", str(agents),
          "-t", f"{run_s}s", "--host", url, "--trajectories", str(trajectories),
-         "--records-dir", str(tmp / "records"), *extra],
+         "--records-dir", str(tmp / "records"), "--no-probe", *extra],  # vLLM's counters: the agents' requests only
         cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
         timeout=run_s + 120, preexec_fn=pin(LOAD_CPUS))
     output = completed.stdout + completed.stderr
