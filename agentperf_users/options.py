@@ -117,6 +117,9 @@ OPTIONS: tuple[Option, ...] = (
             "that ended in this many last seconds", 0.0, MAX_STEP_SECONDS, low_open=True),
     _number("--metrics-port", Group.METRICS, 0, "serve Prometheus metrics on this port of the master; 0: none",
             0, 65_535, web_ui=False),
+    Option("--server-metrics-url", Group.METRICS, "", "the serving engine's Prometheus endpoint (vLLM or SGLang "
+           "names), read every second for each step's server numbers and the diagnosis of a failing step; empty: "
+           "the target's /metrics", web_ui=False),
     Option("--metrics-host", Group.METRICS, "127.0.0.1", "address the metrics listen on (0.0.0.0: every "
            "interface, for a Prometheus on another host)", web_ui=False),
     _number("--start-agents", Group.SEARCH, 1, "agents in the first load step", 1, MAX_AGENTS),

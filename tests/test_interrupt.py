@@ -230,15 +230,19 @@ def test_sigterm_while_the_master_waits_for_workers_quits_without_a_traceback(tm
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_ctrl_c_of_a_plain_locust_run_of_the_search_keeps_its_judged_steps(tmp_path, headline_slo):
-    """The search under plain Locust (a LocalRunner, headless), as a person runs it and stops it."""
-    state, log = tmp_path / "search.json", tmp_path / "locust.log"
+    """The search under plain Locust (a LocalRunner, headless), as a person runs it and stops it. With no
+    ``agentperf capacity`` to keep the server's metrics, the master reads them itself (into a temporary
+    folder it removes), so its judged steps carry the server's numbers."""
+    state, log, temporary = tmp_path / "search.json", tmp_path / "locust.log", tmp_path / "tmp"
+    temporary.mkdir()
     with simulator("--profile", "l4-llama3.2-3b") as sim, open(log, "w") as file:
         run = subprocess.Popen(
             [sys.executable, "-m", "locust", "-f", "agentperf_users/locustfiles/capacity.py", "--headless",
              "--host", sim.url, "--trajectories", "demo", "--slo", headline_slo, "--start-agents", "2",
              "--warmup-s", "2", "--window-s", "5", "--capacity-json", str(state),
              "--records-dir", str(tmp_path / "records")],
-            stdout=file, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+            stdout=file, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
+            env={**os.environ, "TMPDIR": str(temporary)})
         try:
             wait_for(lambda: judged_steps(state), FIRST_STEP_TIMEOUT_S, "a judged step", run)
             run.send_signal(signal.SIGINT)
@@ -249,3 +253,6 @@ def test_ctrl_c_of_a_plain_locust_run_of_the_search_keeps_its_judged_steps(tmp_p
     saved = json.loads(state.read_text())
     assert saved["interrupted"] is True and saved["complete"] is False and len(saved["steps"]) >= 1
     assert "SIGINT: ending the search" in log.read_text() and "Traceback" not in log.read_text()
+    server = saved["steps"][0]["server"]
+    assert server["server"] == "vllm" and server["readings"] >= 1 and server["requests_running_mean"] > 0, server
+    assert not list(temporary.glob("agentperf-server-metrics-*"))  # its reader's folder, removed at the stop

@@ -105,10 +105,6 @@ def register_cli(subparsers) -> None:
                         "every second; default: the embedded simulator's own, none against --host")
     parser.add_argument("--power-metric", default=power.DEFAULT_METRIC,
                         help=f"the power metric there, watts, summed over its series (default: {power.DEFAULT_METRIC})")
-    parser.add_argument("--server-metrics-url", default="",
-                        help="the serving engine's Prometheus endpoint (vLLM or SGLang names), read every second "
-                        "for each step's server numbers and the diagnosis of a failing step; default: the "
-                        "target's /metrics")
     parser.add_argument("--simulator-fault", action="append", default=[], metavar="KIND[:RATE]",
                         help="make the embedded simulator fail so (repeatable; agentperf simulate --help lists the "
                         "kinds): to rehearse what a failing server looks like")

@@ -22,6 +22,11 @@ then started again from no agents on the workers left, rather than judged with f
 names. A lost worker's records stay in its file, and those it reported in the master's; the state file
 names it, with the step and the time.
 
+The server's own numbers for each step come from ``--server-metrics-file``, which ``agentperf capacity``
+writes; a master run by plain Locust (the web UI, a Kubernetes master) reads ``--server-metrics-url``
+(default: the target's ``/metrics``) itself, from each search's start to its stop, into a file of its own
+that it removes after, so its steps carry the same numbers and diagnoses.
+
 The search's state (``--capacity-json``) is written whole after every judged step and at the end, so a
 run stopped at any moment keeps every step it judged. SIGTERM (Kubernetes, ``docker stop``,
 ``agentperf capacity`` stopping its master) ends the search as Ctrl-C does, marked ``interrupted``;
@@ -42,8 +47,11 @@ import functools
 import logging
 import math
 import os
+import shutil
 import signal
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
@@ -64,9 +72,11 @@ from agentperf_users.measure.diagnose import (
 from agentperf_users.measure.records import RequestRecord
 from agentperf_users.measure.server_metrics import (
     NOT_AVAILABLE,
+    SERVER_METRICS_FILE,
     ServerWindow,
     describe,
     read_samples,
+    server_metrics_sampler,
     window_summary,
 )
 from agentperf_users.measure.slo import (
@@ -196,6 +206,8 @@ class CapacitySearchShape(LoadTestShape):
         self._workers: frozenset[str] = frozenset()  # the workers the step in progress was ramped on
         self._step_started = 0.0  # when the step in progress began its ramp
         self._last_progress = -math.inf  # when its last live progress event was logged
+        self._server_reader = ExitStack()  # the master's own reader of the server's metrics, if it runs one
+        self._server_metrics_path = ""
 
     @property
     def environment(self):
@@ -252,6 +264,7 @@ class CapacitySearchShape(LoadTestShape):
         if not self._listening:
             self.environment.events.test_stop.add_listener(self._on_test_stop)
             self._listening = True
+        self._read_server_metrics()
         self._next_step(now)
         self._write_summary(self.environment)
         return True
@@ -388,10 +401,30 @@ class CapacitySearchShape(LoadTestShape):
             self._not_a_verdict(step, doubt, records)
         self._write_summary(self.environment)
 
+    def _read_server_metrics(self) -> None:
+        """Where no ``--server-metrics-file`` is kept for this master, read the server's metrics itself
+        (module docstring) until the test stops; a URL that is not http(s) is said once and not read."""
+        self._server_reader.close()
+        options = self.environment.parsed_options
+        self._server_metrics_path = getattr(options, "server_metrics_file", "")
+        host = getattr(options, "host", "") or getattr(self.environment, "host", "") or ""
+        url = getattr(options, "server_metrics_url", "") or (f"{host.rstrip('/')}/metrics" if host else "")
+        if self._server_metrics_path or not url:
+            return
+        if not url.startswith(("http://", "https://")):
+            logger.warning("agentperf: --server-metrics-url: expected an http:// or https:// URL; the steps' server "
+                           "numbers are not available")
+            return
+        folder = tempfile.mkdtemp(prefix="agentperf-server-metrics-")
+        self._server_reader.callback(shutil.rmtree, folder, ignore_errors=True)
+        self._server_metrics_path = os.path.join(folder, SERVER_METRICS_FILE)
+        self._server_reader.enter_context(server_metrics_sampler(url, self._server_metrics_path))
+
     def _server_window(self, start_epoch_s: float, end_epoch_s: float) -> ServerWindow:
-        """The server's numbers over a window, from the file ``agentperf capacity`` keeps (one line a
-        second, so reading it whole once a step is cheap); not available without one."""
-        path = getattr(self.environment.parsed_options, "server_metrics_file", "")
+        """The server's numbers over a window, from the file ``agentperf capacity`` keeps or this master's
+        own reader writes (one line a second, so reading it whole once a step is cheap); not available
+        without either."""
+        path = self._server_metrics_path
         if not path:
             return NOT_AVAILABLE
         try:
@@ -419,6 +452,7 @@ class CapacitySearchShape(LoadTestShape):
         the search itself stopped (``stopped``: a failing server, the load generator), which ended as it meant to."""
         if self.search is not None and not self.search.done and self.stopped is None:
             self.interrupted = True
+        self._server_reader.close()
         self._write_summary(environment)
 
     def _write_summary(self, environment, **_) -> None:
