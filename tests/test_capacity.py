@@ -63,6 +63,7 @@ def test_capacity_search_finds_the_ground_truth(tmp_path, headline_slo):
     assert len({r.worker_id for r in per_process}) == 2
     assert "capacity @ 20 tok/s, TTFT ≤ 10 s:" in stdout and "; ground truth " in stdout
     assert "step 0 (step): 6 agents" in stdout  # live progress
+    assert "capacity 20 tok/s" not in stdout and "capacity 20 tok/s" in (out / "locust.log").read_text()  # said once
     assert (out / "report.html").read_text().count("<svg") == 2 + 3  # one tier's 2 curves; throughput, cache, power
     # agents per megawatt from the power the simulator's gauge showed at the capacity step, not its nameplate
     gpu = load_profile("l4-llama3.2-3b").gpu

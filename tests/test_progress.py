@@ -65,6 +65,14 @@ def test_a_pipe_gets_plain_lines_and_at_most_one_live_line_per_interval():
     assert "why" not in lines[2]
 
 
+def test_a_step_running_past_its_expected_time_says_so_rather_than_counting_past_it():
+    """A window is extended until enough requests ended in it, and judged once every worker reported."""
+    stream = io.StringIO()
+    console = ConsoleProgress(stream, tty=False)
+    console.message(live(52.0))
+    assert stream.getvalue().split(" · ")[2] == "52 s, past the ~48 s expected"
+
+
 def test_other_lines_are_not_taken_for_progress():
     console = ConsoleProgress(io.StringIO(), tty=False)
     assert not console.message("capacity 20 tok/s, TTFT ≤ 10 s: 4 agents (fails at 5)")

@@ -77,8 +77,11 @@ def judged_event(step: int, phase: str, agents: int, verdict: StepVerdict, cause
 def live_line(event: dict) -> str:
     """``step 3 (bisect) 16 agents · window · 35 of ~48 s · 18 requests so far · TTFT p95 0.17 s, p5 19.4 tok/s ·
     20 tok/s FAIL · 60 tok/s FAIL``"""
-    parts = [f"step {event['step']} ({event['phase']}) {event['agents']} agents", event["stage"],
-             f"{event['elapsed_s']:.0f} of ~{event['expected_s']:.0f} s"]
+    elapsed, expected = event["elapsed_s"], event["expected_s"]
+    # a window is extended until enough requests ended in it (--min-requests), and judged once every worker reported
+    timing = (f"{elapsed:.0f} of ~{expected:.0f} s" if elapsed <= expected
+              else f"{elapsed:.0f} s, past the ~{expected:.0f} s expected")
+    parts = [f"step {event['step']} ({event['phase']}) {event['agents']} agents", event["stage"], timing]
     if event["stage"] == "window":
         parts.append(f"{event['requests']} requests so far")
         parts += _tier_words(event["tiers"])

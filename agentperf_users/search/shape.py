@@ -279,8 +279,9 @@ class CapacitySearchShape(LoadTestShape):
     def _next_step(self, now: float) -> bool:
         agents = None if self.stopped else self.search.next_agents()
         if agents is None:
-            for capacity in self.search.capacity().values():
-                logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label, capacity_words(capacity.to_dict()))
+            for capacity in self.search.capacity().values():  # agentperf capacity's console ends with its headline
+                steps_logger.info("capacity %s: %s", self.spec.tier(capacity.tier).label,
+                                  capacity_words(capacity.to_dict()))
             self._agents = 0
             return self._enter("stop", now, self._ramp_deadline(now, 0, STOP_RATE))
         self._phase = "step" if self.search.stepping else "bisect"
