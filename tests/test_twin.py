@@ -8,6 +8,7 @@ the tests check the sum and the four other constants, not the overhead by itself
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import subprocess
@@ -18,6 +19,11 @@ import requests
 import yaml
 
 from agentperf_users.cli.main import main
+from agentperf_users.loadgen import replay
+from agentperf_users.measure.records import RecordWriter
+from agentperf_users.measure.slo import load_slo
+from agentperf_users.search import truth
+from agentperf_users.search.policy import SearchParameters
 from agentperf_users.simulator.profile import load_profile
 from agentperf_users.twin.fit import (
     MIN_OBSERVATIONS,
@@ -29,6 +35,7 @@ from agentperf_users.twin.fit import (
 )
 from agentperf_users.twin.probe_run import prefill_steps
 from agentperf_users.twin.profile_yaml import constants_of
+from agentperf_users.workload.readers import load_trajectories
 from tests.simulator import simulator, write_profile
 from tests.support import free_port, wait_for
 
@@ -183,3 +190,99 @@ def test_a_profile_prices_each_decoding_sequence_outside_the_roofline(tmp_path):
     assert costed.decode_step_s(4) - plain.decode_step_s(4) == pytest.approx(4 * 0.5e-3)
     assert costed.step_time_s(prefill_tokens=512) == plain.step_time_s(prefill_tokens=512)
     assert constants_of(costed).sequence_s == pytest.approx(0.5e-3)
+
+
+def off_by(found: StepConstants, true: StepConstants) -> dict[str, float]:
+    """Relative error of the decode floor (overhead + weights: a run, like a probe, pins their sum) and of
+    the KV, compute and attention terms."""
+    floor = (found.overhead_s + found.weights_s) / (true.overhead_s + true.weights_s)
+    ratios = found.ratios_to(true)
+    return {"floor": abs(floor - 1), **{name: abs(ratios[name] - 1) for name in
+                                        ("kv_s_per_token", "compute_s_per_token", "attention_s_per_pair")}}
+
+
+def truth_run(tmp_path, profile, max_agents: int = 24) -> tuple:
+    """A run folder as ``agentperf capacity`` leaves one (records/ with every request, cancelled ones too),
+    written from the truth's search on the virtual clock of ``profile`` (the default set and tiers)."""
+    parser = argparse.ArgumentParser()
+    truth.add_arguments(parser)
+    args = parser.parse_args(["--profile", str(profile), "--max-agents", str(max_agents), "--window-s", "30",
+                              "--warmup-s", "10"])
+    result = truth.find_capacity(load_profile(profile), load_trajectories(args.trajectories), load_slo(None),
+                                 SearchParameters.from_options(args), replay.ReplaySettings.from_options(args),
+                                 keep_records=True)
+    folder = tmp_path / "run"
+    writer = RecordWriter(folder / "records", "truth")
+    for record in result.records:
+        writer.write(record)
+    writer.close()
+    return folder, result
+
+
+def test_calibrate_from_a_run_recovers_the_decode_and_prefill_constants(tmp_path, capsys):
+    """A run's records alone (no server metrics: TTFTs for the prefill) give the profile's constants back.
+
+    Measured (this profile: the default's bandwidth x 0.6 and MFU x 0.5; a search to 24 agents): decode
+    floor (overhead + weights) 1.7 % off, KV read per token 6.6 %, compute per token 12 %, attention per
+    pair 19 % (the prefill terms come from TTFTs, which wait part of another request's step). Asserted
+    loosely: 3 %, 10 %, 20 %, 35 %.
+    """
+    hidden = write_profile(tmp_path, {"efficiency.bandwidth": 0.6, "efficiency.mfu": 0.5})
+    folder, result = truth_run(tmp_path, hidden)
+    assert any(r.status.value == "cancelled" and r.ttft_s is not None for r in result.records)
+    out = tmp_path / "twin.yaml"
+    limits = ["--kv-cache-tokens", "400000", "--max-model-len", "131072", "--max-num-seqs", "1024"]
+    assert main(["calibrate", "--from-run", str(folder), "--out", str(out), *limits]) == 0
+    err = capsys.readouterr().err
+    assert "client TTFTs" in err and "Not measured by a run (kept): kv_capacity_tokens from --kv-cache-tokens" in err
+    errors = off_by(constants_of(load_profile(out)), constants_of(load_profile(hidden)))
+    assert errors["floor"] < 0.03 and errors["kv_s_per_token"] < 0.10, errors
+    assert errors["compute_s_per_token"] < 0.20 and errors["attention_s_per_pair"] < 0.35, errors
+    assert load_profile(out).kv_capacity_tokens == 400_000  # kept from the option: the run did not measure it
+    sidecar = json.loads((tmp_path / "twin.probe.json").read_text())
+    assert {o["kind"] for o in sidecar["observations"]} == {"decode", "ttft"} and sidecar["design"] == "run"
+
+
+def test_calibrate_from_a_probe_and_a_run_uses_both(tmp_path, capsys):
+    """A stored probe's timings (exact, synthetic) and a run's together: the probe's limits are kept, and the
+    terms the probe pins come back. Measured: floor 0.06 %, compute 0.07 %, attention 2.7 %, KV read per
+    token 6.7 % (the run's decode phases, at contexts up to 400k tokens, pull it: as with the run alone).
+    Asserted: 3 %, and 10 % for KV."""
+    hidden = write_profile(tmp_path, {"efficiency.bandwidth": 0.6, "efficiency.mfu": 0.5})
+    true = constants_of(load_profile(hidden))
+    probe = tmp_path / "probe.probe.json"
+    names = ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")
+    probe.write_text(json.dumps({
+        "server": "http://127.0.0.1:1", "model": "m", "design": "standard", "prefix_caching": "on", "token_scale": 1.0,
+        "limits": dict(zip(names, (300_000, 131072, 1024, BUDGET_TOKENS))), "limit_sources": {n: "probe" for n in names},
+        "observations": [o.to_dict() for o in synthetic(true, 0.0, 0)]}))
+    folder, _ = truth_run(tmp_path, hidden, max_agents=8)
+    out = tmp_path / "twin.yaml"
+    assert main(["calibrate", "--from-probe", str(probe), "--from-run", str(folder), "--out", str(out)]) == 0
+    assert "fitted the probe and the run" in capsys.readouterr().err
+    errors = off_by(constants_of(load_profile(out)), true)
+    assert errors["kv_s_per_token"] < 0.10, errors
+    assert max(errors["floor"], errors["compute_s_per_token"], errors["attention_s_per_pair"]) < 0.03, errors
+    assert load_profile(out).kv_capacity_tokens == 300_000  # the probe's
+    assert "--design standard --from-run" in out.read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("case", ["no folder", "no records", "too few", "no limits"])
+def test_calibrate_from_a_run_that_cannot_fit_is_one_line(tmp_path, capsys, case):
+    folder = tmp_path / "run"
+    limits = ["--kv-cache-tokens", "400000", "--max-model-len", "131072"]
+    if case != "no folder":
+        (folder / "records").mkdir(parents=True)
+    if case in ("too few", "no limits"):
+        folder, _ = truth_run(tmp_path, write_profile(tmp_path, {}), max_agents=1)
+        records = (folder / "records" / "records-truth.jsonl").read_text().splitlines()
+        (folder / "records" / "records-truth.jsonl").write_text("\n".join(records[:3]) + "\n")
+    if case == "no limits":
+        limits = []
+    out = tmp_path / "twin.yaml"
+    assert main(["calibrate", "--from-run", str(folder), "--out", str(out), *limits]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert {"no folder": "no records/ folder", "no records": "no request that ended with tokens",
+            "too few": "the fit needs at least", "no limits": "--kv-cache-tokens"}[case] in err[0]
+    assert not out.exists() and not (tmp_path / "twin.probe.json").exists()

@@ -93,6 +93,9 @@ class TruthResult:
     simulated_s: float
     wall_s: float
     fleet: FleetSummary | None = None  # replicas > 1 only: a single engine's output stays as it always was
+    records: tuple[RequestRecord, ...] = ()
+    """Every request of the search, cancelled ones too, as a live run's records folder holds them (asked
+    for with ``keep_records``: what ``calibrate --from-run`` is tested on)."""
 
     def to_dict(self, spec: SloSpec) -> dict:
         return {
@@ -159,6 +162,7 @@ class _World:
     records: list[RequestRecord] = field(default_factory=list)
     load_step: int = 0
     dealer: replay.Dealer = field(default_factory=replay.Dealer)  # as the master's
+    history: list[RequestRecord] | None = None  # every record, cancelled ones too, when kept
     _seq: int = 0
 
     def __post_init__(self) -> None:
@@ -197,6 +201,8 @@ class _World:
             agent = self.agents.pop()
             agent.stopped = True
             if agent.request is not None:
+                if self.history is not None:  # as a live run records a request its step's end cut
+                    self.history.append(self._make_record(agent, agent.request, Status.CANCELLED, self.now_s))
                 self.fleet.abort(agent.request.request_id)
                 del self.in_flight[agent.request.request_id]
         batch = max(1, math.floor(spawn_rate))
@@ -279,22 +285,31 @@ class _World:
         self._wake(agent, end_s + wait_s)
 
     def _record(self, agent: _Agent, request: EngineRequest, status: Status, end_s: float, message: str = "") -> None:
+        record = self._make_record(agent, request, status, end_s, message)
+        self.records.append(record)
+        if self.history is not None:
+            self.history.append(record)
+
+    def _make_record(self, agent: _Agent, request: EngineRequest, status: Status, end_s: float,
+                     message: str = "") -> RequestRecord:
         ok = status is Status.OK
         first = request.first_token_s
+        timed = ok or (status is Status.CANCELLED and first is not None)  # a cut request keeps what it got
         speed = None
         if ok and request.generated > 1 and end_s > first:
             speed = (request.generated - 1) / (end_s - first)
-        self.records.append(RequestRecord(
+        record = RequestRecord(
             run_id=TRUTH_RUN_ID, worker_id="truth", agent=agent.index, trajectory=agent.label, turn=agent.turn,
             load_step=self.load_step, scheduled_start_epoch_s=agent.scheduled_s, start_epoch_s=request.arrival_s,
             end_epoch_s=end_s, ttfb_s=first - request.arrival_s if ok else None,
-            ttft_s=first - request.arrival_s if ok else None, e2e_s=end_s - request.arrival_s,
+            ttft_s=first - request.arrival_s if timed else None, e2e_s=end_s - request.arrival_s,
             itl_p50_s=None, itl_p95_s=None, itl_max_s=None,
-            output_tokens=request.generated if ok else 0, output_tokens_estimated=False,
-            prompt_tokens=request.prompt.num_tokens, cached_tokens=request.cached_tokens if ok else None,
+            output_tokens=request.generated if timed else 0, output_tokens_estimated=False,
+            prompt_tokens=request.prompt.num_tokens, cached_tokens=request.cached_tokens if timed else None,
             output_tps=speed, status=status, message=message, cold_join=agent.cold_join,
-        ))
+        )
         agent.cold_join = False
+        return record
 
 
 def find_capacity(
@@ -305,19 +320,21 @@ def find_capacity(
     settings: replay.ReplaySettings = replay.ReplaySettings(),
     replicas: int = 1,
     router: str = ROUND_ROBIN,
+    keep_records: bool = False,
 ) -> TruthResult:
     """Run the capacity search on the virtual clock and return what it finds per tier; ``replicas`` copies
     of the profile's engine behind ``router`` serve the agents (:mod:`agentperf_users.simulator.fleet`)."""
     started = time.perf_counter()
     fleet = Fleet.of(profile, replicas, router, seed=settings.seed)
-    world = _World(fleet, trajectories, settings)
+    world = _World(fleet, trajectories, settings, history=[] if keep_records else None)
     search = CapacitySearch.from_parameters([t.name for t in spec.tiers], params)
     steps = []
     while (agents := search.next_agents()) is not None:
         steps.append(world.measure(agents, params, spec))
         search.record_verdict(agents, steps[-1].verdict)
     summary = FleetSummary(router, profile.gpu.count, fleet.stats()) if replicas > 1 else None
-    return TruthResult(search.capacity(), tuple(steps), world.now_s, time.perf_counter() - started, summary)
+    return TruthResult(search.capacity(), tuple(steps), world.now_s, time.perf_counter() - started, summary,
+                       tuple(world.history or ()))
 
 
 def measure_steps(
