@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -20,11 +21,12 @@ import yaml
 
 from agentperf_users.cli.main import main
 from agentperf_users.loadgen import replay
-from agentperf_users.measure.records import RecordWriter
+from agentperf_users.measure.records import RecordWriter, RequestRecord, Status
+from agentperf_users.measure.server_metrics import HistogramValue, ServerSample
 from agentperf_users.measure.slo import load_slo
 from agentperf_users.search import truth
 from agentperf_users.search.policy import SearchParameters
-from agentperf_users.simulator.profile import load_profile
+from agentperf_users.simulator.profile import attention_pairs, load_profile
 from agentperf_users.twin.fit import (
     MIN_OBSERVATIONS,
     FitError,
@@ -33,6 +35,7 @@ from agentperf_users.twin.fit import (
     StepWork,
     fit,
 )
+from agentperf_users.twin.from_run import read_run_points
 from agentperf_users.twin.probe_run import prefill_steps
 from agentperf_users.twin.profile_yaml import constants_of
 from agentperf_users.workload.readers import load_trajectories
@@ -286,3 +289,42 @@ def test_calibrate_from_a_run_that_cannot_fit_is_one_line(tmp_path, capsys, case
     assert {"no folder": "no records/ folder", "no records": "no request that ended with tokens",
             "too few": "the fit needs at least", "no limits": "--kv-cache-tokens"}[case] in err[0]
     assert not out.exists() and not (tmp_path / "twin.probe.json").exists()
+
+
+def _record(start: float, ttft: float, end: float, output: int, prompt: int, cached: int) -> RequestRecord:
+    return RequestRecord(run_id="r", worker_id="w", agent=0, trajectory="t", turn=0, load_step=0,
+                         scheduled_start_epoch_s=start, start_epoch_s=start, end_epoch_s=end, ttfb_s=ttft, ttft_s=ttft,
+                         e2e_s=end - start, itl_p50_s=None, itl_p95_s=None, itl_max_s=None, output_tokens=output,
+                         output_tokens_estimated=False, prompt_tokens=prompt, cached_tokens=cached, output_tps=None,
+                         status=Status.OK)
+
+
+def test_a_runs_points_read_the_prefill_clock_and_the_decode_phases(tmp_path):
+    """Three requests and four readings of the server's prefill histogram, worked by hand: a window's points
+    are the steps of the requests whose first tokens it holds (two sharing one step are one step, counted
+    for each), a window whose count the records do not match is left out, and a decode phase is its pure
+    steps at the phase's mean load plus the step of the prefill that came inside it."""
+    writer = RecordWriter(tmp_path / "records", "w")
+    for record in (_record(100.0, 0.05, 101.0, 20, 1000, 0), _record(100.5, 0.1, 102.0, 30, 2000, 1000),
+                   _record(100.55, 0.05, 101.6, 5, 500, 0)):
+        writer.write(record)
+    writer.close()
+    readings = [(99.9, 0.0, 0), (100.3, 0.04, 1), (100.7, 0.24, 3), (101.5, 0.30, 4)]  # the last: no first token
+    (tmp_path / "server_metrics.jsonl").write_text("".join(
+        ServerSample(at, "vllm", {}, {"prefill_time": HistogramValue(total, count, ((math.inf, count),))}).to_json()
+        + "\n" for at, total, count in readings))
+    points = read_run_points(tmp_path, 8192, 256)
+    prefill = [o for o in points.observations if o.kind == "prefill"]
+    assert [o.measured_s for o in prefill] == pytest.approx([0.04, 0.20])
+    assert prefill[0].steps == (StepWork(1000, 0, attention_pairs(1000, 0), 0, 0),)
+    (shared,) = prefill[1].steps  # the second and third requests' first tokens came from one step
+    assert shared.repeat == 2 and shared.decode_batch == 1  # the first request was decoding then
+    assert shared.decode_context_tokens == pytest.approx(1001 + 19 / 0.95 * 0.55)
+    assert (shared.prefill_tokens, shared.prefill_context_tokens) == (1500, 1000)
+    assert shared.prefill_attention_pairs == attention_pairs(1000, 1000) + attention_pairs(500, 0)
+    decode = {o.label.split(" ")[2]: o for o in points.observations if o.kind == "decode"}
+    assert set(decode) == {"20", "30"}  # the 5-token request is too short to say much
+    pure, mixed = decode["20"].steps
+    assert pure.repeat == 18 and mixed.prefill_tokens == 1500 and decode["20"].measured_s == pytest.approx(0.95)
+    assert pure.decode_batch == pytest.approx((0.95 + 0.4 + 0.4) / 0.95)  # itself, then two more from 100.6
+    assert "prefill clock" in points.prefill_source
