@@ -13,11 +13,15 @@
 (c) ``calibrate --from-run``: the truth's search on a hidden profile (as in (a)) written as a run folder
     (every request's record, cancelled ones too; no server metrics, so prefills come from TTFTs); the
     constants fitted from it over the hidden ones, and predict on that twin against truth per tier.
+    With ``--live-run``, also a live ``agentperf capacity`` run on the embedded simulator (the L4 profile,
+    demo set: server_metrics.jsonl, so prefills come from the server's prefill clock; ~3 min): constants
+    over the profile's, and predict on its twin against truth and against the run's own answer.
 (r) ``predict --replicas N``: capacity per tier at N = 1, 2, 4 for both routers on the default profile
     and set, with each replica's prefix-cache hit ratio and agents per accelerator.
 
     python benchmarks/twin_accuracy.py [--part a|b|c|r|abcr] [--seeds 0,1,2] [--design standard] [--live]
     python benchmarks/twin_accuracy.py --part b --probe benchmarks/twin_vllm_cpu.probe.json  # no engine: refit
+    python benchmarks/twin_accuracy.py --part c --seeds 0,1,2 [--live-run]
     python benchmarks/twin_accuracy.py --part r --replicas 1,2,4
 
 The engine's timings are only as good as the machine is quiet: on the shared 2-core machine a probe
@@ -249,6 +253,37 @@ def part_c(seeds: list[int], folder: Path) -> None:
     print("\n".join(capacity_rows), flush=True)
 
 
+LIVE_PROFILE = "l4-llama3.2-3b"
+LIVE_SEARCH = ["--trajectories", "demo", "--start-agents", "4", "--max-agents", "16", "--warmup-s", "5", "--window-s", "15"]
+
+
+def part_c_live(folder: Path) -> None:
+    """A live run on the embedded simulator, then calibrate --from-run on its folder (server metrics included)."""
+    run = folder / "live-run"
+    done = agentperf("capacity", "--profile", LIVE_PROFILE, *LIVE_SEARCH, "--workers", "1", "--no-truth",
+                     "--out", str(run))
+    if not (run / "records").is_dir():
+        raise SystemExit(f"agentperf capacity failed: {done.stderr[-2000:]}")
+    profile = load_profile(LIVE_PROFILE)
+    twin = folder / "live-twin.yaml"
+    calibrate("", twin, "standard", "--from-run", str(run), "--kv-cache-tokens", str(profile.kv_capacity_tokens),
+              "--max-model-len", str(profile.model.max_context_tokens), "--max-num-seqs",
+              str(profile.engine.max_num_seqs), "--max-num-batched-tokens", str(profile.engine.max_num_batched_tokens))
+    true_c, twin_c = constants_of(profile), constants_of(load_profile(twin))
+    ratios = twin_c.ratios_to(true_c)
+    floor = (twin_c.overhead_s + twin_c.weights_s) / (true_c.overhead_s + true_c.weights_s)
+    print(f"\n(c, live) {LIVE_PROFILE} run on the embedded simulator: decode floor {floor:.3f}, KV/token "
+          f"{ratios['kv_s_per_token']:.3f}, compute/token {ratios['compute_s_per_token']:.3f}, attention/pair "
+          f"{ratios['attention_s_per_pair']:.3f}\n")
+    measured = json.loads((run / "report.json").read_text())["capacity"]
+    true_caps = capacities("truth", Path(LIVE_PROFILE), *LIVE_SEARCH)
+    predicted = capacities("predict", twin, *LIVE_SEARCH)
+    print("| tier | truth | measured live | predicted from the run |\n|---|---|---|---|")
+    for tier, true in true_caps.items():
+        print(f"| {true['label']} | {true['status']} {true['agents']} | {measured[tier].get('status')} "
+              f"{measured[tier].get('agents')} | {predicted[tier]['status']} {predicted[tier]['agents']} |", flush=True)
+
+
 def part_r(replica_counts: list[int]) -> None:
     rows = []
     for replicas in replica_counts:
@@ -282,6 +317,7 @@ def main() -> None:
     parser.add_argument("--probe", default="", help="(b): fit this stored probe (NAME.probe.json) instead of "
                         "probing a fresh engine, e.g. benchmarks/twin_vllm_cpu.probe.json")
     parser.add_argument("--replicas", default="1,2,4", help="(r): the replica counts")
+    parser.add_argument("--live-run", action="store_true", help="(c): also a live run on the embedded simulator")
     parser.add_argument("--keep", default="", help="a folder to write the profiles, sidecars and runs into (kept)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="twin-accuracy-") as tmp:
@@ -293,6 +329,8 @@ def main() -> None:
             part_b(args.design, Path(tmp), measured, args.live, args.probe)
         if "c" in args.part:
             part_c([int(s) for s in args.seeds.split(",")], Path(tmp))
+            if args.live_run:
+                part_c_live(Path(tmp))
         if "r" in args.part:
             part_r([int(n) for n in args.replicas.split(",")])
 

@@ -300,25 +300,28 @@ def _record(start: float, ttft: float, end: float, output: int, prompt: int, cac
 
 
 def test_a_runs_points_read_the_prefill_clock_and_the_decode_phases(tmp_path):
-    """Three requests and four readings of the server's prefill histogram, worked by hand: a window's points
-    are the steps of the requests whose first tokens it holds (two sharing one step are one step, counted
-    for each), a window whose count the records do not match is left out, and a decode phase is its pure
-    steps at the phase's mean load plus the step of the prefill that came inside it."""
+    """Three requests and five readings of the server's prefill histogram, worked by hand: a window's points
+    are the prefill steps of the requests that ended in it (vLLM observes a request's prefill time when it
+    finishes; two whose first tokens came together share one step), a window whose count the records do
+    not match is left out, and a decode phase is its pure steps at the phase's mean load plus the step of
+    the prefill that came inside it."""
     writer = RecordWriter(tmp_path / "records", "w")
     for record in (_record(100.0, 0.05, 101.0, 20, 1000, 0), _record(100.5, 0.1, 102.0, 30, 2000, 1000),
                    _record(100.55, 0.05, 101.6, 5, 500, 0)):
         writer.write(record)
     writer.close()
-    readings = [(99.9, 0.0, 0), (100.3, 0.04, 1), (100.7, 0.24, 3), (101.5, 0.30, 4)]  # the last: no first token
+    # ends: the first request at 101.0, the third at 101.6, the second at 102.0; the last reading: no record
+    readings = [(99.9, 0.0, 0), (101.2, 0.04, 1), (101.7, 0.14, 2), (102.5, 0.24, 3), (103.0, 0.30, 4)]
     (tmp_path / "server_metrics.jsonl").write_text("".join(
         ServerSample(at, "vllm", {}, {"prefill_time": HistogramValue(total, count, ((math.inf, count),))}).to_json()
         + "\n" for at, total, count in readings))
     points = read_run_points(tmp_path, 8192, 256)
     prefill = [o for o in points.observations if o.kind == "prefill"]
-    assert [o.measured_s for o in prefill] == pytest.approx([0.04, 0.20])
+    assert [o.measured_s for o in prefill] == pytest.approx([0.04, 0.10, 0.10])
     assert prefill[0].steps == (StepWork(1000, 0, attention_pairs(1000, 0), 0, 0),)
-    (shared,) = prefill[1].steps  # the second and third requests' first tokens came from one step
-    assert shared.repeat == 2 and shared.decode_batch == 1  # the first request was decoding then
+    assert prefill[1].steps == prefill[2].steps  # the second and third requests' first tokens came from one step
+    (shared,) = prefill[1].steps
+    assert shared.repeat == 1 and shared.decode_batch == 1  # the first request was decoding then
     assert shared.decode_context_tokens == pytest.approx(1001 + 19 / 0.95 * 0.55)
     assert (shared.prefill_tokens, shared.prefill_context_tokens) == (1500, 1000)
     assert shared.prefill_attention_pairs == attention_pairs(1000, 1000) + attention_pairs(500, 0)

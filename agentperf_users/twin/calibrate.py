@@ -30,7 +30,7 @@ from agentperf_users.loadgen.probe import ProbeTarget, served_models
 from agentperf_users.options import Group, add_options
 from agentperf_users.simulator.profile import SimulatorError
 from agentperf_users.twin.fit import MAX_RMS_RELATIVE, FitResult, Observation, fit
-from agentperf_users.twin.from_run import describe, read_run_points, refine
+from agentperf_users.twin.from_run import DECODE_KINDS, describe, read_run_points, refine
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import ProbeClient, ProbeData, run_probe
 from agentperf_users.twin.profile_yaml import Limits, profile_data, write_profile
@@ -166,7 +166,7 @@ def _from_run(args, probe: Source | None) -> Source:
                    "max_num_batched_tokens": "--max-num-batched-tokens (not reported by servers)"}
     points = read_run_points(folder, limits.max_num_batched_tokens, limits.max_num_seqs)
     target = _run_target(folder)
-    cached = any(obs.steps[-1].prefill_context_tokens > 0 for obs in points.observations if obs.kind != "decode")
+    cached = any(obs.steps[-1].prefill_context_tokens > 0 for obs in points.observations if obs.kind not in DECODE_KINDS)
     base = probe.data if probe is not None else ProbeData((), "on" if cached else "unknown", 1.0)
     data = replace(base, observations=base.observations + points.observations)
     unmeasured = ", ".join(f"{name} from {sources[name]}" for name in LIMIT_NAMES)

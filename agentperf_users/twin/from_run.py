@@ -6,15 +6,20 @@ requests *decoding* at time t are those whose first token came before t and whos
 request's context grows linearly from its prompt over its decode phase), and a request's *prefill*
 ended with the step that gave its first token. From that timeline:
 
-* **decode points**: one per request with at least ``MIN_DECODE_TOKENS`` tokens: its decode phase (last
-  token minus first) is ``output_tokens - 1`` engine steps: ``k`` of them also carried another request's
-  prefill (each first token of another request inside the phase, with that request's uncached prompt
-  tokens), the rest pure decode steps at the phase's mean decode batch and mean context (time averages).
+* **decode points**: one per request with at least ``MIN_DECODE_TOKENS`` tokens. Where its record has
+  the median gap between its tokens (``itl_p50_s``: a live run's), that median is one pure decode step at
+  the phase's mean decode batch and mean context (time averages): the steps that also carried another
+  request's prefill, and the stalls of a shared machine, are the minority a median ignores. Otherwise
+  (the truth's records) its decode phase (last token minus first) is ``output_tokens - 1`` engine steps:
+  ``k`` of them also carried another request's prefill (each first token of another request inside the
+  phase, with that request's uncached prompt tokens), the rest pure decode steps at that mean load.
 * **prefill points**, from the server's own prefill clock where the run kept ``server_metrics.jsonl``
-  with vLLM's ``request_prefill_time`` histogram: between two readings, the increase of the histogram's
-  sum is the sum of the prefill times of the requests whose first token came between them (a window is
-  used only when the records count exactly the histogram's increase of count); each is the step(s) that
-  computed its uncached tokens beside the decodes running then. No HTTP, tokenizer or queue time in it.
+  with vLLM's ``request_prefill_time`` histogram: vLLM observes a request's prefill time when the request
+  *finishes*, so between two readings the increase of the histogram's sum is the sum of the prefill
+  times of the requests that ended (normally) between them (a window is used only when the records
+  count exactly the histogram's increase of count); each is the step(s) that computed its uncached
+  tokens, with those of the requests whose first tokens came in the same step, beside the decodes
+  running then. No HTTP, tokenizer or queue time in it.
 * **TTFT points** where there is no prefill clock: a request's TTFT is the request's latency outside the
   engine (fitted, as the probe's is), the rest of the step in progress when it arrived (half a step at
   the load then, on average: ``repeat`` 0.5) and its prefill step(s). Requests that arrived while the
@@ -57,6 +62,7 @@ SAME_STEP_S = 1e-3
 """First tokens this close together came from one engine step (a step takes milliseconds; the chunks of
 one step leave the server together)."""
 PREFILL_HISTOGRAM = "prefill_time"
+DECODE_KINDS = ("decode", "itl")  # a decode phase's sum of steps, or its median gap
 QUEUED_FACTOR = 2.0
 """A TTFT more than this many times what a first fit says its steps take waited in the queue (for a
 sequence slot, KV blocks or the token budget): queueing only ever adds time, and it is not step cost."""
@@ -150,13 +156,13 @@ def read_run_points(folder: Path, budget_tokens: int, max_num_seqs: int) -> RunP
     group_times = [group[0].first for group in groups]
     decode = [obs for t in ok if (obs := _decode_point(t, timeline, groups, group_times, budget_tokens)) is not None]
     samples = server_metrics.read_samples(folder / server_metrics.SERVER_METRICS_FILE)
-    prefill = _clock_points(samples, timed, timeline, budget_tokens)
+    by_request = {id(t): group for group in groups for t in group}
+    prefill = _clock_points(samples, ok, by_request, timeline, budget_tokens)
     source = f"the server's prefill clock ({server_metrics.SERVER_METRICS_FILE})"
     if not prefill:
         source = "client TTFTs (no prefill clock in the run)"
-        by_request = {id(t): group for group in groups for t in group}
         prefill = [obs for t in ok if (obs := _ttft_point(t, by_request[id(t)], timeline, budget_tokens, max_num_seqs))]
-    batches = [obs.steps[0].decode_batch for obs in decode] or [0.0]
+    batches = [obs.steps[0].decode_batch for obs in decode] or [0.0]  # (a decode point's first step is its pure one)
     news = [t.new_tokens for t in ok]
     return RunPoints(tuple(decode + prefill), len(ok), source, timeline.max_batch(), (min(batches), max(batches)),
                      (min(news), max(news)))
@@ -212,10 +218,14 @@ def _decode_point(t: _Timed, timeline: _Timeline, groups: list[list[_Timed]], gr
     for group in groups[lo:hi]:  # other requests' prefills in steps of this decode phase
         mixed += _prefill_steps(group, batch, context, budget_tokens)
     pure = tokens - 1 - len(mixed)
+    label = f"decode of {tokens} tokens at batch {batch:.1f}"
+    if t.record.itl_p50_s:
+        return Observation("itl", label, (StepWork(decode_batch=batch, decode_context_tokens=context),),
+                           t.record.itl_p50_s)
     if pure < 1:
         return None
     steps = (StepWork(decode_batch=batch, decode_context_tokens=context, repeat=pure), *mixed)
-    return Observation("decode", f"decode of {tokens} tokens at batch {batch:.1f}", steps, t.end - t.first)
+    return Observation("decode", label, steps, t.end - t.first)
 
 
 def _ttft_point(t: _Timed, group: list[_Timed], timeline: _Timeline, budget_tokens: int,
@@ -231,26 +241,25 @@ def _ttft_point(t: _Timed, group: list[_Timed], timeline: _Timeline, budget_toke
     return Observation("ttft", f"TTFT of {t.new_tokens} new tokens", tuple(steps), t.first - t.start)
 
 
-def _clock_points(samples: Sequence[server_metrics.ServerSample], timed: Sequence[_Timed], timeline: _Timeline,
-                  budget_tokens: int) -> list[Observation]:
+def _clock_points(samples: Sequence[server_metrics.ServerSample], ok: Sequence[_Timed],
+                  group_of: dict[int, list[_Timed]], timeline: _Timeline, budget_tokens: int) -> list[Observation]:
     """Prefill points from the increase of the server's prefill histogram between readings (module docstring)."""
     readings = [(s.epoch_s, s.histograms[PREFILL_HISTOGRAM]) for s in samples if PREFILL_HISTOGRAM in s.histograms]
-    firsts = sorted(timed, key=lambda t: t.first)
-    times = [t.first for t in firsts]
+    ended = sorted(ok, key=lambda t: t.end)
+    times = [t.end for t in ended]
     points = []
     for (t0, h0), (t1, h1) in zip(readings, readings[1:]):
         count, total = round(h1.count - h0.count), h1.sum - h0.sum
         if count <= 0 or total <= 0:
             continue
-        lo, hi = np.searchsorted(times, t0, side="right"), np.searchsorted(times, t1, side="right")
-        inside = firsts[lo:hi]
+        inside = ended[bisect.bisect_right(times, t0):bisect.bisect_right(times, t1)]
         if len(inside) != count:
-            continue  # a first token the client saw on the other side of a reading: not this window's
+            continue  # a request the client saw end on the other side of a reading: not this window's
         steps = []
-        for group in _first_token_groups(inside):
+        for t in inside:
+            group = group_of[id(t)]
             batch, context = timeline.load_at(group[0].first)
-            *chunks, last = _prefill_steps(group, batch, context, budget_tokens)
-            steps += [*chunks, replace(last, repeat=len(group))]  # each of the group waited for its last step
+            steps += _prefill_steps(group, batch, context, budget_tokens)
         points.append(Observation("prefill", f"prefill clock of {count} requests", tuple(steps), total))
     return points
 
@@ -272,8 +281,9 @@ def refine(observations: Sequence[Observation], constants: StepConstants) -> tup
 
 def describe(points: RunPoints) -> str:
     low, high = points.decode_batch_range
-    return (f"{points.requests} requests: {sum(o.kind == 'decode' for o in points.observations)} decode points "
+    decode = sum(o.kind in DECODE_KINDS for o in points.observations)
+    return (f"{points.requests} requests: {decode} decode points "
             f"(mean batch {low:.1f} to {high:.1f}; at most {points.max_decode_batch} decoding at once), "
-            f"{sum(o.kind != 'decode' for o in points.observations)} prefill points from {points.prefill_source} "
+            f"{len(points.observations) - decode} prefill points from {points.prefill_source} "
             f"({points.prefill_tokens_range[0]:,} to {points.prefill_tokens_range[1]:,} new prompt tokens)")
 
