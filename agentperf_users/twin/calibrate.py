@@ -117,9 +117,7 @@ class Source:
 def _probed(args) -> Source:
     if not args.host:
         raise AgentperfError("calibrate needs --host URL (a server to probe) or --from-probe FILE (a stored probe)")
-    for name in ("max_num_seqs", "max_num_batched_tokens"):
-        if getattr(args, name) < 1:
-            raise AgentperfError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    _check_engine_options(args)
     target = ProbeTarget(args.host, api_key=os.environ.get(args.api_key_env) or None, model=args.model,
                          api_key_env=args.api_key_env, timeout_s=args.request_timeout)
     served = served_models(target)
@@ -131,6 +129,12 @@ def _probed(args) -> Source:
     _say(f"agentperf calibrate: probing {redact_url(args.host)} ({model}) with the {design.name} design")
     data = run_probe(ProbeClient(target, model), design, limits.max_num_batched_tokens)
     return Source(redact_url(args.host), model, design.name, limits, sources, data)
+
+
+def _check_engine_options(args) -> None:
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) < 1:
+            raise AgentperfError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
 
 
 def _stored(path: Path) -> Source:
@@ -154,6 +158,10 @@ def _from_run(args, probe: Source | None) -> Source:
     """The points of a finished run (``twin.from_run``), after a stored probe's when one is given; limits a run
     cannot measure come from the probe, else from the options (KV cache size and context limit required)."""
     folder: Path = args.from_run
+    _check_engine_options(args)
+    limits = probe.limits if probe is not None else None
+    points = read_run_points(folder, limits.max_num_batched_tokens if limits else args.max_num_batched_tokens,
+                             limits.max_num_seqs if limits else args.max_num_seqs)
     if probe is not None:
         limits, sources = probe.limits, dict(probe.sources)
     else:
@@ -164,7 +172,6 @@ def _from_run(args, probe: Source | None) -> Source:
         sources = {"kv_capacity_tokens": "--kv-cache-tokens", "max_context_tokens": "--max-model-len",
                    "max_num_seqs": "--max-num-seqs (not reported by servers)",
                    "max_num_batched_tokens": "--max-num-batched-tokens (not reported by servers)"}
-    points = read_run_points(folder, limits.max_num_batched_tokens, limits.max_num_seqs)
     target = _run_target(folder)
     cached = any(obs.steps[-1].prefill_context_tokens > 0 for obs in points.observations if obs.kind not in DECODE_KINDS)
     base = probe.data if probe is not None else ProbeData((), "on" if cached else "unknown", 1.0)
