@@ -10,8 +10,19 @@
     benchmarks/engine_capacity.py, against that benchmark's measured capacity (``--measured``, per seed:
     by default its last run, 11 and 14 agents at 20 tok/s) or, with ``--live``, one live search here.
 
-    python benchmarks/twin_accuracy.py [--part a|b|ab] [--seeds 0,1,2] [--design standard] [--live]
+(c) ``calibrate --from-run``: the truth's search on a hidden profile (as in (a)) written as a run folder
+    (every request's record, cancelled ones too; no server metrics, so prefills come from TTFTs); the
+    constants fitted from it over the hidden ones, and predict on that twin against truth per tier.
+    With ``--live-run``, also a live ``agentperf capacity`` run on the embedded simulator (the L4 profile,
+    demo set: server_metrics.jsonl, so prefills come from the server's prefill clock; ~3 min): constants
+    over the profile's, and predict on its twin against truth and against the run's own answer.
+(r) ``predict --replicas N``: capacity per tier at N = 1, 2, 4 for both routers on the default profile
+    and set, with each replica's prefix-cache hit ratio and agents per accelerator.
+
+    python benchmarks/twin_accuracy.py [--part a|b|c|r|abcr] [--seeds 0,1,2] [--design standard] [--live]
     python benchmarks/twin_accuracy.py --part b --probe benchmarks/twin_vllm_cpu.probe.json  # no engine: refit
+    python benchmarks/twin_accuracy.py --part c --seeds 0,1,2 [--live-run]
+    python benchmarks/twin_accuracy.py --part r --replicas 1,2,4
 
 The engine's timings are only as good as the machine is quiet: on the shared 2-core machine a probe
 taken while other processes ran missed its fit by 32-45 % and calibrate refused it (as it should);
@@ -182,6 +193,120 @@ def part_b(design: str, folder: Path, measured: dict[int, dict[str, int | None]]
                   f"{'-' if error is None else error} | {within} |", flush=True)
 
 
+def truth_run(profile: Path, folder: Path) -> Path:
+    """The truth's search on ``profile`` (default options) written as a run folder: records/ with every request."""
+    from agentperf_users.loadgen import replay
+    from agentperf_users.measure.records import RecordWriter
+    from agentperf_users.measure.slo import load_slo
+    from agentperf_users.search import truth
+    from agentperf_users.search.policy import SearchParameters
+    from agentperf_users.workload.readers import load_trajectories
+
+    parser = argparse.ArgumentParser()
+    truth.add_arguments(parser)
+    args = parser.parse_args(["--profile", str(profile)])
+    result = truth.find_capacity(load_profile(profile), load_trajectories(args.trajectories), load_slo(None),
+                                 SearchParameters.from_options(args), replay.ReplaySettings.from_options(args),
+                                 keep_records=True)
+    writer = RecordWriter(folder / "records", "truth")
+    for record in result.records:
+        writer.write(record)
+    writer.close()
+    return folder
+
+
+def part_c(seeds: list[int], folder: Path) -> None:
+    names = ("kv_s_per_token", "compute_s_per_token", "attention_s_per_pair", "sequence_s")
+    constant_rows, capacity_rows = [], []
+    for seed in seeds:
+        hidden = hidden_profile(folder, seed)
+        truth_profile = load_profile(hidden)
+        started = time.monotonic()
+        run = truth_run(hidden, folder / f"run-{seed}")
+        twin = folder / f"run-twin-{seed}.yaml"
+        calibrate("", twin, "standard", "--from-run", str(run), "--kv-cache-tokens",
+                  str(truth_profile.kv_capacity_tokens), "--max-model-len", str(truth_profile.model.max_context_tokens),
+                  "--max-num-seqs", str(truth_profile.engine.max_num_seqs),
+                  "--max-num-batched-tokens", str(truth_profile.engine.max_num_batched_tokens))
+        wall_s = time.monotonic() - started
+        truth_c, twin_c = constants_of(truth_profile), constants_of(load_profile(twin))
+        ratios = twin_c.ratios_to(truth_c)
+        floor = (twin_c.overhead_s + twin_c.weights_s) / (truth_c.overhead_s + truth_c.weights_s)
+        requests = sum(1 for line in (run / "records" / "records-truth.jsonl").open())
+        constant_rows.append(f"| {seed} | {requests} | {floor:.3f} | "
+                             + " | ".join("-" if ratios[n] is None else f"{ratios[n]:.3f}" for n in names[:3])
+                             + f" | {twin_c.sequence_s * 1e6:.1f} us | {wall_s:.0f} s |")
+        true_caps, predicted = capacities("truth", hidden), capacities("predict", twin)
+        for tier, true in true_caps.items():
+            guess = predicted[tier]
+            error = abs((guess["agents"] or 0) - (true["agents"] or 0))
+            within = error <= max(1, 0.05 * (true["agents"] or 0))
+            capacity_rows.append(f"| {seed} | {true['label']} | {true['status']} {true['agents']} | "
+                                 f"{guess['status']} {guess['agents']} | {error} | {'yes' if within else 'NO'} |")
+    print("\n(c) calibrate --from-run: recovered / hidden step constants (decode floor = overhead + weights; the true "
+          "per-sequence cost is 0)\n")
+    print("| seed | records | decode floor | KV/token | compute/token | attention/pair | per sequence (fitted) | "
+          "truth run + calibrate |\n|---|---|---|---|---|---|---|---|")
+    print("\n".join(constant_rows))
+    print("\n(c) capacity: truth on the hidden profile vs predict on the twin fitted from its run\n")
+    print("| seed | tier | truth | predicted | error | within max(1, 5 %) |\n|---|---|---|---|---|---|")
+    print("\n".join(capacity_rows), flush=True)
+
+
+LIVE_PROFILE = "l4-llama3.2-3b"
+LIVE_SEARCH = ["--trajectories", "demo", "--start-agents", "4", "--max-agents", "16", "--warmup-s", "5", "--window-s", "15"]
+
+
+def part_c_live(folder: Path) -> None:
+    """A live run on the embedded simulator, then calibrate --from-run on its folder (server metrics included)."""
+    run = folder / "live-run"
+    done = agentperf("capacity", "--profile", LIVE_PROFILE, *LIVE_SEARCH, "--workers", "1", "--no-truth",
+                     "--out", str(run))
+    if not (run / "records").is_dir():
+        raise SystemExit(f"agentperf capacity failed: {done.stderr[-2000:]}")
+    profile = load_profile(LIVE_PROFILE)
+    twin = folder / "live-twin.yaml"
+    calibrate("", twin, "standard", "--from-run", str(run), "--kv-cache-tokens", str(profile.kv_capacity_tokens),
+              "--max-model-len", str(profile.model.max_context_tokens), "--max-num-seqs",
+              str(profile.engine.max_num_seqs), "--max-num-batched-tokens", str(profile.engine.max_num_batched_tokens))
+    true_c, twin_c = constants_of(profile), constants_of(load_profile(twin))
+    ratios = twin_c.ratios_to(true_c)
+    floor = (twin_c.overhead_s + twin_c.weights_s) / (true_c.overhead_s + true_c.weights_s)
+    print(f"\n(c, live) {LIVE_PROFILE} run on the embedded simulator: decode floor {floor:.3f}, KV/token "
+          f"{ratios['kv_s_per_token']:.3f}, compute/token {ratios['compute_s_per_token']:.3f}, attention/pair "
+          f"{ratios['attention_s_per_pair']:.3f}\n")
+    measured = json.loads((run / "report.json").read_text())["capacity"]
+    true_caps = capacities("truth", Path(LIVE_PROFILE), *LIVE_SEARCH)
+    predicted = capacities("predict", twin, *LIVE_SEARCH)
+    print("| tier | truth | measured live | predicted from the run |\n|---|---|---|---|")
+    for tier, true in true_caps.items():
+        print(f"| {true['label']} | {true['status']} {true['agents']} | {measured[tier].get('status')} "
+              f"{measured[tier].get('agents')} | {predicted[tier]['status']} {predicted[tier]['agents']} |", flush=True)
+
+
+def part_r(replica_counts: list[int]) -> None:
+    rows = []
+    for replicas in replica_counts:
+        for router in ("round-robin", "prefix-affinity") if replicas > 1 else ("round-robin",):
+            started = time.monotonic()
+            done = agentperf("predict", "--profile", BASE_PROFILE, "--replicas", str(replicas), "--router", router,
+                             "--json")
+            if done.returncode != 0:
+                raise SystemExit(f"agentperf predict failed: {done.stderr[-2000:]}")
+            result = json.loads(done.stdout)
+            fleet = result.get("fleet") or {"accelerators": 1, "per_replica": []}
+            hits = ", ".join(f"{r['prefix_hit_ratio']:.1%}" for r in fleet["per_replica"]) or "-"
+            cells = " | ".join(f"{c['status']} {c['agents']} ({(c['agents'] or 0) / fleet['accelerators']:.1f})"
+                               for c in result["capacity"].values())
+            rows.append(f"| {replicas} | {router if replicas > 1 else '-'} | {cells} | {hits} | "
+                        f"{time.monotonic() - started:.0f} s |")
+            labels = [c["label"] for c in result["capacity"].values()]
+    print("\n(r) predict --replicas: capacity per tier (agents per accelerator), default profile and set\n")
+    print("| replicas | router | " + " | ".join(labels) + " | prefix-cache hit ratio per replica | wall |")
+    print("|---|---|" + "---|" * len(labels) + "---|---|")
+    print("\n".join(rows), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", default="ab")
@@ -191,6 +316,8 @@ def main() -> None:
     parser.add_argument("--live", action="store_true", help="(b): measure seed 0's capacity live instead (~6 min)")
     parser.add_argument("--probe", default="", help="(b): fit this stored probe (NAME.probe.json) instead of "
                         "probing a fresh engine, e.g. benchmarks/twin_vllm_cpu.probe.json")
+    parser.add_argument("--replicas", default="1,2,4", help="(r): the replica counts")
+    parser.add_argument("--live-run", action="store_true", help="(c): also a live run on the embedded simulator")
     parser.add_argument("--keep", default="", help="a folder to write the profiles, sidecars and runs into (kept)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="twin-accuracy-") as tmp:
@@ -200,6 +327,12 @@ def main() -> None:
         if "b" in args.part:
             measured = {int(k): {"20 tok/s": int(v)} for k, v in (pair.split(":") for pair in args.measured.split(","))}
             part_b(args.design, Path(tmp), measured, args.live, args.probe)
+        if "c" in args.part:
+            part_c([int(s) for s in args.seeds.split(",")], Path(tmp))
+            if args.live_run:
+                part_c_live(Path(tmp))
+        if "r" in args.part:
+            part_r([int(n) for n in args.replicas.split(",")])
 
 
 if __name__ == "__main__":

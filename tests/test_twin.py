@@ -8,7 +8,9 @@ the tests check the sum and the four other constants, not the overhead by itself
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -18,7 +20,13 @@ import requests
 import yaml
 
 from agentperf_users.cli.main import main
-from agentperf_users.simulator.profile import load_profile
+from agentperf_users.loadgen import replay
+from agentperf_users.measure.records import RecordWriter, RequestRecord, Status
+from agentperf_users.measure.server_metrics import HistogramValue, ServerSample
+from agentperf_users.measure.slo import load_slo
+from agentperf_users.search import truth
+from agentperf_users.search.policy import SearchParameters
+from agentperf_users.simulator.profile import attention_pairs, load_profile
 from agentperf_users.twin.fit import (
     MIN_OBSERVATIONS,
     FitError,
@@ -27,8 +35,10 @@ from agentperf_users.twin.fit import (
     StepWork,
     fit,
 )
+from agentperf_users.twin.from_run import read_run_points
 from agentperf_users.twin.probe_run import prefill_steps
 from agentperf_users.twin.profile_yaml import constants_of
+from agentperf_users.workload.readers import load_trajectories
 from tests.simulator import simulator, write_profile
 from tests.support import free_port, wait_for
 
@@ -183,3 +193,141 @@ def test_a_profile_prices_each_decoding_sequence_outside_the_roofline(tmp_path):
     assert costed.decode_step_s(4) - plain.decode_step_s(4) == pytest.approx(4 * 0.5e-3)
     assert costed.step_time_s(prefill_tokens=512) == plain.step_time_s(prefill_tokens=512)
     assert constants_of(costed).sequence_s == pytest.approx(0.5e-3)
+
+
+def off_by(found: StepConstants, true: StepConstants) -> dict[str, float]:
+    """Relative error of the decode floor (overhead + weights: a run, like a probe, pins their sum) and of
+    the KV, compute and attention terms."""
+    floor = (found.overhead_s + found.weights_s) / (true.overhead_s + true.weights_s)
+    ratios = found.ratios_to(true)
+    return {"floor": abs(floor - 1), **{name: abs(ratios[name] - 1) for name in
+                                        ("kv_s_per_token", "compute_s_per_token", "attention_s_per_pair")}}
+
+
+def truth_run(tmp_path, profile, max_agents: int = 24) -> tuple:
+    """A run folder as ``agentperf capacity`` leaves one (records/ with every request, cancelled ones too),
+    written from the truth's search on the virtual clock of ``profile`` (the default set and tiers)."""
+    parser = argparse.ArgumentParser()
+    truth.add_arguments(parser)
+    args = parser.parse_args(["--profile", str(profile), "--max-agents", str(max_agents), "--window-s", "30",
+                              "--warmup-s", "10"])
+    result = truth.find_capacity(load_profile(profile), load_trajectories(args.trajectories), load_slo(None),
+                                 SearchParameters.from_options(args), replay.ReplaySettings.from_options(args),
+                                 keep_records=True)
+    folder = tmp_path / "run"
+    writer = RecordWriter(folder / "records", "truth")
+    for record in result.records:
+        writer.write(record)
+    writer.close()
+    return folder, result
+
+
+def test_calibrate_from_a_run_recovers_the_decode_and_prefill_constants(tmp_path, capsys):
+    """A run's records alone (no server metrics: TTFTs for the prefill) give the profile's constants back.
+
+    Measured (this profile: the default's bandwidth x 0.6 and MFU x 0.5; a search to 24 agents): decode
+    floor (overhead + weights) 1.7 % off, KV read per token 6.6 %, compute per token 12 %, attention per
+    pair 19 % (the prefill terms come from TTFTs, which wait part of another request's step). Asserted
+    loosely: 3 %, 10 %, 20 %, 35 %.
+    """
+    hidden = write_profile(tmp_path, {"efficiency.bandwidth": 0.6, "efficiency.mfu": 0.5})
+    folder, result = truth_run(tmp_path, hidden)
+    assert any(r.status.value == "cancelled" and r.ttft_s is not None for r in result.records)
+    out = tmp_path / "twin.yaml"
+    limits = ["--kv-cache-tokens", "400000", "--max-model-len", "131072", "--max-num-seqs", "1024"]
+    assert main(["calibrate", "--from-run", str(folder), "--out", str(out), *limits]) == 0
+    err = capsys.readouterr().err
+    assert "client TTFTs" in err and "Not measured by a run (kept): kv_capacity_tokens from --kv-cache-tokens" in err
+    errors = off_by(constants_of(load_profile(out)), constants_of(load_profile(hidden)))
+    assert errors["floor"] < 0.03 and errors["kv_s_per_token"] < 0.10, errors
+    assert errors["compute_s_per_token"] < 0.20 and errors["attention_s_per_pair"] < 0.35, errors
+    assert load_profile(out).kv_capacity_tokens == 400_000  # kept from the option: the run did not measure it
+    sidecar = json.loads((tmp_path / "twin.probe.json").read_text())
+    assert {o["kind"] for o in sidecar["observations"]} == {"decode", "ttft"} and sidecar["design"] == "run"
+
+
+def test_calibrate_from_a_probe_and_a_run_uses_both(tmp_path, capsys):
+    """A stored probe's timings (exact, synthetic) and a run's together: the probe's limits are kept, and the
+    terms the probe pins come back. Measured: floor 0.06 %, compute 0.07 %, attention 2.7 %, KV read per
+    token 6.7 % (the run's decode phases, at contexts up to 400k tokens, pull it: as with the run alone).
+    Asserted: 3 %, and 10 % for KV."""
+    hidden = write_profile(tmp_path, {"efficiency.bandwidth": 0.6, "efficiency.mfu": 0.5})
+    true = constants_of(load_profile(hidden))
+    probe = tmp_path / "probe.probe.json"
+    names = ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")
+    probe.write_text(json.dumps({
+        "server": "http://127.0.0.1:1", "model": "m", "design": "standard", "prefix_caching": "on", "token_scale": 1.0,
+        "limits": dict(zip(names, (300_000, 131072, 1024, BUDGET_TOKENS))), "limit_sources": {n: "probe" for n in names},
+        "observations": [o.to_dict() for o in synthetic(true, 0.0, 0)]}))
+    folder, _ = truth_run(tmp_path, hidden, max_agents=8)
+    out = tmp_path / "twin.yaml"
+    assert main(["calibrate", "--from-probe", str(probe), "--from-run", str(folder), "--out", str(out)]) == 0
+    assert "fitted the probe and the run" in capsys.readouterr().err
+    errors = off_by(constants_of(load_profile(out)), true)
+    assert errors["kv_s_per_token"] < 0.10, errors
+    assert max(errors["floor"], errors["compute_s_per_token"], errors["attention_s_per_pair"]) < 0.03, errors
+    assert load_profile(out).kv_capacity_tokens == 300_000  # the probe's
+    assert "--design standard --from-run" in out.read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("case", ["no folder", "no records", "too few", "no limits"])
+def test_calibrate_from_a_run_that_cannot_fit_is_one_line(tmp_path, capsys, case):
+    folder = tmp_path / "run"
+    limits = ["--kv-cache-tokens", "400000", "--max-model-len", "131072"]
+    if case != "no folder":
+        (folder / "records").mkdir(parents=True)
+    if case in ("too few", "no limits"):
+        folder, _ = truth_run(tmp_path, write_profile(tmp_path, {}), max_agents=1)
+        records = (folder / "records" / "records-truth.jsonl").read_text().splitlines()
+        (folder / "records" / "records-truth.jsonl").write_text("\n".join(records[:3]) + "\n")
+    if case == "no limits":
+        limits = []
+    out = tmp_path / "twin.yaml"
+    assert main(["calibrate", "--from-run", str(folder), "--out", str(out), *limits]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert {"no folder": "no records/ folder", "no records": "no request that ended with tokens",
+            "too few": "the fit needs at least", "no limits": "--kv-cache-tokens"}[case] in err[0]
+    assert not out.exists() and not (tmp_path / "twin.probe.json").exists()
+
+
+def _record(start: float, ttft: float, end: float, output: int, prompt: int, cached: int) -> RequestRecord:
+    return RequestRecord(run_id="r", worker_id="w", agent=0, trajectory="t", turn=0, load_step=0,
+                         scheduled_start_epoch_s=start, start_epoch_s=start, end_epoch_s=end, ttfb_s=ttft, ttft_s=ttft,
+                         e2e_s=end - start, itl_p50_s=None, itl_p95_s=None, itl_max_s=None, output_tokens=output,
+                         output_tokens_estimated=False, prompt_tokens=prompt, cached_tokens=cached, output_tps=None,
+                         status=Status.OK)
+
+
+def test_a_runs_points_read_the_prefill_clock_and_the_decode_phases(tmp_path):
+    """Three requests and five readings of the server's prefill histogram, worked by hand: a window's points
+    are the prefill steps of the requests that ended in it (vLLM observes a request's prefill time when it
+    finishes; two whose first tokens came together share one step), a window whose count the records do
+    not match is left out, and a decode phase is its pure steps at the phase's mean load plus the step of
+    the prefill that came inside it."""
+    writer = RecordWriter(tmp_path / "records", "w")
+    for record in (_record(100.0, 0.05, 101.0, 20, 1000, 0), _record(100.5, 0.1, 102.0, 30, 2000, 1000),
+                   _record(100.55, 0.05, 101.6, 5, 500, 0)):
+        writer.write(record)
+    writer.close()
+    # ends: the first request at 101.0, the third at 101.6, the second at 102.0; the last reading: no record
+    readings = [(99.9, 0.0, 0), (101.2, 0.04, 1), (101.7, 0.14, 2), (102.5, 0.24, 3), (103.0, 0.30, 4)]
+    (tmp_path / "server_metrics.jsonl").write_text("".join(
+        ServerSample(at, "vllm", {}, {"prefill_time": HistogramValue(total, count, ((math.inf, count),))}).to_json()
+        + "\n" for at, total, count in readings))
+    points = read_run_points(tmp_path, 8192, 256)
+    prefill = [o for o in points.observations if o.kind == "prefill"]
+    assert [o.measured_s for o in prefill] == pytest.approx([0.04, 0.10, 0.10])
+    assert prefill[0].steps == (StepWork(1000, 0, attention_pairs(1000, 0), 0, 0),)
+    assert prefill[1].steps == prefill[2].steps  # the second and third requests' first tokens came from one step
+    (shared,) = prefill[1].steps
+    assert shared.repeat == 1 and shared.decode_batch == 1  # the first request was decoding then
+    assert shared.decode_context_tokens == pytest.approx(1001 + 19 / 0.95 * 0.55)
+    assert (shared.prefill_tokens, shared.prefill_context_tokens) == (1500, 1000)
+    assert shared.prefill_attention_pairs == attention_pairs(1000, 1000) + attention_pairs(500, 0)
+    decode = {o.label.split(" ")[2]: o for o in points.observations if o.kind == "decode"}
+    assert set(decode) == {"20", "30"}  # the 5-token request is too short to say much
+    pure, mixed = decode["20"].steps
+    assert pure.repeat == 18 and mixed.prefill_tokens == 1500 and decode["20"].measured_s == pytest.approx(0.95)
+    assert pure.decode_batch == pytest.approx((0.95 + 0.4 + 0.4) / 0.95)  # itself, then two more from 100.6
+    assert "prefill clock" in points.prefill_source

@@ -27,6 +27,11 @@ Modelling choices (each mirrors the live run):
   modelled: it never turns a fail into a pass.
 * A request the engine rejects (queue full, context too long) is a failed record, and the agent goes
   on after its tool wait, as a live agent does after an error.
+* ``replicas`` > 1 serves the agents from a :class:`~agentperf_users.simulator.fleet.Fleet`: that many
+  engines of the profile behind a router, each stepping on its own boundaries. The clock then stops at
+  every step end of any replica and, while one is idle, at every agent's wake; a request is routed when
+  the clock reaches it (while every replica is busy: at the next step end, which is when a busy replica
+  could first schedule it anyway). One replica steps exactly as the single engine does.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from agentperf_users.search.policy import (
     window_end,
 )
 from agentperf_users.simulator.engine import Engine, EngineRequest
+from agentperf_users.simulator.fleet import MAX_REPLICAS, ROUND_ROBIN, ROUTERS, Fleet, ReplicaStats
 from agentperf_users.simulator.profile import (
     DEFAULT_PROFILE,
     Profile,
@@ -86,6 +92,10 @@ class TruthResult:
     steps: tuple[TruthStep, ...]
     simulated_s: float
     wall_s: float
+    fleet: FleetSummary | None = None  # replicas > 1 only: a single engine's output stays as it always was
+    records: tuple[RequestRecord, ...] = ()
+    """Every request of the search, cancelled ones too, as a live run's records folder holds them (asked
+    for with ``keep_records``: what ``calibrate --from-run`` is tested on)."""
 
     def to_dict(self, spec: SloSpec) -> dict:
         return {
@@ -100,7 +110,28 @@ class TruthResult:
             "simulated_s": round(self.simulated_s, 3),
             "wall_s": round(self.wall_s, 3),
             "speedup": round(self.simulated_s / self.wall_s, 1) if self.wall_s else None,
+            **({"fleet": self.fleet.to_dict(self.capacity)} if self.fleet else {}),
         }
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """The replicas a search ran on, their router and what each did over the whole search."""
+
+    router: str
+    accelerators_per_replica: int
+    replicas: tuple[ReplicaStats, ...]
+
+    @property
+    def accelerators(self) -> int:
+        """Every replica's accelerators: what a per-accelerator number divides by."""
+        return self.accelerators_per_replica * len(self.replicas)
+
+    def to_dict(self, capacity: dict[str, TierCapacity]) -> dict:
+        return {"replicas": len(self.replicas), "router": self.router, "accelerators": self.accelerators,
+                "agents_per_accelerator": {name: round((cap.agents or 0) / self.accelerators, 3)
+                                           for name, cap in capacity.items()},
+                "per_replica": [stats.to_dict() for stats in self.replicas]}
 
 
 @dataclass(eq=False)
@@ -118,9 +149,9 @@ class _Agent:
 
 @dataclass
 class _World:
-    """The closed loop: agents, the engine, and the records they produce, on one virtual clock."""
+    """The closed loop: agents, the engine (or a fleet of them), and the records they produce, on one virtual clock."""
 
-    engine: Engine
+    engine: Engine | Fleet
     trajectories: TrajectorySet
     settings: replay.ReplaySettings
     encoder: PromptEncoder = field(default_factory=PromptEncoder)
@@ -131,7 +162,11 @@ class _World:
     records: list[RequestRecord] = field(default_factory=list)
     load_step: int = 0
     dealer: replay.Dealer = field(default_factory=replay.Dealer)  # as the master's
+    history: list[RequestRecord] | None = None  # every record, cancelled ones too, when kept
     _seq: int = 0
+
+    def __post_init__(self) -> None:
+        self.fleet = self.engine if isinstance(self.engine, Fleet) else Fleet([self.engine])
 
     def measure(self, agents: int, params: SearchParameters, spec: SloSpec, window_s: float | None = None) -> TruthStep:
         """One load step at ``agents``: (restart,) ramp, warm up, and judge the window (``window_s``
@@ -166,7 +201,9 @@ class _World:
             agent = self.agents.pop()
             agent.stopped = True
             if agent.request is not None:
-                self.engine.abort(agent.request.request_id)
+                if self.history is not None:  # as a live run records a request its step's end cut
+                    self.history.append(self._make_record(agent, agent.request, Status.CANCELLED, self.now_s))
+                self.fleet.abort(agent.request.request_id)
                 del self.in_flight[agent.request.request_id]
         batch = max(1, math.floor(spawn_rate))
         new = count - len(self.agents)
@@ -183,17 +220,19 @@ class _World:
         return ramp_end
 
     def run_until(self, end_s: float) -> None:
+        """Run the clock to ``end_s`` or the end of a step that crosses it (module docstring)."""
+        fleet = self.fleet
         while self.now_s < end_s:
             self._submit_due()
-            if self.engine.has_work():
-                result = self.engine.step(self.now_s)
-                self.now_s = result.start_s + result.duration_s
-                for request in result.finished:
-                    agent = self.in_flight.pop(request.request_id, None)
-                    if agent is not None:
-                        self._finish(agent, request)
-            else:
-                self.now_s = min(end_s, self.wakes[0][0]) if self.wakes else end_s
+            fleet.start_steps(self.now_s)
+            next_s = fleet.next_step_end_s()
+            if fleet.has_idle():  # an idle replica takes a request as soon as it arrives
+                next_s = min(next_s, self.wakes[0][0] if self.wakes else end_s, end_s)
+            self.now_s = next_s
+            for request in fleet.end_steps(next_s):
+                agent = self.in_flight.pop(request.request_id, None)
+                if agent is not None:
+                    self._finish(agent, request)
 
     def _play(self, agent: _Agent, session: int, first_session: bool = False) -> None:
         index, rounds = replay.session_trajectory(session, len(self.trajectories))
@@ -219,11 +258,11 @@ class _World:
     def _submit(self, agent: _Agent, at_s: float) -> None:
         turn = agent.trajectory.turns[agent.turn]
         prompt = self.encoder.encode(turn.messages, replay.request_tools(turn.tools, self.settings))
-        output = turn.output_tokens if self.settings.ignore_eos else self.engine.sample_output_tokens(turn.output_tokens)
+        output = turn.output_tokens if self.settings.ignore_eos else self.fleet.sample_output_tokens(turn.output_tokens)
         request = EngineRequest(f"{agent.index}-{self._seq}", prompt, output, at_s)
         self._seq += 1
         try:
-            self.engine.submit(request)
+            self.fleet.submit(request)
         except SimulatorError as exc:
             self._record(agent, request, Status.HTTP_4XX, end_s=at_s, message=str(exc)[:200])
             self._next_turn(agent, at_s)
@@ -246,22 +285,31 @@ class _World:
         self._wake(agent, end_s + wait_s)
 
     def _record(self, agent: _Agent, request: EngineRequest, status: Status, end_s: float, message: str = "") -> None:
+        record = self._make_record(agent, request, status, end_s, message)
+        self.records.append(record)
+        if self.history is not None:
+            self.history.append(record)
+
+    def _make_record(self, agent: _Agent, request: EngineRequest, status: Status, end_s: float,
+                     message: str = "") -> RequestRecord:
         ok = status is Status.OK
         first = request.first_token_s
+        timed = ok or (status is Status.CANCELLED and first is not None)  # a cut request keeps what it got
         speed = None
         if ok and request.generated > 1 and end_s > first:
             speed = (request.generated - 1) / (end_s - first)
-        self.records.append(RequestRecord(
+        record = RequestRecord(
             run_id=TRUTH_RUN_ID, worker_id="truth", agent=agent.index, trajectory=agent.label, turn=agent.turn,
             load_step=self.load_step, scheduled_start_epoch_s=agent.scheduled_s, start_epoch_s=request.arrival_s,
             end_epoch_s=end_s, ttfb_s=first - request.arrival_s if ok else None,
-            ttft_s=first - request.arrival_s if ok else None, e2e_s=end_s - request.arrival_s,
+            ttft_s=first - request.arrival_s if timed else None, e2e_s=end_s - request.arrival_s,
             itl_p50_s=None, itl_p95_s=None, itl_max_s=None,
-            output_tokens=request.generated if ok else 0, output_tokens_estimated=False,
-            prompt_tokens=request.prompt.num_tokens, cached_tokens=request.cached_tokens if ok else None,
+            output_tokens=request.generated if timed else 0, output_tokens_estimated=False,
+            prompt_tokens=request.prompt.num_tokens, cached_tokens=request.cached_tokens if timed else None,
             output_tps=speed, status=status, message=message, cold_join=agent.cold_join,
-        ))
+        )
         agent.cold_join = False
+        return record
 
 
 def find_capacity(
@@ -270,16 +318,23 @@ def find_capacity(
     spec: SloSpec,
     params: SearchParameters,
     settings: replay.ReplaySettings = replay.ReplaySettings(),
+    replicas: int = 1,
+    router: str = ROUND_ROBIN,
+    keep_records: bool = False,
 ) -> TruthResult:
-    """Run the capacity search on the virtual clock and return what it finds per tier."""
+    """Run the capacity search on the virtual clock and return what it finds per tier; ``replicas`` copies
+    of the profile's engine behind ``router`` serve the agents (:mod:`agentperf_users.simulator.fleet`)."""
     started = time.perf_counter()
-    world = _World(Engine(profile, seed=settings.seed), trajectories, settings)
+    fleet = Fleet.of(profile, replicas, router, seed=settings.seed)
+    world = _World(fleet, trajectories, settings, history=[] if keep_records else None)
     search = CapacitySearch.from_parameters([t.name for t in spec.tiers], params)
     steps = []
     while (agents := search.next_agents()) is not None:
         steps.append(world.measure(agents, params, spec))
         search.record_verdict(agents, steps[-1].verdict)
-    return TruthResult(search.capacity(), tuple(steps), world.now_s, time.perf_counter() - started)
+    summary = FleetSummary(router, profile.gpu.count, fleet.stats()) if replicas > 1 else None
+    return TruthResult(search.capacity(), tuple(steps), world.now_s, time.perf_counter() - started, summary,
+                       tuple(world.history or ()))
 
 
 def measure_steps(
@@ -338,16 +393,34 @@ def add_arguments(parser, profile_default: str | None = DEFAULT_PROFILE) -> None
     --profile required."""
     parser.add_argument("--profile", default=profile_default, required=profile_default is None,
                         help="simulator profile name or YAML file")
+    parser.add_argument("--replicas", default="1", metavar="N",
+                        help="data-parallel copies of the profile's server behind a router (default 1)")
+    parser.add_argument("--router", default=ROUND_ROBIN, metavar="|".join(ROUTERS),
+                        help="how requests are spread over --replicas: round-robin, or prefix-affinity (each to the "
+                             "replica caching the longest prefix of its prompt, within a bounded load)")
     add_options(parser, (Group.WORKLOAD, Group.REPLAY, Group.SLO, Group.SEARCH))
 
 
 def capacity_from_args(args) -> tuple[SloSpec, TruthResult]:
     """The search that ``add_arguments``' options ask for, and its SLO spec."""
+    replicas, router = fleet_from_args(args)
     spec = load_slo(args.slo or None)
     try:
         profile = load_profile(args.profile)
     except SimulatorError as exc:
         raise AgentperfError(str(exc)) from None
     result = find_capacity(profile, load_trajectories(args.trajectories, args.trajectory_format), spec,
-                           SearchParameters.from_options(args), replay.ReplaySettings.from_options(args))
+                           SearchParameters.from_options(args), replay.ReplaySettings.from_options(args),
+                           replicas, router)
     return spec, result
+
+
+def fleet_from_args(args) -> tuple[int, str]:
+    """``--replicas`` and ``--router``, checked: one line naming the option and what it takes (argparse's
+    own messages are two lines, with the usage)."""
+    text = str(args.replicas).strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_REPLICAS:
+        raise AgentperfError(f"--replicas: expected a whole number from 1 to {MAX_REPLICAS}, got {args.replicas!r}")
+    if args.router not in ROUTERS:
+        raise AgentperfError(f"--router: expected one of {', '.join(ROUTERS)}, got {args.router!r}")
+    return int(text), args.router

@@ -187,6 +187,10 @@ class Engine:
             self._waiting.remove(seq)
         self._sync_counters()
 
+    def cached_prefix_tokens(self, prompt: EncodedPrompt) -> int:
+        """Leading prompt tokens its prefix cache holds now (what a cache-aware router asks; nothing counted)."""
+        return len(self._kv.longest_cached_prefix(prompt.block_hashes, prompt.num_tokens)) * BLOCK_SIZE
+
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 

@@ -13,6 +13,7 @@ probe that cannot be fitted) is one line and exit 2, with no profile written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -24,11 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentperf_users.client.chat import redact_url
 from agentperf_users.errors import AgentperfError
-from agentperf_users.files import atomic_write
+from agentperf_users.files import CONTEXT_FILE, atomic_write, read_json_object
 from agentperf_users.loadgen.probe import ProbeTarget, served_models
 from agentperf_users.options import Group, add_options
 from agentperf_users.simulator.profile import SimulatorError
 from agentperf_users.twin.fit import MAX_RMS_RELATIVE, FitResult, Observation, fit
+from agentperf_users.twin.from_run import DECODE_KINDS, describe, read_run_points, refine
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import ProbeClient, ProbeData, run_probe
 from agentperf_users.twin.profile_yaml import Limits, profile_data, write_profile
@@ -47,6 +49,9 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--host", default="", help="the server's base URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--from-probe", type=Path, default=None, metavar="NAME.probe.json",
                         help="fit again the probe an earlier calibrate stored (no traffic), instead of --host")
+    parser.add_argument("--from-run", type=Path, default=None, metavar="RUN_DIR",
+                        help="fit the timings of a finished agentperf capacity run's folder (no traffic); with "
+                             "--from-probe, the probe's and the run's together (the probe's limits and token scale)")
     parser.add_argument("--max-residual", type=float, default=MAX_RMS_RELATIVE,
                         help="refuse a fit that misses the timings by more (root mean square of relative errors)")
     parser.add_argument("--out", required=True, type=Path, help="the profile YAML to write (NAME.probe.json goes beside it)")
@@ -69,8 +74,14 @@ def run(args) -> int:
         raise AgentperfError(f"--out {out}: no folder {out.parent}; expected a profile path in an existing folder")
     if not 0 < args.max_residual < 10:
         raise AgentperfError(f"--max-residual: expected a fraction such as 0.25, got {args.max_residual}")
-    source = _stored(args.from_probe) if args.from_probe else _probed(args)
-    result = fit(source.data.observations, args.max_residual)
+    if args.from_run:
+        source = _from_run(args, _stored(args.from_probe) if args.from_probe else None)
+    else:
+        source = _stored(args.from_probe) if args.from_probe else _probed(args)
+    observations = source.data.observations
+    if args.from_run:  # a run's TTFTs may have queued, and are noisier: by what a first, lenient fit says
+        observations = refine(observations, fit(observations, math.inf).constants)
+    result = fit(observations, args.max_residual)
     scale = source.data.token_scale
     limits = source.limits
     ours = replace(limits, kv_capacity_tokens=int(limits.kv_capacity_tokens / scale),
@@ -85,6 +96,8 @@ def run(args) -> int:
     _say(f"agentperf calibrate: wrote {out} (fit residual {result.rms_relative:.1%} RMS over "
          f"{len(result.fitted_residuals)} timings, {len(result.spikes)} spikes set aside; decode step at batch 1 {profile.decode_step_s(1) * 1e3:.2f} ms, "
          f"prefill {profile.prefill_tok_s():,.0f} tok/s, KV {profile.kv_capacity_tokens:,} tokens)")
+    if source.run_note:
+        _say(f"agentperf calibrate: {source.run_note}")
     return 0
 
 
@@ -98,14 +111,13 @@ class Source:
     limits: Limits
     sources: dict[str, str]  # where each limit came from
     data: ProbeData
+    run_note: str = ""  # what a run's points were, and what a run cannot measure (``--from-run``)
 
 
 def _probed(args) -> Source:
     if not args.host:
         raise AgentperfError("calibrate needs --host URL (a server to probe) or --from-probe FILE (a stored probe)")
-    for name in ("max_num_seqs", "max_num_batched_tokens"):
-        if getattr(args, name) < 1:
-            raise AgentperfError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    _check_engine_options(args)
     target = ProbeTarget(args.host, api_key=os.environ.get(args.api_key_env) or None, model=args.model,
                          api_key_env=args.api_key_env, timeout_s=args.request_timeout)
     served = served_models(target)
@@ -117,6 +129,12 @@ def _probed(args) -> Source:
     _say(f"agentperf calibrate: probing {redact_url(args.host)} ({model}) with the {design.name} design")
     data = run_probe(ProbeClient(target, model), design, limits.max_num_batched_tokens)
     return Source(redact_url(args.host), model, design.name, limits, sources, data)
+
+
+def _check_engine_options(args) -> None:
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) < 1:
+            raise AgentperfError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
 
 
 def _stored(path: Path) -> Source:
@@ -134,6 +152,46 @@ def _stored(path: Path) -> Source:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise AgentperfError(f"--from-probe {path}: expected the NAME{SIDECAR_SUFFIX} file an agentperf calibrate wrote "
                              f"({type(exc).__name__}: {str(exc)[:80]})") from None
+
+
+def _from_run(args, probe: Source | None) -> Source:
+    """The points of a finished run (``twin.from_run``), after a stored probe's when one is given; limits a run
+    cannot measure come from the probe, else from the options (KV cache size and context limit required)."""
+    folder: Path = args.from_run
+    _check_engine_options(args)
+    limits = probe.limits if probe is not None else None
+    points = read_run_points(folder, limits.max_num_batched_tokens if limits else args.max_num_batched_tokens,
+                             limits.max_num_seqs if limits else args.max_num_seqs)
+    if probe is not None:
+        limits, sources = probe.limits, dict(probe.sources)
+    else:
+        if args.kv_cache_tokens < 1 or args.max_model_len < 1:
+            raise AgentperfError(f"--from-run {folder}: a run does not measure the KV cache's size or the context "
+                                 "limit: pass --kv-cache-tokens and --max-model-len (or --from-probe with a probe's)")
+        limits = Limits(args.kv_cache_tokens, args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens)
+        sources = {"kv_capacity_tokens": "--kv-cache-tokens", "max_context_tokens": "--max-model-len",
+                   "max_num_seqs": "--max-num-seqs (not reported by servers)",
+                   "max_num_batched_tokens": "--max-num-batched-tokens (not reported by servers)"}
+    target = _run_target(folder)
+    cached = any(obs.steps[-1].prefill_context_tokens > 0 for obs in points.observations if obs.kind not in DECODE_KINDS)
+    base = probe.data if probe is not None else ProbeData((), "on" if cached else "unknown", 1.0)
+    data = replace(base, observations=base.observations + points.observations)
+    unmeasured = ", ".join(f"{name} from {sources[name]}" for name in LIMIT_NAMES)
+    note = (f"fitted {'the probe and ' if probe else ''}the run {folder}: {describe(points)}. Not measured by a run "
+            f"(kept): {unmeasured}" + ("" if probe else "; token scale 1 (the profile is priced per server token)"))
+    return Source(probe.server if probe else redact_url(target["host"]) if target.get("host") else f"run {folder}",
+                  probe.model if probe else target.get("model") or "unknown",
+                  f"{probe.design} + run" if probe else "run", limits, sources, data, note)
+
+
+def _run_target(folder: Path) -> dict:
+    """The run's target (host, model) from its ``run.json`` where it has one (nothing otherwise)."""
+    try:
+        saved = read_json_object(folder / CONTEXT_FILE, missing_ok=True) or {}
+        target = saved.get("context", {}).get("target", {})
+        return {key: str(value) for key, value in target.items() if value} if isinstance(target, dict) else {}
+    except AgentperfError:
+        return {}
 
 
 def _say(line: str) -> None:
@@ -185,7 +243,7 @@ def _header(source: Source, result: FitResult, out: Path) -> str:
     c = result.constants
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"Calibrated by `agentperf calibrate --design {source.design}` from {source.server} (model {source.model}), "
+        f"Calibrated by `agentperf calibrate {_how(source)}` from {source.server} (model {source.model}), "
         f"fitted {when}.",
         "Step constants fitted (the simulator's roofline, agentperf_users/twin/fit.py):",
         f"  overhead per step {c.overhead_s * 1e3:.4g} ms; memory-bound: weights {c.weights_s * 1e3:.4g} ms + "
@@ -200,11 +258,18 @@ def _header(source: Source, result: FitResult, out: Path) -> str:
         f"Prefix caching on the server: {data.prefix_caching} (the simulator always caches prefixes).",
         f"Token scale: the server counts {data.token_scale:.4g} tokens per agentperf token; the constants and limits "
         "above are per server token, the profile's are per agentperf token (the simulator's count).",
+        *([f"From a run: {source.run_note}."] if source.run_note else []),
         *(["Outside the engine's steps (client TTFT minus its prefill time; not in this profile): "
            + ", ".join(f"{s * 1e3:.1f} ms at {n} tokens" for n, s in data.front_end_s[::3])] if data.front_end_s else []),
         "The gpu and model fields are a stand-in that gives these constants (twin/profile_yaml.py); power is a placeholder.",
     ]
     return "\n".join(lines)
+
+
+def _how(source: Source) -> str:
+    if source.design == "run":
+        return "--from-run"
+    return f"--design {source.design.removesuffix(' + run')}" + (" --from-run" if source.run_note else "")
 
 
 def _sidecar(source: Source, result: FitResult) -> dict:

@@ -54,13 +54,17 @@ class FitError(AgentperfError):
 
 @dataclass(frozen=True)
 class StepWork:
-    """The work of one engine step, in the terms of ``Profile.step_time_s``."""
+    """The work of one engine step, in the terms of ``Profile.step_time_s``; ``repeat`` such steps alike (a
+    run's decode phase is hundreds of steps at one mean load, :mod:`agentperf_users.twin.from_run`; a
+    fraction is the expected share of a step, e.g. the half step a request arriving mid-step waits).
+    A run's mean loads are not whole numbers: the fields are numbers of tokens or sequences, on average."""
 
-    prefill_tokens: int = 0
-    prefill_context_tokens: int = 0
-    prefill_attention_pairs: int = 0
-    decode_batch: int = 0
-    decode_context_tokens: int = 0
+    prefill_tokens: float = 0
+    prefill_context_tokens: float = 0
+    prefill_attention_pairs: float = 0
+    decode_batch: float = 0
+    decode_context_tokens: float = 0
+    repeat: float = 1
 
     @property
     def kv_tokens(self) -> int:
@@ -83,15 +87,18 @@ class Observation:
     label: str  # what the probe did, for the sidecar and the messages
     steps: tuple[StepWork, ...]
     measured_s: float
+    weight: float = 1.0
+    """How much its relative error counts in the least squares: 1 for a probe's timings; a run's weigh each
+    kind by the inverse of its variance (a TTFT that waited part of a step is noisier than a decode phase)."""
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "label": self.label, "measured_s": self.measured_s,
+        return {"kind": self.kind, "label": self.label, "measured_s": self.measured_s, "weight": self.weight,
                 "steps": [asdict(step) for step in self.steps]}
 
     @classmethod
     def from_dict(cls, data: dict) -> Observation:
         return cls(data["kind"], data["label"], tuple(StepWork(**step) for step in data["steps"]),
-                   float(data["measured_s"]))
+                   float(data["measured_s"]), float(data.get("weight", 1.0)))
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,7 @@ class StepConstants:
 
     def predict_s(self, observation: Observation) -> float:
         latency = self.request_latency_s if observation.kind == "ttft" else 0.0
-        return latency + sum(self.step_s(step) for step in observation.steps)
+        return latency + sum(self.step_s(step) * step.repeat for step in observation.steps)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,7 +200,7 @@ def _spikes(residuals: Sequence[float]) -> frozenset[int]:
 
 
 def _score(result: FitResult) -> float:
-    return sum(r * r for r in result.relative_residuals)
+    return sum(obs.weight * r * r for obs, r in zip(result.observations, result.relative_residuals))
 
 
 def _fit_from(observations: Sequence[Observation], threshold_tokens: float) -> FitResult:
@@ -218,18 +225,20 @@ def _solve(observations: Sequence[Observation], sides: Sequence[Sequence[bool]])
     for obs, obs_sides in zip(observations, sides):
         row = np.zeros(7)  # overhead, weights, kv per token, compute per token, per pair, request latency, per sequence
         for step, compute_bound in zip(obs.steps, obs_sides):
-            row[0] += 1
-            row[6] += step.decode_batch
+            repeat = step.repeat
+            row[0] += repeat
+            row[6] += step.decode_batch * repeat
             if compute_bound:
-                row[3] += step.tokens
-                row[4] += step.pairs
+                row[3] += step.tokens * repeat
+                row[4] += step.pairs * repeat
             else:
-                row[1] += 1
-                row[2] += step.kv_tokens
+                row[1] += repeat
+                row[2] += step.kv_tokens * repeat
         row[5] = obs.kind == "ttft"
-        rows.append(row / obs.measured_s)  # weighted: every observation's error counts relative to its size
+        # every observation's error counts relative to its size, times the square root of its weight
+        rows.append(row / obs.measured_s * math.sqrt(obs.weight))
     matrix = np.array(rows)
-    target = np.ones(len(rows))
+    target = np.sqrt([obs.weight for obs in observations])
     return StepConstants(*_nonnegative_lstsq(matrix, target))
 
 

@@ -3,7 +3,9 @@
 It is the ground-truth search (:mod:`agentperf_users.search.truth`, the same options, the same search) with a
 planner's output: one line per tier instead of the truth's JSON (``--json`` gives that). Questions a
 measured search would need hours of held hardware for become one command each: another ``--slo``,
-another ``--trajectories`` set, another ``--max-num-seqs`` in the profile.
+another ``--trajectories`` set, another ``--max-num-seqs`` in the profile, ``--replicas N`` copies of the
+server behind a ``--router`` (:mod:`agentperf_users.simulator.fleet`). Agents per accelerator count every
+replica's accelerators (the profile's GPU count times N).
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ def register_cli(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def capacity_line(label: str, capacity: TierCapacity) -> str:
-    return f"{label:<28} {STATUS_TEXT[capacity.status].format(**capacity.to_dict())}"
+def capacity_line(label: str, capacity: TierCapacity, accelerators: int | None = None) -> str:
+    line = f"{label:<28} {STATUS_TEXT[capacity.status].format(**capacity.to_dict())}"
+    if accelerators and capacity.agents:
+        line += f", {capacity.agents / accelerators:.2f} per accelerator"
+    return line
 
 
 def run(args) -> int:
@@ -41,8 +46,14 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(spec), indent=2))
         return 0
-    print(f"predicted capacity of {args.profile} ({len(result.steps)} load steps, {result.simulated_s:,.0f} s "
+    fleet = result.fleet
+    served = (f"{len(fleet.replicas)} replicas of {args.profile} behind {fleet.router} ({fleet.accelerators} "
+              "accelerators)" if fleet else str(args.profile))
+    print(f"predicted capacity of {served} ({len(result.steps)} load steps, {result.simulated_s:,.0f} s "
           f"simulated in {result.wall_s:.1f} s):")
     for name, capacity in result.capacity.items():
-        print(capacity_line(spec.tier(name).label, capacity))
+        print(capacity_line(spec.tier(name).label, capacity, fleet.accelerators if fleet else None))
+    if fleet:
+        print("prefix cache hit ratio per replica (over the search): "
+              + ", ".join(f"{stats.hit_ratio:.1%} of {stats.routed} requests" for stats in fleet.replicas))
     return 0
