@@ -10,7 +10,7 @@ import pytest
 
 from agentperf_users.measure.records import Status
 from agentperf_users.measure.slo import SloTier, evaluate, pass_fraction
-from agentperf_users.search.spread import RESAMPLES, STABLE, Spread, capacity_spread, spread_words
+from agentperf_users.search.spread import RESAMPLES, STABLE, STABLE_MARGIN, Spread, capacity_spread, spread_words
 from tests.test_slo import record
 
 AGENT_TIER = SloTier("a", ttft_max_s=2.0, output_tps_min=20.0, quantile=0.9, scope="agent", agents_passing=0.95,
@@ -59,26 +59,33 @@ def test_no_records_have_no_share():
 
 
 FOUND = {"status": "found", "agents": 10, "first_failing_agents": 11}
+CLEAR = 0.1  # a margin well past STABLE_MARGIN
 
 
 @pytest.mark.parametrize(("steps", "capacity", "expected"), [
     # stable on both sides of the answer: a rerun lands where this one did
-    ([(4, 1.0), (8, 0.97), (16, 0.0), (12, 0.02), (10, 0.95), (11, 0.05)], FOUND, Spread(10, 10)),
+    ([(4, 1.0, CLEAR), (8, 0.97, CLEAR), (16, 0.0, -CLEAR), (12, 0.02, -CLEAR), (10, 0.95, CLEAR), (11, 0.05, -CLEAR)],
+     FOUND, Spread(10, 10)),
     # the pass at 10 and the fail at 11 are coin flips: back to the stable pass at 8, up to below the fail at 12
-    ([(4, 1.0), (8, 0.97), (16, 0.0), (12, 0.02), (10, 0.6), (11, 0.4)], FOUND, Spread(8, 11)),
-    # a fail above the answer that held in 85 % only does not bound it; a share of None (no records) counts for nothing
-    ([(8, 1.0), (10, 0.9), (11, 0.15), (16, None), (32, 0.0)], FOUND, Spread(10, 31)),
-    ([(8, 1.0), (10, 0.9), (11, 0.15)], FOUND, Spread(10, None)),
+    ([(4, 1.0, CLEAR), (8, 0.97, CLEAR), (16, 0.0, -CLEAR), (12, 0.02, -CLEAR), (10, 0.6, CLEAR), (11, 0.4, -CLEAR)],
+     FOUND, Spread(8, 11)),
+    # every resample agrees, but by less than STABLE_MARGIN: a rerun timed a little differently may not
+    ([(8, 1.0, CLEAR), (10, 1.0, 0.002), (11, 0.0, -0.017), (12, 0.0, "-inf")], FOUND, Spread(8, 11)),
+    # a fail above the answer that held in 85 % only does not bound it; no share or no margin counts for nothing
+    ([(8, 1.0, CLEAR), (10, 0.9, CLEAR), (11, 0.15, -CLEAR), (16, None, None), (24, 0.0, None), (32, 0.0, -CLEAR)],
+     FOUND, Spread(10, 31)),
+    ([(8, 1.0, CLEAR), (10, 0.9, CLEAR), (11, 0.15, -CLEAR)], FOUND, Spread(10, None)),
     # none passed: from none up to below the first stable fail
-    ([(1, 0.3), (2, 0.0)], {"status": "none_passed", "agents": None, "first_failing_agents": 1}, Spread(0, 1)),
+    ([(1, 0.3, -CLEAR), (2, 0.0, -CLEAR)], {"status": "none_passed", "agents": None, "first_failing_agents": 1},
+     Spread(0, 1)),
     # never failed: no upper end
-    ([(64, 1.0), (128, 0.93)], {"status": "never_failed", "agents": 128, "first_failing_agents": None},
+    ([(64, 1.0, CLEAR), (128, 0.93, "inf")], {"status": "never_failed", "agents": 128, "first_failing_agents": None},
      Spread(128, None)),
     # an incomplete search states no spread
-    ([(4, 1.0)], {"status": "incomplete", "agents": 4, "first_failing_agents": None}, None),
+    ([(4, 1.0, CLEAR)], {"status": "incomplete", "agents": 4, "first_failing_agents": None}, None),
 ])
 def test_a_rerun_lands_between_the_stable_pass_below_and_the_stable_fail_above(steps, capacity, expected):
-    assert STABLE == 0.9  # the shares above are placed around it
+    assert STABLE == 0.9 and 0.002 < STABLE_MARGIN < CLEAR  # the shares and margins above are placed around them
     assert capacity_spread(steps, capacity) == expected
 
 

@@ -185,6 +185,7 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
             "power_watts": mean_watts(context.power_samples, start, end),
             "passed": passed,
             "pass_share": shares,  # of the resamples of the step's agents (search/spread.py)
+            "margin": {v.tier.name: v.to_dict()["margin"] for v in verdict.tiers},  # the verdict's (slo), as written
             "judged": {v.tier.name: {key: value for key, value in v.to_dict().items()
                                      if key in ("ttft_quantile_s", "output_tps_quantile")} for v in verdict.tiers},
             "live_verdict_matches_records": passed == live_passed and verdict.to_dict() == live["verdict"],
@@ -202,7 +203,8 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
         if watts is None:
             watts, basis = context.power_watts, context.power_source
         per_mw = agents / (watts / MEGAWATT_W) if agents and watts else None
-        spread = capacity_spread(((step["agents"], step["pass_share"][name]) for step in steps), cap)
+        spread = capacity_spread(((step["agents"], step["pass_share"][name], step["margin"][name]) for step in steps),
+                                 cap)
         capacity[name] = {**cap, "label": spec.tier(name).label, "spread": spread and spread.to_dict(),
                           "agents_per_accelerator": per_accelerator,
                           "agents_per_megawatt": per_mw, "power_watts": watts if per_mw else None,
