@@ -270,11 +270,13 @@ def find_capacity(
     spec: SloSpec,
     params: SearchParameters,
     settings: replay.ReplaySettings = replay.ReplaySettings(),
+    predicted: dict[str, TierCapacity] | None = None,
 ) -> TruthResult:
-    """Run the capacity search on the virtual clock and return what it finds per tier."""
+    """Run the capacity search on the virtual clock and return what it finds per tier (started from
+    ``predicted``, as ``capacity --predict`` starts it, when given)."""
     started = time.perf_counter()
     world = _World(Engine(profile, seed=settings.seed), trajectories, settings)
-    search = CapacitySearch.from_parameters([t.name for t in spec.tiers], params)
+    search = CapacitySearch.from_parameters([t.name for t in spec.tiers], params, predicted)
     steps = []
     while (agents := search.next_agents()) is not None:
         steps.append(world.measure(agents, params, spec))
