@@ -262,7 +262,8 @@ class CapacitySearchShape(LoadTestShape):
         if getattr(options, "predict", ""):
             logger.info("agentperf: predicting the capacity on the twin %s (the ground truth's search, virtual "
                         "clock) before the first step", options.predict)
-            self._predicting = gevent.get_hub().threadpool.spawn(predicted.from_options, options, self.spec, self.params)
+            pool = gevent.get_hub().threadpool
+            self._predicting = pool.spawn(predicted.from_options, options, self.spec, self.params)
             self._agents = 0
             return self._enter("predict", now, math.inf)
         self._start_search(now)
