@@ -45,6 +45,7 @@ class Group(str, Enum):
     RUN = "run"  # where records go, and the run's id (``agentperf capacity`` sets them itself)
     METRICS = "metrics"  # the master's Prometheus endpoint
     SEARCH = "search"  # the capacity search
+    PREDICT = "predict"  # the prediction a live capacity search starts from (not the ground truth's own search)
     SEARCH_FILES = "search-files"  # a search's run folder and console (``agentperf capacity`` sets them itself)
 
 
@@ -140,6 +141,9 @@ OPTIONS: tuple[Option, ...] = (
            "queue of the one before"),
     Option("--guided-search", Group.SEARCH, True, "pick the next agent count from the SLO margins measured so far "
            "(interpolation), not only by doubling and bisecting"),
+    Option("--predict", Group.PREDICT, "", "simulator profile of a calibrated twin (agentperf calibrate), name or "
+           "YAML: start the search at the capacity per tier it predicts (agentperf predict), verified and widened "
+           "where wrong; empty: step up from --start-agents", web_ui=False),
     Option("--capacity-json", Group.SEARCH_FILES, "", "write the search's state (steps, capacity) to this file, whole, "
            "after every judged step"),
     Option("--progress-events", Group.SEARCH_FILES, False, "log the search's progress as events for agentperf "

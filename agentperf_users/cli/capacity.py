@@ -60,6 +60,7 @@ from agentperf_users.report.build import (
     write_context,
     write_report,
 )
+from agentperf_users.search import predicted
 from agentperf_users.search.policy import CapacityStatus, SearchParameters
 from agentperf_users.search.progress import ConsoleProgress, expected_duration_words
 from agentperf_users.search.state import SearchState
@@ -76,7 +77,7 @@ EXIT_INCOMPLETE = 4
 EXIT_INTERRUPTED = 130
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # The options `agentperf capacity` takes and hands its Locust master as they are; the run's files and host it sets.
-FORWARDED_GROUPS = (Group.WORKLOAD, Group.AGENT, Group.REPLAY, Group.SLO, Group.METRICS, Group.SEARCH)
+FORWARDED_GROUPS = (Group.WORKLOAD, Group.AGENT, Group.REPLAY, Group.SLO, Group.METRICS, Group.SEARCH, Group.PREDICT)
 
 
 def register_cli(subparsers) -> None:
@@ -135,6 +136,10 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
             raise AgentperfError(str(exc)) from None
     elif args.profile:
         raise AgentperfError("--profile describes the embedded simulator; it cannot be combined with --host")
+    if args.predict:  # the master predicts from it; a bad one is said here, before anything starts
+        predicted.check_profile(args.predict)
+        if Path(args.predict).is_file():
+            args.predict = str(Path(args.predict).resolve())
     for option, url in (("--power-metrics-url", args.power_metrics_url), ("--server-metrics-url", args.server_metrics_url),
                         ("--host", args.host)):
         if url and not url.startswith(("http://", "https://")):

@@ -37,7 +37,7 @@ def install(events: Events, *, agents: bool = True, search: bool = False) -> Non
     if agents:
         groups += [Group.WORKLOAD, Group.AGENT, Group.REPLAY]
     if search:
-        groups += [Group.SEARCH, Group.SEARCH_FILES]
+        groups += [Group.SEARCH, Group.PREDICT, Group.SEARCH_FILES]
     events.init_command_line_parser.add_listener(lambda parser: add_options(parser, groups, locust=True))
     events.init.add_listener(lambda environment, **_: aggregate.install(environment))
     events.init.add_listener(prometheus.serve)

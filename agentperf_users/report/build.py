@@ -40,7 +40,7 @@ from agentperf_users.measure.slo import (
     records_in_window,
 )
 from agentperf_users.report import html as report_html
-from agentperf_users.search.headline import MEGAWATT_W, headlines
+from agentperf_users.search.headline import MEGAWATT_W, headlines, prediction_line
 from agentperf_users.search.policy import SearchStopped
 from agentperf_users.search.spread import RESAMPLES, capacity_spread
 from agentperf_users.search.state import SearchState
@@ -230,9 +230,28 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
         if context.server_metrics_from else None,
         "records": len(records),
     }
+    if summary.prediction is not None:
+        report["prediction"] = prediction_against_measured(summary.prediction, capacity, steps)
     if ground_truth is not None:  # its same_steps went into the steps above
         report["ground_truth"] = {key: value for key, value in ground_truth.items() if key != "same_steps"}
     return report
+
+
+def prediction_against_measured(prediction: dict, capacity: dict, steps: list[dict]) -> dict:
+    """The twin's prediction the search started from (``--predict``) beside what it measured, per tier:
+    each answer (status, agents, first failing count) and measured over predicted agents, where both
+    located one; with the first step's count, which the prediction chose."""
+    tiers = {}
+    for name, cap in capacity.items():
+        predicted = (prediction.get("capacity") or {}).get(name)
+        if predicted is None:
+            continue
+        keys = ("status", "agents", "first_failing_agents")
+        ratio = cap["agents"] / predicted["agents"] if cap.get("agents") and predicted.get("agents") else None
+        tiers[name] = {"label": cap["label"], "predicted": {key: predicted.get(key) for key in keys},
+                       "measured": {key: cap.get(key) for key in keys}, "measured_over_predicted": ratio}
+    return {**{key: value for key, value in prediction.items() if key != "capacity"}, "tiers": tiers,
+            "first_step_agents": steps[0]["agents"] if steps else None, "steps": len(steps)}
 
 
 def _power_at(steps: list[dict], agents: int | None) -> float | None:
@@ -245,9 +264,12 @@ def _power_at(steps: list[dict], agents: int | None) -> float | None:
 def capacity_lines(report: dict) -> list[str]:
     """The headline, per tier (``headline.TierHeadline.lines``): ``capacity @ 20 tok/s, TTFT ≤ 10 s: 37
     agents (fails at 38; ground truth 38 agents)``, then agents per accelerator and per megawatt and the
-    binding cause at the first failing count; after why the search stopped, if it did."""
+    binding cause at the first failing count; after why the search stopped, if it did, and the twin's
+    prediction against the measured answer, if the search started from one."""
     stopped = report.get("stopped")
     lines = [stopped_line(stopped)] if stopped else []
+    tiers = (report.get("prediction") or {}).get("tiers", {})
+    lines += [prediction_line(tier) for tier in tiers.values()]
     return lines + [line for tier in headlines(report) for line in tier.lines()]
 
 

@@ -24,6 +24,7 @@ from agentperf_users.report.svg import (
 )
 from agentperf_users.search.headline import (
     TierHeadline,
+    capacity_words,
     headlines,
     number_words,
     power_basis_words,
@@ -66,6 +67,7 @@ def render_html(report: dict, lines_before: list[str] = ()) -> str:
             "chart's limit); dashed lines are the tier's limits, dotted the capacity found. Hover a point for its "
             "numbers.</p>",
             "<div class=charts>" + "".join(render(chart) for chart in tier_charts(report)) + "</div>",
+            prediction_table(report),
             "<h2>Run settings</h2>" + settings_list(report),
             "<h2>Steps</h2>" + steps_table(report),
             "<h2>Server and power</h2><div class=charts>"
@@ -204,6 +206,22 @@ def _power_words(report: dict) -> str:
     if report.get("power_watts"):
         return f"{watts_words(report['power_watts'])}, nameplate ({report.get('power_source')})"
     return "not known: no agents per megawatt"
+
+
+def prediction_table(report: dict) -> str:
+    """The twin's prediction the search started from against what it measured, per tier; empty without one."""
+    prediction = report.get("prediction")
+    if not prediction:
+        return ""
+    rows = "".join(
+        f"<tr><td class=l>{_esc(tier['label'])}</td><td>{_esc(capacity_words(tier['predicted']))}</td>"
+        f"<td>{_esc(capacity_words(tier['measured']))}</td>"
+        f"<td>{number_words(tier['measured_over_predicted'])}</td></tr>" for tier in prediction["tiers"].values())
+    return (f"<h2>Predicted against measured</h2><p class=muted>The search started from the capacity the twin "
+            f"{_esc(str(prediction.get('profile')))} predicts ({prediction.get('load_steps')} load steps on the "
+            f"virtual clock); its first step measured {prediction.get('first_step_agents')} agents, "
+            f"{prediction.get('steps')} steps in all.</p><div class=scroll><table><tr><th class=l>tier</th>"
+            f"<th>predicted</th><th>measured</th><th>measured / predicted</th></tr>{rows}</table></div>")
 
 
 def steps_table(report: dict) -> str:

@@ -125,6 +125,15 @@ class TierHeadline:
         return lines
 
 
+def prediction_line(tier: dict) -> str:
+    """``predicted @ 20 tok/s, TTFT ≤ 10 s: 24 agents (fails at 25), measured 26 agents (x1.08)``: one
+    tier of report.json's ``prediction`` (the twin's answer the search started from)."""
+    ratio = tier.get("measured_over_predicted")
+    against = f" (x{ratio:.2f})" if ratio else ""
+    return (f"predicted @ {tier['label']}: {capacity_words(tier['predicted'])}, measured "
+            f"{answer_words(tier['measured'])}{against}")
+
+
 def power_basis_words(basis: str | None) -> str:
     return "measured at the capacity step" if basis == "measured" else f"nameplate: {basis}" if basis else "basis unknown"
 

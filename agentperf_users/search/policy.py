@@ -17,6 +17,17 @@ tier is the midpoint, so the bracket at least halves every two steps, as plain b
 step. Verdicts, never margins, decide the brackets and the answer. (Phase 1 does not extrapolate: on
 the simulator's profiles, margins at small counts predicted the break too poorly to save steps.)
 
+Started from a prediction (``agentperf capacity --predict PROFILE``: the ground truth's search on a
+calibrated twin, ``search.predicted``), there is no phase 1: each tier in turn, first its predicted
+capacity is measured, then its predicted first failing count, so a right prediction is verified in two
+steps per tier, and the bracket starts one agent wide. A wrong one is widened from the count that
+disproved it, geometrically (``PREDICTION_WIDEN_FACTOR``, the step from the prediction squared each time,
+a gallop), up while the tier passes and down while it fails; then the bracket is halved (the margins'
+regula falsi, on brackets this narrow, stalled one agent a step at the knee: more steps on the
+simulator's profiles). Each tier's predicted counts are scaled by how far off the twin was on the tiers
+located before it. The prediction only chooses counts: verdicts decide the answer, which is the
+same as without it wherever the tier's verdicts are monotone in agents.
+
 Why a module of its own: the live search (``shape.CapacitySearchShape``, a Locust LoadTestShape) and
 the ground truth (``truth``, the simulator's engine on a virtual clock, which must not import Locust
 and its gevent monkey-patching) make exactly the same decisions from the same options.
@@ -27,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from agentperf_users import options
 from agentperf_users.errors import AgentperfError
@@ -35,6 +46,11 @@ from agentperf_users.measure.diagnose import Cause
 from agentperf_users.measure.slo import StepVerdict
 from agentperf_users.options import MAX_WINDOW_FACTOR, Group
 
+# The first step away from a prediction that a verdict disproved: 1.5x (or 1/1.5x) the count that
+# disproved it, then the ratio to the prediction squared each step (2.25x, 5.1x, ...). Small
+# enough that a twin off by 20-40 % is bracketed at the first widening, large enough that one off by
+# 2x costs two steps more than a right one, not log2(agents).
+PREDICTION_WIDEN_FACTOR = 1.5
 
 @dataclass(frozen=True)
 class SearchParameters:
@@ -128,20 +144,26 @@ class CapacitySearch:
         step_agents: int = 0,
         step_factor: float = 2.0,
         guided: bool = True,
+        predicted: Mapping[str, TierCapacity] | None = None,
     ) -> None:
         self._tiers = tuple(tiers)
+        self._predicted = dict(predicted) if predicted is not None else None
         self._start, self._max, self._resolution = start_agents, max_agents, resolution_agents
         self._step_agents, self._step_factor = step_agents, step_factor
         self._guided = guided
         self._passed: dict[int, dict[str, bool]] = {}  # agents -> tier name -> passed
         self._margins: dict[int, dict[str, float]] = {}  # agents -> tier name -> margin, where usable
         self._interpolated_width: dict[str, int] = {}  # tier -> its bracket's width at its last interpolation
-        self._next: int | None = start_agents
+        self._phase = "step"  # what the next count is for (``phase``)
+        self._next: int | None = start_agents if self._predicted is None else self._plan()
 
     @classmethod
-    def from_parameters(cls, tiers: Sequence[str], params: SearchParameters) -> "CapacitySearch":
+    def from_parameters(cls, tiers: Sequence[str], params: SearchParameters,
+                        predicted: Mapping[str, TierCapacity] | None = None) -> "CapacitySearch":
+        """The search the options ask for; ``predicted`` (capacity per tier, as ``capacity()`` gives it)
+        starts it from a prediction instead of ``--start-agents``."""
         return cls(tiers, params.start_agents, params.max_agents, params.resolution_agents, params.step_agents,
-                   params.step_factor, params.guided)
+                   params.step_factor, params.guided, predicted)
 
     def record_verdict(self, agents: int, verdict: StepVerdict) -> None:
         self._passed[agents] = {tier_verdict.tier.name: tier_verdict.passed for tier_verdict in verdict.tiers}
@@ -159,7 +181,10 @@ class CapacitySearch:
 
     @property
     def stepping(self) -> bool:
-        """Phase 1: some tier has not failed yet and --max-agents has not been measured."""
+        """Phase 1: some tier has not failed yet and --max-agents has not been measured (never, when
+        started from a prediction: its steps verify the prediction, then widen or narrow brackets)."""
+        if self._predicted is not None:
+            return False
         if not self._passed:
             return True
         return max(self._passed) < self._max and any(self.bracket(tier)[1] is None for tier in self._tiers)
@@ -168,7 +193,16 @@ class CapacitySearch:
         """The next count to measure; None when every tier is resolved."""
         return self._next
 
+    @property
+    def phase(self) -> str:
+        """What the next count is for: ``predict`` (a predicted count, measured to verify it), ``step``
+        (phase 1, or widening away from a disproved prediction) or ``bisect`` (narrowing a bracket)."""
+        return self._phase
+
     def _plan(self) -> int | None:
+        if self._predicted is not None:
+            return self._plan_from_prediction()
+        self._phase = "step" if self.stepping else "bisect"
         if self.stepping:
             top = max(self._passed)
             if self._step_agents:
@@ -179,6 +213,70 @@ class CapacitySearch:
             if high is not None and high - low > self._resolution:
                 return self._narrow(tier, low, high)
         return None
+
+    def _plan_from_prediction(self) -> int | None:
+        """The first tier still open: its predicted counts while they lie inside its bracket, else the
+        bracket widened (no fail yet: up; no pass yet: down) or narrowed."""
+        for tier in self._tiers:
+            low, high = self.bracket(tier)
+            if high is None and (self._passed and max(self._passed) >= self._max):
+                continue  # passed at --max-agents: never failed
+            if high is not None and high - low <= self._resolution:
+                continue
+            guess = self._predicted_inside(tier, low, high)
+            self._phase = "predict" if guess is not None else "bisect" if low and high else "step"
+            if guess is not None:
+                return guess
+            if high is None:
+                return self._widen(tier, low, up=True)
+            if low == 0:
+                return self._widen(tier, high, up=False)
+            return (low + high) // 2  # halving: regula falsi stalls one agent a step near a knee
+        return None
+
+    def _predicted_counts(self, tier: str) -> tuple[int, ...]:
+        """The tier's predicted capacity and first failing count, within [1, --max-agents], scaled by how
+        far off the twin was on the tiers already located (``_twin_error``): a twin that was 30 % low on
+        one tier is likely so on the next."""
+        predicted = self._predicted.get(tier)
+        if predicted is None:
+            return ()
+        scale = self._twin_error()
+        agents, failing = predicted.agents, predicted.first_failing_agents
+        if agents:
+            scaled = max(1, round(agents * scale))
+            counts = (scaled, scaled + (failing - agents)) if failing else (scaled,)
+        else:
+            counts = (max(1, round(failing * scale)),) if failing else ()
+        return tuple(min(self._max, count) for count in counts)
+
+    def _twin_error(self) -> float:
+        """Measured over predicted capacity, the geometric mean over the tiers located so far (1: none)."""
+        ratios = []
+        for tier, predicted in self._predicted.items():
+            low, high = self.bracket(tier) if tier in self._tiers else (0, None)
+            if predicted.agents and low and high is not None and high - low <= self._resolution:
+                ratios.append(math.log(low / predicted.agents))
+        return math.exp(sum(ratios) / len(ratios)) if ratios else 1.0
+
+    def _predicted_inside(self, tier: str, low: int, high: int | None) -> int | None:
+        """The first predicted count of ``tier`` not measured yet and strictly inside its bracket."""
+        return next((count for count in self._predicted_counts(tier)
+                     if count not in self._passed and low < count and (high is None or count < high)), None)
+
+    def _widen(self, tier: str, end: int, up: bool) -> int:
+        """The next count beyond ``end`` (the tier's highest pass, or its lowest fail) away from the
+        prediction: ``PREDICTION_WIDEN_FACTOR`` from the predicted count the bracket left, then the
+        ratio to it squared (1.5x, 2.25x, 5.1x, ...): a gallop, so a twin off by a lot costs log log steps."""
+        counts = self._predicted_counts(tier) or (self._start,)
+        anchor = max(counts) if up else min(counts)
+        if not end:  # nothing measured yet (a tier predicted nothing for)
+            return anchor
+        travelled = max(end / anchor, anchor / end, 1.0)
+        factor = max(PREDICTION_WIDEN_FACTOR, travelled)
+        if up:
+            return min(self._max, max(end + 1, math.ceil(round(end * factor, 9))))
+        return max(1, min(end - 1, math.floor(round(end / factor, 9))))
 
     def _narrow(self, tier: str, low: int, high: int) -> int:
         """The next count inside (low, high) for ``tier``: interpolated where its margin crosses zero,

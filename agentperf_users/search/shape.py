@@ -16,6 +16,10 @@ count, with a cache namespace of the step's own (``replay.Dealer``), and start a
 (``--start-turn``). So each step starts from the same state and measures the steady state of its
 count, whatever the search measured before: the question the ground truth answers.
 
+With ``--predict PROFILE`` the search first predicts (``predicted``: the ground truth's search on the
+twin, seconds to minutes) in a native thread, so the master's greenlets (worker heartbeats, reports)
+go on meanwhile, then starts from the prediction (``policy``); the prediction is kept in the state.
+
 A worker lost during a step (killed, or its host gone: Locust marks it missing after a few silent
 heartbeats) takes its agents with it, and Locust does not hand them to the other workers; the step is
 then started again from no agents on the workers left, rather than judged with fewer agents than it
@@ -88,7 +92,7 @@ from agentperf_users.measure.slo import (
     surely_fails,
     ttft_text,
 )
-from agentperf_users.search import progress
+from agentperf_users.search import predicted, progress
 from agentperf_users.search.headline import capacity_words
 from agentperf_users.search.policy import (
     CapacitySearch,
@@ -196,6 +200,8 @@ class CapacitySearchShape(LoadTestShape):
         self.steps: list[StepResult] = []
         self.lost_workers: list[LostWorker] = []
         self.stopped: SearchStopped | None = None
+        self.prediction: predicted.Prediction | None = None
+        self._predicting = None  # the prediction's thread (gevent's threadpool), while it runs
         self._doubted_agents: int | None = None  # a count whose failure was put down to the load generator once
         self.interrupted = False  # by SIGINT or SIGTERM before the search was done
         self._signalled = False
@@ -241,6 +247,7 @@ class CapacitySearchShape(LoadTestShape):
             run_id=aggregate.run_id(self.environment),
             slo={"source": spec.source, "tiers": tiers} if spec else None,
             parameters=asdict(params) if params else None,
+            prediction=self.prediction.to_dict() if self.prediction else None,
             steps=tuple(step.to_dict() for step in self.steps),
             capacity={name: capacity.to_dict() for name, capacity in self.capacity().items()},
             complete=bool(self.search and self.search.done),
@@ -258,16 +265,46 @@ class CapacitySearchShape(LoadTestShape):
             logger.error("agentperf: %s", exc)
             self.environment.process_exit_code = 2
             return False
-        self.search = CapacitySearch.from_parameters([tier.name for tier in self.spec.tiers], self.params)
+        self.search, self.prediction = None, None
         self.steps, self.lost_workers, self.interrupted, self.stopped = [], [], False, None
         self._doubted_agents = None
         if not self._listening:
             self.environment.events.test_stop.add_listener(self._on_test_stop)
             self._listening = True
         self._read_server_metrics()
+        if getattr(options, "predict", ""):
+            logger.info("agentperf: predicting the capacity on the twin %s (the ground truth's search, virtual "
+                        "clock) before the first step", options.predict)
+            pool = gevent.get_hub().threadpool
+            self._predicting = pool.spawn(predicted.from_options, options, self.spec, self.params)
+            self._agents = 0
+            return self._enter("predict", now, math.inf)
+        self._start_search(now)
+        return True
+
+    def _start_search(self, now: float) -> bool:
+        """The policy, from the prediction if there is one, and its first step."""
+        capacity = self.prediction.capacity if self.prediction else None
+        self.search = CapacitySearch.from_parameters([tier.name for tier in self.spec.tiers], self.params, capacity)
         self._next_step(now)
         self._write_summary(self.environment)
         return True
+
+    def _predicted(self, now: float) -> bool:
+        """The prediction is ready: log it and start the search from it (without it, after a warning,
+        should the twin's search have failed: the live search still finds the answer, only slower)."""
+        job, self._predicting = self._predicting, None
+        try:
+            self.prediction = job.get()
+        except Exception as exc:  # noqa: BLE001 (any failure of the twin must not cost the live run)
+            logger.warning("agentperf: --predict: no prediction (%s); stepping up from --start-agents", exc)
+            return self._start_search(now)
+        logger.info("agentperf: predicted in %.1f s (%d load steps on the virtual clock)", self.prediction.wall_s,
+                    self.prediction.load_steps)
+        for capacity in self.prediction.capacity.values():
+            logger.info("predicted capacity %s: %s", self.spec.tier(capacity.tier).label,
+                        capacity_words(capacity.to_dict()))
+        return self._start_search(now)
 
     def _enter(self, name: str, now: float, deadline_epoch_s: float) -> bool:
         self._stage = _Stage(name, now, deadline_epoch_s)
@@ -284,7 +321,7 @@ class CapacitySearchShape(LoadTestShape):
                                   capacity_words(capacity.to_dict()))
             self._agents = 0
             return self._enter("stop", now, self._ramp_deadline(now, 0, STOP_RATE))
-        self._phase = "step" if self.search.stepping else "bisect"
+        self._phase = self.search.phase
         self._agents = agents
         if self.params.restart_agents and self.get_current_user_count() > 0:
             return self._enter("restart", now, self._ramp_deadline(now, 0, STOP_RATE))
@@ -333,6 +370,8 @@ class CapacitySearchShape(LoadTestShape):
         stage, params = self._stage, self.params
         aggregator = aggregate.aggregator(self.environment)
         over = now >= stage.deadline_epoch_s
+        if stage.name == "predict":
+            return self._predicted(now) if self._predicting is not None and self._predicting.ready() else False
         if self._lost_a_worker(now):
             return True
         if stage.name == "restart" and (over or self.get_current_user_count() == 0):

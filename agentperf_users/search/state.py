@@ -30,6 +30,7 @@ class SearchState:
     interrupted: bool = False
     lost_workers: tuple[dict, ...] = ()
     stopped: dict | None = None  # why a failing server stopped the search (policy.SearchStopped)
+    prediction: dict | None = None  # what the search started from (--predict: predicted.Prediction)
 
     @property
     def ended_unfinished(self) -> bool:
@@ -56,7 +57,7 @@ class SearchState:
             raise AgentperfError(f"{where}: expected a JSON object, got {type(data).__name__}")
         expected = {"run_id": (str,), "slo": (dict, type(None)), "parameters": (dict, type(None)),
                     "steps": (list,), "capacity": (dict, type(None)), "complete": (bool,), "interrupted": (bool,),
-                    "lost_workers": (list,), "stopped": (dict, type(None))}
+                    "lost_workers": (list,), "stopped": (dict, type(None)), "prediction": (dict, type(None))}
         values = {}
         for field in fields(cls):
             if field.name not in data:

@@ -1,0 +1,69 @@
+"""The prediction a live search starts from (``--predict PROFILE``): the ground truth's search
+(:mod:`truth`) on a calibrated twin's profile, with the run's own trajectories, SLO tiers, replay options
+and search options, as ``agentperf predict`` runs it.
+
+Why the live search takes it: on a server that takes minutes per load step, phase 1 (doubling from
+``--start-agents``) and the bisection spend most of the run finding a knee the twin already knows to
+within its error. ``policy.CapacitySearch`` started from the predicted capacities measures them first and
+widens only where a verdict disproves them, so a good twin saves most steps and a bad one costs a few
+(``policy.PREDICTION_WIDEN_FACTOR``); verdicts, never the prediction, decide the answer.
+
+The prediction is kept in the search's state (``search.json``), so the report sets it against what was
+measured, tier by tier, and ``agentperf report`` rebuilds the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agentperf_users import options
+from agentperf_users.errors import AgentperfError
+from agentperf_users.loadgen.replay import ReplaySettings
+from agentperf_users.measure.slo import SloSpec
+from agentperf_users.search import truth
+from agentperf_users.search.policy import SearchParameters, TierCapacity
+from agentperf_users.simulator.profile import Profile, SimulatorError, load_profile
+from agentperf_users.workload.readers import load_trajectories
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The twin's answer per tier, and what it cost (load steps on the virtual clock, wall seconds)."""
+
+    profile: str
+    capacity: dict[str, TierCapacity]
+    load_steps: int
+    simulated_s: float
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile, "capacity": {name: cap.to_dict() for name, cap in self.capacity.items()},
+                "load_steps": self.load_steps, "simulated_s": round(self.simulated_s, 3),
+                "wall_s": round(self.wall_s, 3)}
+
+
+def check_profile(ref: str) -> Profile:
+    """The twin's profile (a bundled name or a YAML file), or one line naming it and what is wrong."""
+    try:
+        return load_profile(ref)
+    except SimulatorError as exc:
+        raise AgentperfError(f"--predict: {exc}") from None
+
+
+def predict(ref: str, trajectories, spec: SloSpec, params: SearchParameters,
+            settings: ReplaySettings = ReplaySettings()) -> Prediction:
+    """The ground truth's search on profile ``ref``: what the live search with these options would find
+    on a server the profile describes exactly."""
+    result = truth.find_capacity(check_profile(ref), trajectories, spec, params, settings)
+    return Prediction(ref, result.capacity, len(result.steps), result.simulated_s, result.wall_s)
+
+
+def from_options(parsed: Any, spec: SloSpec, params: SearchParameters) -> Prediction | None:
+    """The prediction ``--predict`` asks for, from a run's parsed options (Locust's on the master); None
+    without one."""
+    ref = options.value(parsed, "predict")
+    if not ref:
+        return None
+    trajectories = load_trajectories(options.value(parsed, "trajectories"), options.value(parsed, "trajectory_format"))
+    return predict(ref, trajectories, spec, params, ReplaySettings.from_options(parsed))

@@ -1,0 +1,158 @@
+"""``agentperf capacity --predict PROFILE``: the search starts from a twin's prediction, reaches the answer
+it reaches without one, and the report sets the prediction against what was measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from agentperf_users.loadgen import replay
+from agentperf_users.measure.slo import load_slo
+from agentperf_users.search import predicted, truth
+from agentperf_users.search.policy import CapacitySearch, CapacityStatus, SearchParameters, TierCapacity
+from agentperf_users.simulator.profile import load_profile
+from agentperf_users.workload.readers import load_trajectories
+from tests.test_shape import verdict
+
+KNEES = {"loose": 29, "mid": 8, "strict": 1}  # each tier passes exactly up to its knee
+
+
+def drive(search: CapacitySearch, knees: dict[str, int]) -> list[int]:
+    """Run the policy against tiers that pass exactly up to their knee; the counts it measured, in order."""
+    measured = []
+    while (agents := search.next_agents()) is not None:
+        assert agents not in measured and 1 <= agents <= 256, measured
+        measured.append(agents)
+        search.record_verdict(agents, verdict(**{tier: agents <= knee for tier, knee in knees.items()}))
+        assert len(measured) < 60
+    return measured
+
+
+def prediction_of(knees: dict[str, float]) -> dict[str, TierCapacity]:
+    """What a twin that believes in ``knees`` predicts (a knee below 1: the tier holds nobody)."""
+    return {tier: TierCapacity(tier, CapacityStatus.FOUND, round(knee), round(knee) + 1) if knee >= 1 else
+            TierCapacity(tier, CapacityStatus.NONE_PASSED, None, 1) for tier, knee in knees.items()}
+
+
+def answers(search: CapacitySearch) -> dict[str, tuple]:
+    return {tier: (cap.status, cap.agents, cap.first_failing_agents) for tier, cap in search.capacity().items()}
+
+
+@pytest.mark.parametrize("off_by", [1.0, 0.5, 2.0, 0.7, 1.4])
+def test_the_search_from_a_prediction_reaches_the_same_answer_in_fewer_steps(off_by):
+    baseline = CapacitySearch(list(KNEES), start_agents=1, max_agents=256)
+    without = drive(baseline, KNEES)
+    search = CapacitySearch(list(KNEES), start_agents=1, max_agents=256,
+                            predicted=prediction_of({tier: knee * off_by for tier, knee in KNEES.items()}))
+    first_phase = search.phase
+    steps = drive(search, KNEES)
+    assert answers(search) == answers(baseline)
+    assert answers(search)["loose"] == (CapacityStatus.FOUND, 29, 30)
+    assert steps[0] == round(KNEES["loose"] * off_by) and first_phase == "predict"
+    if off_by in (1.0, 0.5, 2.0):
+        assert len(steps) < len(without), (steps, without)
+    else:  # a twin 30-40 % off: never more steps than without it
+        assert len(steps) <= len(without), (steps, without)
+    if off_by == 1.0:  # a right twin: each tier verified in two steps, nothing else measured
+        assert sorted(steps) == [1, 2, 8, 9, 29, 30]
+
+
+@pytest.mark.parametrize("predicted_knees", [{"loose": 200, "mid": 150, "strict": 100}, {"loose": 0, "mid": 0,
+                                                                                          "strict": 0}])
+def test_a_prediction_wrong_by_far_still_finds_the_answer(predicted_knees):
+    search = CapacitySearch(list(KNEES), start_agents=1, max_agents=256, predicted=prediction_of(predicted_knees))
+    drive(search, KNEES)
+    assert answers(search) == answers(drive_plain())
+
+
+def drive_plain() -> CapacitySearch:
+    search = CapacitySearch(list(KNEES), start_agents=1, max_agents=256)
+    drive(search, KNEES)
+    return search
+
+
+def test_a_tier_that_never_fails_is_capped_at_max_agents_from_a_prediction():
+    search = CapacitySearch(["loose"], start_agents=1, max_agents=40, predicted=prediction_of({"loose": 30}))
+    steps = drive(search, {"loose": 1000})
+    assert search.capacity()["loose"].status is CapacityStatus.NEVER_FAILED and steps[-1] == 40
+
+
+@pytest.fixture(scope="module")
+def demo_truth():
+    """The ground truth's search on the bundled L4 profile and demo set, short windows (under a second)."""
+    parser = argparse.ArgumentParser()
+    truth.add_arguments(parser)
+    args = parser.parse_args(["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--warmup-s", "5",
+                              "--window-s", "15"])
+    inputs = (load_profile(args.profile), load_trajectories(args.trajectories, args.trajectory_format),
+              load_slo(None), SearchParameters.from_options(args), replay.ReplaySettings.from_options(args))
+    return inputs, truth.find_capacity(*inputs)
+
+
+def test_the_truths_search_from_its_own_prediction_verifies_it_in_fewer_steps(demo_truth):
+    inputs, plain = demo_truth
+    started = truth.find_capacity(*inputs, predicted=plain.capacity)
+    assert started.capacity == plain.capacity
+    assert len(started.steps) < len(plain.steps)
+    assert started.steps[0].agents == plain.capacity["aa-20tps"].agents
+
+
+@pytest.mark.parametrize("off_by", [0.5, 2.0])
+def test_the_truths_search_from_a_prediction_off_by_2x_finds_the_same_answer(demo_truth, off_by):
+    inputs, plain = demo_truth
+    wrong = {name: replace(cap, agents=max(1, round(cap.agents * off_by)),
+                           first_failing_agents=max(1, round(cap.agents * off_by)) + 1) if cap.agents else cap
+             for name, cap in plain.capacity.items()}
+    assert truth.find_capacity(*inputs, predicted=wrong).capacity == plain.capacity
+
+
+def test_predict_is_the_truths_search_on_the_twin(demo_truth):
+    (profile, trajectories, spec, params, settings), plain = demo_truth
+    prediction = predicted.predict("l4-llama3.2-3b", trajectories, spec, params, settings)
+    assert prediction.capacity == plain.capacity and prediction.load_steps == len(plain.steps)
+    assert prediction.to_dict()["capacity"]["aa-20tps"]["agents"] == plain.capacity["aa-20tps"].agents
+
+
+def agentperf(*args: str, timeout_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+@pytest.mark.parametrize("content", [None, "gpu: [not, a, mapping\n", "gpu: {name: x}\n"])
+def test_a_bad_prediction_profile_is_one_line_and_starts_nothing(tmp_path, content):
+    profile = tmp_path / "twin.yaml"
+    if content is not None:
+        profile.write_text(content)
+    out = tmp_path / "run"
+    done = agentperf("capacity", "--predict", str(profile), "--out", str(out), timeout_s=60)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "--predict" in done.stderr and "twin" in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists() and "run folder" not in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_capacity_starts_at_the_predicted_knee_and_reports_predicted_against_measured(tmp_path):
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("tiers:\n  - {name: aa-20tps, ttft_max_s: 10, output_tps_min: 20, scope: request}\n")
+    out = tmp_path / "run"
+    done = agentperf("capacity", "--profile", "l4-llama3.2-3b", "--predict", "l4-llama3.2-3b", "--trajectories",
+                     "demo", "--max-agents", "24", "--warmup-s", "2", "--window-s", "6", "--workers", "1",
+                     "--no-truth", "--slo", str(slo), "--out", str(out), timeout_s=170)
+    report = json.loads((out / "report.json").read_text())
+    state = json.loads((out / "search.json").read_text())
+    tier = report["prediction"]["tiers"]["aa-20tps"]
+    knee = state["prediction"]["capacity"]["aa-20tps"]["agents"]
+    assert tier["predicted"]["agents"] == knee and tier["measured"] == {
+        key: report["capacity"]["aa-20tps"][key] for key in ("status", "agents", "first_failing_agents")}
+    assert report["steps"][0]["agents"] == knee == report["prediction"]["first_step_agents"], done.stdout
+    assert report["steps"][0]["phase"] == "predict"
+    assert tier["measured_over_predicted"] == pytest.approx(report["capacity"]["aa-20tps"]["agents"] / knee)
+    assert "predicted @ 20 tok/s" in done.stdout and done.returncode in (0, 3), done.stdout + done.stderr
+    rebuilt = agentperf("report", str(out), timeout_s=60)
+    assert json.loads((out / "report.json").read_text())["prediction"] == report["prediction"], rebuilt.stderr
