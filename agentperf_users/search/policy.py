@@ -52,6 +52,7 @@ from agentperf_users.options import MAX_WINDOW_FACTOR, Group
 # 2x costs two steps more than a right one, not log2(agents).
 PREDICTION_WIDEN_FACTOR = 1.5
 
+
 @dataclass(frozen=True)
 class SearchParameters:
     """The search's options, validated (one line naming the option on a bad value)."""
