@@ -527,7 +527,8 @@ class CapacitySearchShape(LoadTestShape):
             self.environment.process_exit_code = EXIT_INTERRUPTED
         main = gevent.get_hub().parent
         if headless and self.search is None:
-            logger.warning("agentperf: %s while waiting for workers: quitting", name)
+            waiting = "predicting on the twin" if self._predicting is not None else "waiting for workers"
+            logger.warning("agentperf: %s while %s: quitting", name, waiting)
             runner.quit()
             main.throw(SystemExit(EXIT_INTERRUPTED))
         logger.warning("agentperf: %s: ending the search; every judged step is kept (%d)", name, len(self.steps))
