@@ -74,7 +74,8 @@ class ProbeData:
     front_end_s: tuple[tuple[int, float], ...] = ()
     """(prompt tokens, client TTFT minus the engine's prefill time) of each cold prefill length, where the
     server tells its prefill time: what happens outside the engine's steps (HTTP, chat template, tokenizer,
-    the hop to the engine), which the profile does not price; kept for the planner to see."""
+    the hop to the engine); kept for the planner to see. The profile's front-end cost is fitted to
+    ``agent_front_end_s`` instead: one-message prompts without tools under-measure an agent's front end."""
     agent_front_end_s: tuple[tuple[int, float], ...] = ()
     """(prompt tokens, client TTFT minus the server's queue and prefill time) of each agent-shaped request
     (tools and a conversation, cold then cached): the points the front-end cost is fitted to. Empty where
