@@ -19,9 +19,12 @@ import random
 import pytest
 
 from agentperf_users.cli.main import main
+from agentperf_users.errors import AgentperfError
 from agentperf_users.simulator.engine import Engine, EngineRequest
 from agentperf_users.simulator.profile import load_profile
+from agentperf_users.tokens import count_prompt_tokens
 from agentperf_users.twin.fit import MIN_FRONT_END_POINTS, fit_front_end
+from agentperf_users.twin.probe_run import PREFILL_HISTOGRAM, QUEUE_HISTOGRAM, Measured, agent_front_end
 from tests.simulator import custom_profile, make_prompt, simulator, write_profile
 
 FRONTEND = {"efficiency.frontend_ms": 60.0, "efficiency.frontend_ms_per_1k_tokens": 10.0}
@@ -138,3 +141,34 @@ def test_calibrate_measures_the_front_end_of_a_simulator(tmp_path, capsys):
     sidecar = json.loads((tmp_path / "twin.probe.json").read_text())
     assert len(sidecar["agent_front_end_s"]) == 9  # the quick design's 3 lengths, cold and twice cached
     assert "front-end cost per request" in err
+
+
+class StubClient:
+    """A probe client whose server has no queue or prefill histograms, or refuses ``tools`` (HTTP 400)."""
+
+    def __init__(self, histograms: bool, takes_tools: bool) -> None:
+        self.histograms, self.takes_tools, self.sent_tools = histograms, takes_tools, []
+
+    def send_messages(self, messages, tools, output_tokens):
+        self.sent_tools.append(bool(tools))
+        if tools and not self.takes_tools:
+            raise AgentperfError("answered a probe request with HTTP 400")
+        ours = count_prompt_tokens(messages, tools)
+        return Measured(ours, ours, None, 0.0, (0.050 + ours * 1e-5,))
+
+    def engine_timed(self, send, *histograms):
+        assert set(histograms) == {QUEUE_HISTOGRAM, PREFILL_HISTOGRAM}
+        return send(), (0.010 if self.histograms else None)
+
+
+def test_a_server_without_the_histograms_keeps_the_front_end_at_0_and_says_why():
+    points, why = agent_front_end(StubClient(histograms=False, takes_tools=True), (256, 2048), lambda line: None)
+    assert points == () and QUEUE_HISTOGRAM in why and "stays 0" in why
+
+
+def test_a_server_without_tool_calling_is_probed_without_tools_and_says_so():
+    client = StubClient(histograms=True, takes_tools=False)
+    points, note = agent_front_end(client, (256, 2048), lambda line: None)
+    assert len(points) == 6 and "without them" in note
+    assert client.sent_tools[0] and not any(client.sent_tools[1:])  # one refused try, then no tools
+    assert all(seconds == pytest.approx(0.040 + tokens * 1e-5) for tokens, seconds in points)
