@@ -26,7 +26,9 @@
 
 The engine's timings are only as good as the machine is quiet: on the shared 2-core machine a probe
 taken while other processes ran missed its fit by 32-45 % and calibrate refused it (as it should);
-``twin_vllm_cpu.probe.json`` is one taken at a quieter moment (2026-12-02 23:39 UTC).
+``twin_vllm_cpu.probe.json`` is one taken at a quieter moment (2026-12-02 23:39 UTC), before the probe sent
+agent-shaped requests (its twin has no front-end cost); ``twin_vllm_cpu_frontend.probe.json`` is one with them
+(2026-12-03 04:36 UTC), whose twin prices the front end (docs/twin.md (b)).
 """
 
 from __future__ import annotations
@@ -181,16 +183,41 @@ def part_b(design: str, folder: Path, measured: dict[int, dict[str, int | None]]
     for obs in sidecar["observations"]:
         print(f"| {obs['label']} | {obs['measured_s'] * 1e3:.1f} ms | {obs['predicted_s'] * 1e3:.1f} ms | "
               f"{obs['relative_residual']:+.0%} |")
+    print_front_end(sidecar, twin)
+    without = without_front_end(twin)
     print("\n(b) real vLLM (tiny Llama, CPU): predicted vs measured capacity, small engine set\n")
-    print("| seed | tier | predicted | measured | error | within max(1, 20 %) |\n|---|---|---|---|---|---|")
+    print("| seed | tier | predicted | without the front-end term | measured | error | within max(1, 20 %) |\n"
+          "|---|---|---|---|---|---|---|")
     for seed, tiers in sorted(measured.items()):
-        predicted = capacities("predict", twin, "--trajectories", str(trajectories), "--seed", str(seed), *ENGINE_SEARCH)
-        for cap in predicted.values():
+        search = ("--trajectories", str(trajectories), "--seed", str(seed), *ENGINE_SEARCH)
+        predicted, plain = capacities("predict", twin, *search), capacities("predict", without, *search)
+        for key, cap in predicted.items():
             real = next((agents for label, agents in tiers.items() if cap["label"].startswith(label)), "-")
             error = abs((cap["agents"] or 0) - (real or 0)) if real != "-" else None
             within = "" if error is None else "yes" if error <= max(1, 0.2 * (real or 0)) else "NO"
-            print(f"| {seed} | {cap['label']} | {cap['status']} {cap['agents']} | {real} | "
+            print(f"| {seed} | {cap['label']} | {cap['status']} {cap['agents']} | {plain[key]['agents']} | {real} | "
                   f"{'-' if error is None else error} | {within} |", flush=True)
+
+
+def print_front_end(sidecar: dict, twin: Path) -> None:
+    """The front-end cost calibrate fitted (or why none) and the agent-shaped timings it came from."""
+    efficiency = load_profile(twin).efficiency
+    print(f"front-end cost in the twin: {efficiency.frontend_ms or 0:.1f} ms + {efficiency.frontend_ms_per_1k_tokens or 0:.2f} "
+          f"ms per 1K prompt tokens (agentperf's count){'; ' + sidecar['front_end_note'] if sidecar.get('front_end_note') else ''}")
+    if sidecar.get("agent_front_end_s"):
+        print("| agent request (server prompt tokens) | client TTFT minus queue and prefill |\n|---|---|")
+        for tokens, seconds in sidecar["agent_front_end_s"]:
+            print(f"| {tokens} | {seconds * 1e3:.1f} ms |")
+
+
+def without_front_end(twin: Path) -> Path:
+    """The twin with its front-end fields removed: what it predicted before it priced the front end."""
+    data = yaml.safe_load(twin.read_text())
+    for key in ("frontend_ms", "frontend_ms_per_1k_tokens"):
+        data["efficiency"].pop(key, None)
+    path = twin.with_name(twin.stem + "-no-front-end.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def truth_run(profile: Path, folder: Path) -> Path:

@@ -17,6 +17,11 @@ Scheduling (vLLM V1 ``Scheduler.schedule``):
   cache are skipped; the rest is prefilled in chunks that fit the remaining budget.
 * The step that computes a request's last prompt token emits its first output token; every later step
   emits one more. A preempted request re-prefills its prompt *and* the tokens it already generated.
+* Where the profile prices a front end (``Profile.frontend_s``: a CPU server's API process rendering the
+  chat template and tokenizing on the engine's cores), a submitted request first waits in a front-end
+  queue; the next step begins with that work for every request in it, in order, and only then schedules.
+  So the work delays the request's admission and, as the step is that much longer, every running
+  sequence's next token: at high request rates it costs decode throughput. Without one, nothing changes.
 
 Cost: per step, a few integer operations per running request plus per-block work for new blocks; never
 per token, and never proportional to total context.
@@ -65,6 +70,9 @@ class EngineRequest:
     """Tokens to generate, already resolved by the caller (a request limit or a sampled length)."""
     arrival_s: float
     """Engine-clock time it arrived."""
+    queued_s: float | None = None
+    """When it joined the engine's waiting queue: ``arrival_s``, or after its front-end work where the
+    profile prices one (vLLM's QUEUED event, which its front end's template and tokenizer precede)."""
     cached_tokens: int = 0
     """Prefix-cache hit tokens at its first admission (vLLM's ``num_cached_tokens``, which a preemption keeps)."""
     generated: int = 0
@@ -150,6 +158,8 @@ class Engine:
         self._token_budget = profile.engine.max_num_batched_tokens
         self._output_mu = math.log(profile.output_tokens.median_tokens)
         self._output_sigma = profile.output_tokens.sigma
+        self._prices_frontend = profile.frontend_s(0) > 0 or profile.frontend_s(1000) > 0
+        self._frontend: deque[_Seq] = deque()  # submitted, front-end work not yet done (only when priced)
 
     def sample_output_tokens(self, limit: int) -> int:
         """A reply length from the profile's seeded lognormal, in ``[1, limit]``."""
@@ -172,6 +182,10 @@ class Engine:
             raise QueueFullError(f"The server is overloaded: {len(self._waiting)} requests are already waiting.")
         seq = _Seq(request)
         self._by_id[request.request_id] = seq
+        if self._prices_frontend:
+            self._frontend.append(seq)
+            return
+        request.queued_s = request.arrival_s
         self._waiting.append(seq)
         self.counters.num_waiting = len(self._waiting)
 
@@ -183,6 +197,8 @@ class Engine:
         if seq.running:
             self._running.remove(seq)
             self._release(seq)
+        elif seq.req.queued_s is None:  # still in the front end
+            self._frontend.remove(seq)
         else:
             self._waiting.remove(seq)
         self._sync_counters()
@@ -192,12 +208,32 @@ class Engine:
         return len(self._kv.longest_cached_prefix(prompt.block_hashes, prompt.num_tokens)) * BLOCK_SIZE
 
     def has_work(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._waiting or self._frontend)
 
     def step(self, now_s: float) -> EngineStep | None:
         """Schedule and price one step starting at ``now_s``; ``None`` when there is nothing to do."""
-        if not self._running and not self._waiting:
+        if not self._running and not self._waiting and not self._frontend:
             return None
+        frontend_s = self._front_end(now_s) if self._frontend else 0.0
+        step = self._schedule(now_s + frontend_s)
+        if not frontend_s:
+            return step
+        return EngineStep(now_s, frontend_s + step.duration_s, step.emitted, step.finished, step.prefill_tokens,
+                          step.decode_batch)
+
+    def _front_end(self, now_s: float) -> float:
+        """Do the front-end work of every request waiting for it, in order, from ``now_s``; each joins the
+        waiting queue as its own work ends. Returns the seconds it took (the engine's core was busy)."""
+        done_s = now_s
+        while self._frontend:
+            seq = self._frontend.popleft()
+            done_s += self.profile.frontend_s(seq.req.prompt.num_tokens)
+            seq.req.queued_s = done_s
+            self._waiting.append(seq)
+        return done_s - now_s
+
+    def _schedule(self, now_s: float) -> EngineStep:
+        """The step's scheduling and pricing proper, starting at ``now_s`` (after any front-end work)."""
         kv, running = self._kv, self._running
         budget = self._token_budget
         prefills: list[_Seq] = []

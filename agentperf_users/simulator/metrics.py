@@ -254,7 +254,7 @@ class SimulatorMetrics:
     def observe_phases(self, request: EngineRequest) -> None:
         """Queue, prefill and decode time of a request that completed normally, from its engine timestamps."""
         scheduled_s, first_s = request.scheduled_s, request.first_token_s
-        self._queue.observe(scheduled_s - request.arrival_s)
+        self._queue.observe(scheduled_s - request.queued_s)  # from the engine's queue, as vLLM: after the front end
         self._prefill.observe(first_s - scheduled_s)
         self._decode.observe(request.finished_s - first_s)
 

@@ -136,6 +136,15 @@ class Efficiency:
     waits for (detokenizing, framing the stream) where the server's front end shares the engine's cores,
     as on a CPU vLLM; absent (0) for a GPU server, whose front end runs beside the GPU. Set by
     ``agentperf calibrate`` when it measures one."""
+    frontend_ms: float | None = None
+    """Per request, before the engine queues it: the API server's own work (chat template with the tool
+    schemas, tokenizing the whole conversation, the hop to the engine) where that server shares the engine's
+    cores, as on a CPU vLLM. The engine charges it as busy time: it delays the request's admission *and*
+    every running sequence's next token. Absent (0) for a GPU server, whose front end runs beside the GPU.
+    Set by ``agentperf calibrate`` from its agent-shaped probe requests."""
+    frontend_ms_per_1k_tokens: float | None = None
+    """Front-end work per 1,000 prompt tokens of the whole conversation, cached or not (the template and
+    tokenizer see every message on every turn); added to ``frontend_ms``. Absent: 0."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +225,11 @@ class Profile:
             return 0
         blocks = -(-window.tokens // self.engine.block_size) + 1
         return math.ceil(window.layers / (self.model.layers - window.layers) * blocks)
+
+    def frontend_s(self, prompt_tokens: int) -> float:
+        """Seconds of front-end work for a request of ``prompt_tokens`` (0 without the efficiency fields)."""
+        efficiency = self.efficiency
+        return ((efficiency.frontend_ms or 0.0) + (efficiency.frontend_ms_per_1k_tokens or 0.0) * prompt_tokens / 1e3) / 1e3
 
     @cached_property
     def cost(self) -> StepCost:

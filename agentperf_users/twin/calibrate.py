@@ -29,7 +29,7 @@ from agentperf_users.files import CONTEXT_FILE, atomic_write, read_json_object
 from agentperf_users.loadgen.probe import ProbeTarget, served_models
 from agentperf_users.options import Group, add_options
 from agentperf_users.simulator.profile import SimulatorError
-from agentperf_users.twin.fit import MAX_RMS_RELATIVE, FitResult, Observation, fit
+from agentperf_users.twin.fit import MAX_RMS_RELATIVE, FitResult, FrontEndFit, Observation, fit, fit_front_end
 from agentperf_users.twin.from_run import DECODE_KINDS, describe, read_run_points, refine
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import ProbeClient, ProbeData, run_probe
@@ -83,22 +83,37 @@ def run(args) -> int:
         observations = refine(observations, fit(observations, math.inf).constants)
     result = fit(observations, args.max_residual)
     scale = source.data.token_scale
+    front_end = fit_front_end(source.data.agent_front_end_s)
     limits = source.limits
     ours = replace(limits, kv_capacity_tokens=int(limits.kv_capacity_tokens / scale),
                    max_context_tokens=int(limits.max_context_tokens / scale))
     try:
-        profile = write_profile(out, profile_data(out.stem, result.constants.per_token_of(scale), ours),
-                                _header(source, result, out))
+        profile = write_profile(out, profile_data(out.stem, result.constants.per_token_of(scale), ours,
+                                                  front_end.per_token_of(scale) if front_end else None),
+                                _header(source, result, out, front_end))
     except SimulatorError as exc:
         raise AgentperfError(f"the fitted numbers make no valid profile ({exc}): run calibrate again, or with the "
                              "standard --design") from None
-    atomic_write(out.with_name(out.stem + SIDECAR_SUFFIX), json.dumps(_sidecar(source, result), indent=2) + "\n")
+    atomic_write(out.with_name(out.stem + SIDECAR_SUFFIX), json.dumps(_sidecar(source, result, front_end), indent=2) + "\n")
     _say(f"agentperf calibrate: wrote {out} (fit residual {result.rms_relative:.1%} RMS over "
          f"{len(result.fitted_residuals)} timings, {len(result.spikes)} spikes set aside; decode step at batch 1 {profile.decode_step_s(1) * 1e3:.2f} ms, "
          f"prefill {profile.prefill_tok_s():,.0f} tok/s, KV {profile.kv_capacity_tokens:,} tokens)")
+    _say(f"agentperf calibrate: {_front_end_line(source.data, front_end)}")
     if source.run_note:
         _say(f"agentperf calibrate: {source.run_note}")
     return 0
+
+
+def _front_end_line(data: ProbeData, front_end: FrontEndFit | None) -> str:
+    """What the profile's front-end cost is, and where it came from (or why it is 0)."""
+    if front_end is None:
+        why = data.front_end_note or (f"{len(data.agent_front_end_s)} agent-shaped timings, too few to fit a line"
+                                      if data.agent_front_end_s else "no agent-shaped timings")
+        return f"front-end cost per request 0 ({why})"
+    return (f"front-end cost per request {front_end.fixed_s * 1e3:.1f} ms + {front_end.per_token_s * 1e6:.2f} ms per 1K "
+            f"server prompt tokens (client TTFT minus the server's queue and prefill time, {len(front_end.points)} "
+            f"agent-shaped requests, {len(front_end.spikes)} set aside, residual {front_end.rms_s * 1e3:.1f} ms RMS)"
+            + (f"; {data.front_end_note}" if data.front_end_note else ""))
 
 
 @dataclass(frozen=True)
@@ -144,7 +159,9 @@ def _stored(path: Path) -> Source:
         limits = Limits(**{name: int(stored["limits"][name]) for name in LIMIT_NAMES})
         data = ProbeData(tuple(Observation.from_dict(o) for o in stored["observations"]), str(stored["prefix_caching"]),
                          float(stored["token_scale"]),
-                         tuple((int(n), float(s)) for n, s in stored.get("front_end_s", ())))
+                         tuple((int(n), float(s)) for n, s in stored.get("front_end_s", ())),
+                         tuple((int(n), float(s)) for n, s in stored.get("agent_front_end_s", ())),
+                         str(stored.get("front_end_note", "")))
         return Source(str(stored["server"]), str(stored["model"]), str(stored["design"]), limits,
                       {name: str(stored["limit_sources"][name]) for name in LIMIT_NAMES}, data)
     except OSError as exc:
@@ -238,7 +255,7 @@ def kv_cache_tokens(host: str, target: ProbeTarget) -> int | None:
     return None
 
 
-def _header(source: Source, result: FitResult, out: Path) -> str:
+def _header(source: Source, result: FitResult, out: Path, front_end: FrontEndFit | None) -> str:
     limits, sources, data = source.limits, source.sources, source.data
     c = result.constants
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -261,6 +278,8 @@ def _header(source: Source, result: FitResult, out: Path) -> str:
         *([f"From a run: {source.run_note}."] if source.run_note else []),
         *(["Outside the engine's steps (client TTFT minus its prefill time; not in this profile): "
            + ", ".join(f"{s * 1e3:.1f} ms at {n} tokens" for n, s in data.front_end_s[::3])] if data.front_end_s else []),
+        f"Agent-shaped requests (tools, conversations, cold and cached): {_front_end_line(data, front_end)}; in this "
+        "profile as efficiency.frontend_ms and frontend_ms_per_1k_tokens (per agentperf token).",
         "The gpu and model fields are a stand-in that gives these constants (twin/profile_yaml.py); power is a placeholder.",
     ]
     return "\n".join(lines)
@@ -272,11 +291,14 @@ def _how(source: Source) -> str:
     return f"--design {source.design.removesuffix(' + run')}" + (" --from-run" if source.run_note else "")
 
 
-def _sidecar(source: Source, result: FitResult) -> dict:
+def _sidecar(source: Source, result: FitResult, front_end: FrontEndFit | None) -> dict:
     c, data, limits = result.constants, source.data, source.limits
     return {
         "server": source.server, "model": source.model, "design": source.design, "prefix_caching": data.prefix_caching,
         "token_scale": data.token_scale, "front_end_s": [list(pair) for pair in data.front_end_s],
+        "agent_front_end_s": [list(pair) for pair in data.agent_front_end_s], "front_end_note": data.front_end_note,
+        "front_end": ({"fixed_s": front_end.fixed_s, "per_server_token_s": front_end.per_token_s, "rms_s": front_end.rms_s,
+                       "spikes": sorted(front_end.spikes)} if front_end else None),
         "limits": {name: getattr(limits, name) for name in LIMIT_NAMES}, "limit_sources": source.sources,
         "constants": c.to_dict(),
         "fit": {"rms_relative": result.rms_relative, "max_relative": result.max_relative,

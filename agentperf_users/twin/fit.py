@@ -258,3 +258,54 @@ def _nonnegative_lstsq(matrix: np.ndarray, target: np.ndarray) -> list[float]:
             break
         free.pop(int(np.argmin(coefficients)))
     return [float(v) for v in solution]
+
+
+MIN_FRONT_END_POINTS = 4
+"""Agent-shaped timings needed to fit a line (a fixed cost and a cost per token) and see its scatter."""
+FRONT_END_SPIKE_S = 0.005
+"""A front-end timing this much (or ``SPIKE_MEDIANS`` typical residuals, if more) slower than the line is a
+stall of the shared machine, set aside like the step fit's spikes."""
+
+
+@dataclass(frozen=True)
+class FrontEndFit:
+    """A server's per-request front-end work (``Efficiency.frontend_ms`` and ``frontend_ms_per_1k_tokens``):
+    ``fixed_s + per_token_s * prompt_tokens``, fitted to (prompt tokens, seconds) points."""
+
+    fixed_s: float
+    per_token_s: float
+    points: tuple[tuple[int, float], ...]
+    spikes: frozenset[int] = frozenset()
+    rms_s: float = 0.0  # root mean square of the kept points' residuals
+
+    def predict_s(self, prompt_tokens: float) -> float:
+        return self.fixed_s + self.per_token_s * prompt_tokens
+
+    def per_token_of(self, scale: float) -> FrontEndFit:
+        """The same cost counted in another tokenizer's tokens, ``scale`` server tokens each."""
+        return FrontEndFit(self.fixed_s, self.per_token_s * scale, self.points, self.spikes, self.rms_s)
+
+
+def fit_front_end(points: Sequence[tuple[int, float]]) -> FrontEndFit | None:
+    """The line under the front-end timings (non-negative least squares on absolute errors: a few ms each,
+    so relative errors would make the noisiest, smallest ones count most), with the much slower ones set
+    aside as stalls and the rest fitted again; None where there are too few points or one length only."""
+    usable = [(n, s) for n, s in points if n > 0 and math.isfinite(s)]
+    if len(usable) < MIN_FRONT_END_POINTS or len({n for n, _ in usable}) < 2:
+        return None
+    first = _line(usable)
+    residuals = [s - first.predict_s(n) for n, s in usable]
+    typical = sorted(abs(r) for r in residuals)[len(residuals) // 2]
+    limit = max(FRONT_END_SPIKE_S, SPIKE_MEDIANS * typical)
+    slow = sorted(((r, i) for i, r in enumerate(residuals) if r > limit), reverse=True)
+    spikes = frozenset(i for _, i in slow[:int(MAX_SPIKE_SHARE * len(usable))])
+    kept = [point for i, point in enumerate(usable) if i not in spikes]
+    line = _line(kept) if spikes else first
+    rms = math.sqrt(sum((s - line.predict_s(n)) ** 2 for n, s in kept) / len(kept))
+    return FrontEndFit(line.fixed_s, line.per_token_s, tuple(usable), spikes, rms)
+
+
+def _line(points: Sequence[tuple[int, float]]) -> FrontEndFit:
+    matrix = np.array([[1.0, float(n)] for n, _ in points])
+    fixed, per_token = _nonnegative_lstsq(matrix, np.array([s for _, s in points]))
+    return FrontEndFit(fixed, per_token, tuple(points))

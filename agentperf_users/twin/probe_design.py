@@ -9,6 +9,9 @@
 * A shared-prefix pair: one prompt twice; whether the second is a prefix-cache hit (its usage's
   ``cached_tokens``, or a much shorter TTFT) tells whether the server caches prefixes, and its TTFT is a
   prefill after a cached context.
+* Agent-shaped requests of rising conversation length, each three times (cold, then cached), with the coding
+  tools' schemas: client TTFT minus the server's queue and prefill time is the front end's work per
+  request (chat template, tokenizer), fitted as a fixed cost plus a cost per prompt token.
 
 Two designs: ``standard`` (a minute or two on a GPU server, a few minutes on the tiny CPU vLLM) and
 ``quick`` (seconds; the tests'). Lengths that do not fit the server's context or KV cache are dropped.
@@ -21,6 +24,10 @@ from dataclasses import dataclass, replace
 from agentperf_users.errors import AgentperfError
 
 
+TOOLS_ROOM_TOKENS = 2048
+"""Room an agent-shaped probe leaves beside its conversation for the tool schemas (about 1K tokens)."""
+
+
 @dataclass(frozen=True)
 class ProbeDesign:
     name: str
@@ -31,6 +38,7 @@ class ProbeDesign:
     decode_output_tokens: int  # tokens each decode request generates (ignore_eos)
     prefix_tokens: int  # the shared-prefix pair's prompt length
     warmup_requests: int = 2  # sent first and not measured (a server's first requests pay lazy setup)
+    agent_tokens: tuple[int, ...] = ()  # agent conversations' lengths (tools aside): sent cold, then cached twice
 
     def fitted_to(self, max_context_tokens: int, kv_capacity_tokens: int) -> ProbeDesign:
         """This design without the lengths and groups the server cannot hold: every prompt plus its output
@@ -44,15 +52,16 @@ class ProbeDesign:
         if len(prefills) < 3 or not contexts or not batches:
             raise AgentperfError(f"the server's context ({max_context_tokens} tokens) or KV cache ({kv_capacity_tokens} "
                                  f"tokens) is too small for the {self.name!r} probe design: nothing to calibrate from")
+        agents = tuple(n for n in self.agent_tokens if n + TOOLS_ROOM_TOKENS <= room)
         return replace(self, prefill_tokens=prefills, decode_contexts=contexts, decode_batches=batches,
-                       prefix_tokens=min(self.prefix_tokens, room))
+                       prefix_tokens=min(self.prefix_tokens, room), agent_tokens=agents)
 
 
 DESIGNS = {
     "standard": ProbeDesign("standard", prefill_tokens=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
                             prefill_repeats=3, decode_batches=(1, 2, 4, 8, 16), decode_contexts=(128, 1024, 4096),
-                            decode_output_tokens=48, prefix_tokens=2048),
+                            decode_output_tokens=48, prefix_tokens=2048, agent_tokens=(256, 1024, 2048, 4096, 8192)),
     "quick": ProbeDesign("quick", prefill_tokens=(16, 64, 256, 1024, 4096), prefill_repeats=1,
                          decode_batches=(1, 4, 16), decode_contexts=(128, 1024, 4096), decode_output_tokens=48,
-                         prefix_tokens=1024, warmup_requests=1),
+                         prefix_tokens=1024, warmup_requests=1, agent_tokens=(256, 2048, 8192)),
 }

@@ -7,6 +7,13 @@ two probe prompts share a first block unless the shared-prefix pair means them t
 are taken as the bytes arrive (``sse.StreamTally``), and the server's own ``usage.prompt_tokens`` is the
 prompt length the fit uses: the server's tokenizer may count the filler differently from agentperf's.
 A decode group runs its requests on threads released together by a barrier.
+
+Agent-shaped requests (``ProbeDesign.agent_tokens``) carry what a coding agent's turn carries: the
+built-in coding tools' schemas and a conversation of alternating messages, each length sent three times so
+the later ones are prefix-cache hits, as most agent turns are. Their client TTFT minus the server's own queue and
+prefill time (``vllm:request_queue_time_seconds``, ``vllm:request_prefill_time_seconds``) is the front
+end's work, which :func:`agentperf_users.twin.fit.fit_front_end` turns into the profile's
+``efficiency.frontend_ms`` and ``frontend_ms_per_1k_tokens``.
 """
 
 from __future__ import annotations
@@ -32,12 +39,15 @@ from agentperf_users.simulator.profile import attention_pairs
 from agentperf_users.tokens import count_prompt_tokens
 from agentperf_users.twin.fit import Observation, StepWork
 from agentperf_users.twin.probe_design import ProbeDesign
+from agentperf_users.workload.synth import CODING_TOOLS
 from agentperf_users.workload.textgen import filler
 
 PREFILL_OUTPUT_TOKENS = 2  # a first token is all a prefill probe needs; a second shows the stream goes on
 MIN_DECODE_GAPS = 5  # gaps inside a group's all-decoding window needed to take its median
 CONNECT_TIMEOUT_S = 10.0
 PREFILL_HISTOGRAM = "vllm:request_prefill_time_seconds"
+QUEUE_HISTOGRAM = "vllm:request_queue_time_seconds"
+AGENT_TURN_TOKENS = 200  # agentperf tokens per message of an agent-shaped probe's conversation
 METRICS_SETTLE_S = 2.0  # how long a finished request may take to show in the server's histograms
 
 
@@ -64,7 +74,14 @@ class ProbeData:
     front_end_s: tuple[tuple[int, float], ...] = ()
     """(prompt tokens, client TTFT minus the engine's prefill time) of each cold prefill length, where the
     server tells its prefill time: what happens outside the engine's steps (HTTP, chat template, tokenizer,
-    the hop to the engine), which the profile does not price; kept for the planner to see."""
+    the hop to the engine); kept for the planner to see. The profile's front-end cost is fitted to
+    ``agent_front_end_s`` instead: one-message prompts without tools under-measure an agent's front end."""
+    agent_front_end_s: tuple[tuple[int, float], ...] = ()
+    """(prompt tokens, client TTFT minus the server's queue and prefill time) of each agent-shaped request
+    (tools and a conversation, cold then cached): the points the front-end cost is fitted to. Empty where
+    the server does not expose both histograms."""
+    front_end_note: str = ""
+    """Why ``agent_front_end_s`` is empty, or what was sent instead (no tools), for the profile's header."""
 
 
 class ProbeClient:
@@ -80,8 +97,13 @@ class ProbeClient:
     def send(self, prompt_tokens: int, output_tokens: int, text: str | None = None) -> Measured:
         """A request of about ``prompt_tokens`` (agentperf's count) of fresh text, or of ``text``."""
         text = text or fresh_text(prompt_tokens)
-        messages = [{"role": "user", "content": text}]
-        body = {**replay.chat_params(self._model, output_tokens, replay.ReplaySettings()), "messages": messages}
+        return self.send_messages([{"role": "user", "content": text}], (), output_tokens)
+
+    def send_messages(self, messages: Sequence[dict], tools: Sequence[dict], output_tokens: int) -> Measured:
+        """One streaming chat request of these messages and tool definitions."""
+        messages = list(messages)
+        body = {**replay.chat_params(self._model, output_tokens, replay.ReplaySettings()), "messages": messages,
+                **({"tools": list(tools)} if tools else {})}
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self._target.api_key:
             headers["Authorization"] = f"Bearer {self._target.api_key}"
@@ -107,13 +129,18 @@ class ProbeClient:
         details = usage.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
         prompt = usage.get("prompt_tokens")
-        ours = count_prompt_tokens(messages)
+        ours = count_prompt_tokens(messages, tools)
         return Measured(prompt if isinstance(prompt, int) and prompt > 0 else ours, ours,
                         cached if isinstance(cached, int) else None, sent_s, tuple(tally.token_times))
 
     def prefill_clock(self) -> tuple[float, int] | None:
         """(sum, count) of the server's ``vllm:request_prefill_time_seconds`` histogram (each request's time
         from its first scheduled step to its first token, on the engine's clock); None where it has none."""
+        return self.histogram_clock(PREFILL_HISTOGRAM)
+
+    def histogram_clock(self, *names: str) -> tuple[float, int] | None:
+        """(sum of the sums, count of the first) of the server's histograms ``names``; None where it lacks one."""
+        wanted = {f"{name}_{part}" for name in names for part in ("sum", "count")}
         try:
             response = self._session().get(self._metrics_url, timeout=CONNECT_TIMEOUT_S)
             if response.status_code != 200:
@@ -121,23 +148,29 @@ class ProbeClient:
             found = {}
             for family in text_string_to_metric_families(response.text):
                 for sample in family.samples:
-                    if sample.name in (PREFILL_HISTOGRAM + "_sum", PREFILL_HISTOGRAM + "_count"):
+                    if sample.name in wanted:
                         found[sample.name] = found.get(sample.name, 0.0) + sample.value
         except (requests.RequestException, ValueError):
             return None
-        if len(found) != 2:
+        if len(found) != len(wanted):
             return None
-        return found[PREFILL_HISTOGRAM + "_sum"], int(found[PREFILL_HISTOGRAM + "_count"])
+        return sum(found[f"{name}_sum"] for name in names), int(found[f"{names[0]}_count"])
 
     def send_prefill(self, prompt_tokens: int, text: str | None = None) -> tuple[Measured, float | None]:
         """A lone request and its prefill time on the engine's clock (None where the server does not tell
         it): the difference of the prefill histogram's sum around it, once its count has moved by one."""
-        before = self.prefill_clock()
-        measured = self.send(prompt_tokens, PREFILL_OUTPUT_TOKENS, text)
+        return self.engine_timed(lambda: self.send(prompt_tokens, PREFILL_OUTPUT_TOKENS, text), PREFILL_HISTOGRAM)
+
+    def engine_timed(self, send: Callable[[], Measured], *histograms: str) -> tuple[Measured, float | None]:
+        """A lone request (``send``) and the server's own time for it in ``histograms`` (summed; None where
+        the server lacks one): the difference of their sums around it, once their count moved by one."""
+        before = self.histogram_clock(*histograms)
+        measured = send()
         if before is None:
             return measured, None
         deadline = time.monotonic() + METRICS_SETTLE_S
-        while (after := self.prefill_clock()) is not None and after[1] == before[1] and time.monotonic() < deadline:
+        while ((after := self.histogram_clock(*histograms)) is not None and after[1] == before[1]
+               and time.monotonic() < deadline):
             time.sleep(0.01)
         if after is None or after[1] != before[1] + 1:
             return measured, None
@@ -245,11 +278,59 @@ def run_probe(client: ProbeClient, design: ProbeDesign, budget_tokens: int,
     caching, pair = _prefix_pair(client, design.prefix_tokens, budget_tokens)
     observations += pair
     progress(f"agentperf calibrate: shared-prefix pair of {design.prefix_tokens} tokens: prefix caching {caching}")
+    agent_points, note = agent_front_end(client, design.agent_tokens, progress)
     scale = token_scale(sizes)
     if scale != 1.0:
         progress(f"agentperf calibrate: the server counts {scale:.3f} tokens per agentperf token; the profile is "
                  "priced in agentperf's tokens, as the simulator counts them")
-    return ProbeData(tuple(observations), caching, scale, tuple(front_end))
+    return ProbeData(tuple(observations), caching, scale, tuple(front_end), agent_points, note)
+
+
+def agent_conversation(prompt_tokens: int, nonce: str) -> list[dict]:
+    """A coding agent's conversation of about ``prompt_tokens`` (agentperf's count, tools aside): a system
+    prompt, then user and assistant messages in turn, ending on a user message; ``nonce`` makes it fresh."""
+    count = max(2, round(prompt_tokens / AGENT_TURN_TOKENS))
+    size = max(8, prompt_tokens // count)
+    messages = [{"role": "system", "content": f"agent {nonce}\n" + filler(size, nonce)}]
+    for index in range(1, count):
+        role = "user" if (count - index) % 2 == 1 else "assistant"
+        messages.append({"role": role, "content": filler(size, f"{nonce}-{index}")})
+    return messages
+
+
+def agent_front_end(client: ProbeClient, lengths: Sequence[int],
+                    progress: Callable[[str], None]) -> tuple[tuple[tuple[int, float], ...], str]:
+    """Agent-shaped requests, each conversation three times (cold, then prefix-cache hits, as most agent turns
+    are; the front end's work is the same for both); for each, (the server's
+    prompt tokens, client TTFT minus the server's queue and prefill time). Without the coding tools where
+    the server refuses tools; no points (and why) where it lacks the histograms."""
+    if not lengths:
+        return (), "the probe design sends no agent-shaped requests"
+    tools: Sequence[dict] = CODING_TOOLS
+    note = ""
+    points = []
+    for tokens in lengths:
+        messages = agent_conversation(tokens, secrets.token_hex(8))
+        for turn in ("cold", "cached", "cached again"):
+            try:
+                measured, engine_s = client.engine_timed(
+                    lambda: client.send_messages(messages, tools, PREFILL_OUTPUT_TOKENS), QUEUE_HISTOGRAM, PREFILL_HISTOGRAM)
+            except AgentperfError:
+                if not tools:
+                    raise
+                tools, note = (), "the server refused requests with tools (no tool calling): agent probes sent without them"
+                progress(f"agentperf calibrate: {note}")
+                measured, engine_s = client.engine_timed(
+                    lambda: client.send_messages(messages, tools, PREFILL_OUTPUT_TOKENS), QUEUE_HISTOGRAM, PREFILL_HISTOGRAM)
+            if engine_s is None:
+                why = (f"the server exposes no {QUEUE_HISTOGRAM} and {PREFILL_HISTOGRAM}: the front-end cost cannot be "
+                       "told from the engine's and stays 0 in the profile")
+                progress(f"agentperf calibrate: {why}")
+                return (), why
+            points.append((measured.prompt_tokens, measured.ttft_s - engine_s))
+            progress(f"agentperf calibrate: agent request of {measured.prompt_tokens} tokens ({turn}): front end "
+                     f"{(measured.ttft_s - engine_s) * 1e3:.1f} ms")
+    return tuple(points), note
 
 
 def token_scale(sizes: Sequence[tuple[int, int]]) -> float:

@@ -28,7 +28,7 @@ from agentperf_users.simulator.profile import (
     load_profile,
 )
 from agentperf_users.tokens import BLOCK_SIZE
-from agentperf_users.twin.fit import StepConstants
+from agentperf_users.twin.fit import FrontEndFit, StepConstants
 
 STAND_IN = {"layers": 32, "attention_heads": 32, "kv_heads": 8, "head_dim": 128, "kv_bytes_per_value": 2}
 """The stand-in model's shape (Llama-3.1-8B's): 131,072 KV bytes per token, 524,288 FLOPs per attended pair."""
@@ -66,8 +66,9 @@ def constants_of(profile: Profile) -> StepConstants:
                          pair_flops / flops, sequence_s=(efficiency.sequence_overhead_ms or 0.0) / 1e3)
 
 
-def profile_data(name: str, constants: StepConstants, limits: Limits) -> dict:
-    """The profile YAML's mapping whose ``StepCost`` prices steps as ``constants`` do (module docstring)."""
+def profile_data(name: str, constants: StepConstants, limits: Limits, front_end: FrontEndFit | None = None) -> dict:
+    """The profile YAML's mapping whose ``StepCost`` prices steps as ``constants`` do (module docstring), and
+    whose engine charges ``front_end``'s work per request (absent: none)."""
     bandwidth_gb_s = min(MAX_RATE, KV_BYTES_PER_TOKEN / max(constants.kv_s_per_token, 1e-30) / 1e9)
     tflops = min(MAX_RATE, PAIR_FLOPS / max(constants.attention_s_per_pair, 1e-30) / 1e12)
     weights_gib = max(constants.weights_s, 1e-9) * bandwidth_gb_s * 1e9 / GIB
@@ -84,9 +85,18 @@ def profile_data(name: str, constants: StepConstants, limits: Limits) -> dict:
                    "max_waiting_requests": limits.max_waiting_requests, "block_size": BLOCK_SIZE,
                    "gpu_memory_utilization": 1.0, "activation_reserve_gib": RESERVE_GIB},
         "efficiency": {"bandwidth": 1.0, "mfu": 1.0, "step_overhead_ms": max(constants.overhead_s * 1e3, 1e-6),
-                       **({"sequence_overhead_ms": constants.sequence_s * 1e3} if constants.sequence_s > 1e-9 else {})},
+                       **({"sequence_overhead_ms": constants.sequence_s * 1e3} if constants.sequence_s > 1e-9 else {}),
+                       **_front_end_fields(front_end)},
         "output_tokens": {"median_tokens": limits.output_median_tokens, "p95_tokens": limits.output_p95_tokens},
     }
+
+
+def _front_end_fields(front_end: FrontEndFit | None) -> dict:
+    """The efficiency fields of a fitted front end; a term fitted as ~0 is left out (the loader wants > 0)."""
+    if front_end is None:
+        return {}
+    fields = {"frontend_ms": front_end.fixed_s * 1e3, "frontend_ms_per_1k_tokens": front_end.per_token_s * 1e6}
+    return {name: value for name, value in fields.items() if value > 1e-6}
 
 
 def write_profile(path: Path, data: dict, header: str) -> Profile:
