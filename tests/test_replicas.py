@@ -18,22 +18,17 @@ from agentperf_users.cli.main import main
 from agentperf_users.loadgen import replay
 from agentperf_users.measure.slo import load_slo
 from agentperf_users.search import truth
-from agentperf_users.search.policy import CapacityStatus, SearchParameters
+from agentperf_users.search.policy import CapacityStatus
 from agentperf_users.simulator.engine import Engine, EngineRequest
 from agentperf_users.simulator.fleet import BALANCE_SLACK, PREFIX_AFFINITY, ROUND_ROBIN, Fleet
 from agentperf_users.workload.readers import load_trajectories
 from tests.simulator import custom_profile, make_prompt, write_profile
+from tests.test_truth import search_params
 
 MAX_NUM_SEQS = 4
 NO_WAIT = replay.ReplaySettings(tool_wait="none")
 SEARCH = ["--tool-wait", "none", "--start-agents", "2", "--max-agents", "32", "--warmup-s", "5", "--window-s", "20",
           "--agent-spawn-rate", "100"]
-
-
-def search_params(**overrides) -> SearchParameters:
-    values = dict(start_agents=2, step_agents=0, step_factor=2.0, max_agents=32, resolution_agents=1,
-                  spawn_rate=100.0, warmup_s=5.0, window_s=20.0, early_stop=True)
-    return SearchParameters(**{**values, **overrides})
 
 
 @pytest.fixture
