@@ -80,6 +80,20 @@ def test_a_request_in_flight_holds_coverage_however_late_its_record_comes():
     assert log.covered_until(300.0, 0.5) == 299.5
 
 
+def test_a_streaming_request_holds_coverage_only_up_to_what_it_has_read():
+    """A request streaming across a window's end cannot end before what it has already read: coverage
+    follows its progress, so the window closes without waiting for the request to end, and never moves back."""
+    log = RecordLog(writer=None)
+    ticket = log.begin(100.0)
+    log.progress(ticket, 130.0)
+    assert log.covered_until(200.0, 0.5) == 130.0
+    log.progress(ticket, 120.0)  # an earlier stamp (a stale read) does not move it back
+    assert log.covered_until(200.0, 0.5) == 130.0
+    log.add(record(agent=1, ttft_s=0.2, end=131.0), ticket)
+    log.progress(ticket, 150.0)  # after its record: the ticket is gone, nothing is held
+    assert log.covered_until(200.0, 0.5) == 199.5
+
+
 def test_coverage_is_the_minimum_over_active_workers():
     active = ["a", "b"]
     aggregator = Aggregator(active_sources=lambda: active)

@@ -198,6 +198,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._write(_sse({"choices": [], "usage": {**USAGE, "completion_tokens": 2}}))
         self._end()
 
+    def scenario_split_done(self, request, arrival) -> None:
+        """[DONE] in two chunks a token gap apart: the event is dated by the first, the stream ends on the second."""
+        self._start_stream()
+        for text in ("a", "b"):
+            self._write(_sse(_delta(content=text)), TOKEN_GAP_S)
+        self._write(_sse({"choices": [], "usage": {**USAGE, "completion_tokens": 2}}) + b"data: [DO")
+        self._write(b"NE]\n\n", TOKEN_GAP_S)
+        self._end()
+
     def scenario_drip(self, request, arrival) -> None:
         """A token every 0.1 s, never silent for long: only the request timeout can end it."""
         self._start_stream()
@@ -378,6 +387,20 @@ def test_a_first_token_in_the_headers_packet_is_dated_with_them(server_url):
 
 
 @pytest.mark.skipif(not KERNEL_STAMPS, reason="kernel receive timestamps are used on Linux only")
+@pytest.mark.parametrize("scenario", ["ok", "split_done", "no_done", "early_close", "http_400", "absurd_usage"])
+def test_progress_is_never_past_the_end_the_result_gets(server_url, scenario):
+    """What the client says of a request in flight (``progress``: a time it cannot end before) lets a step's
+    window close while requests still stream across its end (``RecordLog.progress``); a stamp past the
+    record's end would let a window close without that record."""
+    stamps: list[float] = []
+    body = ChatBodyEncoder().body({"model": "m", "stream": True, "scenario": scenario}, [{"role": "user", "content": "hi"}])
+    result = _client(server_url).post(body, progress=stamps.append)
+    assert stamps and stamps == sorted(stamps), stamps
+    assert result.start_epoch_s <= stamps[0] and stamps[-1] <= result.end_epoch_s, (stamps, result.end_epoch_s)
+    if scenario in ("ok", "split_done"):  # the end itself once known (split: [DONE] dated by the read it began in)
+        assert result.status is Status.OK and stamps[-1] == result.end_epoch_s
+
+
 def test_tokens_are_stamped_when_they_arrived_not_when_a_busy_client_read_them(server_url):
     result = _post_with_the_loop_blocked(server_url, "spaced", 0.3)
     assert result.status is Status.OK

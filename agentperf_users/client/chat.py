@@ -19,7 +19,7 @@ import re
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from gevent import GreenletExit
 from geventhttpclient.response import HTTPConnectionClosed, HTTPParseError
@@ -163,10 +163,17 @@ class ChatStreamClient:
         self._stall_timeout_s = stall_timeout_s
         self._name = name
 
-    def post(self, body: bytes, context: Mapping[str, Any] | None = None, max_tokens: int | None = None) -> ChatResult:
+    def post(self, body: bytes, context: Mapping[str, Any] | None = None, max_tokens: int | None = None,
+             progress: Callable[[float], None] | None = None) -> ChatResult:
         """Send one streaming request and measure it. It never raises for anything the server or the network
         does: every response becomes one result (and so one record) that says how it ended. ``max_tokens`` is
         what the request asked for, the ceiling of a believable ``usage.completion_tokens``.
+
+        ``progress`` is given, as an epoch time, the arrival of the headers and of every read of the body
+        once it has been taken in: the result's ``end_epoch_s`` is never before the last of them, so whoever
+        waits for this request's record knows it cannot end before that time (``RecordLog.progress``: a
+        step's window is known complete as soon as the requests still streaming are past its end, not
+        only once they end).
 
         A kill of the calling greenlet (Locust stopping the agent at the end of a step or run) is the one
         exception: the result then has status ``CANCELLED`` and what had arrived, the caller records it
@@ -181,10 +188,13 @@ class ChatStreamClient:
             response = self._http.request("POST", self._uri, body=body, headers=self._headers)
             reader = BodyReader(response, realtime_offset)
             ttfb = reader.headers_arrived_s - start
+            if progress is not None:
+                progress(start_epoch + ttfb)
             http_status = response.status_code
             if http_status in RETRY_AFTER_STATUSES:
                 retry_after = _retry_after_s(response.get("retry-after"))
-            end = self._read(response, reader, tally, start)
+            end = self._read(response, reader, tally, start,
+                             progress and (lambda arrived_s: progress(start_epoch + (arrived_s - start))))
             status, message = Status.OK, ""
         except StreamFailure as failure:
             status, message = failure.status, redact(str(failure), self._secrets)
@@ -216,8 +226,10 @@ class ChatStreamClient:
             )
         return result
 
-    def _read(self, response: Any, reader: BodyReader, tally: StreamTally, start: float) -> float:
-        """Read the body as it arrives; return the arrival time of [DONE]."""
+    def _read(self, response: Any, reader: BodyReader, tally: StreamTally, start: float,
+              progress: Callable[[float], None] | None) -> float:
+        """Read the body as it arrives; return the arrival time of [DONE]. ``progress`` is given each read's
+        arrival (``perf_counter``) once the read is taken in."""
         sock = response._sock  # None when the whole response came with the headers
         original_timeout = sock.gettimeout() if sock is not None else None
         deadline = None
@@ -253,6 +265,9 @@ class ChatStreamClient:
                     partial_since = None
                 elif events or partial_since is None:
                     partial_since = arrived_at
+                if progress is not None:  # the end, once known; else no event to come is dated before this
+                    progress(tally.done_at if tally.done_at is not None
+                             else arrived_at if partial_since is None else partial_since)
                 if tally.token_times and not capped:
                     stall_at = arrived_at + self._stall_timeout_s
                     if deadline.status is not Status.STALL:  # the first token: from here on, plain reads (see StampingSocket)

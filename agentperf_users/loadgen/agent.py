@@ -27,6 +27,7 @@ variable named by ``--api-key-env`` and goes nowhere but the Authorization heade
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import logging
@@ -377,7 +378,8 @@ class AgentUser(FastHttpUser):
         log = aggregate.get_record_log(self.environment)
         ticket = log.begin(time.time())  # nothing after this is covered until its record is added
         try:
-            result = self.stream.post(body, {"agent": self.agent}, max_tokens=turn.output_tokens)
+            result = self.stream.post(body, {"agent": self.agent}, max_tokens=turn.output_tokens,
+                                      progress=functools.partial(log.progress, ticket))
             log.add(self._record(result, load_step), ticket)
         finally:
             log.end(ticket)

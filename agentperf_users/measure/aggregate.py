@@ -16,7 +16,8 @@ would stall the search, and its unreported records are still in its file for the
 worker that is active but has not reported yet holds coverage at -inf until it does. Windows are in
 the master's wall clock and records in the worker's, so hosts need synchronised clocks (NTP), as
 Locust itself assumes. Contract for whoever adds records: ``RecordLog.begin`` before the request starts
-and ``add(record, ticket)`` after (the agents do), or add a record within ``RECORD_ADD_GRACE_S`` of its
+and ``add(record, ticket)`` after (the agents do), with ``progress(ticket, epoch_s)`` as the response
+arrives (a time it cannot end before), or add a record within ``RECORD_ADD_GRACE_S`` of its
 ``end_epoch_s``. A starved worker's agents can take longer than any fixed grace to add theirs: a
 covered time past them once let a window be judged on fewer records than its files held.
 

@@ -133,6 +133,16 @@ class RecordLog:
         self._in_flight[ticket] = epoch_s
         return ticket
 
+    def progress(self, ticket: object, epoch_s: float) -> None:
+        """The request of ``ticket`` cannot end before ``epoch_s`` (the arrival of what it has read so far,
+        ``ChatStreamClient.post``'s ``progress``): coverage may pass its start. Without this a request in
+        flight held coverage at its start until it ended, so a window was known complete only once every
+        request streaming across its end had ended; at loads where requests run for 20 s that took past
+        ``shape.COVERAGE_TIMEOUT_S``, and steps were judged on whatever had arrived by then."""
+        began = self._in_flight.get(ticket)
+        if began is not None and epoch_s > began:
+            self._in_flight[ticket] = epoch_s
+
     def end(self, ticket: object) -> None:
         self._in_flight.pop(ticket, None)
 
@@ -144,7 +154,7 @@ class RecordLog:
 
     def covered_until(self, now_epoch_s: float, grace_s: float) -> float:
         """Every request that ended before the time returned has its record here (drained or pending): one
-        not added yet is in flight, and began, so ends, at or after it. ``grace_s`` covers records added
+        not added yet is in flight, and ends at or after its start or its last ``progress``. ``grace_s`` covers records added
         without a ticket (within that long of their end)."""
         return min([now_epoch_s - grace_s, *self._in_flight.values()])
 
