@@ -15,6 +15,10 @@ The two output-speed causes, TTFT unlimited:
 
 * **decode speed**: the prefill run has a second tier, a 1,000 tok/s floor that no single stream of the
   server meets: its one agent's requests decode alone, too slowly.
+* **decode stalls**: the slow-prefill profile, four agents without tool waits on one-turn trajectories of
+  ~4K-token cold prompts and ~150-token replies, against a 60 tok/s floor that the server's steady decode
+  (~8 ms a token) meets: each agent's reply is paused for seconds whenever another agent's prompt is
+  prefilled in the engine's steps (chunked prefill shares the step with the decodes).
 * **decode batch**: the README's demo deployment (``l4-llama3.2-3b``: one L4 decodes its 3B model at ~33
   tok/s alone, ~23 tok/s with ten agents' requests in a batch), ten agents against a 30 tok/s floor, which a
   request decoding alone meets: the batch's decode steps are what slow every request under it. Without
@@ -43,7 +47,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agentperf_users.measure.diagnose import DECODE_ITL_SHARE, DECODE_MIN_RUNNING, LOADGEN_CPU_BUSY, MOST_OF_TTFT
+from agentperf_users.measure.diagnose import (
+    DECODE_ITL_SHARE,
+    DECODE_MIN_RUNNING,
+    LOADGEN_CPU_BUSY,
+    MOST_OF_TTFT,
+    STALL_SHARE,
+)
 from agentperf_users.search.headline import agents_words
 from agentperf_users.simulator.profile import PROFILES_DIR
 from tests.support import free_port
@@ -129,11 +139,7 @@ def server_causes(tmp_path_factory) -> dict[str, Run]:
     runs["queueing"] = one_step(folder, 3, "--trajectories", "demo", "--profile", str(profile(
         folder, "one-seq", engine__max_num_seqs=1)))
     folder = tmp_path_factory.mktemp("prefill")
-    cold = folder / "cold.jsonl"
-    subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", "trajectories", "synth", "--out", str(cold),
-                    "--count", "40", "--system-tokens", "1000", "--task-median", "8000", "--task-sigma", "0.1",
-                    "--max-turns", "1", "--output-median", "16", "--output-p95", "32", "--tool-count", "1"],
-                   check=True, capture_output=True, timeout=60)
+    cold = synth(folder / "cold.jsonl", 8000, 16, 32)
     runs["prefill"] = one_step(folder, 1, "--trajectories", str(cold), "--profile", str(profile(
         folder, "slow-prefill", efficiency__mfu=0.066)), tiers=FIRST_TOKEN_TIER % 0.5 + ALONE_SPEED_TIER)
     return runs
@@ -223,6 +229,28 @@ def test_ten_agents_decoding_in_a_batch_slower_than_the_floor_is_decode_batch(de
     assert found["cause"] == "decode batch", decode_batch.stdout
     assert found["evidence"]["requests_running_mean"] == server["requests_running_mean"] >= DECODE_MIN_RUNNING
     assert server["inter_token_latency_mean_s"] > 1 / 30  # above the gap itself, not only near it
+
+
+def synth(path: Path, task_median: int, output_median: int, output_p95: int) -> Path:
+    """One-turn trajectories of cold ~``task_median``-token prompts (``agentperf trajectories synth``)."""
+    subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", "trajectories", "synth", "--out", str(path),
+                    "--count", "40", "--system-tokens", "1000", "--task-median", str(task_median), "--task-sigma",
+                    "0.1", "--max-turns", "1", "--output-median", str(output_median), "--output-p95",
+                    str(output_p95), "--tool-count", "1"], check=True, capture_output=True, timeout=60)
+    return path
+
+
+def test_replies_paused_by_other_agents_prefills_are_decode_stalls(tmp_path):
+    """Four agents on the slow-prefill profile (module docstring): the floor fails although the replies'
+    own median gap is well inside it, and what the server did meanwhile was prefill."""
+    cold = synth(tmp_path / "cold.jsonl", 3000, 150, 300)
+    run = one_step(tmp_path, 4, "--trajectories", str(cold), "--tool-wait", "none", "--profile", str(profile(
+        tmp_path, "slow-prefill", efficiency__mfu=0.066)), tiers=SPEED_TIER % 60)
+    found = assert_failed_about_capacity(run, tier="speed")
+    assert found["cause"] == "decode stalls", run.stdout
+    evidence, server = found["evidence"], run.report["steps"][0]["server"]
+    assert evidence["slow_median_gap_s"] < 1 / 60 and evidence["stalled_share"] >= STALL_SHARE
+    assert evidence["prefill_time_mean_s"] == server["prefill_time_mean_s"] > 0
 
 
 def test_a_busy_worker_is_the_load_generator_and_the_search_stops_naming_it(tmp_path):

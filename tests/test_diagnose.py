@@ -137,6 +137,38 @@ def test_decode_speed_when_a_request_decoding_alone_is_slower_than_the_floor():
     assert why(records, quick, tier=tier).cause is Cause.NOT_IDENTIFIED
 
 
+def streams(tps: float, gap_s: float, count: int) -> list[RequestRecord]:
+    return [replace(record(tps=tps), itl_p50_s=gap_s)] * count
+
+
+def test_decode_stalls_when_the_slow_requests_steady_gap_meets_the_floor_but_pauses_do_not():
+    """The real vLLM's failing steps (issue 11): the floor failed at the tail while the mean inter-token latency
+    was well inside it, "not identified" before. The slow requests' own median gap (30 ms) meets the 20 tok/s
+    floor's 50 ms; at 15 tok/s they spent 1 - 0.030 x 15 = 55 % of their decode time in longer pauses."""
+    stalled = streams(40.0, 0.024, 90) + streams(15.0, 0.030, 10)
+    fast_mean = replace(SERVER, inter_token_latency_mean_s=0.028)  # the mean hides the pauses
+    diagnosis = why(stalled, fast_mean)
+    assert diagnosis.cause is Cause.DECODE_STALLS and diagnosis.about_capacity
+    assert diagnosis.text == ("why: decode stalls — 10 requests under the 20 tok/s floor streamed at a median gap of "
+                              "30 ms (the floor allows 50 ms) but spent 55 % of their decode time in longer pauses; "
+                              "the server prefilled other requests meanwhile (500 ms per prefill on average): a "
+                              "prefill in the step pauses every request decoding")
+    assert dict(diagnosis.evidence)["stalled_share"] == pytest.approx(0.55)
+    assert why(stalled, replace(fast_mean, prefill_time_mean_s=None)).text.endswith("in longer pauses")
+    # Before the batch: a batch's slow mean is there too, but the client saw pauses, not slow steps.
+    assert why(stalled, DECODE).cause is Cause.DECODE_STALLS and why(stalled, DECODE).also == (Cause.DECODE_BATCH,)
+
+
+def test_a_steady_slow_gap_is_not_stalls():
+    steady = streams(40.0, 0.024, 90) + streams(15.0, 0.066, 10)  # 1 - 0.066 x 15 = 1 %: no pauses, slow steps
+    assert why(steady, DECODE).cause is Cause.DECODE_BATCH
+    at_the_gap = streams(40.0, 0.024, 90) + streams(15.0, 0.050, 10)  # 25 % paused, but the gap is the floor's
+    assert why(at_the_gap, DECODE).cause is Cause.DECODE_BATCH
+    assert why(streams(40.0, 0.024, 90) + streams(15.0, 0.048, 10), replace(SERVER, inter_token_latency_mean_s=0.01)
+               ).cause is Cause.NOT_IDENTIFIED  # 28 % paused: under STALL_SHARE, and nothing else holds
+    assert why(SLOW_TOKENS, replace(SERVER, inter_token_latency_mean_s=0.01)).cause is Cause.NOT_IDENTIFIED  # no gaps
+
+
 def test_a_ttft_failing_at_one_agent_with_nothing_waiting_is_prefill():
     """The TTFT counterpart of decode speed needs no cause of its own: with nothing waiting, queue time is
     near zero and prefill is most of the server's TTFT."""

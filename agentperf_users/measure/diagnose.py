@@ -20,9 +20,16 @@ later ones that also hold are listed beside it (``also``):
 6. **prefill** (TTFT) — prefill time was ``MOST_OF_TTFT`` of the server's TTFT; the prefix-cache hit
    ratio says whether contexts were cold. Where the server has no prefill histogram (SGLang) it is
    taken as TTFT minus queue time, and the evidence says so.
-7. **decode batch** (output speed) — the speed floor failed while the server's inter-token latency was
+7. **decode stalls** (output speed) — the requests under the floor streamed at a median gap the floor
+   allows, but lost ``STALL_SHARE`` or more of their decode time to longer pauses (from the client's own
+   records: a stream's median gap times its speed is the share of its time spent at that gap). What
+   pauses a running request's decoding is the engine computing something else in its steps: other
+   requests' prefills (vLLM and SGLang put a prefill chunk into the decode batch's step, up to the token
+   budget), so the server's prefill time is named beside it. A mean inter-token latency cannot show
+   this: a few long pauses among many short gaps leave the mean near the floor's gap or under it.
+8. **decode batch** (output speed) — the speed floor failed while the server's inter-token latency was
    near the floor's own (``DECODE_ITL_SHARE``) with a batch of requests running (``DECODE_MIN_RUNNING``).
-8. **decode speed** (output speed) — the same inter-token latency with fewer than ``DECODE_MIN_RUNNING``
+9. **decode speed** (output speed) — the same inter-token latency with fewer than ``DECODE_MIN_RUNNING``
    requests running: the server decodes a request (nearly) alone slower than the floor allows, so no
    agent count can pass the tier on this server (an L4 decoding a 3B model at ~33 tok/s against a
    60 tok/s floor). Its TTFT counterpart needs no cause of its own: with nothing waiting, a TTFT is
@@ -47,6 +54,7 @@ from typing import Callable, Iterable, Sequence
 from agentperf_users.measure.records import RequestRecord, Status
 from agentperf_users.measure.server_metrics import ServerWindow, seconds
 from agentperf_users.measure.slo import StepVerdict, TierVerdict
+from agentperf_users.stats import interpolated_quantile
 
 SERVER_FAILING_ERROR_RATE = 0.5
 """At least this share of failed requests makes a step a failing server, not a capacity verdict: most of
@@ -80,6 +88,11 @@ DECODE_ITL_SHARE = 0.8
 """The server's mean inter-token latency is "high" at this share of the gap the speed floor allows
 (1 / floor): its decode steps themselves then leave the slowest requests under the floor."""
 
+STALL_SHARE = 0.3
+"""The requests under the floor lost this share of their decode time (median over them) to pauses longer
+than their median gap: with a steady gap the floor allows, that is what put them under it (a third of
+the time stalled turns 30 tok/s into 21)."""
+
 DECODE_MIN_RUNNING = 2.0
 """At least this many requests running on average: the decode steps are shared by a batch (a single
 request decoding slowly is not a batching limit, but the server's own speed: ``decode speed``)."""
@@ -91,6 +104,7 @@ class Cause(str, Enum):
     KV_CACHE = "KV-cache pressure"
     QUEUEING = "queueing"
     PREFILL = "prefill"
+    DECODE_STALLS = "decode stalls"
     DECODE_BATCH = "decode batch"
     DECODE_SPEED = "decode speed"
     NOT_IDENTIFIED = "not identified"
@@ -107,6 +121,7 @@ class ClientWindow:
     errors_by_status: tuple[tuple[str, int], ...]  # (status, count) of failed requests, most first
     ttft_mean_s: float | None  # over requests that got a first token
     cached_fraction: float | None  # cached prompt tokens / prompt tokens, where the server reported both
+    streams: tuple[tuple[float, float], ...] = ()  # (output speed, median inter-token gap) of each OK stream
 
     @property
     def errors(self) -> int:
@@ -133,6 +148,8 @@ def client_window(records: Iterable[RequestRecord]) -> ClientWindow:
         errors_by_status=tuple(sorted(errors.items(), key=lambda item: (-item[1], item[0]))),
         ttft_mean_s=sum(ttfts) / len(ttfts) if ttfts else None,
         cached_fraction=sum(record.cached_tokens for record in counted) / prompt if prompt else None,
+        streams=tuple((record.output_tps, record.itl_p50_s) for record in records
+                      if record.ok and record.output_tps is not None and record.itl_p50_s is not None),
     )
 
 
@@ -346,6 +363,25 @@ def _itl_text(itl: float, allowed: float, floor: float) -> str:
     return f"inter-token latency {seconds(itl)} (the {floor:g} tok/s floor allows {seconds(allowed)})"
 
 
+def _decode_stalls(i: _Inputs) -> Diagnosis | None:
+    floor = i.verdict.tier.output_tps_min
+    slow = [(speed, gap) for speed, gap in i.client.streams if speed < floor]
+    if not i.speed_failed or floor <= 0 or not slow:
+        return None
+    gap = interpolated_quantile(sorted(own_gap for _, own_gap in slow), 0.5)
+    # a stream's share of its decode time not spent at its own median gap: 1 - gap x speed
+    stalled = interpolated_quantile(sorted(max(0.0, 1.0 - own_gap * speed) for speed, own_gap in slow), 0.5)
+    if gap >= 1 / floor or stalled < STALL_SHARE:
+        return None
+    prefill = i.server.prefill_time_mean_s
+    beside = (f"; the server prefilled other requests meanwhile ({seconds(prefill)} per prefill on average): "
+              "a prefill in the step pauses every request decoding" if prefill else "")
+    return _finding(Cause.DECODE_STALLS, f"{len(slow)} request{'s' if len(slow) != 1 else ''} under the {floor:g} tok/s floor "
+                    f"streamed at a median gap of {seconds(gap)} (the floor allows {seconds(1 / floor)}) but spent {_percent(stalled)} "
+                    f"of their decode time in longer pauses{beside}",
+                    slow_requests=len(slow), slow_median_gap_s=gap, stalled_share=stalled, prefill_time_mean_s=prefill)
+
+
 def _decode_batch(i: _Inputs) -> Diagnosis | None:
     slow = _slow_decode(i)
     if slow is None or slow[2] < DECODE_MIN_RUNNING:
@@ -371,7 +407,8 @@ def _decode_speed(i: _Inputs) -> Diagnosis | None:
 
 
 _CHECKS: tuple[Callable[[_Inputs], Diagnosis | None], ...] = (
-    _failing_server, _load_generator, _server_errors, _kv_cache, _queueing, _prefill, _decode_batch, _decode_speed,
+    _failing_server, _load_generator, _server_errors, _kv_cache, _queueing, _prefill, _decode_stalls, _decode_batch,
+    _decode_speed,
 )
 
 
