@@ -376,7 +376,7 @@ class AgentUser(FastHttpUser):
         load_step = aggregate.current_load_step(self.environment)
         body = self._encoder.body(params, turn.messages, request_tools(turn.tools, settings.replay))
         log = aggregate.get_record_log(self.environment)
-        ticket = log.begin(time.time())  # nothing after this is covered until its record is added
+        ticket = log.begin(time.time())  # held here, then at what has arrived (progress), until its record is added
         try:
             result = self.stream.post(body, {"agent": self.agent}, max_tokens=turn.output_tokens,
                                       progress=functools.partial(log.progress, ticket))
