@@ -118,6 +118,8 @@ def register_cli(subparsers) -> None:
 def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
     spec = load_slo(args.slo or None)  # every input is checked before anything starts
     trajectories = load_trajectories(args.trajectories, args.trajectory_format)
+    if args.recheck == "auto":  # decided here, where the target is known (--recheck's help); the master is told
+        args.recheck = "on" if args.host else "off"
     params = SearchParameters.from_options(args)
     if args.workers < 0 or args.remote_workers < 0 or args.workers + args.remote_workers < 1:
         raise AgentperfError(f"--workers and --remote-workers: expected integers >= 0, at least one worker in all, "
