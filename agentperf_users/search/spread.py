@@ -130,7 +130,7 @@ def drift_words(drifts: Iterable[dict]) -> str:
     measured = [drift for drift in drifts if drift.get("speed_change") is not None]
     if not measured:
         return ""
-    drift = max(measured, key=lambda found: abs(found["change"]))
+    drift = max(measured, key=lambda found: round(abs(found["speed_change"]) * 100))  # as said; a tie: the first
     between = f"between two measurements of {drift['agents']:,} agent" + ("" if drift["agents"] == 1 else "s")
     if abs(drift["speed_change"]) < DRIFT_HELD:
         return f"the server's speed held within {DRIFT_HELD * 100:.0f} % {between}"
