@@ -175,12 +175,14 @@ def test_a_recheck_is_set_beside_the_first_measurement_of_its_count():
 @pytest.mark.parametrize(("changes", "words"), [
     ([], ""),
     ([(8, -0.51), (9, 0.1)], "the server's speed moved -40 % between two measurements of 8 agents"),
-    ([(1, 0.005)], "the server's speed held within 1 % between two measurements of 1 agent"),
+    ([(8, 0.1), (9, -0.51)], "the server's speed moved -40 % between two measurements of 9 agents"),
+    ([(8, 0.005)], "the server's speed held within 1 % between two measurements of 8 agents"),
     ([(8, None)], ""),
+    ([(16, -0.51), (9, 0.1)], "the server's speed moved +11 % between two measurements of 9 agents"),  # 16: not its own
 ])
-def test_the_largest_drift_is_worded_once(changes, words):
+def test_the_largest_drift_at_the_tiers_own_counts_is_worded_once(changes, words):
     drifts = [Drift(agents, (0, 1), (0.0, change), change).to_dict() for agents, change in changes]
-    assert drift_words(drifts) == words
+    assert drift_words({"status": "found", "agents": 8, "first_failing_agents": 9, "drift": drifts}) == words
 
 
 @pytest.mark.parametrize(("recheck_speed", "spread", "words"), [
@@ -202,6 +204,9 @@ def test_the_report_of_a_run_folder_states_the_drift(tmp_path, recheck_speed, sp
     for drift in cap["drift"]:
         assert drift["change"] == pytest.approx(drift["margins"][1] - drift["margins"][0])
         assert drift["speed_change"] == pytest.approx(recheck_speed - 1, abs=1e-9)
-    assert f"capacity @ 20 tok/s, TTFT ≤ 10 s: 7 agents (fails at 8; {words})" in capacity_lines(report)
+    lines = capacity_lines(report)
+    assert f"capacity @ 20 tok/s, TTFT ≤ 10 s: 7 agents (fails at 8; {words})" in lines
+    assert "capacity @ 60 tok/s, TTFT ≤ 5 s: none (fails already at 1 agent; a rerun lands here too)" in lines
+    assert report["capacity"]["example-60tps"]["drift"][0]["agents"] == 7  # its numbers there, not its headline's
     assert html.escape(words[0].upper() + words[1:]) in (tmp_path / "run" / "report.html").read_text()
 

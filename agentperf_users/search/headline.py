@@ -147,7 +147,7 @@ def headlines(report: dict) -> list[TierHeadline]:
         per_megawatt=cap.get("agents_per_megawatt"), power_watts=cap.get("power_watts"),
         power_basis=cap.get("power_basis"), binding=_binding(report["steps"], name, cap.get("first_failing_agents")),
         truth=_truth_words(truth[name], bands.get(name)) if name in truth else None,
-        spread="; ".join(words for words in (spread_words(cap.get("spread")), drift_words(cap.get("drift") or []))
+        spread="; ".join(words for words in (spread_words(cap.get("spread")), drift_words(cap))
                          if words),
     ) for name, cap in report["capacity"].items()]
 

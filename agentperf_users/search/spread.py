@@ -124,10 +124,14 @@ def spread_words(spread: dict | None) -> str:
     return "a rerun lands here too" if low == high else f"a rerun may land at {low:,}–{high:,}"
 
 
-def drift_words(drifts: Iterable[dict]) -> str:
-    """``the server's speed moved -27 % between two measurements of 8 agents``: the largest of a tier's
-    drifts (report.json's ``drift``); empty when nothing was rechecked or no change is a number."""
-    measured = [drift for drift in drifts if drift.get("speed_change") is not None]
+def drift_words(capacity: dict) -> str:
+    """``the server's speed moved -27 % between two measurements of 8 agents``: the largest drift at a
+    tier's own capacity or first failing count (report.json's ``capacity.<tier>``: the rechecks are the
+    first tier's counts; another tier's numbers at them are in its ``drift`` only); empty when neither
+    was rechecked or no change is a number."""
+    own = (capacity.get("agents"), capacity.get("first_failing_agents"))
+    measured = [drift for drift in capacity.get("drift") or []
+                if drift["agents"] in own and drift.get("speed_change") is not None]
     if not measured:
         return ""
     drift = max(measured, key=lambda found: round(abs(found["speed_change"]) * 100))  # as said; a tie: the first
