@@ -111,7 +111,7 @@ def _change(first: float | str | None, repeat: float | str | None) -> float | No
 
 
 DRIFT_HELD = 0.01
-"""A speed change under 1 % is said as held: the window's own sampling moves a margin that much."""
+"""A speed change under 1 % is said as held: rounded to a whole percent it would read as ``+0 %``."""
 
 
 def spread_words(spread: dict | None) -> str:
