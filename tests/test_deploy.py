@@ -192,7 +192,8 @@ def test_the_charts_commands_run_a_distributed_search(tmp_path):
         "simulator": {"port": free_port()},
         "master": {"port": free_port(), "metricsPort": free_port(), "expectWorkersMaxWaitS": 60},
         "capacity": {"trajectories": "demo", "args": [
-            "--slo", str(slo), "--start-agents", "2", "--max-agents", "4", "--warmup-s", "3", "--window-s", "6"]},
+            "--slo", str(slo), "--start-agents", "2", "--max-agents", "4", "--warmup-s", "3", "--window-s", "6",
+            "--recheck", "off"]},
     })
     hosts = ["cap-agentperf-simulator", "cap-agentperf-master"]
     master_job = objects[("Job", "cap-agentperf-master")]

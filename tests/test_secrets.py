@@ -169,7 +169,7 @@ def test_a_canary_key_echoed_by_a_failing_server_reaches_no_output(tmp_path):
         capacity = subprocess.Popen(
             [sys.executable, "-m", "agentperf_users.cli.main", "capacity", "--host", url, "--api-key-env", "AGENTPERF_CANARY",
              "--trajectories", "demo", "--workers", "1", "--start-agents", "2", "--max-agents", "2", "--warmup-s", "1",
-             "--window-s", "4", "--out", str(run), "--metrics-port", str(metrics_port)],
+             "--window-s", "4", "--recheck", "off", "--out", str(run), "--metrics-port", str(metrics_port)],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         outputs["/metrics"] = wait_for(lambda: _text(f"http://127.0.0.1:{metrics_port}/metrics", "agentperf_requests"),
                                        WAIT_S, "the master's metrics with requests", capacity)

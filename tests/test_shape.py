@@ -247,7 +247,8 @@ def shape_environment(tmp_path, **overrides):
     options = dict(
         records_dir="", run_id="run", slo=str(slo), start_agents=2, step_agents=2, step_factor=2.0, max_agents=8,
         resolution_agents=1, agent_spawn_rate=100.0, warmup_s=2.0, window_s=20.0, early_stop=True,
-        restart_agents=True, guided_search=False, min_requests=1, capacity_json=str(tmp_path / "capacity.json"),
+        restart_agents=True, guided_search=False, min_requests=1, recheck="off",
+        capacity_json=str(tmp_path / "capacity.json"),
     )
     options.update(overrides)
     clock = Clock()

@@ -118,6 +118,7 @@ def register_cli(subparsers) -> None:
 def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
     spec = load_slo(args.slo or None)  # every input is checked before anything starts
     trajectories = load_trajectories(args.trajectories, args.trajectory_format)
+    decide_recheck(args)
     params = SearchParameters.from_options(args)
     if args.workers < 0 or args.remote_workers < 0 or args.workers + args.remote_workers < 1:
         raise AgentperfError(f"--workers and --remote-workers: expected integers >= 0, at least one worker in all, "
@@ -361,6 +362,14 @@ def _wait(process: subprocess.Popen, timeout_s: float, terminate_after: bool = F
             return
     process.kill()
     process.wait()
+
+
+def decide_recheck(args: argparse.Namespace) -> None:
+    """``--recheck auto``, decided here, where the target is known: on against ``--host``, off against the
+    embedded simulator, whose speed does not drift (and the README's demo stays two steps shorter). The
+    master is handed the decision, since it cannot tell the embedded simulator from a server."""
+    if args.recheck == "auto":
+        args.recheck = "on" if args.host else "off"
 
 
 def _report(args, out: Path, spec, params, trajectories, profile, interrupted: bool, master_code: int | None,

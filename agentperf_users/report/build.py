@@ -23,7 +23,7 @@ import pandas as pd
 from agentperf_users import files
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure import server_metrics
-from agentperf_users.measure.diagnose import LoadGenerator, diagnose_step
+from agentperf_users.measure.diagnose import LoadGenerator, diagnose_step, not_about_capacity
 from agentperf_users.measure.power import (
     POWER_FILE,
     PowerSample,
@@ -42,7 +42,7 @@ from agentperf_users.measure.slo import (
 from agentperf_users.report import html as report_html
 from agentperf_users.search.headline import MEGAWATT_W, headlines, prediction_line
 from agentperf_users.search.policy import SearchStopped
-from agentperf_users.search.spread import RESAMPLES, capacity_spread
+from agentperf_users.search.spread import RESAMPLES, capacity_drift, capacity_spread
 from agentperf_users.search.state import SearchState
 
 TTFT_QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -166,6 +166,7 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
                  ground_truth: dict | None = None) -> dict:
     """report.json's content from the search summary (the shape's) and the records from the files."""
     steps = []
+    verdicts = []  # the steps the search took as verdicts: not one whose failure was not about capacity
     same_steps = (ground_truth or {}).get("same_steps") or []
     for index, live in enumerate(summary.steps):
         start, end = live["window_start_epoch_s"], live["window_end_epoch_s"]
@@ -178,6 +179,7 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
         shares = {tier.name: pass_fraction(judged, tier, RESAMPLES, seed=live["index"] * len(spec.tiers) + position)
                   for position, tier in enumerate(spec.tiers)}
         live_passed = {v["tier"]: v["passed"] for v in live["verdict"]["tiers"]}
+        diagnoses = diagnose_step(verdict, judged, server, loadgen)
         steps.append({
             "index": live["index"], "agents": live["agents"], "phase": live["phase"],
             "window_start_epoch_s": start, "window_end_epoch_s": end, "early_stop": live["early_stop"],
@@ -191,8 +193,10 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
             "live_verdict_matches_records": passed == live_passed and verdict.to_dict() == live["verdict"],
             "server": server.to_dict(),
             "load_generator": loadgen and loadgen.to_dict(),
-            "diagnoses": [found.to_dict() for found in diagnose_step(verdict, judged, server, loadgen)],
+            "diagnoses": [found.to_dict() for found in diagnoses],
         })
+        if not_about_capacity(diagnoses) is None:
+            verdicts.append(steps[-1])
         if index < len(same_steps) and same_steps[index]["agents"] == live["agents"]:
             steps[-1]["ground_truth"] = {key: value for key, value in same_steps[index].items() if key != "agents"}
     capacity = {}
@@ -203,9 +207,11 @@ def build_report(summary: SearchState, records: Sequence[RequestRecord], spec: S
         if watts is None:
             watts, basis = context.power_watts, context.power_source
         per_mw = agents / (watts / MEGAWATT_W) if agents and watts else None
-        spread = capacity_spread(((step["agents"], step["pass_share"][name], step["margin"][name]) for step in steps),
-                                 cap)
+        spread = capacity_spread(((step["agents"], step["pass_share"][name], step["margin"][name])
+                                  for step in verdicts), cap)
+        drift = capacity_drift((step["index"], step["agents"], step["phase"], step["margin"][name]) for step in verdicts)
         capacity[name] = {**cap, "label": spec.tier(name).label, "spread": spread and spread.to_dict(),
+                          "drift": [found.to_dict() for found in drift],
                           "agents_per_accelerator": per_accelerator,
                           "agents_per_megawatt": per_mw, "power_watts": watts if per_mw else None,
                           "power_basis": basis if per_mw else None}

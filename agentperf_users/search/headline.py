@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from agentperf_users.search.policy import CapacityStatus
-from agentperf_users.search.spread import spread_words
+from agentperf_users.search.spread import drift_words, spread_words
 
 MEGAWATT_W = 1_000_000.0
 
@@ -91,7 +91,7 @@ class TierHeadline:
     power_basis: str | None  # "measured", or where the nameplate figure came from
     binding: str | None  # the diagnosis at the first failing count: "queueing — 3.2 requests waiting ..."
     truth: str | None  # the ground truth's words, with its verdict band, against the simulator
-    spread: str = ""  # where a rerun may land (``spread.spread_words``)
+    spread: str = ""  # where a rerun may land, and how far the server's speed drifted (``spread``)
 
     @property
     def answer(self) -> str:
@@ -147,7 +147,8 @@ def headlines(report: dict) -> list[TierHeadline]:
         per_megawatt=cap.get("agents_per_megawatt"), power_watts=cap.get("power_watts"),
         power_basis=cap.get("power_basis"), binding=_binding(report["steps"], name, cap.get("first_failing_agents")),
         truth=_truth_words(truth[name], bands.get(name)) if name in truth else None,
-        spread=spread_words(cap.get("spread")),
+        spread="; ".join(words for words in (spread_words(cap.get("spread")), drift_words(cap))
+                         if words),
     ) for name, cap in report["capacity"].items()]
 
 

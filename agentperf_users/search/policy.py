@@ -28,6 +28,14 @@ simulator's profiles). Each tier's predicted counts are scaled by how far off th
 located before it. The prediction only chooses counts: verdicts decide the answer, which is the
 same as without it wherever the tier's verdicts are monotone in agents.
 
+Rechecked (``--recheck``): once every tier is located, the first tier's capacity and its first failing
+count are measured once more (phase ``recheck``), so the report can state how far the server's own speed
+moved between two measurements of one count (a shared machine, thermal limits, another tenant), which no
+resampling of one window's records sees, and count a count whose two verdicts disagree as unstable in the
+rerun spread (``spread``). A recheck's verdict is kept apart: the first verdict at each count decides the
+brackets and the answer, as without rechecks, so the answer stays the same function of the first
+verdicts, and the ground truth (whose repeated step is identical) makes the same decisions.
+
 Why a module of its own: the live search (``shape.CapacitySearchShape``, a Locust LoadTestShape) and
 the ground truth (``truth``, the simulator's engine on a virtual clock, which must not import Locust
 and its gevent monkey-patching) make exactly the same decisions from the same options.
@@ -69,12 +77,14 @@ class SearchParameters:
     restart_agents: bool = True
     guided: bool = True
     min_requests: int = 1
+    recheck: bool = False
 
     @classmethod
-    def from_options(cls, parsed) -> "SearchParameters":
+    def from_options(cls, parsed, live: bool = False) -> "SearchParameters":
         """Validated parameters from parsed options (or the web UI's strings): every number finite and within
         its declared bounds (``agentperf_users.options``), so ``--window-s inf`` or ``--max-agents 10**100``
-        fails at once."""
+        fails at once. ``live``: the search measures a server (the shape), where ``--recheck auto`` is on;
+        elsewhere (the ground truth, a prediction: a virtual clock) it is off."""
         values = {option.dest: options.value(parsed, option.dest) for option in options.in_groups([Group.SEARCH])}
         if values["max_agents"] < values["start_agents"]:
             raise AgentperfError(f"--max-agents: expected an integer >= --start-agents, got {values['max_agents']}")
@@ -94,6 +104,7 @@ class SearchParameters:
             restart_agents=values["restart_agents"],
             guided=values["guided_search"],
             min_requests=values["min_requests"],
+            recheck=values["recheck"] == "on" or (values["recheck"] == "auto" and live),
         )
 
 
@@ -113,6 +124,9 @@ def window_end(start_s: float, params: SearchParameters, ended_s: Iterable[float
             return planned if seen_until_s >= planned else None
         return math.nextafter(needed, math.inf)  # the window [start, end) holds that request
     return cap if seen_until_s >= cap else None
+
+
+RECHECK = "recheck"  # the phase of a count measured again after the search located its tiers
 
 
 class CapacityStatus(str, Enum):
@@ -146,6 +160,7 @@ class CapacitySearch:
         step_factor: float = 2.0,
         guided: bool = True,
         predicted: Mapping[str, TierCapacity] | None = None,
+        recheck: bool = False,
     ) -> None:
         self._tiers = tuple(tiers)
         self._predicted = dict(predicted) if predicted is not None else None
@@ -155,6 +170,8 @@ class CapacitySearch:
         self._passed: dict[int, dict[str, bool]] = {}  # agents -> tier name -> passed
         self._margins: dict[int, dict[str, float]] = {}  # agents -> tier name -> margin, where usable
         self._interpolated_width: dict[str, int] = {}  # tier -> its bracket's width at its last interpolation
+        self._recheck = recheck
+        self._rechecked: dict[int, dict[str, bool]] = {}  # agents -> tier name -> passed, measured again
         self._phase = "step"  # what the next count is for (``phase``)
         self._next: int | None = start_agents if self._predicted is None else self._plan()
 
@@ -164,15 +181,30 @@ class CapacitySearch:
         """The search the options ask for; ``predicted`` (capacity per tier, as ``capacity()`` gives it)
         starts it from a prediction instead of ``--start-agents``."""
         return cls(tiers, params.start_agents, params.max_agents, params.resolution_agents, params.step_agents,
-                   params.step_factor, params.guided, predicted)
+                   params.step_factor, params.guided, predicted, params.recheck)
 
     def record_verdict(self, agents: int, verdict: StepVerdict) -> None:
-        self._passed[agents] = {tier_verdict.tier.name: tier_verdict.passed for tier_verdict in verdict.tiers}
-        self._margins[agents] = {
-            tier_verdict.tier.name: tier_verdict.margin for tier_verdict in verdict.tiers
-            if _usable_margin(tier_verdict.margin, tier_verdict.passed)
-        }
+        passed = {tier_verdict.tier.name: tier_verdict.passed for tier_verdict in verdict.tiers}
+        if self._phase == RECHECK and agents == self._next:
+            self._rechecked[agents] = passed  # the first verdict at a count decides (module docstring)
+        else:
+            self._passed[agents] = passed
+            self._margins[agents] = {
+                tier_verdict.tier.name: tier_verdict.margin for tier_verdict in verdict.tiers
+                if _usable_margin(tier_verdict.margin, tier_verdict.passed)
+            }
         self._next = self._plan()
+        if self._next is None and self._recheck:
+            self._next = self._plan_recheck()
+
+    def _plan_recheck(self) -> int | None:
+        """Once every tier is located: the first tier's capacity, then its first failing count, each
+        measured once more (those it has; none for a tier never judged)."""
+        low, high = self.bracket(self._tiers[0]) if self._passed else (0, None)
+        due = next((count for count in (low, high) if count and count not in self._rechecked), None)
+        if due is not None:
+            self._phase = RECHECK
+        return due
 
     def bracket(self, tier: str) -> tuple[int, int | None]:
         """(largest count passing below the first failure, or 0; first failing count, or None)."""
@@ -197,7 +229,8 @@ class CapacitySearch:
     @property
     def phase(self) -> str:
         """What the next count is for: ``predict`` (a predicted count, measured to verify it), ``step``
-        (phase 1, or widening away from a disproved prediction) or ``bisect`` (narrowing a bracket)."""
+        (phase 1, or widening away from a disproved prediction), ``bisect`` (narrowing a bracket) or
+        ``recheck`` (a located count measured again, ``--recheck``)."""
         return self._phase
 
     def _plan(self) -> int | None:

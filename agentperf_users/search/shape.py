@@ -122,7 +122,7 @@ class StepResult:
 
     index: int
     agents: int
-    phase: str  # "step" (phase 1) or "bisect"
+    phase: str  # "step" (phase 1), "bisect", "predict" or "recheck" (``CapacitySearch.phase``)
     window_start_epoch_s: float
     window_end_epoch_s: float  # the end of the window judged (earlier than planned after an early stop)
     verdict: StepVerdict
@@ -259,7 +259,7 @@ class CapacitySearchShape(LoadTestShape):
     def _begin(self, now: float) -> bool:
         options = self.environment.parsed_options
         try:
-            self.params = SearchParameters.from_options(options)
+            self.params = SearchParameters.from_options(options, live=True)
             self.spec = load_slo(options.slo or None)
         except AgentperfError as exc:
             logger.error("agentperf: %s", exc)

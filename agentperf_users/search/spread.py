@@ -15,17 +15,22 @@ or below the answer and the count below the lowest stable fail above it:
 * ``high``: one below the smallest judged count above the answer that failed in ``STABLE`` of them;
   None when none did (a rerun may find more, up to the search's maximum).
 
-What this does not see: a server whose own speed drifts between runs (a shared machine, thermal limits,
-another tenant), which no resampling of one run's records can show. ``benchmarks/engine_capacity.py``
-sets the stated spread against repeated runs of a real engine.
+What resampling does not see: a server whose own speed drifts (a shared machine, thermal limits, another
+tenant), which no resampling of one window's records can show. ``--recheck`` measures the first tier's
+capacity and first failing count once more after the search (``policy``); a count measured more than
+once is stable only when every measurement of it is stable on the same side, so a recheck that flips a
+verdict widens the spread past it, and ``capacity_drift`` states, per rechecked count, how far the margin
+moved between the two measurements: the server's speed, as the tier judges it, ``exp(change) - 1``.
+``benchmarks/engine_capacity.py`` sets the stated spread against repeated runs of a real engine.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from agentperf_users.search.policy import CapacityStatus
+from agentperf_users.search.policy import RECHECK, CapacityStatus
 
 RESAMPLES = 200
 """Resamples per step and tier: a pass share near ``STABLE`` is then known to about ±2 %, and a report
@@ -54,13 +59,59 @@ def capacity_spread(steps: Iterable[tuple[int, float | None, float | None]], cap
     if status not in (CapacityStatus.FOUND, CapacityStatus.NONE_PASSED, CapacityStatus.NEVER_FAILED):
         return None
     answer = 0 if status == CapacityStatus.NONE_PASSED else capacity.get("agents") or 0
-    judged = [(agents, share, float(margin)) for agents, share, margin in steps
-              if share is not None and margin is not None]
-    stable_passes = [agents for agents, share, margin in judged
-                     if agents <= answer and share >= STABLE and margin >= STABLE_MARGIN]
-    stable_fails = [agents for agents, share, margin in judged
-                    if agents > answer and share <= 1 - STABLE and margin <= -STABLE_MARGIN]
+    judged: dict[int, list[tuple[float, float]]] = {}  # agents -> every measurement of it that judged requests
+    for agents, share, margin in steps:
+        if share is not None and margin is not None:
+            judged.setdefault(agents, []).append((share, float(margin)))
+    stable_passes = [agents for agents, measured in judged.items() if agents <= answer
+                     and all(share >= STABLE and margin >= STABLE_MARGIN for share, margin in measured)]
+    stable_fails = [agents for agents, measured in judged.items() if agents > answer
+                    and all(share <= 1 - STABLE and margin <= -STABLE_MARGIN for share, margin in measured)]
     return Spread(max(stable_passes, default=0), min(stable_fails) - 1 if stable_fails else None)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One count measured again (``--recheck``): the first measurement and the recheck, for one tier."""
+
+    agents: int
+    steps: tuple[int, int]  # the step indices: the first measurement of the count, the recheck
+    margins: tuple[float | str | None, float | str | None]  # each step's margin, as report.json writes it
+    change: float | None  # the recheck's margin minus the first's (a log ratio); None: either not a number
+
+    @property
+    def speed_change(self) -> float | None:
+        """How much faster (> 0) or slower the server met the tier's binding quantile at the recheck:
+        ``exp(change) - 1`` (the margin is the log ratio of that quantile to its limit)."""
+        return None if self.change is None else math.expm1(self.change)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "steps": list(self.steps), "margins": list(self.margins),
+                "speed_change": self.speed_change}
+
+
+def capacity_drift(steps: Iterable[tuple[int, int, str, float | str | None]]) -> list[Drift]:
+    """Each recheck of one tier beside the first measurement of its count, from the judged steps as
+    (index, agents, phase, margin: a number, ``"inf"``/``"-inf"`` or None, as report.json writes it)."""
+    first: dict[int, tuple[int, float | str | None]] = {}
+    drifts = []
+    for index, agents, phase, margin in steps:
+        if phase == RECHECK and agents in first:
+            earlier, earlier_margin = first[agents]
+            drifts.append(Drift(agents, (earlier, index), (earlier_margin, margin), _change(earlier_margin, margin)))
+        else:
+            first.setdefault(agents, (index, margin))
+    return drifts
+
+
+def _change(first: float | str | None, repeat: float | str | None) -> float | None:
+    if not all(isinstance(m, (int, float)) and math.isfinite(m) for m in (first, repeat)):
+        return None
+    return repeat - first
+
+
+DRIFT_HELD = 0.01
+"""A speed change under 1 % is said as held: rounded to a whole percent it would read as ``+0 %``."""
 
 
 def spread_words(spread: dict | None) -> str:
@@ -71,3 +122,20 @@ def spread_words(spread: dict | None) -> str:
     if high is None:
         return f"a rerun may land at {low:,} or more" if low else "no judged verdict held: a rerun may land anywhere"
     return "a rerun lands here too" if low == high else f"a rerun may land at {low:,}–{high:,}"
+
+
+def drift_words(capacity: dict) -> str:
+    """``the server's speed moved -27 % between two measurements of 8 agents``: the largest drift at a
+    tier's own capacity or first failing count (report.json's ``capacity.<tier>``: the rechecks are the
+    first tier's counts; another tier's numbers at them are in its ``drift`` only); empty when neither
+    was rechecked or no change is a number."""
+    own = (capacity.get("agents"), capacity.get("first_failing_agents"))
+    measured = [drift for drift in capacity.get("drift") or []
+                if drift["agents"] in own and drift.get("speed_change") is not None]
+    if not measured:
+        return ""
+    drift = max(measured, key=lambda found: round(abs(found["speed_change"]) * 100))  # as said; a tie: the first
+    between = f"between two measurements of {drift['agents']:,} agent" + ("" if drift["agents"] == 1 else "s")
+    if abs(drift["speed_change"]) < DRIFT_HELD:
+        return f"the server's speed held within {DRIFT_HELD * 100:.0f} % {between}"
+    return f"the server's speed moved {drift['speed_change'] * 100:+.0f} % {between}"

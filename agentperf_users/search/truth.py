@@ -25,6 +25,9 @@ Modelling choices (each mirrors the live run):
 * A step ramps, warms up for ``warmup_s``, then judges the requests that *ended* inside its
   window (``search.window_end``: ``window_s``, extended for ``min_requests``). Early stopping is not
   modelled: it never turns a fail into a pass.
+* A recheck (``recheck``: the search's last steps, ``policy``) is measured as any step: a restarted
+  step's verdict depends on its count and the seed alone, so it repeats the first measurement of its
+  count (to float rounding) and the search decides as the live one does; the truth has no drift.
 * A request the engine rejects (queue full, context too long) is a failed record, and the agent goes
   on after its tool wait, as a live agent does after an error.
 * ``replicas`` > 1 serves the agents from a :class:`~agentperf_users.simulator.fleet.Fleet`: that many

@@ -106,7 +106,7 @@ def search_run(tmp_path_factory):
         "--master", "--autostart", "--web-host", "127.0.0.1", "--web-port", str(web_port),
         "--expect-workers", "2", "--master-bind-host", "127.0.0.1", "--master-bind-port", master_port,
         "--metrics-port", str(metrics_port), "--records-dir", str(folder / "records"), "--run-id", "dist",
-        "--slo", str(SLO_FILE), "--start-agents", "2", "--step-agents", "2", "--max-agents", "4",
+        "--slo", str(SLO_FILE), "--start-agents", "2", "--step-agents", "2", "--max-agents", "4", "--recheck", "off",
         "--agent-spawn-rate", "20", "--warmup-s", "1", "--window-s", "2", "--capacity-json", str(summary_path),
         log=folder / "master.log",
     )
@@ -273,6 +273,7 @@ def test_a_step_that_loses_a_worker_is_measured_again_on_the_others(tmp_path):
         "--master", "--headless", "--expect-workers", "2", "--expect-workers-max-wait", "30",
         "--master-bind-host", "127.0.0.1", "--master-bind-port", master_port, "--records-dir", str(records_dir),
         "--run-id", "lost", "--slo", str(SLO_FILE), "--start-agents", "2", "--step-agents", "2", "--max-agents", "4",
+        "--recheck", "off",
         "--agent-spawn-rate", "20", "--warmup-s", "1", "--window-s", "3", "--capacity-json", str(tmp_path / "c.json"),
         log=log,
     )

@@ -38,7 +38,7 @@ WORKERS = 2
 TARGET_PORT = 8000
 PROFILE = "l4-llama3.2-3b"
 SEARCH = ["--trajectories", "demo", "--start-agents", "1", "--max-agents", "2", "--warmup-s", "2",
-          "--window-s", "5", "--min-requests", "4", "--no-truth"]
+          "--window-s", "5", "--min-requests", "4", "--no-truth", "--recheck", "off"]
 STARTUP_WAIT_S = 60
 SEARCH_WAIT_S = 150
 STOP_WAIT_S = 20
