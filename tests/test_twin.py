@@ -36,6 +36,7 @@ from agentperf_users.twin.fit import (
     fit,
 )
 from agentperf_users.twin.from_run import read_run_points
+from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import prefill_steps
 from agentperf_users.twin.probe_seqs import (
     BURST_OUTPUT_TOKENS,
@@ -152,6 +153,12 @@ def test_the_burst_fits_in_half_the_kv_cache():
     assert burst_size(10**6) == BURST_REQUESTS
     small = burst_size(4000)
     assert 1 <= small < BURST_REQUESTS and small * (BURST_PROMPT_TOKENS + BURST_OUTPUT_TOKENS) <= 2000
+
+
+def test_the_probe_sends_no_decode_group_larger_than_max_num_seqs():
+    """A group larger than the sequences the server runs at once never decodes all together: not sent."""
+    assert DESIGNS["quick"].fitted_to(131072, 10**6, 256).decode_batches == (1, 4, 16)
+    assert DESIGNS["quick"].fitted_to(131072, 10**6, 8).decode_batches == (1, 4)
 
 
 def test_predict_gives_the_truth_of_the_profile(tmp_path, capsys):

@@ -146,10 +146,10 @@ def _probed(args) -> Source:
     if model not in served:
         raise AgentperfError(f"--model {model!r} is not served by {redact_url(args.host)}; it serves {', '.join(served)}")
     limits, sources = _limits(args, target, served[model])
-    design = DESIGNS[args.design].fitted_to(limits.max_context_tokens, limits.kv_capacity_tokens)
     client = ProbeClient(target, model)
     if args.max_num_seqs is None:
         limits, sources = _measured_seqs(client, limits, sources)
+    design = DESIGNS[args.design].fitted_to(limits.max_context_tokens, limits.kv_capacity_tokens, limits.max_num_seqs)
     _say(f"agentperf calibrate: probing {redact_url(args.host)} ({model}) with the {design.name} design")
     data = run_probe(client, design, limits.max_num_batched_tokens)
     return Source(redact_url(args.host), model, design.name, limits, sources, data)
@@ -164,7 +164,7 @@ def _measured_seqs(client: ProbeClient, limits: Limits, sources: dict[str, str])
         _say(f"agentperf calibrate: max_num_seqs {limits.max_num_seqs} kept ({found.note}); pass --max-num-seqs "
              "if the server's is another")
         return limits, {**sources, "max_num_seqs": f"vLLM's default, not measured ({found.note})"}
-    _say(f"agentperf calibrate: max_num_seqs {found.value} ({found.note})")
+    _say(f"agentperf calibrate: max_num_seqs {found.value}: {found.note}")
     return replace(limits, max_num_seqs=found.value), {**sources, "max_num_seqs": found.note}
 
 
