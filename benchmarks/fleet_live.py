@@ -20,16 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agentperf_users.simulator.cli import SimulatorProcess  # noqa: E402
 from tests.simulator import write_profile  # noqa: E402
-
-SEARCH = ["--tool-wait", "none", "--start-agents", "2", "--max-agents", "32", "--warmup-s", "5", "--window-s", "20",
-          "--agent-spawn-rate", "100"]
+from tests.test_replicas import SEARCH, write_flat_set, write_tight_slo  # noqa: E402
 
 
 def agentperf(*args: str) -> subprocess.CompletedProcess:
@@ -40,14 +36,7 @@ def agentperf(*args: str) -> subprocess.CompletedProcess:
 def workload(folder: Path, max_num_seqs: int) -> list[str]:
     """The profile, trajectories and tier (module docstring) as options."""
     profile = write_profile(folder, {"engine.max_num_seqs": max_num_seqs})
-    flat = folder / "flat.yaml"
-    flat.write_text(yaml.safe_dump({"agentperf": 1, "name": "flat", "trajectories": [
-        {"id": f"t{i}", "turns": [{"messages": [{"role": "user", "content_tokens": 100}], "output_tokens": 100}]}
-        for i in range(8)]}))
-    slo = folder / "slo.yaml"
-    slo.write_text(yaml.safe_dump({"tiers": [
-        {"name": "tight", "ttft_max_s": 0.1, "output_tps_min": 1.0, "scope": "request", "quantile": 0.95}]}))
-    return [str(profile), "--trajectories", str(flat), "--slo", str(slo), *SEARCH]
+    return [str(profile), "--trajectories", str(write_flat_set(folder)), "--slo", str(write_tight_slo(folder)), *SEARCH]
 
 
 def agents(capacity: dict) -> str:

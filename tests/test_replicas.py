@@ -16,6 +16,7 @@ import json
 import math
 import time
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -40,23 +41,31 @@ SEARCH = ["--tool-wait", "none", "--start-agents", "2", "--max-agents", "32", "-
           "--agent-spawn-rate", "100"]
 
 
-@pytest.fixture
-def slo(tmp_path):
+def write_tight_slo(folder: Path) -> Path:
     """TTFT <= 0.1 s: above one prefill step, below the queueing delay of one agent more than the slots."""
-    path = tmp_path / "slo.yaml"
+    path = folder / "slo.yaml"
     path.write_text(yaml.safe_dump({"tiers": [
         {"name": "tight", "ttft_max_s": 0.1, "output_tps_min": 1.0, "scope": "request", "quantile": 0.95}]}))
     return path
 
 
-@pytest.fixture
-def flat(tmp_path):
+def write_flat_set(folder: Path) -> Path:
     """One-turn trajectories of ~100-token prompts: capacity is the sequence slots, per replica."""
-    path = tmp_path / "flat.yaml"
+    path = folder / "flat.yaml"
     path.write_text(yaml.safe_dump({"agentperf": 1, "name": "flat", "trajectories": [
         {"id": f"t{i}", "turns": [{"messages": [{"role": "user", "content_tokens": 100}], "output_tokens": 100}]}
         for i in range(8)]}))
     return path
+
+
+@pytest.fixture
+def slo(tmp_path):
+    return write_tight_slo(tmp_path)
+
+
+@pytest.fixture
+def flat(tmp_path):
+    return write_flat_set(tmp_path)
 
 
 @pytest.fixture
