@@ -37,7 +37,8 @@ def burst(url: str, model: str | None, limit: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--simulator", default="4,8,16,32,100", help="hidden limits of the simulator ('' for none)")
-    parser.add_argument("--vllm", default="8,default", help="vLLM's --max-num-seqs values ('default': not set; '' for none)")
+    parser.add_argument("--vllm", default="8,default",
+                        help="vLLM's --max-num-seqs values ('default': not set; '' for none)")
     args = parser.parse_args()
     print("simulator (default profile):")
     for limit in filter(None, args.simulator.split(",")):

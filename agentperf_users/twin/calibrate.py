@@ -62,10 +62,10 @@ def register_cli(subparsers) -> None:
                         help="the probe: standard (minutes on a slow server) or quick (seconds, coarser)")
     add_options(parser, [Group.AGENT])  # --model, --api-key-env, --request-timeout (--stall-timeout unused)
     parser.add_argument("--max-num-seqs", type=int, default=None,
-                        help="the server's max_num_seqs (no server reports it). Not given: measured by a burst of "
-                             f"{BURST_REQUESTS} short requests against /metrics' running and waiting gauges; where the burst never "
-                             f"queues or the server has no such gauges, {DEFAULT_MAX_NUM_SEQS} (vLLM's default; 1024 "
-                             "on large GPUs)")
+                        help=f"the server's max_num_seqs (no server reports it). Not given: measured by a burst of "
+                             f"{BURST_REQUESTS} short requests against /metrics' running and waiting gauges; where "
+                             f"the burst never queues or the server has no such gauges, {DEFAULT_MAX_NUM_SEQS} "
+                             "(vLLM's default; 1024 on large GPUs)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
                         help="the server's token budget per step (chunked prefill size; vLLM logs it at start)")
     parser.add_argument("--kv-cache-tokens", type=int, default=0,
