@@ -35,6 +35,7 @@ from agentperf_users.twin.fit import (
     StepWork,
     fit,
 )
+from agentperf_users.twin.calibrate import _measured_seqs
 from agentperf_users.twin.from_run import read_run_points
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import prefill_steps
@@ -46,7 +47,7 @@ from agentperf_users.twin.probe_seqs import (
     burst_size,
     read_limit,
 )
-from agentperf_users.twin.profile_yaml import constants_of
+from agentperf_users.twin.profile_yaml import Limits, constants_of
 from agentperf_users.workload.readers import load_trajectories
 from tests.simulator import simulator, write_profile
 from tests.support import free_port, wait_for
@@ -147,6 +148,21 @@ def test_the_burst_reads_max_num_seqs_only_where_requests_queued_for_a_slot(case
     assert found.value == {"queued": 8, "arrivals only": None, "no gauges": None}[case]
     assert {"queued": "at most 8 running while others waited", "arrivals only": "at least 64",
             "no gauges": "not measured"}[case] in found.note
+
+
+class _NoGauges:
+    """A probe client of a server whose /metrics has no queue gauges (here: none at all)."""
+
+    def metrics_text(self):
+        return None
+
+
+def test_without_the_gauges_calibrate_keeps_max_num_seqs_and_says_so_in_one_line(capsys):
+    limits = Limits(400_000, 131072, 256, 8192)
+    kept, sources = _measured_seqs(_NoGauges(), limits, {"max_num_seqs": "vLLM's default (--max-num-seqs not given)"})
+    assert kept == limits and "not measured" in sources["max_num_seqs"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "max_num_seqs 256 kept" in lines[1] and "no gauges" in lines[1]
 
 
 def test_the_burst_fits_in_half_the_kv_cache():
