@@ -141,6 +141,7 @@ def test_calibrate_measures_the_front_end_of_a_simulator(tmp_path, capsys):
     sidecar = json.loads((tmp_path / "twin.probe.json").read_text())
     assert len(sidecar["agent_front_end_s"]) == 9  # the quick design's 3 lengths, cold and twice cached
     assert "front-end cost per request" in err
+    assert "max_num_seqs 64 from --max-num-seqs;" in out.read_text()  # given: no burst
 
 
 class StubClient:

@@ -4,25 +4,35 @@ One replica is the single engine exactly; two round-robin replicas of a server b
 slots hold about twice the agents; prefix affinity keeps a conversation's turns where its prefix is
 cached, which round-robin does not (asserted on the replicas' recorded prefix-cache hit ratios); a
 router sheds conversations from an overloaded replica; bad values are one line, exit 2.
+
+Live (``agentperf simulate --replicas N --router R``): two replicas run twice the sequences at once, their
+``/metrics`` series are labelled by engine and add up, and the routers place requests as on the clock.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from agentperf_users.cli.main import main
 from agentperf_users.loadgen import replay
+from agentperf_users.measure.server_metrics import parse_exposition
 from agentperf_users.measure.slo import load_slo
 from agentperf_users.search import truth
 from agentperf_users.search.policy import CapacityStatus
 from agentperf_users.simulator.engine import Engine, EngineRequest
 from agentperf_users.simulator.fleet import BALANCE_SLACK, PREFIX_AFFINITY, ROUND_ROBIN, Fleet
 from agentperf_users.workload.readers import load_trajectories
-from tests.simulator import custom_profile, make_prompt, write_profile
+from tests.simulator import custom_profile, make_prompt, scrape, simulator, write_profile
+from tests.support import wait_for
 from tests.test_truth import search_params
 
 MAX_NUM_SEQS = 4
@@ -31,23 +41,31 @@ SEARCH = ["--tool-wait", "none", "--start-agents", "2", "--max-agents", "32", "-
           "--agent-spawn-rate", "100"]
 
 
-@pytest.fixture
-def slo(tmp_path):
+def write_tight_slo(folder: Path) -> Path:
     """TTFT <= 0.1 s: above one prefill step, below the queueing delay of one agent more than the slots."""
-    path = tmp_path / "slo.yaml"
+    path = folder / "slo.yaml"
     path.write_text(yaml.safe_dump({"tiers": [
         {"name": "tight", "ttft_max_s": 0.1, "output_tps_min": 1.0, "scope": "request", "quantile": 0.95}]}))
     return path
 
 
-@pytest.fixture
-def flat(tmp_path):
+def write_flat_set(folder: Path) -> Path:
     """One-turn trajectories of ~100-token prompts: capacity is the sequence slots, per replica."""
-    path = tmp_path / "flat.yaml"
+    path = folder / "flat.yaml"
     path.write_text(yaml.safe_dump({"agentperf": 1, "name": "flat", "trajectories": [
         {"id": f"t{i}", "turns": [{"messages": [{"role": "user", "content_tokens": 100}], "output_tokens": 100}]}
         for i in range(8)]}))
     return path
+
+
+@pytest.fixture
+def slo(tmp_path):
+    return write_tight_slo(tmp_path)
+
+
+@pytest.fixture
+def flat(tmp_path):
+    return write_flat_set(tmp_path)
 
 
 @pytest.fixture
@@ -151,3 +169,61 @@ def test_bad_fleet_options_are_one_line(tmp_path, capsys, option, value):
     assert main(["predict", "--profile", str(profile), option, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and option in err[0] and "Traceback" not in err[0]
+
+
+def _open_stream(url: str, text: str) -> http.client.HTTPConnection:
+    """A long streamed request to a live simulator, left open (closing the connection aborts it)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "messages": [{"role": "user", "content": text}], "stream": True, "max_tokens": 5000, "ignore_eos": True}),
+        {"Content-Type": "application/json"})
+    assert conn.getresponse().status == 200
+    return conn
+
+
+def _cached_tokens(url: str, text: str) -> int:
+    """A one-token request's cached prompt tokens (the server's usage)."""
+    body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 1}).encode()
+    request = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_live_replicas_each_run_their_own_sequence_slots(tmp_path, replicas):
+    """Four long streams at a server of two sequence slots: one replica runs two and queues two, two round-robin
+    replicas run two each with none waiting; the engines' series add up in the harness's reading."""
+    profile = write_profile(tmp_path, {"engine.max_num_seqs": 2})
+    text = " ".join(["the same long prompt"] * 40)
+    with simulator("--profile", str(profile), "--replicas", str(replicas)) as sim:
+        first, again = _cached_tokens(sim.url, text), _cached_tokens(sim.url, text)
+        assert first == 0 and (again > 0) == (replicas == 1)  # round-robin sent the repeat to the other replica
+        streams = [_open_stream(sim.url, f"stream {i}") for i in range(4)]
+        try:
+            reading = wait_for(lambda: _settled(sim.url, running=2 * replicas), 10, "the streams admitted")
+            samples = scrape(sim.url)
+        finally:
+            for conn in streams:
+                conn.close()
+    assert reading.values["requests_waiting"] == 4 - 2 * replicas
+    running = {s.labels.get("engine", "-"): s.value for s in samples["vllm:num_requests_running"]}
+    assert running == ({"-": 2} if replicas == 1 else {"0": 2, "1": 2})
+    blocks = [s.labels["num_gpu_blocks"] for s in samples["vllm:cache_config_info"]]
+    assert len(blocks) == replicas and len(set(blocks)) == 1  # each replica its own KV cache of the profile's size
+
+
+def _settled(url: str, running: int):
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        reading = parse_exposition(response.read().decode(), time.time())
+    return reading if reading and reading.values["requests_running"] == running else None
+
+
+def test_live_prefix_affinity_sends_a_repeated_prompt_where_it_is_cached(tmp_path):
+    profile = write_profile(tmp_path, {})
+    text = " ".join(["a prompt worth caching"] * 40)
+    with simulator("--profile", str(profile), "--replicas", "2", "--router", PREFIX_AFFINITY) as sim:
+        assert _cached_tokens(sim.url, text) == 0
+        assert _cached_tokens(sim.url, text) > 0 and _cached_tokens(sim.url, text) > 0
+        hits = {s.labels["engine"]: s.value for s in scrape(sim.url)["vllm:prefix_cache_hits_total"]}
+    assert sorted(hits.values())[0] == 0 < sorted(hits.values())[1]  # every hit on the replica that cached it

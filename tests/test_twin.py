@@ -35,9 +35,19 @@ from agentperf_users.twin.fit import (
     StepWork,
     fit,
 )
+from agentperf_users.twin.calibrate import _measured_seqs
 from agentperf_users.twin.from_run import read_run_points
+from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import prefill_steps
-from agentperf_users.twin.profile_yaml import constants_of
+from agentperf_users.twin.probe_seqs import (
+    BURST_OUTPUT_TOKENS,
+    BURST_PROMPT_TOKENS,
+    BURST_REQUESTS,
+    Gauges,
+    burst_size,
+    read_limit,
+)
+from agentperf_users.twin.profile_yaml import Limits, constants_of
 from agentperf_users.workload.readers import load_trajectories
 from tests.simulator import simulator, write_profile
 from tests.support import free_port, wait_for
@@ -100,12 +110,12 @@ def test_fit_refuses_too_few_points_and_noise_in_one_line():
 
 
 def test_calibrate_recovers_the_profile_of_a_simulator(tmp_path, capsys):
-    hidden = write_profile(tmp_path, {"efficiency.bandwidth": 0.6, "efficiency.mfu": 0.5, "engine.max_num_seqs": 64})
+    """Without --max-num-seqs the burst measures the hidden 16 (the quick design's largest decode group)."""
+    hidden = write_profile(tmp_path, {"efficiency.bandwidth": 0.6, "efficiency.mfu": 0.5, "engine.max_num_seqs": 16})
     out = tmp_path / "twin.yaml"
     with simulator("--profile", str(hidden)) as sim:
         # --max-residual 0.5: on a loaded CI machine client-timed decodes stall; the refusal has its own test.
-        code = main(["calibrate", "--host", sim.url, "--out", str(out), "--design", "quick", "--max-num-seqs", "64",
-                     "--max-residual", "0.5"])
+        code = main(["calibrate", "--host", sim.url, "--out", str(out), "--design", "quick", "--max-residual", "0.5"])
     assert code == 0, capsys.readouterr().err
     twin, truth = load_profile(out), load_profile(hidden)
     # KV read per token is the faintest term here (a third of the largest decode step): client-timed decodes on
@@ -115,7 +125,8 @@ def test_calibrate_recovers_the_profile_of_a_simulator(tmp_path, capsys):
     assert constants_of(twin).sequence_s < 0.03 * floor_s  # the simulator's front end costs its steps nothing
     assert twin.kv_capacity_tokens == truth.kv_capacity_tokens  # read from vllm:cache_config_info, not fitted
     assert twin.model.max_context_tokens == truth.model.max_context_tokens
-    assert twin.engine.max_num_seqs == 64
+    assert twin.engine.max_num_seqs == 16
+    assert "max_num_seqs 16 from a burst of 64 requests: at most 16 running while others waited" in out.read_text()
     sidecar = json.loads((tmp_path / "twin.probe.json").read_text())
     assert sidecar["prefix_caching"] == "on"
     assert len(sidecar["observations"]) >= MIN_OBSERVATIONS
@@ -124,6 +135,46 @@ def test_calibrate_recovers_the_profile_of_a_simulator(tmp_path, capsys):
     assert len(sidecar["front_end_s"]) == 5 and all(seconds > 0 for _, seconds in sidecar["front_end_s"])
     assert "residual" in out.read_text().splitlines()[4]  # the comment block says how well it fits
     assert "calibrate: cold prefill" in capsys.readouterr().err  # progress lines
+
+
+@pytest.mark.parametrize("case", ["queued", "arrivals only", "no gauges"])
+def test_the_burst_reads_max_num_seqs_only_where_requests_queued_for_a_slot(case):
+    """Running while others wait is the limit; requests that wait only as they arrive (every one started
+    before the first ended) show a limit of at least the burst; a server without the gauges, nothing."""
+    plateau = [Gauges(3, 61), Gauges(8, 56), Gauges(8, 40), Gauges(8, 0)]
+    found = {"queued": read_limit(plateau, 64, started=8),
+             "arrivals only": read_limit([Gauges(20, 44), Gauges(64, 0)], 64, started=64),
+             "no gauges": read_limit((), 64, started=64)}[case]
+    assert found.value == {"queued": 8, "arrivals only": None, "no gauges": None}[case]
+    assert {"queued": "at most 8 running while others waited", "arrivals only": "at least 64",
+            "no gauges": "not measured"}[case] in found.note
+
+
+class _NoGauges:
+    """A probe client of a server whose /metrics has no queue gauges (here: none at all)."""
+
+    def metrics_text(self):
+        return None
+
+
+def test_without_the_gauges_calibrate_keeps_max_num_seqs_and_says_so_in_one_line(capsys):
+    limits = Limits(400_000, 131072, 256, 8192)
+    kept, sources = _measured_seqs(_NoGauges(), limits, {"max_num_seqs": "vLLM's default (--max-num-seqs not given)"})
+    assert kept == limits and "not measured" in sources["max_num_seqs"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "max_num_seqs 256 kept" in lines[1] and "no gauges" in lines[1]
+
+
+def test_the_burst_fits_in_half_the_kv_cache():
+    assert burst_size(10**6) == BURST_REQUESTS
+    small = burst_size(4000)
+    assert 1 <= small < BURST_REQUESTS and small * (BURST_PROMPT_TOKENS + BURST_OUTPUT_TOKENS) <= 2000
+
+
+def test_the_probe_sends_no_decode_group_larger_than_max_num_seqs():
+    """A group larger than the sequences the server runs at once never decodes all together: not sent."""
+    assert DESIGNS["quick"].fitted_to(131072, 10**6, 256).decode_batches == (1, 4, 16)
+    assert DESIGNS["quick"].fitted_to(131072, 10**6, 8).decode_batches == (1, 4)
 
 
 def test_predict_gives_the_truth_of_the_profile(tmp_path, capsys):

@@ -48,6 +48,7 @@ from agentperf_users.simulator.faults import (
     MAX_RETRY_AFTER_S,
     parse_faults,
 )
+from agentperf_users.simulator.fleet import ROUND_ROBIN, ROUTERS, make_router, replica_count
 from agentperf_users.simulator.profile import (
     DEFAULT_PROFILE,
     Profile,
@@ -89,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "chunk, missing-done drops [DONE]. Counted in agentperf_sim_faults_total{kind}")
     parser.add_argument("--fault-retry-after", type=int, default=DEFAULT_RETRY_AFTER_S, metavar="SECONDS",
                         help=f"Retry-After of injected 429 and 503 answers (default: {DEFAULT_RETRY_AFTER_S})")
+    parser.add_argument("--replicas", default="1", metavar="N",
+                        help="serve N data-parallel copies of the profile's engine behind --router, as agentperf "
+                             "truth and predict --replicas model them on the virtual clock; /metrics labels each "
+                             "copy's series engine=\"i\" (default: 1)")
+    parser.add_argument("--router", default=ROUND_ROBIN, metavar="|".join(ROUTERS),
+                        help="how requests are spread over --replicas: round-robin, or prefix-affinity (each to the "
+                             "replica caching the longest prefix of its prompt, within a bounded load)")
     parser.add_argument("--describe", nargs="?", const="", default=None, metavar="PROFILE",
                         help="print the derived capacity numbers of PROFILE (default: --profile) and exit")
     parser.add_argument("--json", action="store_true", help="with --describe: print JSON")
@@ -128,6 +136,8 @@ def _simulate(args: argparse.Namespace) -> int:
         raise SimulatorError(f"--fault-retry-after: expected whole seconds from 0 to {MAX_RETRY_AFTER_S}, "
                              f"got {args.fault_retry_after}")
     faults = parse_faults(args.fault)
+    replicas = replica_count(args.replicas)
+    make_router(args.router)  # an unknown name is one line here, before anything listens
     try:
         profile = load_profile(args.describe or args.profile)
     except OSError as exc:
@@ -146,6 +156,8 @@ def _simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         faults=faults,
         retry_after_s=args.fault_retry_after,
+        replicas=replicas,
+        router=args.router,
     )
     try:
         serve(profile, args.host, args.port, options=options)

@@ -296,7 +296,7 @@ class Engine:
             req = seq.req
             if req.scheduled_s is None:  # first admission; a re-admission after preemption keeps both
                 # Not before arrival: the server's step may start on an engine clock a little behind the
-                # wall clock that stamped the arrival (see server.MAX_CLOCK_SLIP_S).
+                # wall clock that stamped the arrival (see replica.MAX_CLOCK_SLIP_S).
                 req.scheduled_s = now_s if now_s > req.arrival_s else req.arrival_s
                 req.cached_tokens = hit_tokens
             seq.running = True

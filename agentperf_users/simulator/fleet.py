@@ -18,6 +18,10 @@ and a router that picks the replica of every request when it arrives:
   directly: an ideal cache-aware router (real ones keep an approximate copy of each replica's prefix
   tree, built from the requests they routed).
 
+The routers read a replica only through :class:`Routed` (its engine and its load), so the live
+simulator's replicas (``agentperf simulate --replicas``, :mod:`agentperf_users.simulator.replica`) are
+routed by these same functions.
+
 A fleet of one replica is exactly the engine it wraps: the same submits at the same step boundaries,
 the same sampled reply lengths (every reply length is drawn from the first replica's generator, so the
 lengths never depend on the routing), the same times.
@@ -28,7 +32,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from agentperf_users.simulator.engine import Engine, EngineRequest, EngineStep
 from agentperf_users.simulator.profile import Profile, SimulatorError
@@ -61,6 +65,29 @@ class ReplicaStats:
                 "prefix_queries_tokens": self.prefix_queries_tokens, "busy_s": round(self.busy_s, 3)}
 
 
+class Routed(Protocol):
+    """What a router reads of a replica: its engine (whose prefix cache it asks) and its load."""
+
+    engine: Engine
+
+    @property
+    def load(self) -> int: ...
+
+
+def engine_load(engine: Engine) -> int:
+    """A replica's load as the routers weigh it: the requests its engine runs plus those waiting."""
+    counters = engine.counters
+    return counters.num_running + counters.num_waiting
+
+
+def replica_count(replicas: int | str) -> int:
+    """``replicas`` (a number, or an option's text), checked: one line naming ``--replicas`` and what it takes."""
+    text = str(replicas).strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_REPLICAS:
+        raise SimulatorError(f"--replicas: expected a whole number from 1 to {MAX_REPLICAS}, got {replicas!r}")
+    return int(text)
+
+
 class _Replica:
     """One engine and the step it has in flight (whose tokens exist at the step's end)."""
 
@@ -73,15 +100,14 @@ class _Replica:
 
     @property
     def load(self) -> int:
-        counters = self.engine.counters
-        return counters.num_running + counters.num_waiting
+        return engine_load(self.engine)
 
     @property
     def step_end_s(self) -> float:
         return self.step.start_s + self.step.duration_s if self.step is not None else math.inf
 
 
-Router = Callable[[Sequence[_Replica], EngineRequest], int]
+Router = Callable[[Sequence[Routed], EngineRequest], int]
 
 
 def round_robin() -> Router:
@@ -90,7 +116,7 @@ def round_robin() -> Router:
     return lambda replicas, request: next(turn) % len(replicas)
 
 
-def prefix_affinity(replicas: Sequence[_Replica], request: EngineRequest) -> int:
+def prefix_affinity(replicas: Sequence[Routed], request: EngineRequest) -> int:
     """The replica holding the longest prefix of the prompt, within the bounded load (module docstring)."""
     loads = [replica.load for replica in replicas]
     bound = math.ceil((1 + BALANCE_SLACK) * (sum(loads) + 1) / len(replicas))
@@ -121,9 +147,7 @@ class Fleet:
 
     @classmethod
     def of(cls, profile: Profile, replicas: int = 1, router: str = ROUND_ROBIN, seed: int = 0) -> Fleet:
-        if not 1 <= replicas <= MAX_REPLICAS:
-            raise SimulatorError(f"--replicas: expected a whole number from 1 to {MAX_REPLICAS}, got {replicas}")
-        return cls([Engine(profile, seed=seed) for _ in range(replicas)], router)
+        return cls([Engine(profile, seed=seed) for _ in range(replica_count(replicas))], router)
 
     @property
     def size(self) -> int:

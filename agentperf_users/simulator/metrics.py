@@ -16,6 +16,11 @@ frontend, so both are the request's arrival:
   ``request_decode_time_seconds`` (first to last token) and ``e2e_request_latency_seconds`` (arrival
   to last token): once per request that completed normally, the ones ``vllm:request_success`` counts.
 
+With ``--replicas N`` (N > 1) the endpoint is :class:`FleetMetrics`: every replica's series, each
+labelled ``engine`` with the replica's index, as a data-parallel vLLM labels its engines' series, so that
+a reader sums them (the harness's server metrics do; the KV usage it takes as the fullest engine's);
+``vllm:cache_config_info`` gives each replica's own blocks. One replica's endpoint is unchanged.
+
 ``agentperf_sim_faults_total{kind}`` counts failures ``--fault`` injects (see :mod:`.faults`), and
 ``vllm:cache_config_info`` (a gauge at 1, as vLLM emulates an info metric) labels the KV cache's
 ``num_gpu_blocks`` and ``block_size``.
@@ -42,7 +47,7 @@ import time
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -264,3 +269,26 @@ class SimulatorMetrics:
     def render(self) -> bytes:
         """The exposition text (Prometheus text format 0.0.4)."""
         return generate_latest(self.registry)
+
+
+class FleetMetrics:
+    """The ``/metrics`` of replicas behind one router: each replica's series labelled ``engine`` with its
+    index (module docstring); one replica's are rendered as they are."""
+
+    def __init__(self, replicas: Sequence[SimulatorMetrics]):
+        self._replicas = tuple(replicas)
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for index, metrics in enumerate(self._replicas):
+            for family in metrics.registry.collect():
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                             family.unit))
+                into.samples += [sample._replace(labels={**sample.labels, "engine": str(index)})
+                                 for sample in family.samples]
+        yield from merged.values()
+
+    def render(self) -> bytes:
+        if len(self._replicas) == 1:
+            return self._replicas[0].render()
+        return generate_latest(self)  # type: ignore[arg-type]  # what it reads of a registry: collect()

@@ -1,21 +1,17 @@
-"""The simulator's OpenAI-compatible server: routes, request lifecycle, and the one engine ticker.
+"""The simulator's OpenAI-compatible server: routes and the request lifecycle, in front of its engines.
 
-Why one ticker: one Python core must sustain tens of thousands of streamed tokens a second, and a timer
-per stream caps a core near 20K chunks/s. Here a single coroutine steps the engine, sleeps until the
-step's tokens exist (step start plus duration, on ``time.monotonic()``), and writes each stream's bytes
-for that step with one ``transport.write``. Chunk bytes are pre-encoded per stream (:mod:`.reply`) and
-built while the ticker waits, so at the step's end only the writes remain. HTTP framing lives in
+The engines, each stepped by its one ticker, are :class:`~agentperf_users.simulator.replica.EngineReplica`
+s: one, or ``ServerOptions.replicas`` behind ``ServerOptions.router`` (the routers of :mod:`.fleet`, which
+the truth's virtual clock uses too), each request routed when it arrives. HTTP framing lives in
 :mod:`.httpserver`, request validation and the error shape in :mod:`.wire`.
 
-The engine's clock is the step boundary, not the moment the server gets round to the next step: while
-the engine has work, a step starts where the previous one ended, so the server's own overhead does not
-slow the modelled GPU. If the server falls more than ``MAX_CLOCK_SLIP_S`` behind, the clock jumps to now.
-
-Routes: ``POST /v1/chat/completions`` (SSE or whole), ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+Routes: ``POST /v1/chat/completions`` (SSE or whole), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
+(with replicas, every series labelled by its ``engine``: :class:`~agentperf_users.simulator.metrics.FleetMetrics`).
 
 With ``ServerOptions.faults`` some chat completions break on purpose (:mod:`.faults`): a request draws its
-fault on arrival; one answered before any stream never reaches the engine, and one cut short mid-stream
-is aborted in the engine at the cut, as a client disconnect is.
+fault on arrival; one answered before any stream never reaches an engine (it is counted in the first
+replica's metrics), and one cut short mid-stream is aborted in its engine at the cut, as a client
+disconnect is.
 """
 
 from __future__ import annotations
@@ -30,14 +26,11 @@ import signal
 import sys
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass
 
 from agentperf_users.simulator.engine import (
     ContextLengthError,
-    Engine,
     EngineRequest,
-    EngineStep,
     QueueFullError,
     context_overflow_message,
 )
@@ -49,20 +42,15 @@ from agentperf_users.simulator.faults import (
     FaultyReply,
     answer_before_headers,
 )
+from agentperf_users.simulator.fleet import ROUND_ROBIN, make_router, replica_count
 from agentperf_users.simulator.httpserver import HttpConnection, HttpRequest
-from agentperf_users.simulator.metrics import (
-    CacheInfo,
-    PowerModel,
-    PowerSpec,
-    SimulatorMetrics,
-)
+from agentperf_users.simulator.metrics import FleetMetrics
 from agentperf_users.simulator.profile import Profile
+from agentperf_users.simulator.replica import EngineReplica
 from agentperf_users.simulator.reply import WORDS, Reply, ReplyPlan
 from agentperf_users.simulator.wire import ApiError, ChatParams
 from agentperf_users.tokens import PromptEncoder
 
-MAX_CLOCK_SLIP_S = 0.25
-IDLE_RETRY_S = 0.001  # the engine has work but scheduled nothing this step
 API_KEY_ENV = "AGENTPERF_SIM_API_KEY"
 
 
@@ -77,134 +65,47 @@ class ServerOptions:
     seed: int = 0
     faults: tuple[FaultSpec, ...] = ()  # injected failures (see :mod:`.faults`); empty: none
     retry_after_s: int = DEFAULT_RETRY_AFTER_S  # the Retry-After of injected 429 and 503 answers
+    replicas: int = 1  # data-parallel engines of the profile behind ``router``
+    router: str = ROUND_ROBIN  # one of :data:`~agentperf_users.simulator.fleet.ROUTERS`
 
 
 class SimulatorServer:
-    """The engine, its ticker, and the HTTP routes in front of them, on the running event loop."""
+    """The engines (replicas), their router, and the HTTP routes in front of them, on the running event loop."""
 
     def __init__(self, profile: Profile, options: ServerOptions = ServerOptions()):
         self.profile = profile
         self.options = options
-        self.engine = Engine(profile, seed=options.seed)
         self.model_names = options.served_model_names or (profile.model.name,)
+        kinds = tuple(f.kind for f in options.faults)
+        # Every engine of one seed, and every reply length drawn from the first's: as the truth's Fleet.
+        self.replicas = [EngineReplica(profile, options.seed, self.model_names[0], kinds)
+                         for _ in range(replica_count(options.replicas))]
+        self._route = make_router(options.router)
+        self.metrics = FleetMetrics([replica.metrics for replica in self.replicas])
         self._rng = random.Random(options.seed)
         self._encoder = PromptEncoder()
         self._ids = itertools.count()
         self._id_prefix = f"{self._rng.getrandbits(48):012x}"
-        gpu, counters = profile.gpu, self.engine.counters
-        power = PowerModel(PowerSpec(gpu.count, gpu.name, gpu.idle_w, gpu.tdp_w), lambda: counters.busy_s_total)
-        cache = CacheInfo(profile.kv_capacity_blocks, profile.engine.block_size, profile.engine.gpu_memory_utilization)
-        self.metrics = SimulatorMetrics(self.model_names[0], counters, power, cache, [f.kind for f in options.faults])
         self._faults = FaultPlan(options.faults, options.seed) if options.faults else None
-        self._replies: dict[EngineRequest, Reply] = {}
-        # Replies whose last token is written; their usage chunk and [DONE] go out in the next step's
-        # slack so that building them (a timing report is thousands of floats) never delays a token.
-        self._finishing: deque[Reply] = deque()
         self._connections: set[HttpConnection] = set()
-        self._wake: asyncio.Event | None = None
-        self._ticker: asyncio.Task | None = None
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (0 picks a free port) and start the ticker; returns the bound port."""
+        """Listen on ``host:port`` (0 picks a free port) and start the tickers; returns the bound port."""
         loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
         self._server = await loop.create_server(self._connect, host, port)
-        self._ticker = loop.create_task(self._tick_forever())
+        for replica in self.replicas:
+            replica.start()
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
         """Stop: streams in flight get an in-band error, then every connection closes."""
-        self._ticker.cancel()
         self._server.close()
-        self._finish_all()
-        self._fail_all(ApiError(503, "the simulator is shutting down"))
+        for replica in self.replicas:
+            replica.close(ApiError(503, "the simulator is shutting down"))
         for conn in list(self._connections):
             conn.transport.close()
         await self._server.wait_closed()
-
-    # --- engine ticker -------------------------------------------------------------------------
-    async def _tick_forever(self) -> None:
-        end_s = None
-        finishing = self._finishing
-        while True:
-            if not self.engine.has_work():
-                self._finish_all()
-                self._wake.clear()
-                await self._wake.wait()
-                end_s = None
-            now_s = time.monotonic()
-            start_s = end_s if end_s is not None and now_s - end_s < MAX_CLOCK_SLIP_S else now_s
-            try:
-                result = self.engine.step(start_s)
-            except Exception:  # an engine bug must not hang every stream: fail them and go on
-                traceback.print_exc(file=sys.stderr)
-                self._fail_all(ApiError(500, "simulator engine error; see the server log"))
-                end_s = None
-                continue
-            if result is None or result.prefill_tokens + result.decode_batch == 0:
-                self._finish_all()
-                end_s = None
-                await asyncio.sleep(IDLE_RETRY_S)
-                continue
-            end_s = result.start_s + result.duration_s
-            ready = self._prepare(result, end_s)
-            while finishing and time.monotonic() < end_s:  # bookkeeping uses the slack, never the deadline
-                finishing.popleft().finish()
-            while (delay_s := end_s - time.monotonic()) > 0:  # uvloop timers round to whole ms
-                await asyncio.sleep(delay_s)
-            for reply in ready:
-                reply.flush()
-            for reply in ready:
-                if reply.done:
-                    self._replies.pop(reply.request, None)
-                    if reply.request.finished_s is None:  # an injected fault cut it short: free its blocks
-                        self.engine.abort(reply.request.request_id)
-                    finishing.append(reply)
-
-    def _finish_all(self) -> None:
-        while self._finishing:
-            self._finishing.popleft().finish()
-
-    def _prepare(self, result: EngineStep, end_s: float) -> list[Reply]:
-        """Build every emitted token's bytes ahead of ``end_s`` and observe the step's latencies; returns the
-        replies to flush then.
-
-        A reply's planned length is the engine request's ``max_output_tokens``, so a reply is done
-        exactly when the engine lists its request as finished. Each token after a request's first is one
-        inter-token gap, ``end_s`` minus its previous token's time. Nearly all of a step's tokens follow
-        one at the previous step's end, so the gaps are counted in runs of equal previous times and each
-        run is observed in one call: per token only a comparison and an addition.
-        """
-        ready = []
-        replies = self._replies
-        previous_s, gaps = None, 0  # the current run: tokens whose previous token came at previous_s
-        observe_gaps = self.metrics.observe_token_gaps
-        for request in result.emitted:
-            reply = replies.get(request)
-            if reply is not None:  # None: its client went away during the step
-                if request.previous_token_s != previous_s:
-                    if previous_s is not None:
-                        observe_gaps(end_s - previous_s, gaps)
-                    previous_s, gaps = request.previous_token_s, 0
-                gaps += 1  # a first token (previous_s None) counts in a run that is never observed
-                reply.add_token(end_s)
-                ready.append(reply)
-        if previous_s is not None:
-            observe_gaps(end_s - previous_s, gaps)
-        for request in result.finished:
-            reply = replies.get(request)
-            # The requests the e2e histogram counts: a faulted reply never completes normally (FaultyReply).
-            if reply is not None and not isinstance(reply, FaultyReply):
-                self.metrics.observe_phases(request)
-        return ready
-
-    def _fail_all(self, error: ApiError) -> None:
-        """End every reply in flight with ``error`` and drop its request from the engine."""
-        for request, reply in list(self._replies.items()):
-            self.engine.abort(request.request_id)
-            reply.fail(error)
-        self._replies.clear()
 
     # --- HTTP routes ---------------------------------------------------------------------------
     def _connect(self) -> HttpConnection:
@@ -214,9 +115,9 @@ class SimulatorServer:
 
     def _lost(self, conn: HttpConnection) -> None:
         self._connections.discard(conn)
-        reply = conn.reply
-        if reply is not None and self._replies.pop(reply.request, None) is not None:
-            self.engine.abort(reply.request.request_id)
+        if conn.reply is not None:
+            for replica in self.replicas:
+                replica.drop(conn.reply.request)
 
     def _handle(self, conn: HttpConnection, request: HttpRequest) -> None:
         try:
@@ -262,31 +163,32 @@ class SimulatorServer:
         if prompt.num_tokens + max(limit, 1) > context:  # vLLM checks the requested limit, not the sampled length
             raise ApiError(400, context_overflow_message(context, prompt.num_tokens, max(limit, 1)), "messages")
         fault = self._faults.draw() if self._faults is not None else None
+        first = self.replicas[0]
         if fault is not None and fault.kind in BEFORE_HEADERS:
-            self.metrics.count_fault(fault.kind)
+            first.metrics.count_fault(fault.kind)
             return answer_before_headers(conn, fault.kind, self.options.retry_after_s)
-        output_tokens = limit if params.ignore_eos else self.engine.sample_output_tokens(limit)
+        output_tokens = limit if params.ignore_eos else first.engine.sample_output_tokens(limit)
         plan = self._plan(params, output_tokens, limit)
         request_id = f"chatcmpl-{self._id_prefix}{next(self._ids):012x}"
         request = EngineRequest(request_id=request_id, prompt=prompt, max_output_tokens=output_tokens,
                                 arrival_s=time.monotonic())
+        replica = self.replicas[self._route(self.replicas, request)] if len(self.replicas) > 1 else first
         try:
-            self.engine.submit(request)
+            replica.engine.submit(request)
         except QueueFullError as exc:
             raise ApiError(429, f"the server's waiting queue is full: {exc}") from None
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), "messages") from None
-        reply_args = (conn, request, params, plan, params.model or self.model_names[0], self.metrics)
+        reply_args = (conn, request, params, plan, params.model or self.model_names[0], replica.metrics)
         if fault is not None and params.stream:  # mid-stream kinds need a stream (see .faults)
             reply = FaultyReply(*reply_args, fault=fault)
-            self.metrics.count_fault(fault.kind)
+            first.metrics.count_fault(fault.kind)
         else:
             reply = Reply(*reply_args)
-        self._replies[request] = reply
         conn.reply = reply
         if params.stream:
             conn.start_stream((("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")))
-        self._wake.set()
+        replica.add(reply)
 
     def _plan(self, params: ChatParams, output_tokens: int, limit: int) -> ReplyPlan:
         share = self.options.reasoning_share if params.reasoning_share is None else params.reasoning_share
@@ -333,7 +235,8 @@ def serve(profile: Profile, host: str = "127.0.0.1", port: int = 8000, api_key: 
         server = SimulatorServer(profile, options)
         bound = await server.start(host, port)
         url = _url(host, bound)
-        print(f"agentperf simulator: serving {server.model_names[0]} ({profile.name}) on {url}", flush=True)
+        fleet = f", {options.replicas} replicas behind {options.router}" if options.replicas > 1 else ""
+        print(f"agentperf simulator: serving {server.model_names[0]} ({profile.name}{fleet}) on {url}", flush=True)
         await stop.wait()
         await server.close()
 

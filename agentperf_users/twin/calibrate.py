@@ -1,8 +1,9 @@
 """``agentperf calibrate``: probe a server, fit the simulator's step constants, write a profile YAML.
 
 Steps: ask the server what it serves and its limits (``/v1/models``'s ``max_model_len``; vLLM's
-``vllm:cache_config_info`` on ``/metrics`` for the KV cache's blocks and block size; options for what no
-server tells: ``max_num_seqs``, ``max_num_batched_tokens``); send the probe
+``vllm:cache_config_info`` on ``/metrics`` for the KV cache's blocks and block size; ``max_num_seqs``
+measured by a burst against ``/metrics``' queue gauges unless given (:mod:`agentperf_users.twin.probe_seqs`);
+options for what no server tells: ``max_num_batched_tokens``); send the probe
 (:mod:`agentperf_users.twin.probe_run`); fit (:mod:`agentperf_users.twin.fit`); write the profile
 (:mod:`agentperf_users.twin.profile_yaml`, checked by the simulator's own loader and renamed into place)
 with a comment block saying where every number came from, and beside it ``NAME.probe.json`` with each
@@ -33,11 +34,13 @@ from agentperf_users.twin.fit import MAX_RMS_RELATIVE, FitResult, FrontEndFit, O
 from agentperf_users.twin.from_run import DECODE_KINDS, describe, read_run_points, refine
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import ProbeClient, ProbeData, run_probe
+from agentperf_users.twin.probe_seqs import BURST_REQUESTS, measure_max_num_seqs
 from agentperf_users.twin.profile_yaml import Limits, profile_data, write_profile
 
 METRICS_TIMEOUT_S = 10.0
 SIDECAR_SUFFIX = ".probe.json"
 LIMIT_NAMES = ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")
+DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default (1024 on large GPUs): kept where a burst cannot tell the limit
 
 
 def register_cli(subparsers) -> None:
@@ -58,8 +61,11 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--design", choices=sorted(DESIGNS), default="standard",
                         help="the probe: standard (minutes on a slow server) or quick (seconds, coarser)")
     add_options(parser, [Group.AGENT])  # --model, --api-key-env, --request-timeout (--stall-timeout unused)
-    parser.add_argument("--max-num-seqs", type=int, default=256,
-                        help="the server's max_num_seqs (no server reports it; vLLM's default is 256, 1024 on large GPUs)")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help=f"the server's max_num_seqs (no server reports it). Not given: measured by a burst of "
+                             f"{BURST_REQUESTS} short requests against /metrics' running and waiting gauges; where "
+                             f"the burst never queues or the server has no such gauges, {DEFAULT_MAX_NUM_SEQS} "
+                             "(vLLM's default; 1024 on large GPUs)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
                         help="the server's token budget per step (chunked prefill size; vLLM logs it at start)")
     parser.add_argument("--kv-cache-tokens", type=int, default=0,
@@ -140,15 +146,31 @@ def _probed(args) -> Source:
     if model not in served:
         raise AgentperfError(f"--model {model!r} is not served by {redact_url(args.host)}; it serves {', '.join(served)}")
     limits, sources = _limits(args, target, served[model])
-    design = DESIGNS[args.design].fitted_to(limits.max_context_tokens, limits.kv_capacity_tokens)
+    client = ProbeClient(target, model)
+    if args.max_num_seqs is None:
+        limits, sources = _measured_seqs(client, limits, sources)
+    design = DESIGNS[args.design].fitted_to(limits.max_context_tokens, limits.kv_capacity_tokens, limits.max_num_seqs)
     _say(f"agentperf calibrate: probing {redact_url(args.host)} ({model}) with the {design.name} design")
-    data = run_probe(ProbeClient(target, model), design, limits.max_num_batched_tokens)
+    data = run_probe(client, design, limits.max_num_batched_tokens)
     return Source(redact_url(args.host), model, design.name, limits, sources, data)
+
+
+def _measured_seqs(client: ProbeClient, limits: Limits, sources: dict[str, str]) -> tuple[Limits, dict[str, str]]:
+    """``limits`` with the max_num_seqs a burst measured (:mod:`~agentperf_users.twin.probe_seqs`), or as they
+    are where the burst cannot tell it; either way ``sources`` says what the burst showed."""
+    _say("agentperf calibrate: measuring max_num_seqs (a burst of short requests, reading /metrics)")
+    found = measure_max_num_seqs(client, limits.kv_capacity_tokens)
+    if found.value is None:
+        _say(f"agentperf calibrate: max_num_seqs {limits.max_num_seqs} kept ({found.note}); pass --max-num-seqs "
+             "if the server's is another")
+        return limits, {**sources, "max_num_seqs": f"vLLM's default, not measured ({found.note})"}
+    _say(f"agentperf calibrate: max_num_seqs {found.value}: {found.note}")
+    return replace(limits, max_num_seqs=found.value), {**sources, "max_num_seqs": found.note}
 
 
 def _check_engine_options(args) -> None:
     for name in ("max_num_seqs", "max_num_batched_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise AgentperfError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
 
 
@@ -177,17 +199,18 @@ def _from_run(args, probe: Source | None) -> Source:
     folder: Path = args.from_run
     _check_engine_options(args)
     limits = probe.limits if probe is not None else None
+    seqs = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS
     points = read_run_points(folder, limits.max_num_batched_tokens if limits else args.max_num_batched_tokens,
-                             limits.max_num_seqs if limits else args.max_num_seqs)
+                             limits.max_num_seqs if limits else seqs)
     if probe is not None:
         limits, sources = probe.limits, dict(probe.sources)
     else:
         if args.kv_cache_tokens < 1 or args.max_model_len < 1:
             raise AgentperfError(f"--from-run {folder}: a run does not measure the KV cache's size or the context "
                                  "limit: pass --kv-cache-tokens and --max-model-len (or --from-probe with a probe's)")
-        limits = Limits(args.kv_cache_tokens, args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens)
+        limits = Limits(args.kv_cache_tokens, args.max_model_len, seqs, args.max_num_batched_tokens)
         sources = {"kv_capacity_tokens": "--kv-cache-tokens", "max_context_tokens": "--max-model-len",
-                   "max_num_seqs": "--max-num-seqs (not reported by servers)",
+                   "max_num_seqs": _seqs_source(args),
                    "max_num_batched_tokens": "--max-num-batched-tokens (not reported by servers)"}
     target = _run_target(folder)
     cached = any(obs.steps[-1].prefill_context_tokens > 0 for obs in points.observations if obs.kind not in DECODE_KINDS)
@@ -216,8 +239,9 @@ def _say(line: str) -> None:
 
 
 def _limits(args, target: ProbeTarget, max_model_len: int | None) -> tuple[Limits, dict[str, str]]:
-    """The server's limits and where each came from (reported, or an option)."""
-    sources = {"max_num_seqs": "--max-num-seqs (not reported by servers)",
+    """The server's limits and where each came from (reported, or an option; max_num_seqs not given is
+    measured after, see ``_measured_seqs``)."""
+    sources = {"max_num_seqs": _seqs_source(args),
                "max_num_batched_tokens": "--max-num-batched-tokens (not reported by servers)"}
     context = max_model_len or args.max_model_len
     if not context:
@@ -231,7 +255,11 @@ def _limits(args, target: ProbeTarget, max_model_len: int | None) -> tuple[Limit
     else:
         raise AgentperfError(f"{redact_url(args.host)}/metrics has no vllm:cache_config_info (num_gpu_blocks, "
                              "block_size): pass the KV cache's size as --kv-cache-tokens")
-    return Limits(kv_tokens, context, args.max_num_seqs, args.max_num_batched_tokens), sources
+    return Limits(kv_tokens, context, args.max_num_seqs or DEFAULT_MAX_NUM_SEQS, args.max_num_batched_tokens), sources
+
+
+def _seqs_source(args) -> str:
+    return "--max-num-seqs" if args.max_num_seqs else "vLLM's default (--max-num-seqs not given)"
 
 
 def kv_cache_tokens(host: str, target: ProbeTarget) -> int | None:

@@ -40,15 +40,16 @@ class ProbeDesign:
     warmup_requests: int = 2  # sent first and not measured (a server's first requests pay lazy setup)
     agent_tokens: tuple[int, ...] = ()  # agent conversations' lengths (tools aside): sent cold, then cached twice
 
-    def fitted_to(self, max_context_tokens: int, kv_capacity_tokens: int) -> ProbeDesign:
+    def fitted_to(self, max_context_tokens: int, kv_capacity_tokens: int, max_num_seqs: int) -> ProbeDesign:
         """This design without the lengths and groups the server cannot hold: every prompt plus its output
         within half the context (a server's tokenizer may count up to ~1.3x agentperf's), every group's KV
-        within half the cache (no preemption)."""
+        within half the cache (no preemption), no group larger than the sequences it runs at once (a larger
+        one never decodes all together)."""
         room = max_context_tokens // 2 - self.decode_output_tokens
         prefills = tuple(n for n in self.prefill_tokens if n <= room)
         contexts = tuple(c for c in self.decode_contexts if c <= room)
         batches = tuple(b for b in self.decode_batches if b * (max(contexts, default=0) + self.decode_output_tokens)
-                        <= kv_capacity_tokens // 2)
+                        <= kv_capacity_tokens // 2 and b <= max_num_seqs)
         if len(prefills) < 3 or not contexts or not batches:
             raise AgentperfError(f"the server's context ({max_context_tokens} tokens) or KV cache ({kv_capacity_tokens} "
                                  f"tokens) is too small for the {self.name!r} probe design: nothing to calibrate from")

@@ -141,20 +141,28 @@ class ProbeClient:
     def histogram_clock(self, *names: str) -> tuple[float, int] | None:
         """(sum of the sums, count of the first) of the server's histograms ``names``; None where it lacks one."""
         wanted = {f"{name}_{part}" for name in names for part in ("sum", "count")}
+        text = self.metrics_text()
+        if text is None:
+            return None
         try:
-            response = self._session().get(self._metrics_url, timeout=CONNECT_TIMEOUT_S)
-            if response.status_code != 200:
-                return None
             found = {}
-            for family in text_string_to_metric_families(response.text):
+            for family in text_string_to_metric_families(text):
                 for sample in family.samples:
                     if sample.name in wanted:
                         found[sample.name] = found.get(sample.name, 0.0) + sample.value
-        except (requests.RequestException, ValueError):
+        except ValueError:
             return None
         if len(found) != len(wanted):
             return None
         return sum(found[f"{name}_sum"] for name in names), int(found[f"{names[0]}_count"])
+
+    def metrics_text(self) -> str | None:
+        """The server's ``/metrics`` exposition now; None where it has none (or did not answer)."""
+        try:
+            response = self._session().get(self._metrics_url, timeout=CONNECT_TIMEOUT_S)
+        except requests.RequestException:
+            return None
+        return response.text if response.status_code == 200 else None
 
     def send_prefill(self, prompt_tokens: int, text: str | None = None) -> tuple[Measured, float | None]:
         """A lone request and its prefill time on the engine's clock (None where the server does not tell

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.engine.vllm_server import VllmInstall, VllmServer, require_install
+from tests.engine.vllm_server import FIXTURE_MAX_NUM_SEQS, VllmInstall, VllmServer, require_install
 
 
 @pytest.fixture(scope="session")
@@ -21,8 +21,9 @@ def vllm_install() -> VllmInstall:
 
 @pytest.fixture(scope="package")
 def vllm(vllm_install: VllmInstall) -> Iterator[VllmServer]:
-    """The session's vLLM, set up as agent deployments are (tool calling on), pinned to the engine's CPU."""
-    with VllmServer(vllm_install) as server:
+    """The session's vLLM, set up as agent deployments are (tool calling on), pinned to the engine's CPU, with
+    ``--max-num-seqs`` :data:`~tests.engine.vllm_server.FIXTURE_MAX_NUM_SEQS`."""
+    with VllmServer(vllm_install, extra_args=("--max-num-seqs", str(FIXTURE_MAX_NUM_SEQS))) as server:
         print(f"\nvLLM healthy after {server.start_s:.1f} s, RSS {server.rss_bytes() / 2**30:.2f} GiB")
         yield server
         print(f"\nvLLM RSS at the end {server.rss_bytes() / 2**30:.2f} GiB")

@@ -3,7 +3,7 @@
 A headless Locust replay of a small synthetic set (agents pinned to CPU 0, the engine to CPU 1): the records'
 token sums must equal vLLM's counter deltas exactly, and the records must account for every request vLLM
 finished. A server started without tool calling must show up in the records as what it is: HTTP 400s that
-carry the server's own explanation.
+carry the server's own explanation. calibrate's burst reads the engine's ``--max-num-seqs``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from agentperf_users.loadgen.probe import ProbeTarget
 from agentperf_users.measure.records import RequestRecord, Status
+from agentperf_users.twin.calibrate import kv_cache_tokens
+from agentperf_users.twin.probe_run import ProbeClient
+from agentperf_users.twin.probe_seqs import measure_max_num_seqs
 from tests.engine.accounting import (
     EngineCounters,
     RecordTotals,
@@ -20,7 +24,7 @@ from tests.engine.accounting import (
     record_totals,
     wait_idle,
 )
-from tests.engine.vllm_server import MAX_MODEL_LEN, VllmServer
+from tests.engine.vllm_server import FIXTURE_MAX_NUM_SEQS, MAX_MODEL_LEN, VllmServer
 from tests.engine.workload import replay
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -86,3 +90,13 @@ def test_a_server_without_tool_calling_answers_400_and_the_records_say_why(vllm_
     assert {r.status for r in records} == {Status.HTTP_4XX}
     assert all("--enable-auto-tool-choice" in r.message for r in records), records[0].message
     assert all(r.ttft_s is None and r.output_tokens == 0 for r in records)
+
+
+def test_the_calibrate_burst_reads_the_engines_max_num_seqs(vllm: VllmServer) -> None:
+    """A burst of 64 short requests at an engine started with ``--max-num-seqs 16``: its own gauges show 16
+    running while the rest wait (measured by hand: 8 read as 8 in 6.7 s; vLLM's default 256 as "at least
+    64" in 3.1 s, benchmarks/max_num_seqs.py)."""
+    wait_idle(vllm.url)
+    target = ProbeTarget(vllm.url, timeout_s=300)
+    found = measure_max_num_seqs(ProbeClient(target, vllm.model), kv_cache_tokens(vllm.url, target))
+    assert found.value == FIXTURE_MAX_NUM_SEQS, found.note

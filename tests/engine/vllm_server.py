@@ -53,6 +53,9 @@ SERVER_ENV = {
 # Agent deployments serve tool calls: without these flags vLLM answers any request carrying ``tools`` with
 # HTTP 400. The chat template of the tiny model renders Hermes-style <tool_call> blocks.
 TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+# The tests' engine runs at most this many sequences at once (vLLM's default is 256): far above the few agents
+# the replays run, and below the burst calibrate measures max_num_seqs with, so that it has a limit to find.
+FIXTURE_MAX_NUM_SEQS = 16
 
 
 @dataclass(frozen=True)

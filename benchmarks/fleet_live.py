@@ -1,0 +1,76 @@
+"""The fleet model against a live fleet: ``agentperf capacity --host`` on ``agentperf simulate --replicas N
+--router R``, beside ``agentperf predict --replicas N --router R`` of the same profile, trajectories and tier.
+Printed, not asserted.
+
+The workload is tests/test_replicas.py's: a profile of few sequence slots (``--max-num-seqs``, default 4),
+one-turn trajectories of ~100-token prompts and 100-token answers, no tool waits, and one tier whose TTFT
+limit (0.1 s) sits above one prefill step and below the wait of one agent more than the slots. So one
+replica holds about its slots, and N round-robin replicas about N times that.
+
+    python benchmarks/fleet_live.py [--fleets 1:round-robin,2:round-robin,2:prefix-affinity] [--max-num-seqs 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from agentperf_users.simulator.cli import SimulatorProcess  # noqa: E402
+from tests.simulator import write_profile  # noqa: E402
+from tests.test_replicas import SEARCH, write_flat_set, write_tight_slo  # noqa: E402
+
+
+def agentperf(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", *args], capture_output=True, text=True,
+                          cwd=REPO)
+
+
+def workload(folder: Path, max_num_seqs: int) -> list[str]:
+    """The profile, trajectories and tier (module docstring) as options."""
+    profile = write_profile(folder, {"engine.max_num_seqs": max_num_seqs})
+    return [str(profile), "--trajectories", str(write_flat_set(folder)), "--slo", str(write_tight_slo(folder)), *SEARCH]
+
+
+def agents(capacity: dict) -> str:
+    (tier,) = capacity.values()
+    return f"{tier.get('status')} {tier.get('agents')}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fleets", default="1:round-robin,2:round-robin,2:prefix-affinity")
+    parser.add_argument("--max-num-seqs", type=int, default=4)
+    args = parser.parse_args()
+    print("| replicas | router | predicted | measured live | live wall |\n|---|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        profile, *options = workload(folder, args.max_num_seqs)
+        for fleet in args.fleets.split(","):
+            replicas, router = fleet.split(":")
+            done = agentperf("predict", "--profile", profile, "--replicas", replicas, "--router", router, *options,
+                             "--json")
+            if done.returncode != 0:
+                raise SystemExit(f"agentperf predict failed: {done.stderr[-2000:]}")
+            predicted = json.loads(done.stdout)["capacity"]
+            out = folder / f"run-{replicas}-{router}"
+            started = time.monotonic()
+            with SimulatorProcess(["--port", "0", "--profile", profile, "--replicas", replicas,
+                                   "--router", router]) as sim:
+                done = agentperf("capacity", "--host", sim.url, *options, "--workers", "1", "--out", str(out))
+            if not (out / "report.json").exists():
+                raise SystemExit(f"agentperf capacity failed: {done.stderr[-2000:]}")
+            measured = json.loads((out / "report.json").read_text())["capacity"]
+            print(f"| {replicas} | {router} | {agents(predicted)} | {agents(measured)} | "
+                  f"{time.monotonic() - started:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
