@@ -378,7 +378,7 @@ def _decode_stalls(i: _Inputs) -> Diagnosis | None:
               "a prefill in the step pauses every request decoding" if prefill else "")
     return _finding(Cause.DECODE_STALLS, f"{len(slow)} request{'s' if len(slow) != 1 else ''} under the {floor:g} tok/s floor "
                     f"streamed at a median gap of {seconds(gap)} (the floor allows {seconds(1 / floor)}) but spent {_percent(stalled)} "
-                    f"of their decode time in longer pauses{beside}",
+                    f"of {'its' if len(slow) == 1 else 'their'} decode time in longer pauses{beside}",
                     slow_requests=len(slow), slow_median_gap_s=gap, stalled_share=stalled, prefill_time_mean_s=prefill)
 
 
