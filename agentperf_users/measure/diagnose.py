@@ -28,7 +28,9 @@ later ones that also hold are listed beside it (``also``):
    budget), so the server's prefill time is named beside it. A mean inter-token latency cannot show
    this: a few long pauses among many short gaps leave the mean near the floor's gap or under it.
 8. **decode batch** (output speed) — the speed floor failed while the server's inter-token latency was
-   near the floor's own (``DECODE_ITL_SHARE``) with a batch of requests running (``DECODE_MIN_RUNNING``).
+   near the floor's own (``DECODE_ITL_SHARE``) with a batch of requests running (``DECODE_MIN_RUNNING``);
+   where the server's mean over every request is lower, the requests under the floor decoding at such a
+   gap themselves (their median, from the records) is the same evidence for the tail that failed.
 9. **decode speed** (output speed) — the same inter-token latency with fewer than ``DECODE_MIN_RUNNING``
    requests running: the server decodes a request (nearly) alone slower than the floor allows, so no
    agent count can pass the tier on this server (an L4 decoding a 3B model at ~33 tok/s against a
@@ -349,61 +351,94 @@ def _prefill(i: _Inputs) -> Diagnosis | None:
                     prefill_time_mean_s=prefill, server_ttft_mean_s=ttft, prefix_cache_hit_ratio=hits)
 
 
-def _slow_decode(i: _Inputs) -> tuple[float, float, float] | None:
-    """(the server's mean inter-token latency, the gap the speed floor allows, requests running on average)
-    when the floor failed and the server's decode steps are near that gap (``DECODE_ITL_SHARE``)."""
-    server, floor = i.server, i.verdict.tier.output_tps_min
-    itl, running = server.inter_token_latency_mean_s, server.requests_running_mean
-    if not i.speed_failed or floor <= 0 or itl is None or running is None or itl < DECODE_ITL_SHARE / floor:
-        return None
-    return itl, 1 / floor, running
+@dataclass(frozen=True)
+class _SlowDecode:
+    """The inter-token latency that put requests under the speed floor: the server's mean, or, where that
+    mean is under ``DECODE_ITL_SHARE`` of the floor's gap, the slow requests' own median gap (a mean over
+    every request hides a tail of slow ones: the real vLLM's 13-agent step with one agent under 20 tok/s at
+    a 41.7 ms gap while the mean was 35.8 ms)."""
+
+    itl_s: float
+    allowed_s: float
+    running: float
+    slow_requests: int | None  # None: the server's mean was high enough
+
+    def text(self, floor: float) -> str:
+        what = ("inter-token latency" if self.slow_requests is None else
+                f"the {self.slow_requests} request{'s' if self.slow_requests != 1 else ''} under the floor "
+                "decoded at a median gap of")
+        return f"{what} {seconds(self.itl_s)} (the {floor:g} tok/s floor allows {seconds(self.allowed_s)})"
+
+    def evidence(self) -> dict[str, float | None]:
+        if self.slow_requests is None:
+            return {"inter_token_latency_mean_s": self.itl_s}
+        return {"slow_requests": self.slow_requests, "slow_median_gap_s": self.itl_s}
 
 
-def _itl_text(itl: float, allowed: float, floor: float) -> str:
-    return f"inter-token latency {seconds(itl)} (the {floor:g} tok/s floor allows {seconds(allowed)})"
-
-
-def _decode_stalls(i: _Inputs) -> Diagnosis | None:
+def _slow_streams(i: _Inputs) -> tuple[int, float, float] | None:
+    """(how many, their median gap, their median share of decode time spent in longer pauses) of the OK
+    streams under the tier's speed floor; None when none is."""
     floor = i.verdict.tier.output_tps_min
     slow = [(speed, gap) for speed, gap in i.client.streams if speed < floor]
-    if not i.speed_failed or floor <= 0 or not slow:
+    if not slow:
         return None
     gap = interpolated_quantile(sorted(own_gap for _, own_gap in slow), 0.5)
     # a stream's share of its decode time not spent at its own median gap: 1 - gap x speed
     stalled = interpolated_quantile(sorted(max(0.0, 1.0 - own_gap * speed) for speed, own_gap in slow), 0.5)
+    return len(slow), gap, stalled
+
+
+def _slow_decode(i: _Inputs) -> _SlowDecode | None:
+    """Why the floor failed when the decode steps were slow (``_SlowDecode``), with the requests running on
+    average; None when the floor did not fail or neither gap reached ``DECODE_ITL_SHARE`` of its own."""
+    server, floor = i.server, i.verdict.tier.output_tps_min
+    itl, running = server.inter_token_latency_mean_s, server.requests_running_mean
+    if not i.speed_failed or floor <= 0 or itl is None or running is None:
+        return None
+    if itl >= DECODE_ITL_SHARE / floor:
+        return _SlowDecode(itl, 1 / floor, running, None)
+    slow = _slow_streams(i)
+    if slow is not None and slow[1] >= DECODE_ITL_SHARE / floor:
+        return _SlowDecode(slow[1], 1 / floor, running, slow[0])
+    return None
+
+
+def _decode_stalls(i: _Inputs) -> Diagnosis | None:
+    floor = i.verdict.tier.output_tps_min
+    slow = _slow_streams(i) if i.speed_failed and floor > 0 else None
+    if slow is None:
+        return None
+    count, gap, stalled = slow
     if gap >= 1 / floor or stalled < STALL_SHARE:
         return None
     prefill = i.server.prefill_time_mean_s
     beside = (f"; the server prefilled other requests meanwhile ({seconds(prefill)} per prefill on average): "
               "a prefill in the step pauses every request decoding" if prefill else "")
-    return _finding(Cause.DECODE_STALLS, f"{len(slow)} request{'s' if len(slow) != 1 else ''} under the {floor:g} tok/s floor "
-                    f"streamed at a median gap of {seconds(gap)} (the floor allows {seconds(1 / floor)}) but spent {_percent(stalled)} "
-                    f"of {'its' if len(slow) == 1 else 'their'} decode time in longer pauses{beside}",
-                    slow_requests=len(slow), slow_median_gap_s=gap, stalled_share=stalled, prefill_time_mean_s=prefill)
+    return _finding(Cause.DECODE_STALLS, f"{count} request{'s' if count != 1 else ''} under the {floor:g} tok/s floor "
+                    f"streamed at a median gap of {seconds(gap)} (the floor allows {seconds(1 / floor)}) but spent "
+                    f"{_percent(stalled)} of {'its' if count == 1 else 'their'} decode time in longer pauses{beside}",
+                    slow_requests=count, slow_median_gap_s=gap, stalled_share=stalled, prefill_time_mean_s=prefill)
 
 
 def _decode_batch(i: _Inputs) -> Diagnosis | None:
     slow = _slow_decode(i)
-    if slow is None or slow[2] < DECODE_MIN_RUNNING:
+    if slow is None or slow.running < DECODE_MIN_RUNNING:
         return None
-    itl, allowed, running = slow
-    server = i.server
-    return _finding(Cause.DECODE_BATCH, f"{_itl_text(itl, allowed, i.verdict.tier.output_tps_min)} with {running:.3g} "
-                    f"requests running on average (max {server.requests_running_max:g})",
-                    inter_token_latency_mean_s=itl, requests_running_mean=running,
-                    requests_running_max=server.requests_running_max)
+    server, floor = i.server, i.verdict.tier.output_tps_min
+    return _finding(Cause.DECODE_BATCH, f"{slow.text(floor)} with {slow.running:.3g} requests running on average "
+                    f"(max {server.requests_running_max:g})", **slow.evidence(),
+                    requests_running_mean=slow.running, requests_running_max=server.requests_running_max)
 
 
 def _decode_speed(i: _Inputs) -> Diagnosis | None:
     slow = _slow_decode(i)
-    if slow is None or slow[2] >= DECODE_MIN_RUNNING:
+    if slow is None or slow.running >= DECODE_MIN_RUNNING:
         return None
-    itl, allowed, running = slow
-    return _finding(Cause.DECODE_SPEED, f"{_itl_text(itl, allowed, i.verdict.tier.output_tps_min)} with "
-                    f"{running:.2g} requests running on average: the server decodes a request alone slower than "
-                    "the floor, so no agent count can pass this tier on this server",
-                    inter_token_latency_mean_s=itl, floor_inter_token_latency_s=allowed,
-                    requests_running_mean=running)
+    floor = i.verdict.tier.output_tps_min
+    return _finding(Cause.DECODE_SPEED, f"{slow.text(floor)} with {slow.running:.2g} requests running on average: "
+                    "the server decodes a request alone slower than the floor, so no agent count can pass this tier "
+                    "on this server", **slow.evidence(), floor_inter_token_latency_s=slow.allowed_s,
+                    requests_running_mean=slow.running)
 
 
 _CHECKS: tuple[Callable[[_Inputs], Diagnosis | None], ...] = (
