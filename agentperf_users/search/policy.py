@@ -51,6 +51,13 @@ from agentperf_users.options import MAX_WINDOW_FACTOR, Group
 # enough that a twin off by 20-40 % is bracketed at the first widening, large enough that one off by
 # 2x costs two steps more than a right one, not log2(agents).
 PREDICTION_WIDEN_FACTOR = 1.5
+# Steered by the twin's margin curve: after an estimate that missed, the count moves 10 % of the way from
+# the end it moves from, the step doubled for each miss of the tier (1.1x, 1.2x, 1.4x, 1.8x, ...): a
+# twin whose step costs are off by 10-40 % puts its knee within 10-25 % of the true one (a memory
+# cliff, which the margins do not show, included), so small steps bracket it soonest; one off by far
+# still brackets it in log log steps. Measured: benchmarks/predict_speedup.py.
+PREDICTION_WIDEN_STEP = 0.1
+PREDICTION_WIDEN_GROWTH = 2.0
 
 
 @dataclass(frozen=True)
@@ -146,9 +153,12 @@ class CapacitySearch:
         step_factor: float = 2.0,
         guided: bool = True,
         predicted: Mapping[str, TierCapacity] | None = None,
+        twin_margins: Mapping[int, Mapping[str, float]] | None = None,
     ) -> None:
         self._tiers = tuple(tiers)
         self._predicted = dict(predicted) if predicted is not None else None
+        self._twin_margins = {agents: dict(margins) for agents, margins in (twin_margins or {}).items()}
+        self._expected: dict[str, list[tuple[int, bool]]] = {}  # tier -> (count, expected to pass), as predicted
         self._start, self._max, self._resolution = start_agents, max_agents, resolution_agents
         self._step_agents, self._step_factor = step_agents, step_factor
         self._guided = guided
@@ -160,11 +170,13 @@ class CapacitySearch:
 
     @classmethod
     def from_parameters(cls, tiers: Sequence[str], params: SearchParameters,
-                        predicted: Mapping[str, TierCapacity] | None = None) -> "CapacitySearch":
+                        predicted: Mapping[str, TierCapacity] | None = None,
+                        twin_margins: Mapping[int, Mapping[str, float]] | None = None) -> "CapacitySearch":
         """The search the options ask for; ``predicted`` (capacity per tier, as ``capacity()`` gives it)
-        starts it from a prediction instead of ``--start-agents``."""
+        starts it from a prediction instead of ``--start-agents``, steered by ``twin_margins`` (the
+        prediction's margins: agents -> tier -> margin, finite ones) where given."""
         return cls(tiers, params.start_agents, params.max_agents, params.resolution_agents, params.step_agents,
-                   params.step_factor, params.guided, predicted)
+                   params.step_factor, params.guided, predicted, twin_margins)
 
     def record_verdict(self, agents: int, verdict: StepVerdict) -> None:
         self._passed[agents] = {tier_verdict.tier.name: tier_verdict.passed for tier_verdict in verdict.tiers}
@@ -216,14 +228,20 @@ class CapacitySearch:
         return None
 
     def _plan_from_prediction(self) -> int | None:
-        """The first tier still open: its predicted counts while they lie inside its bracket, else the
-        bracket widened (no fail yet: up; no pass yet: down) or narrowed."""
+        """The first tier still open: the count its estimated knee says (``_from_estimate``); without an
+        estimate (no prediction for the tier), the bracket widened (no fail yet: up; no pass yet: down)
+        or halved."""
         for tier in self._tiers:
             low, high = self.bracket(tier)
             if high is None and (self._passed and max(self._passed) >= self._max):
                 continue  # passed at --max-agents: never failed
             if high is not None and high - low <= self._resolution:
                 continue
+            knee = self._estimated_knee(tier, low, high)
+            if knee is not None:
+                count, expect_pass = self._from_estimate(tier, low, high, knee)
+                self._expected.setdefault(tier, []).append((count, expect_pass))
+                return count
             guess = self._predicted_inside(tier, low, high)
             self._phase = "predict" if guess is not None else "bisect" if low and high else "step"
             if guess is not None:
@@ -232,8 +250,59 @@ class CapacitySearch:
                 return self._widen(tier, low, up=True)
             if low == 0:
                 return self._widen(tier, high, up=False)
-            return (low + high) // 2  # halving: regula falsi stalls one agent a step near a knee
+            return (low + high) // 2
         return None
+
+    def _from_estimate(self, tier: str, low: int, high: int | None, knee: float) -> tuple[int, bool]:
+        """The count to measure next for ``tier`` whose margin is estimated to cross zero at ``knee``, and
+        whether it is expected to pass. Of the pair that would locate that knee (its floor, expected to
+        pass, and the next count, expected to fail), the one at the bracket's open or nearer side, so a
+        right estimate closes the bracket and a wrong one shows which way it was wrong.
+
+        Safeguarded, so a twin whose curve is wrong costs steps, never correctness: after a count that
+        missed (expected to pass and failed, or the other way), or where the estimate lies outside the
+        bracket, an open bracket widens by ``PREDICTION_WIDEN_STEP`` of the end it moves from, the step
+        doubled for each miss of the tier (a gallop), and a closed one is narrowed as without a
+        prediction (``_narrow``) once a second miss shows the estimates cannot be trusted there."""
+        outcomes = [self._passed[n][tier] == expected for n, expected in self._expected.get(tier, ()) if n in self._passed]
+        misses = outcomes.count(False)
+        missed = bool(outcomes) and not outcomes[-1]
+        disproved = knee < low or (high is not None and knee >= high)
+        self._phase = "predict"
+        if high is not None and low and (disproved or (missed and misses > 1)):
+            self._phase = "bisect"
+            return self._narrow(tier, low, high), True
+        if missed or disproved:
+            self._phase = "step"
+            step = PREDICTION_WIDEN_STEP * PREDICTION_WIDEN_GROWTH ** max(0, misses - 1)
+            up = high is None or (low and (self._passed[self._expected[tier][-1][0]][tier] if missed else knee < low))
+            if up:  # too low: up from the highest pass (at most to the bracket's middle)
+                count = min(self._max, low + max(1, math.ceil(round(low * step, 9))))
+                return (count if high is None else min(count, max(low + 1, (low + high) // 2))), False
+            count = high - max(1, math.ceil(round(high * step / (1 + step), 9)))  # too high: down from the lowest fail
+            return max(count, (low + high + 1) // 2 if low else 1, low + 1), True
+        top = high if high is not None else self._max + 1
+        floor = min(top - 1, max(low, math.floor(knee)))
+        nearer_low = high is None or floor + 1 - low <= high - floor
+        if floor <= low or (low and nearer_low and floor + 1 < top):
+            return floor + 1, False
+        return floor, True  # nothing measured yet (the prediction itself), the fail already known, or nearer it
+
+    def _estimated_knee(self, tier: str, low: int, high: int | None) -> float | None:
+        """Where ``tier``'s margin is expected to cross zero: the twin's margin curve (its search's steps)
+        shifted by how far the measured margins at the bracket's ends are from the twin's there (a twin
+        whose step costs are off by a factor is off by its log in every speed margin); before any
+        margin is measured, the twin's own crossing scaled by ``_twin_error``. None without a twin curve."""
+        if tier not in self._predicted or not self._twin_margins:
+            return None
+        curve = sorted((agents, margins[tier]) for agents, margins in self._twin_margins.items() if tier in margins)
+        offsets = [self._margins[end][tier] - _interpolate(curve, end) for end in (low, high)
+                   if curve and end and tier in self._margins.get(end, {})]
+        if not offsets:  # no twin curve, or nothing measured near it yet: the predicted capacity, scaled
+            counts = self._predicted_counts(tier)
+            return counts[0] + 0.5 if self._predicted[tier].agents else 0.5
+        crossing = _crossing(curve, sum(offsets) / len(offsets))
+        return max(0.5, crossing) if crossing is not None else curve[-1][0] + 0.5
 
     def _predicted_counts(self, tier: str) -> tuple[int, ...]:
         """The tier's predicted capacity and first failing count, within [1, --max-agents], scaled by how
@@ -314,6 +383,41 @@ class CapacitySearch:
                 status = CapacityStatus.FOUND if low else CapacityStatus.NONE_PASSED
             result[tier] = TierCapacity(tier, status, low or None, high)
         return result
+
+
+def _interpolate(curve: Sequence[tuple[int, float]], agents: int) -> float:
+    """The margin at ``agents`` on a curve of (agents, margin) points sorted by agents: linear in log agents
+    between the points around it; below the first, the first's; past the last, along the curve's mean
+    slope (as ``_crossing`` extrapolates)."""
+    if agents <= curve[0][0]:
+        return curve[0][1]
+    for (n0, m0), (n1, m1) in zip(curve, curve[1:]):
+        if agents <= n1:
+            return m0 + (m1 - m0) * math.log(agents / n0) / math.log(n1 / n0)
+    return curve[-1][1] + _mean_slope(curve) * math.log(agents / curve[-1][0])
+
+
+def _mean_slope(curve: Sequence[tuple[int, float]]) -> float:
+    """The curve's margin per unit of log agents from its first point to its last, at most 0."""
+    (first_n, first_m), (last_n, last_m) = curve[0], curve[-1]
+    return min(0.0, (last_m - first_m) / math.log(last_n / first_n))
+
+
+def _crossing(curve: Sequence[tuple[int, float]], shift: float) -> float | None:
+    """Where the curve, shifted up by ``shift``, falls below zero for the last time, interpolated linearly in
+    log agents between the points around it (below the first point: half way to 0; past the last, along
+    the curve's mean slope from its first point to its last); None when it ends at or above zero on a curve
+    that does not fall. The last time, not the first: a margin dips and recovers as batches fill, but
+    past the knee it stays below."""
+    shifted = [(agents, margin + shift) for agents, margin in curve]
+    (first_n, _), (last_n, last_m) = shifted[0], shifted[-1]
+    if last_m >= 0:
+        slope = _mean_slope(curve)
+        return last_n * math.exp(min(50.0, last_m / -slope)) if slope < 0 else None
+    for (n0, m0), (n1, m1) in zip(reversed(shifted[:-1]), reversed(shifted[1:])):
+        if m0 >= 0:
+            return n0 * math.exp(math.log(n1 / n0) * m0 / (m0 - m1))
+    return first_n / 2
 
 
 def _usable_margin(margin: float | None, passed: bool) -> bool:

@@ -14,8 +14,9 @@ measured, tier by tier, and ``agentperf report`` rebuilds the same.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 from agentperf_users import options
 from agentperf_users.errors import AgentperfError
@@ -29,18 +30,30 @@ from agentperf_users.workload.readers import load_trajectories
 
 @dataclass(frozen=True)
 class Prediction:
-    """The twin's answer per tier, and what it cost (load steps on the virtual clock, wall seconds)."""
+    """The twin's answer per tier, its margin curve (agents -> tier -> margin, at the counts its search
+    measured, finite margins only: what the live search steers by), and what it cost (load steps on the
+    virtual clock, wall seconds)."""
 
     profile: str
     capacity: dict[str, TierCapacity]
     load_steps: int
     simulated_s: float
     wall_s: float
+    margins: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile, "capacity": {name: cap.to_dict() for name, cap in self.capacity.items()},
                 "load_steps": self.load_steps, "simulated_s": round(self.simulated_s, 3),
-                "wall_s": round(self.wall_s, 3)}
+                "wall_s": round(self.wall_s, 3),
+                "margins": {str(agents): {tier: round(margin, 4) for tier, margin in margins.items()}
+                            for agents, margins in sorted(self.margins.items())}}
+
+
+def margin_curve(steps: Iterable[truth.TruthStep]) -> dict[int, dict[str, float]]:
+    """Each step's finite margins per tier, by agent count (an infinite one, a window without a first
+    token, says nothing about where the tier breaks)."""
+    return {step.agents: {verdict.tier.name: verdict.margin for verdict in step.verdict.tiers
+                          if verdict.margin is not None and math.isfinite(verdict.margin)} for step in steps}
 
 
 def check_profile(ref: str) -> Profile:
@@ -56,7 +69,8 @@ def predict(ref: str, trajectories, spec: SloSpec, params: SearchParameters,
     """The ground truth's search on profile ``ref``: what the live search with these options would find
     on a server the profile describes exactly."""
     result = truth.find_capacity(check_profile(ref), trajectories, spec, params, settings)
-    return Prediction(ref, result.capacity, len(result.steps), result.simulated_s, result.wall_s)
+    return Prediction(ref, result.capacity, len(result.steps), result.simulated_s, result.wall_s,
+                      margin_curve(result.steps))
 
 
 def from_options(parsed: Any, spec: SloSpec, params: SearchParameters) -> Prediction | None:
