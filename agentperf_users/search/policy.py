@@ -283,9 +283,10 @@ class CapacitySearch:
             return max(count, (low + high + 1) // 2 if low else 1, low + 1), True
         top = high if high is not None else self._max + 1
         floor = min(top - 1, max(low, math.floor(knee)))
-        nearer_low = high is None or floor + 1 - low <= high - floor
-        if floor <= low or (low and nearer_low and floor + 1 < top):
-            return floor + 1, False
+        above = min(top - 1, floor + self._resolution)  # the pair's other count: they locate the knee
+        nearer_low = high is None or above - low <= high - floor
+        if floor <= low or (low and nearer_low and above > floor):
+            return max(above, low + 1), False
         return floor, True  # nothing measured yet (the prediction itself), the fail already known, or nearer it
 
     def _estimated_knee(self, tier: str, low: int, high: int | None) -> float | None:
