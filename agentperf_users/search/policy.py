@@ -19,14 +19,22 @@ the simulator's profiles, margins at small counts predicted the break too poorly
 
 Started from a prediction (``agentperf capacity --predict PROFILE``: the ground truth's search on a
 calibrated twin, ``search.predicted``), there is no phase 1: each tier in turn, first its predicted
-capacity is measured, then its predicted first failing count, so a right prediction is verified in two
-steps per tier, and the bracket starts one agent wide. A wrong one is widened from the count that
-disproved it, geometrically (``PREDICTION_WIDEN_FACTOR``, the step from the prediction squared each time,
-a gallop), up while the tier passes and down while it fails; then the bracket is halved (the margins'
-regula falsi, on brackets this narrow, stalled one agent a step at the knee: more steps on the
-simulator's profiles). Each tier's predicted counts are scaled by how far off the twin was on the tiers
-located before it. The prediction only chooses counts: verdicts decide the answer, which is the
-same as without it wherever the tier's verdicts are monotone in agents.
+capacity is measured, then the count past it, so a right prediction is verified in two steps per tier.
+After that the twin's margin curve steers (``twin_margins``: the margins of its search's steps): a
+count's measured margin against the twin's at the same count says how far off the twin is there (step
+costs off by a factor move every speed margin by its log), so the tier's knee is estimated where the
+twin's curve, shifted by that offset (from the bracket's ends), crosses zero, and the next count is the
+one of the estimated pair (largest pass, first fail) that closes the bracket if the estimate is right.
+Every step is judged on every tier, so a tier's first estimate already has the offsets of the counts
+measured for the tiers before it. The safeguards are verdicts': a count that missed (expected to pass and
+failed, or the other way) is followed by a widening of ``PREDICTION_WIDEN_STEP`` of the end moved from,
+doubled for each miss (a knee at a memory cliff does not show in the margins below it, and a twin
+10-40 % off is 10-25 % off at its knees), and a bracket whose estimates missed twice, or that holds
+no estimate, is narrowed as without a prediction. Verdicts, never margins, decide the brackets and the
+answer, which is the same as without a prediction wherever the tier's verdicts are monotone in agents.
+A prediction without a curve (counts only) widens from the disproved prediction by
+``PREDICTION_WIDEN_FACTOR``, the ratio squared each time, then halves, and scales each tier's predicted
+counts by how far off the twin was on the tiers located before it.
 
 Why a module of its own: the live search (``shape.CapacitySearchShape``, a Locust LoadTestShape) and
 the ground truth (``truth``, the simulator's engine on a virtual clock, which must not import Locust
@@ -256,31 +264,16 @@ class CapacitySearch:
     def _from_estimate(self, tier: str, low: int, high: int | None, knee: float) -> tuple[int, bool]:
         """The count to measure next for ``tier`` whose margin is estimated to cross zero at ``knee``, and
         whether it is expected to pass. Of the pair that would locate that knee (its floor, expected to
-        pass, and the next count, expected to fail), the one at the bracket's open or nearer side, so a
-        right estimate closes the bracket and a wrong one shows which way it was wrong.
-
-        Safeguarded, so a twin whose curve is wrong costs steps, never correctness: after a count that
-        missed (expected to pass and failed, or the other way), or where the estimate lies outside the
-        bracket, an open bracket widens by ``PREDICTION_WIDEN_STEP`` of the end it moves from, the step
-        doubled for each miss of the tier (a gallop), and a closed one is narrowed as without a
-        prediction (``_narrow``) once a second miss shows the estimates cannot be trusted there."""
+        pass, and the count ``--resolution-agents`` past it, expected to fail), the one at the bracket's
+        open or nearer side, so a right estimate closes the bracket and a wrong one shows which way it was
+        wrong. Safeguarded (``_after_miss``) where the last estimate missed or this one is already
+        disproved by the bracket."""
         outcomes = [self._passed[n][tier] == expected for n, expected in self._expected.get(tier, ()) if n in self._passed]
-        misses = outcomes.count(False)
         missed = bool(outcomes) and not outcomes[-1]
-        disproved = knee < low or (high is not None and knee >= high)
+        if missed or knee < low or (high is not None and knee >= high):
+            last_passed = self._passed[self._expected[tier][-1][0]][tier] if missed else knee < low
+            return self._after_miss(tier, low, high, outcomes.count(False), last_passed, knee)
         self._phase = "predict"
-        if high is not None and low and (disproved or (missed and misses > 1)):
-            self._phase = "bisect"
-            return self._narrow(tier, low, high), True
-        if missed or disproved:
-            self._phase = "step"
-            step = PREDICTION_WIDEN_STEP * PREDICTION_WIDEN_GROWTH ** max(0, misses - 1)
-            up = high is None or (low and (self._passed[self._expected[tier][-1][0]][tier] if missed else knee < low))
-            if up:  # too low: up from the highest pass (at most to the bracket's middle)
-                count = min(self._max, low + max(1, math.ceil(round(low * step, 9))))
-                return (count if high is None else min(count, max(low + 1, (low + high) // 2))), False
-            count = high - max(1, math.ceil(round(high * step / (1 + step), 9)))  # too high: down from the lowest fail
-            return max(count, (low + high + 1) // 2 if low else 1, low + 1), True
         top = high if high is not None else self._max + 1
         floor = min(top - 1, max(low, math.floor(knee)))
         above = min(top - 1, floor + self._resolution)  # the pair's other count: they locate the knee
@@ -289,11 +282,33 @@ class CapacitySearch:
             return max(above, low + 1), False
         return floor, True  # nothing measured yet (the prediction itself), the fail already known, or nearer it
 
+    def _after_miss(self, tier: str, low: int, high: int | None, misses: int, too_low: bool,
+                    knee: float) -> tuple[int, bool]:
+        """After an estimate that missed (``too_low``: a count expected to fail passed, or the estimate lies
+        below the bracket), so a twin whose curve is wrong costs steps, never correctness: an open bracket
+        widens by ``PREDICTION_WIDEN_STEP`` of the end it moves from, the step doubled for each miss of the
+        tier (a gallop: a knee at a memory cliff does not show in the margins below it), and a closed one
+        moves so too, at most to its middle, until a second miss or an estimate outside it shows the
+        estimates cannot be trusted there: then it is narrowed as without a prediction (``_narrow``)."""
+        closed = high is not None and low
+        if closed and (misses > 1 or knee < low or knee >= high):
+            self._phase = "bisect"
+            count = self._narrow(tier, low, high)
+            return count, count <= knee
+        self._phase = "step"
+        step = PREDICTION_WIDEN_STEP * PREDICTION_WIDEN_GROWTH ** max(0, misses - 1)
+        if high is None or (low and too_low):  # up from the highest pass
+            count = min(self._max, low + max(1, math.ceil(round(low * step, 9))))
+            return (min(count, max(low + 1, (low + high) // 2)) if closed else count), False
+        count = high - max(1, math.ceil(round(high * step / (1 + step), 9)))  # down from the lowest fail
+        return max(count, (low + high + 1) // 2 if low else 1, low + 1), True
+
     def _estimated_knee(self, tier: str, low: int, high: int | None) -> float | None:
         """Where ``tier``'s margin is expected to cross zero: the twin's margin curve (its search's steps)
         shifted by how far the measured margins at the bracket's ends are from the twin's there (a twin
-        whose step costs are off by a factor is off by its log in every speed margin); before any
-        margin is measured, the twin's own crossing scaled by ``_twin_error``. None without a twin curve."""
+        whose step costs are off by a factor is off by its log in every speed margin); with no margin
+        measured at them yet, the predicted capacity (scaled by ``_twin_error``). None without a twin
+        curve (a prediction of counts only) or a prediction for the tier."""
         if tier not in self._predicted or not self._twin_margins:
             return None
         curve = sorted((agents, margins[tier]) for agents, margins in self._twin_margins.items() if tier in margins)

@@ -4,9 +4,12 @@ and search options, as ``agentperf predict`` runs it.
 
 Why the live search takes it: on a server that takes minutes per load step, phase 1 (doubling from
 ``--start-agents``) and the bisection spend most of the run finding a knee the twin already knows to
-within its error. ``policy.CapacitySearch`` started from the predicted capacities measures them first and
-widens only where a verdict disproves them, so a good twin saves most steps and a bad one costs a few
-(``policy.PREDICTION_WIDEN_FACTOR``); verdicts, never the prediction, decide the answer.
+within its error. ``policy.CapacitySearch`` started from the predicted capacities measures them first,
+then steers by the twin's margin curve (each of its search's steps' margins, kept here): a measured margin
+against the twin's at the same count says how far off the twin is, so a disproved prediction moves to
+the estimated knee instead of galloping blindly. A right twin is verified in two steps per tier, one
+whose step costs are 10-40 % off costs a few more (``benchmarks/predict_speedup.py``); verdicts, never the
+prediction, decide the answer.
 
 The prediction is kept in the search's state (``search.json``), so the report sets it against what was
 measured, tier by tier, and ``agentperf report`` rebuilds the same.
