@@ -98,9 +98,11 @@ def demo_truth():
 
 def test_the_truths_search_from_its_own_prediction_verifies_it_in_fewer_steps(demo_truth):
     inputs, plain = demo_truth
-    started = truth.find_capacity(*inputs, predicted=plain.capacity)
+    started = truth.find_capacity(*inputs, predicted=plain.capacity, twin_margins=predicted.margin_curve(plain.steps))
     assert started.capacity == plain.capacity
     assert len(started.steps) < len(plain.steps)
+    assert sorted(step.agents for step in started.steps) == sorted(  # each tier's knee and the count past it
+        {count for cap in plain.capacity.values() for count in (cap.agents, cap.first_failing_agents) if count})
     assert started.steps[0].agents == plain.capacity["aa-20tps"].agents
 
 
@@ -118,6 +120,8 @@ def test_predict_is_the_truths_search_on_the_twin(demo_truth):
     prediction = predicted.predict("l4-llama3.2-3b", trajectories, spec, params, settings)
     assert prediction.capacity == plain.capacity and prediction.load_steps == len(plain.steps)
     assert prediction.to_dict()["capacity"]["aa-20tps"]["agents"] == plain.capacity["aa-20tps"].agents
+    first = plain.steps[0].verdict.tiers[0]  # the twin's margins, which steer the live search, are kept
+    assert prediction.to_dict()["margins"][str(plain.steps[0].agents)][first.tier.name] == round(first.margin, 4)
 
 
 def agentperf(*args: str, timeout_s: float) -> subprocess.CompletedProcess:
