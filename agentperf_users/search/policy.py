@@ -54,10 +54,11 @@ from agentperf_users.measure.diagnose import Cause
 from agentperf_users.measure.slo import StepVerdict
 from agentperf_users.options import MAX_WINDOW_FACTOR, Group
 
-# The first step away from a prediction that a verdict disproved: 1.5x (or 1/1.5x) the count that
-# disproved it, then the ratio to the prediction squared each step (2.25x, 5.1x, ...). Small
-# enough that a twin off by 20-40 % is bracketed at the first widening, large enough that one off by
-# 2x costs two steps more than a right one, not log2(agents).
+# Counts only (a prediction without the twin's margin curve): the first step away from a prediction
+# that a verdict disproved: 1.5x (or 1/1.5x) the count that disproved it, then the ratio to the
+# prediction squared each step (2.25x, 5.1x, ...). Small enough that a twin off by 20-40 % is bracketed
+# at the first widening, large enough that one off by 2x costs two steps more than a right one, not
+# log2(agents).
 PREDICTION_WIDEN_FACTOR = 1.5
 # Steered by the twin's margin curve: after an estimate that missed, the count moves 10 % of the way from
 # the end it moves from, the step doubled for each miss of the tier (1.1x, 1.2x, 1.4x, 1.8x, ...): a
@@ -258,7 +259,7 @@ class CapacitySearch:
                 return self._widen(tier, low, up=True)
             if low == 0:
                 return self._widen(tier, high, up=False)
-            return (low + high) // 2
+            return (low + high) // 2  # halving: regula falsi stalls one agent a step near a knee
         return None
 
     def _from_estimate(self, tier: str, low: int, high: int | None, knee: float) -> tuple[int, bool]:
@@ -268,7 +269,8 @@ class CapacitySearch:
         open or nearer side, so a right estimate closes the bracket and a wrong one shows which way it was
         wrong. Safeguarded (``_after_miss``) where the last estimate missed or this one is already
         disproved by the bracket."""
-        outcomes = [self._passed[n][tier] == expected for n, expected in self._expected.get(tier, ()) if n in self._passed]
+        outcomes = [self._passed[n][tier] == expected for n, expected in self._expected.get(tier, ())
+                    if n in self._passed]
         missed = bool(outcomes) and not outcomes[-1]
         if missed or knee < low or (high is not None and knee >= high):
             last_passed = self._passed[self._expected[tier][-1][0]][tier] if missed else knee < low
