@@ -29,8 +29,9 @@ Every step is judged on every tier, so a tier's first estimate already has the o
 measured for the tiers before it. The safeguards are verdicts': a count that missed (expected to pass and
 failed, or the other way) is followed by a widening of ``PREDICTION_WIDEN_STEP`` of the end moved from,
 doubled for each miss (a knee at a memory cliff does not show in the margins below it, and a twin
-10-40 % off is 10-25 % off at its knees), and a bracket whose estimates missed twice, or that holds
-no estimate, is narrowed as without a prediction. Verdicts, never margins, decide the brackets and the
+10-40 % off is 10-25 % off at its knees), and a bracket whose estimates missed twice is narrowed as
+without a prediction; where the twin's curve does not fit between a bracket's ends, the secant of
+their measured margins estimates instead. Verdicts, never margins, decide the brackets and the
 answer, which is the same as without a prediction wherever the tier's verdicts are monotone in agents.
 A prediction without a curve (counts only) widens from the disproved prediction by
 ``PREDICTION_WIDEN_FACTOR``, the ratio squared each time, then halves, and scales each tier's predicted
@@ -67,6 +68,10 @@ PREDICTION_WIDEN_FACTOR = 1.5
 # still brackets it in log log steps. Measured: benchmarks/predict_speedup.py.
 PREDICTION_WIDEN_STEP = 0.1
 PREDICTION_WIDEN_GROWTH = 2.0
+# Where the twin's curve, shifted to the margin measured at one end of a bracket, misses the margin at
+# the other end by more than this (a log ratio: 35 %), it does not fit there (a cliff where the twin has
+# none, or the other way): the knee is estimated from the measured margins alone (their secant).
+PREDICTION_CURVE_MISFIT = 0.3
 
 
 @dataclass(frozen=True)
@@ -290,10 +295,10 @@ class CapacitySearch:
         below the bracket), so a twin whose curve is wrong costs steps, never correctness: an open bracket
         widens by ``PREDICTION_WIDEN_STEP`` of the end it moves from, the step doubled for each miss of the
         tier (a gallop: a knee at a memory cliff does not show in the margins below it), and a closed one
-        moves so too, at most to its middle, until a second miss or an estimate outside it shows the
-        estimates cannot be trusted there: then it is narrowed as without a prediction (``_narrow``)."""
+        moves so too, at most to its middle, until a second miss shows the estimates cannot be trusted
+        there: then it is narrowed as without a prediction (``_narrow``)."""
         closed = high is not None and low
-        if closed and (misses > 1 or knee < low or knee >= high):
+        if closed and misses > 1:
             self._phase = "bisect"
             count = self._narrow(tier, low, high)
             return count, count <= knee
@@ -308,9 +313,11 @@ class CapacitySearch:
     def _estimated_knee(self, tier: str, low: int, high: int | None) -> float | None:
         """Where ``tier``'s margin is expected to cross zero: the twin's margin curve (its search's steps)
         shifted by how far the measured margins at the bracket's ends are from the twin's there (a twin
-        whose step costs are off by a factor is off by its log in every speed margin); with no margin
-        measured at them yet, the predicted capacity (scaled by ``_twin_error``). None without a twin
-        curve (a prediction of counts only) or a prediction for the tier."""
+        whose step costs are off by a factor is off by its log in every speed margin), or, where the two
+        ends' offsets differ by more than ``PREDICTION_CURVE_MISFIT``, where the secant of their measured
+        margins crosses zero (in log agents); with no margin measured at them yet, the predicted capacity
+        (scaled by ``_twin_error``). None without a twin curve (a prediction of counts only) or a
+        prediction for the tier."""
         if tier not in self._predicted or not self._twin_margins:
             return None
         curve = sorted((agents, margins[tier]) for agents, margins in self._twin_margins.items() if tier in margins)
@@ -319,6 +326,9 @@ class CapacitySearch:
         if not offsets:  # no twin curve, or nothing measured near it yet: the predicted capacity, scaled
             counts = self._predicted_counts(tier)
             return counts[0] + 0.5 if self._predicted[tier].agents else 0.5
+        if len(offsets) == 2 and abs(offsets[0] - offsets[1]) > PREDICTION_CURVE_MISFIT:
+            m_low, m_high = self._margins[low][tier], self._margins[high][tier]  # the measured margins' secant
+            return low * math.exp(math.log(high / low) * m_low / (m_low - m_high))
         crossing = _crossing(curve, sum(offsets) / len(offsets))
         return max(0.5, crossing) if crossing is not None else curve[-1][0] + 0.5
 
