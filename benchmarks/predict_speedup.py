@@ -1,7 +1,7 @@
 """How much ``agentperf capacity --predict`` saves: search time with the twin's prediction against without,
 the same answer required. Printed, not asserted (issue 14's target: a ratio of at most 0.6).
 
-The server is the embedded simulator on the default profile (h100-llama3.1-8b); the twin is
+The server is the embedded simulator on ``--profile`` (default h100-llama3.1-8b); the twin is
 
 * ``perfect``: the server's own profile (a twin that calibrated it exactly), and
 * ``±S % seed N``: the same profile with its five step-cost fields and its memory each scaled by a factor
@@ -16,7 +16,8 @@ The server is the embedded simulator on the default profile (h100-llama3.1-8b); 
     perfect twin and the first perturbed one, short windows; wall seconds of the whole command (the
     prediction included) and the steps it measured.
 
-    python benchmarks/predict_speedup.py [--spreads 0.1,0.2,0.4] [--seeds 0,1,2] [--trajectories default] [--live]
+    python benchmarks/predict_speedup.py [--profile h100-llama3.1-8b] [--spreads 0.1,0.2,0.4] [--seeds 0,1,2]
+        [--trajectories default] [--live]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import twin_accuracy  # noqa: E402
-from twin_accuracy import BASE_PROFILE, hidden_profile  # noqa: E402
+from twin_accuracy import hidden_profile  # noqa: E402
 
 from agentperf_users.loadgen import replay  # noqa: E402
 from agentperf_users.measure.slo import load_slo  # noqa: E402
@@ -50,7 +51,7 @@ SHORT_WINDOWS = ["--warmup-s", "5", "--window-s", "15"]
 
 def twins(folder: Path, spreads: list[float], seeds: list[int]) -> list[tuple[str, str]]:
     """(case, twin profile): the server's own, then one perturbed per spread and seed."""
-    cases = [("perfect", BASE_PROFILE)]
+    cases = [("perfect", twin_accuracy.BASE_PROFILE)]
     for spread in spreads:
         twin_accuracy.SPREAD = spread
         (folder / f"{spread:g}").mkdir()
@@ -67,12 +68,13 @@ def virtual_clock(cases: list[tuple[str, str]], trajectories: str) -> list[tuple
     (steps, simulated seconds) over the unpredicted search's, per twin."""
     parser = argparse.ArgumentParser()
     truth.add_arguments(parser)
-    args = parser.parse_args(["--profile", BASE_PROFILE, "--trajectories", trajectories, *SHORT_WINDOWS])
+    args = parser.parse_args(["--profile", twin_accuracy.BASE_PROFILE, "--trajectories", trajectories, *SHORT_WINDOWS])
     spec, params = load_slo(None), SearchParameters.from_options(args)
     settings, sessions = replay.ReplaySettings.from_options(args), load_trajectories(trajectories, "auto")
-    server = load_profile(BASE_PROFILE)
+    server = load_profile(twin_accuracy.BASE_PROFILE)
     plain = truth.find_capacity(server, sessions, spec, params, settings)
-    print(f"\n(1) virtual clock: server {BASE_PROFILE}, trajectories {trajectories}, {' '.join(SHORT_WINDOWS)}; "
+    print(f"\n(1) virtual clock: server {twin_accuracy.BASE_PROFILE}, trajectories {trajectories}, "
+          f"{' '.join(SHORT_WINDOWS)}; "
           f"without a prediction: {len(plain.steps)} steps, {plain.simulated_s:,.0f} s searched, "
           f"answer {answers(plain.capacity)}\n")
     print("| twin | predicted | steps with / without | search s with / without | steps ratio | time ratio "
@@ -96,7 +98,8 @@ def virtual_clock(cases: list[tuple[str, str]], trajectories: str) -> list[tuple
 def live_run(folder: Path, name: str, trajectories: str, *extra: str) -> tuple[float, dict]:
     out = folder / name
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", "capacity", "--profile", BASE_PROFILE,
+    done = subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", "capacity",
+                           "--profile", twin_accuracy.BASE_PROFILE,
                            "--trajectories", trajectories, *SHORT_WINDOWS, "--workers", "1", "--no-truth",
                            "--out", str(out), *extra], capture_output=True, text=True, cwd=REPO)
     wall = time.monotonic() - started
@@ -107,7 +110,7 @@ def live_run(folder: Path, name: str, trajectories: str, *extra: str) -> tuple[f
 
 def live(cases: list[tuple[str, str]], trajectories: str, folder: Path) -> None:
     """Part 2: the live search on the embedded simulator, without and with --predict."""
-    print(f"\n(2) live: agentperf capacity --profile {BASE_PROFILE} --trajectories {trajectories} "
+    print(f"\n(2) live: agentperf capacity --profile {twin_accuracy.BASE_PROFILE} --trajectories {trajectories} "
           f"{' '.join(SHORT_WINDOWS)} --workers 1 --no-truth [--predict TWIN]\n")
     plain_s, plain = live_run(folder, "without", trajectories)
     plain_answer = {name: cap["agents"] for name, cap in plain["capacity"].items()}
@@ -122,12 +125,15 @@ def live(cases: list[tuple[str, str]], trajectories: str, folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default=twin_accuracy.BASE_PROFILE,
+                        help="the server's bundled profile, which the twins perturb (one with anchors)")
     parser.add_argument("--spreads", default="0.1,0.2,0.4",
                         help="how far the perturbed twins' fields are scaled: a factor in [1 - spread, 1 + spread]")
     parser.add_argument("--seeds", default="0,1,2", help="perturbed twins, one per seed and spread")
     parser.add_argument("--trajectories", default="default")
     parser.add_argument("--live", action="store_true", help="also run the live searches (perfect, first perturbed)")
     args = parser.parse_args()
+    twin_accuracy.BASE_PROFILE = args.profile
     with tempfile.TemporaryDirectory(prefix="predict-speedup-") as tmp:
         cases = twins(Path(tmp), [float(s) for s in args.spreads.split(",") if s],
                       [int(seed) for seed in args.seeds.split(",") if seed])
