@@ -72,6 +72,10 @@ PREDICTION_WIDEN_GROWTH = 2.0
 # the other end by more than this (a log ratio: 35 %), it does not fit there (a cliff where the twin has
 # none, or the other way): the knee is estimated from the measured margins alone (their secant).
 PREDICTION_CURVE_MISFIT = 0.3
+# Margins measured twice at one count differ by a few hundredths (0.104 live against the twin's 0.076 at
+# 36 agents on the h200 profile, the twin being the server's own profile), which moves a crossing as
+# flat as a knee's by an agent: an offset within this says the twin is right there, as far as margins tell.
+PREDICTION_MARGIN_NOISE = 0.05
 
 
 @dataclass(frozen=True)
@@ -315,9 +319,9 @@ class CapacitySearch:
         shifted by how far the measured margins at the bracket's ends are from the twin's there (a twin
         whose step costs are off by a factor is off by its log in every speed margin), or, where the two
         ends' offsets differ by more than ``PREDICTION_CURVE_MISFIT``, where the secant of their measured
-        margins crosses zero (in log agents); with no margin measured at them yet, the predicted capacity
-        (scaled by ``_twin_error``). None without a twin curve (a prediction of counts only) or a
-        prediction for the tier."""
+        margins crosses zero (in log agents); with no margin measured at them yet, or an offset within
+        ``PREDICTION_MARGIN_NOISE``, the predicted capacity (scaled by ``_twin_error``). None without a
+        twin curve (a prediction of counts only) or a prediction for the tier."""
         if tier not in self._predicted or not self._twin_margins:
             return None
         curve = sorted((agents, margins[tier]) for agents, margins in self._twin_margins.items() if tier in margins)
@@ -329,7 +333,11 @@ class CapacitySearch:
         if len(offsets) == 2 and abs(offsets[0] - offsets[1]) > PREDICTION_CURVE_MISFIT:
             m_low, m_high = self._margins[low][tier], self._margins[high][tier]  # the measured margins' secant
             return low * math.exp(math.log(high / low) * m_low / (m_low - m_high))
-        crossing = _crossing(curve, sum(offsets) / len(offsets))
+        offset = sum(offsets) / len(offsets)
+        counts = self._predicted_counts(tier)
+        if abs(offset) < PREDICTION_MARGIN_NOISE and counts and self._predicted[tier].agents:
+            return counts[0] + 0.5  # the twin is right here, as far as the margins can tell
+        crossing = _crossing(curve, offset)
         return max(0.5, crossing) if crossing is not None else curve[-1][0] + 0.5
 
     def _predicted_counts(self, tier: str) -> tuple[int, ...]:
