@@ -16,6 +16,7 @@ import pytest
 from agentperf_users.loadgen import replay
 from agentperf_users.measure.slo import load_slo
 from agentperf_users.search import predicted, truth
+from agentperf_users.search.margin_curve import last_crossing, margin_at
 from agentperf_users.search.policy import CapacitySearch, CapacityStatus, SearchParameters, TierCapacity
 from agentperf_users.simulator.profile import load_profile
 from agentperf_users.workload.readers import load_trajectories
@@ -239,3 +240,11 @@ def test_margins_that_mislead_still_reach_the_verdicts_answer():
         steps, _ = drive_margins(search, noisy)
         assert {t: c.agents for t, c in search.capacity().items()} == {"loose": 29, "mid": 8, "strict": 1}, trial
         assert len(steps) <= 2 * len(without), (trial, steps, without)
+
+
+def test_a_margin_curve_crosses_zero_where_it_last_falls_below():
+    curve = [(1, 0.8), (2, -0.1), (4, 0.3), (8, -0.3)]  # a dip at 2 agents that recovers, as batches fill
+    assert last_crossing(curve, 0.0) == pytest.approx(4 * 2 ** 0.5)  # half way from 4 to 8 in log agents
+    assert last_crossing(curve, 1.0) > 8 and margin_at(curve, 16) < margin_at(curve, 8)  # along its mean slope
+    assert last_crossing(curve, -1.0) == 0.5  # below its first point
+    assert last_crossing([(4, 0.3)], 0.0) is None and margin_at([(4, 0.3)], 8) == 0.3  # one point: no slope

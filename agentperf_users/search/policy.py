@@ -54,6 +54,7 @@ from agentperf_users.errors import AgentperfError
 from agentperf_users.measure.diagnose import Cause
 from agentperf_users.measure.slo import StepVerdict
 from agentperf_users.options import MAX_WINDOW_FACTOR, Group
+from agentperf_users.search.margin_curve import last_crossing, margin_at
 
 # Counts only (a prediction without the twin's margin curve): the first step away from a prediction
 # that a verdict disproved: 1.5x (or 1/1.5x) the count that disproved it, then the ratio to the
@@ -325,7 +326,7 @@ class CapacitySearch:
         if tier not in self._predicted or not self._twin_margins:
             return None
         curve = sorted((agents, margins[tier]) for agents, margins in self._twin_margins.items() if tier in margins)
-        offsets = [self._margins[end][tier] - _interpolate(curve, end) for end in (low, high)
+        offsets = [self._margins[end][tier] - margin_at(curve, end) for end in (low, high)
                    if curve and end and tier in self._margins.get(end, {})]
         if not offsets:  # no twin curve, or nothing measured near it yet: the predicted capacity, scaled
             counts = self._predicted_counts(tier)
@@ -337,7 +338,7 @@ class CapacitySearch:
         counts = self._predicted_counts(tier)
         if abs(offset) < PREDICTION_MARGIN_NOISE and counts and self._predicted[tier].agents:
             return counts[0] + 0.5  # the twin is right here, as far as the margins can tell
-        crossing = _crossing(curve, offset)
+        crossing = last_crossing(curve, offset)
         return max(0.5, crossing) if crossing is not None else curve[-1][0] + 0.5
 
     def _predicted_counts(self, tier: str) -> tuple[int, ...]:
@@ -419,41 +420,6 @@ class CapacitySearch:
                 status = CapacityStatus.FOUND if low else CapacityStatus.NONE_PASSED
             result[tier] = TierCapacity(tier, status, low or None, high)
         return result
-
-
-def _interpolate(curve: Sequence[tuple[int, float]], agents: int) -> float:
-    """The margin at ``agents`` on a curve of (agents, margin) points sorted by agents: linear in log agents
-    between the points around it; below the first, the first's; past the last, along the curve's mean
-    slope (as ``_crossing`` extrapolates)."""
-    if agents <= curve[0][0]:
-        return curve[0][1]
-    for (n0, m0), (n1, m1) in zip(curve, curve[1:]):
-        if agents <= n1:
-            return m0 + (m1 - m0) * math.log(agents / n0) / math.log(n1 / n0)
-    return curve[-1][1] + _mean_slope(curve) * math.log(agents / curve[-1][0])
-
-
-def _mean_slope(curve: Sequence[tuple[int, float]]) -> float:
-    """The curve's margin per unit of log agents from its first point to its last, at most 0."""
-    (first_n, first_m), (last_n, last_m) = curve[0], curve[-1]
-    return min(0.0, (last_m - first_m) / math.log(last_n / first_n))
-
-
-def _crossing(curve: Sequence[tuple[int, float]], shift: float) -> float | None:
-    """Where the curve, shifted up by ``shift``, falls below zero for the last time, interpolated linearly in
-    log agents between the points around it (below the first point: half way to 0; past the last, along
-    the curve's mean slope from its first point to its last); None when it ends at or above zero on a curve
-    that does not fall. The last time, not the first: a margin dips and recovers as batches fill, but
-    past the knee it stays below."""
-    shifted = [(agents, margin + shift) for agents, margin in curve]
-    (first_n, _), (last_n, last_m) = shifted[0], shifted[-1]
-    if last_m >= 0:
-        slope = _mean_slope(curve)
-        return last_n * math.exp(min(50.0, last_m / -slope)) if slope < 0 else None
-    for (n0, m0), (n1, m1) in zip(reversed(shifted[:-1]), reversed(shifted[1:])):
-        if m0 >= 0:
-            return n0 * math.exp(math.log(n1 / n0) * m0 / (m0 - m1))
-    return first_n / 2
 
 
 def _usable_margin(margin: float | None, passed: bool) -> bool:
