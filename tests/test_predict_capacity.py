@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,10 +16,11 @@ import pytest
 from agentperf_users.loadgen import replay
 from agentperf_users.measure.slo import load_slo
 from agentperf_users.search import predicted, truth
+from agentperf_users.search.margin_curve import last_crossing, margin_at
 from agentperf_users.search.policy import CapacitySearch, CapacityStatus, SearchParameters, TierCapacity
 from agentperf_users.simulator.profile import load_profile
 from agentperf_users.workload.readers import load_trajectories
-from tests.test_shape import verdict
+from tests.test_shape import margin_verdict, verdict
 
 KNEES = {"loose": 29, "mid": 8, "strict": 1}  # each tier passes exactly up to its knee
 
@@ -96,9 +99,11 @@ def demo_truth():
 
 def test_the_truths_search_from_its_own_prediction_verifies_it_in_fewer_steps(demo_truth):
     inputs, plain = demo_truth
-    started = truth.find_capacity(*inputs, predicted=plain.capacity)
+    started = truth.find_capacity(*inputs, predicted=plain.capacity, twin_margins=predicted.margin_curve(plain.steps))
     assert started.capacity == plain.capacity
     assert len(started.steps) < len(plain.steps)
+    assert sorted(step.agents for step in started.steps) == sorted(  # each tier's knee and the count past it
+        {count for cap in plain.capacity.values() for count in (cap.agents, cap.first_failing_agents) if count})
     assert started.steps[0].agents == plain.capacity["aa-20tps"].agents
 
 
@@ -116,6 +121,8 @@ def test_predict_is_the_truths_search_on_the_twin(demo_truth):
     prediction = predicted.predict("l4-llama3.2-3b", trajectories, spec, params, settings)
     assert prediction.capacity == plain.capacity and prediction.load_steps == len(plain.steps)
     assert prediction.to_dict()["capacity"]["aa-20tps"]["agents"] == plain.capacity["aa-20tps"].agents
+    first = plain.steps[0].verdict.tiers[0]  # the twin's margins, which steer the live search, are kept
+    assert prediction.to_dict()["margins"][str(plain.steps[0].agents)][first.tier.name] == round(first.margin, 4)
 
 
 def agentperf(*args: str, timeout_s: float) -> subprocess.CompletedProcess:
@@ -156,3 +163,88 @@ def test_capacity_starts_at_the_predicted_knee_and_reports_predicted_against_mea
     assert "predicted @ 20 tok/s" in done.stdout and done.returncode in (0, 3), done.stdout + done.stderr
     rebuilt = agentperf("report", str(out), timeout_s=60)
     assert json.loads((out / "report.json").read_text())["prediction"] == report["prediction"], rebuilt.stderr
+
+
+KNEE_CROSSINGS = {"loose": 29.4, "mid": 8.6, "strict": 1.5}  # capacity 29, 8 and 1
+
+
+def speed_margins(crossings: dict[str, float]):
+    """A monotone margin curve per tier, as a speed ratio falls with agents: ln(crossing / agents)."""
+    return lambda tier, agents: math.log(crossings[tier] / agents)
+
+
+def drive_margins(search: CapacitySearch, margin_of) -> tuple[list[int], dict[int, dict[str, float]]]:
+    """Run the policy against ``margin_of(tier, agents)`` (each tier passes while its margin is >= 0): the
+    counts it measured, in order, and the margins it saw (a twin's curve, when ``search`` ran on a twin)."""
+    measured, seen = [], {}
+    while (agents := search.next_agents()) is not None:
+        assert agents not in measured and 1 <= agents <= 256, measured
+        seen[agents] = {tier: margin_of(tier, agents) for tier in KNEE_CROSSINGS}
+        measured.append(agents)
+        search.record_verdict(agents, margin_verdict(seen[agents]))
+        assert len(measured) < 60
+    return measured, seen
+
+
+def twin_prediction(margin_of) -> tuple[dict[str, TierCapacity], dict[int, dict[str, float]]]:
+    """What ``predicted.predict`` gives for a twin whose curve is ``margin_of``: its search's answer and margins."""
+    twin = CapacitySearch(list(KNEE_CROSSINGS), start_agents=1, max_agents=256)
+    _, margins = drive_margins(twin, margin_of)
+    return twin.capacity(), margins
+
+
+@pytest.mark.parametrize("off_by", [0.6, 0.8, 1.2, 1.4])
+def test_a_twin_off_by_20_to_40_percent_is_steered_by_its_margins_to_the_same_answer_in_fewer_steps(off_by):
+    """The measured margin set against the twin's at the same count says how far off the twin is (a step
+    cost off by a factor shifts every speed margin by its log), so the search moves to the knee instead of
+    widening blindly: at most two steps per tier more than a right twin's two."""
+    server = speed_margins(KNEE_CROSSINGS)
+    baseline = CapacitySearch(list(KNEE_CROSSINGS), start_agents=1, max_agents=256)
+    without, _ = drive_margins(baseline, server)
+    capacity, margins = twin_prediction(speed_margins({t: c * off_by for t, c in KNEE_CROSSINGS.items()}))
+    search = CapacitySearch(list(KNEE_CROSSINGS), 1, 256, predicted=capacity, twin_margins=margins)
+    steps, _ = drive_margins(search, server)
+    assert answers(search) == answers(baseline)
+    assert answers(search)["loose"] == (CapacityStatus.FOUND, 29, 30)
+    assert steps[0] == capacity["loose"].agents
+    assert len(steps) < len(without) and len(steps) <= 2 * len(KNEE_CROSSINGS) + 4, (steps, without)
+    counts_only = CapacitySearch(list(KNEE_CROSSINGS), 1, 256, predicted=capacity)
+    assert len(steps) <= len(drive_margins(counts_only, server)[0])
+
+
+@pytest.mark.parametrize("off_by", [0.1, 8.0])
+def test_a_twin_wrong_by_far_costs_a_few_steps_more_than_none_at_most(off_by):
+    server = speed_margins(KNEE_CROSSINGS)
+    baseline = CapacitySearch(list(KNEE_CROSSINGS), start_agents=1, max_agents=256)
+    without, _ = drive_margins(baseline, server)
+    capacity, margins = twin_prediction(speed_margins({t: c * off_by for t, c in KNEE_CROSSINGS.items()}))
+    search = CapacitySearch(list(KNEE_CROSSINGS), 1, 256, predicted=capacity, twin_margins=margins)
+    steps, _ = drive_margins(search, server)
+    assert answers(search) == answers(baseline)
+    assert len(steps) <= len(without) + 3, (steps, without)
+
+
+def test_margins_that_mislead_still_reach_the_verdicts_answer():
+    """Margins whose size is noise (only their sign is right), on the server and on the twin: the
+    safeguards (a miss widens geometrically, a bracket halves) bound the cost, and verdicts alone decide."""
+    rng = random.Random(7)
+    for trial in range(10):
+        noise = {n: rng.uniform(0.01, 3.0) for n in range(1, 257)}
+
+        def noisy(tier: str, agents: int, scale: float = 1.0) -> float:
+            return noise[agents] if agents <= KNEE_CROSSINGS[tier] * scale else -noise[agents]
+
+        without, _ = drive_margins(CapacitySearch(list(KNEE_CROSSINGS), 1, 256), noisy)
+        capacity, margins = twin_prediction(lambda tier, agents: noisy(tier, agents, 1.3))
+        search = CapacitySearch(list(KNEE_CROSSINGS), 1, 256, predicted=capacity, twin_margins=margins)
+        steps, _ = drive_margins(search, noisy)
+        assert {t: c.agents for t, c in search.capacity().items()} == {"loose": 29, "mid": 8, "strict": 1}, trial
+        assert len(steps) <= 2 * len(without), (trial, steps, without)
+
+
+def test_a_margin_curve_crosses_zero_where_it_last_falls_below():
+    curve = [(1, 0.8), (2, -0.1), (4, 0.3), (8, -0.3)]  # a dip at 2 agents that recovers, as batches fill
+    assert last_crossing(curve, 0.0) == pytest.approx(4 * 2 ** 0.5)  # half way from 4 to 8 in log agents
+    assert last_crossing(curve, 1.0) > 8 and margin_at(curve, 16) < margin_at(curve, 8)  # along its mean slope
+    assert last_crossing(curve, -1.0) == 0.5  # below its first point
+    assert last_crossing([(4, 0.3)], 0.0) is None and margin_at([(4, 0.3)], 8) == 0.3  # one point: no slope

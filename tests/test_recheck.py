@@ -12,14 +12,14 @@ import pytest
 
 from agentperf_users.cli import capacity as capacity_cli
 from agentperf_users.cli.main import build_parser
-from agentperf_users.search import truth
+from agentperf_users.search import predicted, truth
 from agentperf_users.search.policy import RECHECK, CapacitySearch, CapacityStatus, SearchParameters, TierCapacity
 from agentperf_users.search.spread import Drift, capacity_drift, capacity_spread, drift_words
 from agentperf_users.report.build import capacity_lines
 from tests.runs import SLOW, make_run
 from tests.test_shape import drive as shape_drive
 from tests.test_shape import shape_environment, verdict
-from tests.simulator import custom_profile
+from tests.simulator import custom_profile, write_profile
 from tests.test_truth import MAX_NUM_SEQS, NO_WAIT, search_params, slo, trajectories  # noqa: F401 (fixtures)
 
 CAPACITIES = {"loose": 37, "strict": 12}
@@ -145,6 +145,16 @@ def test_the_ground_truth_rechecks_as_the_live_search_does(tmp_path, trajectorie
     twins = truth.measure_steps(profile, trajectories, slo, params, [(s.agents, None) for s in rechecked.steps],
                                 NO_WAIT)
     assert [(s.agents, s.verdict.passed) for s in twins] == [(s.agents, s.verdict.passed) for s in rechecked.steps]
+
+
+def test_a_prediction_of_a_rechecking_live_search_is_not_rechecked(tmp_path, trajectories, slo):
+    """``capacity --predict`` against a server hands the twin its own (rechecking) options: the twin's
+    virtual clock does not drift, so its search stops where the plain truth's does."""
+    path = write_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS})
+    plain = truth.find_capacity(custom_profile(tmp_path, {"engine.max_num_seqs": MAX_NUM_SEQS}), trajectories, slo,
+                                search_params(), NO_WAIT)
+    prediction = predicted.predict(str(path), trajectories, slo, search_params(recheck=True), NO_WAIT)
+    assert prediction.load_steps == len(plain.steps) and prediction.capacity == plain.capacity
 
 
 CLEAR = 0.1  # a margin well past STABLE_MARGIN

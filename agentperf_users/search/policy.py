@@ -19,14 +19,23 @@ the simulator's profiles, margins at small counts predicted the break too poorly
 
 Started from a prediction (``agentperf capacity --predict PROFILE``: the ground truth's search on a
 calibrated twin, ``search.predicted``), there is no phase 1: each tier in turn, first its predicted
-capacity is measured, then its predicted first failing count, so a right prediction is verified in two
-steps per tier, and the bracket starts one agent wide. A wrong one is widened from the count that
-disproved it, geometrically (``PREDICTION_WIDEN_FACTOR``, the step from the prediction squared each time,
-a gallop), up while the tier passes and down while it fails; then the bracket is halved (the margins'
-regula falsi, on brackets this narrow, stalled one agent a step at the knee: more steps on the
-simulator's profiles). Each tier's predicted counts are scaled by how far off the twin was on the tiers
-located before it. The prediction only chooses counts: verdicts decide the answer, which is the
-same as without it wherever the tier's verdicts are monotone in agents.
+capacity is measured, then the count past it, so a right prediction is verified in two steps per tier.
+After that the twin's margin curve steers (``twin_margins``: the margins of its search's steps): a
+count's measured margin against the twin's at the same count says how far off the twin is there (step
+costs off by a factor move every speed margin by its log), so the tier's knee is estimated where the
+twin's curve, shifted by that offset (from the bracket's ends), crosses zero, and the next count is the
+one of the estimated pair (largest pass, first fail) that closes the bracket if the estimate is right.
+Every step is judged on every tier, so a tier's first estimate already has the offsets of the counts
+measured for the tiers before it. The safeguards are verdicts': a count that missed (expected to pass and
+failed, or the other way) is followed by a widening of ``PREDICTION_WIDEN_STEP`` of the end moved from,
+doubled for each miss (a knee at a memory cliff does not show in the margins below it, and a twin
+10-40 % off is 10-25 % off at its knees), and a bracket whose estimates missed twice is narrowed as
+without a prediction; where the twin's curve does not fit between a bracket's ends, the secant of
+their measured margins estimates instead. Verdicts, never margins, decide the brackets and the
+answer, which is the same as without a prediction wherever the tier's verdicts are monotone in agents.
+A prediction without a curve (counts only) widens from the disproved prediction by
+``PREDICTION_WIDEN_FACTOR``, the ratio squared each time, then halves, and scales each tier's predicted
+counts by how far off the twin was on the tiers located before it.
 
 Rechecked (``--recheck``): once every tier is located, the first tier's capacity and its first failing
 count are measured once more (phase ``recheck``), so the report can state how far the server's own speed
@@ -53,12 +62,29 @@ from agentperf_users.errors import AgentperfError
 from agentperf_users.measure.diagnose import Cause
 from agentperf_users.measure.slo import StepVerdict
 from agentperf_users.options import MAX_WINDOW_FACTOR, Group
+from agentperf_users.search.margin_curve import last_crossing, margin_at
 
-# The first step away from a prediction that a verdict disproved: 1.5x (or 1/1.5x) the count that
-# disproved it, then the ratio to the prediction squared each step (2.25x, 5.1x, ...). Small
-# enough that a twin off by 20-40 % is bracketed at the first widening, large enough that one off by
-# 2x costs two steps more than a right one, not log2(agents).
+# Counts only (a prediction without the twin's margin curve): the first step away from a prediction
+# that a verdict disproved: 1.5x (or 1/1.5x) the count that disproved it, then the ratio to the
+# prediction squared each step (2.25x, 5.1x, ...). Small enough that a twin off by 20-40 % is bracketed
+# at the first widening, large enough that one off by 2x costs two steps more than a right one, not
+# log2(agents).
 PREDICTION_WIDEN_FACTOR = 1.5
+# Steered by the twin's margin curve: after an estimate that missed, the count moves 10 % of the way from
+# the end it moves from, the step doubled for each miss of the tier (1.1x, 1.2x, 1.4x, 1.8x, ...): a
+# twin whose step costs are off by 10-40 % puts its knee within 10-25 % of the true one (a memory
+# cliff, which the margins do not show, included), so small steps bracket it soonest; one off by far
+# still brackets it in log log steps. Measured: benchmarks/predict_speedup.py.
+PREDICTION_WIDEN_STEP = 0.1
+PREDICTION_WIDEN_GROWTH = 2.0
+# Where the twin's curve, shifted to the margin measured at one end of a bracket, misses the margin at
+# the other end by more than this (a log ratio: 35 %), it does not fit there (a cliff where the twin has
+# none, or the other way): the knee is estimated from the measured margins alone (their secant).
+PREDICTION_CURVE_MISFIT = 0.3
+# Margins measured twice at one count differ by a few hundredths (0.104 live against the twin's 0.076 at
+# 36 agents on the h200 profile, the twin being the server's own profile), which moves a crossing as
+# flat as a knee's by an agent: an offset within this says the twin is right there, as far as margins tell.
+PREDICTION_MARGIN_NOISE = 0.05
 
 
 @dataclass(frozen=True)
@@ -160,10 +186,13 @@ class CapacitySearch:
         step_factor: float = 2.0,
         guided: bool = True,
         predicted: Mapping[str, TierCapacity] | None = None,
+        twin_margins: Mapping[int, Mapping[str, float]] | None = None,
         recheck: bool = False,
     ) -> None:
         self._tiers = tuple(tiers)
         self._predicted = dict(predicted) if predicted is not None else None
+        self._twin_margins = {agents: dict(margins) for agents, margins in (twin_margins or {}).items()}
+        self._expected: dict[str, list[tuple[int, bool]]] = {}  # tier -> (count, expected to pass), as predicted
         self._start, self._max, self._resolution = start_agents, max_agents, resolution_agents
         self._step_agents, self._step_factor = step_agents, step_factor
         self._guided = guided
@@ -177,11 +206,13 @@ class CapacitySearch:
 
     @classmethod
     def from_parameters(cls, tiers: Sequence[str], params: SearchParameters,
-                        predicted: Mapping[str, TierCapacity] | None = None) -> "CapacitySearch":
+                        predicted: Mapping[str, TierCapacity] | None = None,
+                        twin_margins: Mapping[int, Mapping[str, float]] | None = None) -> "CapacitySearch":
         """The search the options ask for; ``predicted`` (capacity per tier, as ``capacity()`` gives it)
-        starts it from a prediction instead of ``--start-agents``."""
+        starts it from a prediction instead of ``--start-agents``, steered by ``twin_margins`` (the
+        prediction's margins: agents -> tier -> margin, finite ones) where given."""
         return cls(tiers, params.start_agents, params.max_agents, params.resolution_agents, params.step_agents,
-                   params.step_factor, params.guided, predicted, params.recheck)
+                   params.step_factor, params.guided, predicted, twin_margins, params.recheck)
 
     def record_verdict(self, agents: int, verdict: StepVerdict) -> None:
         passed = {tier_verdict.tier.name: tier_verdict.passed for tier_verdict in verdict.tiers}
@@ -249,14 +280,20 @@ class CapacitySearch:
         return None
 
     def _plan_from_prediction(self) -> int | None:
-        """The first tier still open: its predicted counts while they lie inside its bracket, else the
-        bracket widened (no fail yet: up; no pass yet: down) or narrowed."""
+        """The first tier still open: the count its estimated knee says (``_from_estimate``); without an
+        estimate (no prediction for the tier), the bracket widened (no fail yet: up; no pass yet: down)
+        or halved."""
         for tier in self._tiers:
             low, high = self.bracket(tier)
             if high is None and (self._passed and max(self._passed) >= self._max):
                 continue  # passed at --max-agents: never failed
             if high is not None and high - low <= self._resolution:
                 continue
+            knee = self._estimated_knee(tier, low, high)
+            if knee is not None:
+                count, expect_pass = self._from_estimate(tier, low, high, knee)
+                self._expected.setdefault(tier, []).append((count, expect_pass))
+                return count
             guess = self._predicted_inside(tier, low, high)
             self._phase = "predict" if guess is not None else "bisect" if low and high else "step"
             if guess is not None:
@@ -267,6 +304,75 @@ class CapacitySearch:
                 return self._widen(tier, high, up=False)
             return (low + high) // 2  # halving: regula falsi stalls one agent a step near a knee
         return None
+
+    def _from_estimate(self, tier: str, low: int, high: int | None, knee: float) -> tuple[int, bool]:
+        """The count to measure next for ``tier`` whose margin is estimated to cross zero at ``knee``, and
+        whether it is expected to pass. Of the pair that would locate that knee (its floor, expected to
+        pass, and the count ``--resolution-agents`` past it, expected to fail), the one at the bracket's
+        open or nearer side, so a right estimate closes the bracket and a wrong one shows which way it was
+        wrong. Safeguarded (``_after_miss``) where the last estimate missed or this one is already
+        disproved by the bracket."""
+        outcomes = [self._passed[n][tier] == expected for n, expected in self._expected.get(tier, ())
+                    if n in self._passed]
+        missed = bool(outcomes) and not outcomes[-1]
+        if missed or knee < low or (high is not None and knee >= high):
+            last_passed = self._passed[self._expected[tier][-1][0]][tier] if missed else knee < low
+            return self._after_miss(tier, low, high, outcomes.count(False), last_passed, knee)
+        self._phase = "predict"
+        top = high if high is not None else self._max + 1
+        floor = min(top - 1, max(low, math.floor(knee)))
+        above = min(top - 1, floor + self._resolution)  # the pair's other count: they locate the knee
+        nearer_low = high is None or above - low <= high - floor
+        if floor <= low or (low and nearer_low and above > floor):
+            return max(above, low + 1), False
+        return floor, True  # nothing measured yet (the prediction itself), the fail already known, or nearer it
+
+    def _after_miss(self, tier: str, low: int, high: int | None, misses: int, too_low: bool,
+                    knee: float) -> tuple[int, bool]:
+        """After an estimate that missed (``too_low``: a count expected to fail passed, or the estimate lies
+        below the bracket), so a twin whose curve is wrong costs steps, never correctness: an open bracket
+        widens by ``PREDICTION_WIDEN_STEP`` of the end it moves from, the step doubled for each miss of the
+        tier (a gallop: a knee at a memory cliff does not show in the margins below it), and a closed one
+        moves so too, at most to its middle, until a second miss shows the estimates cannot be trusted
+        there: then it is narrowed as without a prediction (``_narrow``)."""
+        closed = high is not None and low
+        if closed and misses > 1:
+            self._phase = "bisect"
+            count = self._narrow(tier, low, high)
+            return count, count <= knee
+        self._phase = "step"
+        step = PREDICTION_WIDEN_STEP * PREDICTION_WIDEN_GROWTH ** max(0, misses - 1)
+        if high is None or (low and too_low):  # up from the highest pass
+            count = min(self._max, low + max(1, math.ceil(round(low * step, 9))))
+            return (min(count, max(low + 1, (low + high) // 2)) if closed else count), False
+        count = high - max(1, math.ceil(round(high * step / (1 + step), 9)))  # down from the lowest fail
+        return max(count, (low + high + 1) // 2 if low else 1, low + 1), True
+
+    def _estimated_knee(self, tier: str, low: int, high: int | None) -> float | None:
+        """Where ``tier``'s margin is expected to cross zero: the twin's margin curve (its search's steps)
+        shifted by how far the measured margins at the bracket's ends are from the twin's there (a twin
+        whose step costs are off by a factor is off by its log in every speed margin), or, where the two
+        ends' offsets differ by more than ``PREDICTION_CURVE_MISFIT``, where the secant of their measured
+        margins crosses zero (in log agents); with no margin measured at them yet, or an offset within
+        ``PREDICTION_MARGIN_NOISE``, the predicted capacity (scaled by ``_twin_error``). None without a
+        twin curve (a prediction of counts only) or a prediction for the tier."""
+        if tier not in self._predicted or not self._twin_margins:
+            return None
+        curve = sorted((agents, margins[tier]) for agents, margins in self._twin_margins.items() if tier in margins)
+        offsets = [self._margins[end][tier] - margin_at(curve, end) for end in (low, high)
+                   if curve and end and tier in self._margins.get(end, {})]
+        if not offsets:  # no twin curve, or nothing measured near it yet: the predicted capacity, scaled
+            counts = self._predicted_counts(tier)
+            return counts[0] + 0.5 if self._predicted[tier].agents else 0.5
+        if len(offsets) == 2 and abs(offsets[0] - offsets[1]) > PREDICTION_CURVE_MISFIT:
+            m_low, m_high = self._margins[low][tier], self._margins[high][tier]  # the measured margins' secant
+            return low * math.exp(math.log(high / low) * m_low / (m_low - m_high))
+        offset = sum(offsets) / len(offsets)
+        counts = self._predicted_counts(tier)
+        if abs(offset) < PREDICTION_MARGIN_NOISE and counts and self._predicted[tier].agents:
+            return counts[0] + 0.5  # the twin is right here, as far as the margins can tell
+        crossing = last_crossing(curve, offset)
+        return max(0.5, crossing) if crossing is not None else curve[-1][0] + 0.5
 
     def _predicted_counts(self, tier: str) -> tuple[int, ...]:
         """The tier's predicted capacity and first failing count, within [1, --max-agents], scaled by how

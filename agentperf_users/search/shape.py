@@ -284,8 +284,9 @@ class CapacitySearchShape(LoadTestShape):
 
     def _start_search(self, now: float) -> bool:
         """The policy, from the prediction if there is one, and its first step."""
-        capacity = self.prediction.capacity if self.prediction else None
-        self.search = CapacitySearch.from_parameters([tier.name for tier in self.spec.tiers], self.params, capacity)
+        capacity, margins = (self.prediction.capacity, self.prediction.margins) if self.prediction else (None, None)
+        self.search = CapacitySearch.from_parameters([tier.name for tier in self.spec.tiers], self.params, capacity,
+                                                     margins)
         self._next_step(now)
         self._write_summary(self.environment)
         return True

@@ -325,14 +325,16 @@ def find_capacity(
     router: str = ROUND_ROBIN,
     keep_records: bool = False,
     predicted: dict[str, TierCapacity] | None = None,
+    twin_margins: dict[int, dict[str, float]] | None = None,
 ) -> TruthResult:
     """Run the capacity search on the virtual clock and return what it finds per tier; ``replicas`` copies
     of the profile's engine behind ``router`` serve the agents (:mod:`agentperf_users.simulator.fleet`),
-    and the search starts from ``predicted``, as ``capacity --predict`` starts it, when given."""
+    and the search starts from ``predicted``, steered by ``twin_margins``, as ``capacity --predict`` starts
+    it, when given."""
     started = time.perf_counter()
     fleet = Fleet.of(profile, replicas, router, seed=settings.seed)
     world = _World(fleet, trajectories, settings, history=[] if keep_records else None)
-    search = CapacitySearch.from_parameters([t.name for t in spec.tiers], params, predicted)
+    search = CapacitySearch.from_parameters([t.name for t in spec.tiers], params, predicted, twin_margins)
     steps = []
     while (agents := search.next_agents()) is not None:
         steps.append(world.measure(agents, params, spec))
