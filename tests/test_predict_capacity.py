@@ -198,22 +198,24 @@ def test_a_twin_off_by_20_to_40_percent_is_steered_by_its_margins_to_the_same_an
     """The measured margin set against the twin's at the same count says how far off the twin is (a step
     cost off by a factor shifts every speed margin by its log), so the search moves to the knee instead of
     widening blindly: at most two steps per tier more than a right twin's two."""
-    server = speed_margins(KNEE_CROSSINGS)
-    baseline = CapacitySearch(list(KNEE_CROSSINGS), start_agents=1, max_agents=256)
-    without, _ = drive_margins(baseline, server)
-    capacity, margins = twin_prediction(speed_margins({t: c * off_by for t, c in KNEE_CROSSINGS.items()}))
-    search = CapacitySearch(list(KNEE_CROSSINGS), 1, 256, predicted=capacity, twin_margins=margins)
-    steps, _ = drive_margins(search, server)
-    assert answers(search) == answers(baseline)
+    search, steps, without, capacity = off_twin_search(off_by)
     assert answers(search)["loose"] == (CapacityStatus.FOUND, 29, 30)
     assert steps[0] == capacity["loose"].agents
     assert len(steps) < len(without) and len(steps) <= 2 * len(KNEE_CROSSINGS) + 4, (steps, without)
     counts_only = CapacitySearch(list(KNEE_CROSSINGS), 1, 256, predicted=capacity)
-    assert len(steps) <= len(drive_margins(counts_only, server)[0])
+    assert len(steps) <= len(drive_margins(counts_only, speed_margins(KNEE_CROSSINGS))[0])
 
 
 @pytest.mark.parametrize("off_by", [0.1, 8.0])
 def test_a_twin_wrong_by_far_costs_a_few_steps_more_than_none_at_most(off_by):
+    _, steps, without, _ = off_twin_search(off_by)
+    assert len(steps) <= len(without) + 3, (steps, without)
+
+
+def off_twin_search(off_by: float) -> tuple[CapacitySearch, list[int], list[int], dict]:
+    """The search from a twin whose knees are ``off_by`` times the server's, driven by the server's margins:
+    (the search, its steps, the unpredicted search's steps, the prediction), its answer checked equal to
+    the unpredicted one's."""
     server = speed_margins(KNEE_CROSSINGS)
     baseline = CapacitySearch(list(KNEE_CROSSINGS), start_agents=1, max_agents=256)
     without, _ = drive_margins(baseline, server)
@@ -221,7 +223,7 @@ def test_a_twin_wrong_by_far_costs_a_few_steps_more_than_none_at_most(off_by):
     search = CapacitySearch(list(KNEE_CROSSINGS), 1, 256, predicted=capacity, twin_margins=margins)
     steps, _ = drive_margins(search, server)
     assert answers(search) == answers(baseline)
-    assert len(steps) <= len(without) + 3, (steps, without)
+    return search, steps, without, capacity
 
 
 def test_margins_that_mislead_still_reach_the_verdicts_answer():
