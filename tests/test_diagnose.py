@@ -185,6 +185,7 @@ def test_a_slow_tail_that_the_servers_mean_hides_is_decode_batch_by_the_slow_req
         diagnosis.evidence)
     alone = replace(server, requests_running_mean=1.0)
     assert why(tail, alone).cause is Cause.DECODE_SPEED  # the same tail with no batch: the server's own speed
+    assert " with 1 request running on average: " in why(tail, alone).text
 
 
 def test_a_ttft_failing_at_one_agent_with_nothing_waiting_is_prefill():

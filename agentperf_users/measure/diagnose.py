@@ -435,7 +435,8 @@ def _decode_speed(i: _Inputs) -> Diagnosis | None:
     if slow is None or slow.running >= DECODE_MIN_RUNNING:
         return None
     floor = i.verdict.tier.output_tps_min
-    return _finding(Cause.DECODE_SPEED, f"{slow.text(floor)} with {slow.running:.2g} requests running on average: "
+    running = f"{slow.running:.2g} request" + ("" if f"{slow.running:.2g}" == "1" else "s")
+    return _finding(Cause.DECODE_SPEED, f"{slow.text(floor)} with {running} running on average: "
                     "the server decodes a request alone slower than the floor, so no agent count can pass this tier "
                     "on this server", **slow.evidence(), floor_inter_token_latency_s=slow.allowed_s,
                     requests_running_mean=slow.running)
