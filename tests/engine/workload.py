@@ -25,8 +25,21 @@ SMALL_SET = SynthParams(count=6, seed=11, name="engine-small", max_context=6_000
                         tool_result_median=150, tool_result_max=1_200)
 
 
-def write_small_set(path: Path) -> Path:
-    write_set(path, *synthesize(SMALL_SET))
+# A second set for checking the digital twin on a workload it was not calibrated on (benchmarks/twin_accuracy.py
+# (b)): the same kind of agent with the other balance of work: longer tool results and system prompt, so
+# contexts grow to 14K tokens (prefill and the front end's tokenizer weigh more), replies twice as long (decode
+# weighs more) and an AA-like tool wait (median 1 s), with fewer turns.
+LONG_SET = SynthParams(count=10, seed=12, name="engine-long", max_context=14_000, system_tokens=1_500, tool_count=6,
+                       task_median=300, turns_median=6, min_turns=3, max_turns=10, output_median=80,
+                       output_p95=400, output_max=800, tool_wait_median_s=1.0, tool_wait_max_s=4.0,
+                       tool_result_median=600, tool_result_max=3_000)
+ENGINE_SETS = {"small": SMALL_SET, "long": LONG_SET}
+"""The engine benchmarks' sets by name (``--set``)."""
+
+
+def write_small_set(path: Path, name: str = "small") -> Path:
+    """One of :data:`ENGINE_SETS` (by default the small set the engine tests replay) written to ``path``."""
+    write_set(path, *synthesize(ENGINE_SETS[name]))
     return path
 
 
