@@ -33,6 +33,7 @@ MAX_WINDOW_FACTOR = 4.0  # how far --min-requests may extend a window
 MAX_TOOL_WAIT_S = 86_400.0
 MAX_TOOL_WAIT_SIGMA = 10.0  # e^10 times the median at one sigma: already no tool wait a trajectory holds
 MAX_SEED = 2**63  # what every random generator in the replay takes without surprise
+MAX_REPEATS = 100  # searches of one prediction (predict --repeats, capacity --predict-repeats): minutes at most
 _MAX_NUMBER_CHARS = 40  # a web UI string longer than this is not a number anyone meant
 
 
@@ -150,6 +151,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--predict", Group.PREDICT, "", "simulator profile of a calibrated twin (agentperf calibrate), name or "
            "YAML: start the search at the capacity per tier it predicts (agentperf predict), verified and widened "
            "where wrong; empty: step up from --start-agents", web_ui=False),
+    _number("--predict-repeats", Group.PREDICT, 1, "searches of the --predict twin at seeds --seed, --seed + 1, ...: "
+            "the search starts from their median per tier and steers by their mean margins (agentperf predict "
+            "--repeats)", 1, MAX_REPEATS, web_ui=False),
     Option("--capacity-json", Group.SEARCH_FILES, "", "write the search's state (steps, capacity) to this file, whole, "
            "after every judged step"),
     Option("--progress-events", Group.SEARCH_FILES, False, "log the search's progress as events for agentperf "

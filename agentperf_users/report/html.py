@@ -28,6 +28,7 @@ from agentperf_users.search.headline import (
     headlines,
     number_words,
     power_basis_words,
+    predicted_words,
     watts_words,
 )
 
@@ -214,7 +215,7 @@ def prediction_table(report: dict) -> str:
     if not prediction:
         return ""
     rows = "".join(
-        f"<tr><td class=l>{_esc(tier['label'])}</td><td>{_esc(capacity_words(tier['predicted']))}</td>"
+        f"<tr><td class=l>{_esc(tier['label'])}</td><td>{_esc(predicted_words(tier['predicted']))}</td>"
         f"<td>{_esc(capacity_words(tier['measured']))}</td>"
         f"<td>{number_words(tier['measured_over_predicted'])}</td></tr>" for tier in prediction["tiers"].values())
     return (f"<h2>Predicted against measured</h2><p class=muted>The search started from the capacity the twin "

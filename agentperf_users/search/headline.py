@@ -130,8 +130,16 @@ def prediction_line(tier: dict) -> str:
     tier of report.json's ``prediction`` (the twin's answer the search started from)."""
     ratio = tier.get("measured_over_predicted")
     against = f" (x{ratio:.2f})" if ratio else ""
-    return (f"predicted @ {tier['label']}: {capacity_words(tier['predicted'])}, measured "
+    return (f"predicted @ {tier['label']}: {predicted_words(tier['predicted'])}, measured "
             f"{answer_words(tier['measured'])}{against}")
+
+
+def predicted_words(predicted: dict) -> str:
+    """A prediction's capacity words, with the range its searches found where it is the median of several
+    (``--predict-repeats``): ``14 agents (fails at 15); the twin's searches found 12-16``."""
+    low, high = predicted.get("range") or (None, None)
+    spread = "" if low is None else f"; the twin's searches found {low or 'none'}" + ("" if low == high else f"-{high}")
+    return capacity_words(predicted) + spread
 
 
 def power_basis_words(basis: str | None) -> str:

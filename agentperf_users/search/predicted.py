@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from agentperf_users import options
 from agentperf_users.errors import AgentperfError
@@ -43,9 +43,13 @@ class Prediction:
     simulated_s: float
     wall_s: float
     margins: dict[int, dict[str, float]] = field(default_factory=dict)
+    repeats: int = 1  # searches at successive seeds: the capacity is their median's, the margins their mean
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # tier -> the searches' lowest, highest
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "capacity": {name: cap.to_dict() for name, cap in self.capacity.items()},
+        capacity = {name: {**cap.to_dict(), **({"range": list(self.ranges[name])} if name in self.ranges else {})}
+                    for name, cap in self.capacity.items()}
+        return {"profile": self.profile, "capacity": capacity, "repeats": self.repeats,
                 "load_steps": self.load_steps, "simulated_s": round(self.simulated_s, 3),
                 "wall_s": round(self.wall_s, 3),
                 "margins": {str(agents): {tier: round(margin, 4) for tier, margin in margins.items()}
@@ -59,6 +63,37 @@ def margin_curve(steps: Iterable[truth.TruthStep]) -> dict[int, dict[str, float]
                           if verdict.margin is not None and math.isfinite(verdict.margin)} for step in steps}
 
 
+def repeat_seeds(seed: int, repeats: int) -> tuple[int, ...]:
+    """The seeds of ``repeats`` searches: ``seed``, ``seed`` + 1, ... (downwards from ``seed`` where that would
+    pass the largest seed the replay takes)."""
+    step = 1 if seed + repeats - 1 < options.MAX_SEED else -1
+    return tuple(seed + step * i for i in range(repeats))
+
+
+def answer_count(capacity: TierCapacity) -> int:
+    """A tier's answer as a count to rank searches by: none passed is 0, never failed the count reached."""
+    return capacity.agents or 0
+
+
+def median_capacity(capacities: Sequence[TierCapacity]) -> TierCapacity:
+    """The (lower) median of one tier's answers over several searches: a whole search's answer, with its own
+    status and first failing count, never an average of searches."""
+    ranked = sorted(range(len(capacities)), key=lambda i: (answer_count(capacities[i]), i))
+    return capacities[ranked[(len(ranked) - 1) // 2]]
+
+
+def mean_margins(curves: Sequence[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
+    """Per count and tier, the mean of the margins the searches that measured it found: a curve with less of
+    one draw's coincidences in it than any single search's."""
+    pooled: dict[int, dict[str, list[float]]] = {}
+    for curve in curves:
+        for agents, margins in curve.items():
+            for tier, margin in margins.items():
+                pooled.setdefault(agents, {}).setdefault(tier, []).append(margin)
+    return {agents: {tier: sum(values) / len(values) for tier, values in margins.items()}
+            for agents, margins in sorted(pooled.items())}
+
+
 def check_profile(ref: str) -> Profile:
     """The twin's profile (a bundled name or a YAML file), or one line naming it and what is wrong."""
     try:
@@ -68,13 +103,21 @@ def check_profile(ref: str) -> Profile:
 
 
 def predict(ref: str, trajectories, spec: SloSpec, params: SearchParameters,
-            settings: ReplaySettings = ReplaySettings()) -> Prediction:
+            settings: ReplaySettings = ReplaySettings(), repeats: int = 1) -> Prediction:
     """The ground truth's search on profile ``ref``: what the live search with these options would find
-    on a server the profile describes exactly. Never rechecked (``--recheck``): a virtual clock does not
-    drift, and a repeated virtual step would only cost time before the live search can start."""
-    result = truth.find_capacity(check_profile(ref), trajectories, spec, replace(params, recheck=False), settings)
-    return Prediction(ref, result.capacity, len(result.steps), result.simulated_s, result.wall_s,
-                      margin_curve(result.steps))
+    on a server the profile describes exactly; with ``repeats``, that many searches at seeds from the run's
+    on (:func:`median_capacity`, :func:`mean_margins`). Never rechecked (``--recheck``): a virtual clock does
+    not drift, and a repeated virtual step would only cost time before the live search can start."""
+    profile = check_profile(ref)
+    results = [truth.find_capacity(profile, trajectories, spec, replace(params, recheck=False),
+                                   replace(settings, seed=seed)) for seed in repeat_seeds(settings.seed, repeats)]
+    tiers = results[0].capacity
+    capacity = {name: median_capacity([result.capacity[name] for result in results]) for name in tiers}
+    ranges = {name: (min(answer_count(r.capacity[name]) for r in results),
+                     max(answer_count(r.capacity[name]) for r in results)) for name in tiers} if repeats > 1 else {}
+    return Prediction(ref, capacity, sum(len(result.steps) for result in results),
+                      sum(result.simulated_s for result in results), sum(result.wall_s for result in results),
+                      mean_margins([margin_curve(result.steps) for result in results]), repeats, ranges)
 
 
 def from_options(parsed: Any, spec: SloSpec, params: SearchParameters) -> Prediction | None:
@@ -84,4 +127,5 @@ def from_options(parsed: Any, spec: SloSpec, params: SearchParameters) -> Predic
     if not ref:
         return None
     trajectories = load_trajectories(options.value(parsed, "trajectories"), options.value(parsed, "trajectory_format"))
-    return predict(ref, trajectories, spec, params, ReplaySettings.from_options(parsed))
+    return predict(ref, trajectories, spec, params, ReplaySettings.from_options(parsed),
+                   options.value(parsed, "predict_repeats"))

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure.slo import SloSpec
-from agentperf_users.options import MAX_SEED
+from agentperf_users.options import MAX_REPEATS
 from agentperf_users.search.headline import answer_words, bracket_words
 from agentperf_users.search.policy import TierCapacity
+from agentperf_users.search.predicted import answer_count, median_capacity, repeat_seeds
 from agentperf_users.search.truth import TruthResult, add_arguments, capacity_from_args
-
-MAX_REPEATS = 100
 
 
 def register_cli(subparsers) -> None:
@@ -54,13 +53,10 @@ class Repeated:
 
     def agents(self, tier: str) -> list[int]:
         """Each search's answer for ``tier`` in seed order (none passed: 0; never failed: the count reached)."""
-        return [result.capacity[tier].agents or 0 for result in self.results]
+        return [answer_count(result.capacity[tier]) for result in self.results]
 
     def median(self, tier: str) -> TierCapacity:
-        """The capacity of the search whose answer is the (lower) median: a whole search's answer, with its
-        status and first failing count, never an average of searches."""
-        ranked = sorted(range(len(self.results)), key=lambda i: (self.agents(tier)[i], i))
-        return self.results[ranked[(len(ranked) - 1) // 2]].capacity[tier]
+        return median_capacity([result.capacity[tier] for result in self.results])
 
     def to_dict(self, spec: SloSpec) -> dict:
         first = self.results[0].to_dict(spec)
@@ -76,18 +72,12 @@ class Repeated:
                 "wall_s": round(sum(r.wall_s for r in self.results), 3)}
 
 
-def repeats(args: Namespace) -> int:
+def predict_repeated(args: Namespace) -> tuple[SloSpec, Repeated]:
+    """``capacity_from_args`` at each of ``--repeats`` seeds from ``--seed`` on (:func:`repeat_seeds`)."""
     text = str(args.repeats).strip()
     if not text.isdigit() or not 1 <= int(text) <= MAX_REPEATS:
         raise AgentperfError(f"--repeats: expected a whole number from 1 to {MAX_REPEATS}, got {args.repeats!r}")
-    if args.seed + int(text) - 1 >= MAX_SEED:
-        raise AgentperfError(f"--repeats: --seed {args.seed} + {text} searches passes the largest seed {MAX_SEED - 1}")
-    return int(text)
-
-
-def predict_repeated(args: Namespace) -> tuple[SloSpec, Repeated]:
-    """``capacity_from_args`` at each of ``--repeats`` seeds from ``--seed`` on."""
-    seeds = tuple(args.seed + i for i in range(repeats(args)))
+    seeds = repeat_seeds(args.seed, int(text))
     runs = [capacity_from_args(Namespace(**{**vars(args), "seed": seed})) for seed in seeds]
     return runs[0][0], Repeated(seeds, tuple(result for _, result in runs))
 
