@@ -144,7 +144,8 @@ def live(cases: list[tuple[str, str]], trajectories: str, folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default=twin_accuracy.BASE_PROFILE,
-                        help="the server's bundled profile, which the twins perturb (one with anchors)")
+                        help="the server's profile, a bundled name or a YAML file (the perturbed twins need "
+                             "one with anchors: --spreads '' for another)")
     parser.add_argument("--spreads", default="0.1,0.2,0.4",
                         help="how far the perturbed twins' fields are scaled: a factor in [1 - spread, 1 + spread]")
     parser.add_argument("--seeds", default="0,1,2", help="perturbed twins, one per seed and spread")

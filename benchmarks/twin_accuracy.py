@@ -9,9 +9,10 @@
     CPU default max_num_batched_tokens 2048 given as an option), then predict on each engine set
     (tests/engine/workload.py: ``small``, the set the engine tests replay, and ``long``, a second set with
     longer contexts and replies) with the search options of benchmarks/engine_capacity.py, against that
-    benchmark's measured capacities (``--measured SET:SEED:AGENTS[@TIER]``; by default its runs on the
-    small set, 12 and 12 agents at 20 tok/s, 2026-12-03) or, with ``--live small,long``, seed 0 of each
-    named set searched live here, after the probe, on the same engine (a twin is of the engine as probed).
+    benchmark's measured capacities (``--measured SET:SEED:AGENTS[@TIER]``; by default :data:`MEASURED`,
+    taken right after the probe stored in ``twin_vllm_cpu_sets.probe.json``) or, with ``--live small,long``,
+    the named sets searched live here at ``--live-seeds``, after the probe, on the same engine (a twin is
+    of the engine as probed). Each prediction is the median of ``--repeats`` searches, with their range.
 
 (c) ``calibrate --from-run``: the truth's search on a hidden profile (as in (a)) written as a run folder
     (every request's record, cancelled ones too; no server metrics, so prefills come from TTFTs); the
@@ -24,7 +25,7 @@
 
     python benchmarks/twin_accuracy.py [--part a|b|c|r|abcr] [--seeds 0,1,2] [--design standard]
     python benchmarks/twin_accuracy.py --part b --live small,long --measured ''  # ~20 min
-    python benchmarks/twin_accuracy.py --part b --probe benchmarks/twin_vllm_cpu.probe.json  # no engine: refit
+    python benchmarks/twin_accuracy.py --part b --probe benchmarks/twin_vllm_cpu_sets.probe.json  # no engine: refit
     python benchmarks/twin_accuracy.py --part c --seeds 0,1,2 [--live-run]
     python benchmarks/twin_accuracy.py --part r --replicas 1,2,4
 
@@ -62,6 +63,10 @@ PERTURBED = (("gpu", "bandwidth_gb_s"), ("model", "weights_gib"), ("efficiency",
 """One field per step constant (KV read, weight read, overhead, attention, compute per token) and the KV cache."""
 SPREAD = 0.4
 ENGINE_SEARCH = ["--warmup-s", "10", "--window-s", "30", "--start-agents", "2", "--max-agents", "48"]
+MEASURED = ("small:0:15,small:1:15,long:0:8,long:1:9,small:0:1@60 tok/s,small:1:1@60 tok/s,long:0:2@60 tok/s,"
+            "long:1:1@60 tok/s,small:0:none@100,small:1:none@100,long:0:none@100,long:1:none@100")
+"""(b)'s default: engine_capacity.py's searches right after the probe in twin_vllm_cpu_sets.probe.json
+(2026-12-03 09:54-10:24 UTC, ``--part b --live small,long --live-seeds 0,1``)."""
 VLLM_CPU_LIMITS = ["--max-num-batched-tokens", "2048"]  # vLLM 0.32's CPU default; max_num_seqs is measured (burst)
 
 
@@ -355,7 +360,7 @@ def main() -> None:
     parser.add_argument("--part", default="ab")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--design", default="standard")
-    parser.add_argument("--measured", default="small:0:12,small:1:12",
+    parser.add_argument("--measured", default=MEASURED,
                         help="(b): SET:SEED:AGENTS[@TIER], comma-separated: capacities measured by "
                              "benchmarks/engine_capacity.py (TIER: a label prefix, by default 20 tok/s)")
     parser.add_argument("--live", default="", help="(b): engine sets (small,long) whose seed-0 capacity is "
