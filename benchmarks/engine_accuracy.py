@@ -55,7 +55,7 @@ from tests.engine.accounting import (  # noqa: E402
     wait_idle,
 )
 from tests.engine.vllm_server import LOAD_CPUS, VllmInstall, VllmServer, find_install  # noqa: E402
-from tests.engine.workload import replay, write_small_set  # noqa: E402
+from tests.engine.workload import replay, write_engine_set  # noqa: E402
 from tests.simulator import scrape  # noqa: E402
 
 TTFT = "vllm:time_to_first_token_seconds"
@@ -307,7 +307,7 @@ def main() -> None:
               f"RSS {server.rss_bytes() / 2**30:.2f} GiB; clients on CPUs {sorted(LOAD_CPUS)}")
         if LOAD_CPUS <= os.sched_getaffinity(0):
             os.sched_setaffinity(0, LOAD_CPUS)  # the bare client, like agentperf's Locust (pinned by replay)
-        set_path = write_small_set(Path(scratch) / "set.jsonl")
+        set_path = write_engine_set(Path(scratch) / "set.jsonl")
         bare_replay(server.url, set_path, 1, 0.1, "warm-up")  # the shared system prompt and tools, cached
         rows = []
         for agents in (int(a) for a in args.agents.split(",")):

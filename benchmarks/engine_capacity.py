@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.engine.vllm_server import LOAD_CPUS, VllmServer, pin, require_install  # noqa: E402
-from tests.engine.workload import ENGINE_SETS, write_small_set  # noqa: E402
+from tests.engine.workload import ENGINE_SETS, write_engine_set  # noqa: E402
 
 
 def search(url: str, folder: Path, trajectories: Path, seed: int, args: argparse.Namespace) -> dict:
@@ -90,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="engine-capacity-") as tmp, VllmServer(install) as server:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        trajectories = write_small_set(folder / "set.jsonl", args.set)
+        trajectories = write_engine_set(folder / "set.jsonl", args.set)
         print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
         runs = [search(server.url, folder, trajectories, int(seed), args) for seed in args.seeds.split(",")]
     print("\n| seed | tier | capacity | first failing | stated spread | other seeds inside it | drift (margins, speed) | "

@@ -173,9 +173,9 @@ def part_b(design: str, folder: Path, measured: dict[tuple[str, int], dict[str, 
     """``measured``: (set, seed) -> tier label prefix -> agents; ``live``: the sets to measure here, at each of
     ``live_seeds``; each prediction is the median of ``repeats`` searches (``predict --repeats``)."""
     from tests.engine.vllm_server import LOAD_CPUS, VllmServer, pin, require_install
-    from tests.engine.workload import ENGINE_SETS, write_small_set
+    from tests.engine.workload import ENGINE_SETS, write_engine_set
 
-    sets = {name: write_small_set(folder / f"set-{name}.jsonl", name) for name in ENGINE_SETS}
+    sets = {name: write_engine_set(folder / f"set-{name}.jsonl", name) for name in ENGINE_SETS}
     twin = folder / "twin-vllm.yaml"
     if probe:  # a stored probe of the engine (a calibrate's sidecar): fitted again, no engine needed
         calibrate("", twin, design, "--from-probe", probe)

@@ -138,8 +138,12 @@ def predicted_words(predicted: dict) -> str:
     """A prediction's capacity words, with the range its searches found where it is the median of several
     (``--predict-repeats``): ``14 agents (fails at 15); the twin's searches found 12-16``."""
     low, high = predicted.get("range") or (None, None)
-    spread = "" if low is None else f"; the twin's searches found {low or 'none'}" + ("" if low == high else f"-{high}")
-    return capacity_words(predicted) + spread
+    return capacity_words(predicted) + ("" if low is None else f"; the twin's {range_words(low, high)}")
+
+
+def range_words(low: int, high: int) -> str:
+    """``searches found 12-16`` (``none`` for 0, one number when all agree): what repeated searches answered."""
+    return f"searches found {low or 'none'}" + ("" if low == high else f"-{high}")
 
 
 def power_basis_words(basis: str | None) -> str:

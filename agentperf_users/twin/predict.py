@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure.slo import SloSpec
 from agentperf_users.options import MAX_REPEATS
-from agentperf_users.search.headline import answer_words, bracket_words
+from agentperf_users.search.headline import answer_words, bracket_words, range_words
 from agentperf_users.search.policy import TierCapacity
 from agentperf_users.search.predicted import answer_count, median_capacity, repeat_seeds
 from agentperf_users.search.truth import TruthResult, add_arguments, capacity_from_args
@@ -62,7 +62,7 @@ class Repeated:
         first = self.results[0].to_dict(spec)
         if len(self.results) == 1:
             return first
-        return {**first,
+        return {**first,  # steps (and fleet): the first search's, at --seed
                 "capacity": {name: {**self.median(name).to_dict(), "label": spec.tier(name).label,
                                     "range": [min(self.agents(name)), max(self.agents(name))]}
                              for name in self.results[0].capacity},
@@ -107,8 +107,7 @@ def run(args) -> int:
     for name in first.capacity:
         line = capacity_line(spec.tier(name).label, repeated.median(name), fleet.accelerators if fleet else None)
         if len(repeated.seeds) > 1:
-            low, high = min(repeated.agents(name)), max(repeated.agents(name))
-            line += f"; the searches found {low or 'none'}" + ("" if low == high else f"-{high}")
+            line += f"; the {range_words(min(repeated.agents(name)), max(repeated.agents(name)))}"
         print(line)
     if fleet:
         print("prefix cache hit ratio per replica (over the search): "

@@ -37,8 +37,8 @@ ENGINE_SETS = {"small": SMALL_SET, "long": LONG_SET}
 """The engine benchmarks' sets by name (``--set``)."""
 
 
-def write_small_set(path: Path, name: str = "small") -> Path:
-    """One of :data:`ENGINE_SETS` (by default the small set the engine tests replay) written to ``path``."""
+def write_engine_set(path: Path, name: str = "small") -> Path:
+    """One of :data:`ENGINE_SETS` (by default the small set the engine tests replay), written to ``path``."""
     write_set(path, *synthesize(ENGINE_SETS[name]))
     return path
 
@@ -46,7 +46,7 @@ def write_small_set(path: Path, name: str = "small") -> Path:
 def replay(url: str, tmp: Path, agents: int, run_s: int, *extra: str) -> list[RequestRecord]:
     """A headless ``locust`` run of the agents locustfile on :data:`SMALL_SET`, pinned to the load
     generator's CPU (:data:`~tests.engine.vllm_server.LOAD_CPUS`); its records. ``extra``: more options."""
-    trajectories = write_small_set(tmp / "set.jsonl")
+    trajectories = write_engine_set(tmp / "set.jsonl")
     completed = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(agents), "-r", str(agents),
          "-t", f"{run_s}s", "--host", url, "--trajectories", str(trajectories),
