@@ -82,6 +82,12 @@ def median_capacity(capacities: Sequence[TierCapacity]) -> TierCapacity:
     return capacities[ranked[(len(ranked) - 1) // 2]]
 
 
+def answer_range(capacities: Sequence[TierCapacity]) -> tuple[int, int]:
+    """The lowest and highest of one tier's answers over several searches (:func:`answer_count`)."""
+    counts = [answer_count(capacity) for capacity in capacities]
+    return min(counts), max(counts)
+
+
 def mean_margins(curves: Sequence[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
     """Per count and tier, the mean of the margins the searches that measured it found: a curve with less of
     one draw's coincidences in it than any single search's."""
@@ -113,8 +119,7 @@ def predict(ref: str, trajectories, spec: SloSpec, params: SearchParameters,
                                    replace(settings, seed=seed)) for seed in repeat_seeds(settings.seed, repeats)]
     tiers = results[0].capacity
     capacity = {name: median_capacity([result.capacity[name] for result in results]) for name in tiers}
-    ranges = {name: (min(answer_count(r.capacity[name]) for r in results),
-                     max(answer_count(r.capacity[name]) for r in results)) for name in tiers} if repeats > 1 else {}
+    ranges = {name: answer_range([r.capacity[name] for r in results]) for name in tiers} if repeats > 1 else {}
     return Prediction(ref, capacity, sum(len(result.steps) for result in results),
                       sum(result.simulated_s for result in results), sum(result.wall_s for result in results),
                       mean_margins([margin_curve(result.steps) for result in results]), repeats, ranges)

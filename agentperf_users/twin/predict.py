@@ -26,7 +26,7 @@ from agentperf_users.measure.slo import SloSpec
 from agentperf_users.options import MAX_REPEATS
 from agentperf_users.search.headline import answer_words, bracket_words, range_words
 from agentperf_users.search.policy import TierCapacity
-from agentperf_users.search.predicted import answer_count, median_capacity, repeat_seeds
+from agentperf_users.search.predicted import answer_count, answer_range, median_capacity, repeat_seeds
 from agentperf_users.search.truth import TruthResult, add_arguments, capacity_from_args
 
 
@@ -51,12 +51,15 @@ class Repeated:
     seeds: tuple[int, ...]
     results: tuple[TruthResult, ...]
 
+    def capacities(self, tier: str) -> list[TierCapacity]:
+        return [result.capacity[tier] for result in self.results]
+
     def agents(self, tier: str) -> list[int]:
         """Each search's answer for ``tier`` in seed order (none passed: 0; never failed: the count reached)."""
-        return [answer_count(result.capacity[tier]) for result in self.results]
+        return [answer_count(capacity) for capacity in self.capacities(tier)]
 
     def median(self, tier: str) -> TierCapacity:
-        return median_capacity([result.capacity[tier] for result in self.results])
+        return median_capacity(self.capacities(tier))
 
     def to_dict(self, spec: SloSpec) -> dict:
         first = self.results[0].to_dict(spec)
@@ -64,7 +67,7 @@ class Repeated:
             return first
         return {**first,  # steps (and fleet): the first search's, at --seed
                 "capacity": {name: {**self.median(name).to_dict(), "label": spec.tier(name).label,
-                                    "range": [min(self.agents(name)), max(self.agents(name))]}
+                                    "range": list(answer_range(self.capacities(name)))}
                              for name in self.results[0].capacity},
                 "repeats": {"seeds": list(self.seeds),
                             "agents": {name: self.agents(name) for name in self.results[0].capacity}},
@@ -107,7 +110,7 @@ def run(args) -> int:
     for name in first.capacity:
         line = capacity_line(spec.tier(name).label, repeated.median(name), fleet.accelerators if fleet else None)
         if len(repeated.seeds) > 1:
-            line += f"; the {range_words(min(repeated.agents(name)), max(repeated.agents(name)))}"
+            line += f"; the {range_words(*answer_range(repeated.capacities(name)))}"
         print(line)
     if fleet:
         print("prefix cache hit ratio per replica (over the search): "
