@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure.slo import SloSpec
 from agentperf_users.options import MAX_REPEATS
-from agentperf_users.search.headline import answer_words, bracket_words, range_words
+from agentperf_users.search.headline import capacity_words, range_words
 from agentperf_users.search.policy import TierCapacity
 from agentperf_users.search.predicted import answer_count, answer_range, median_capacity, repeat_seeds
 from agentperf_users.search.truth import TruthResult, add_arguments, capacity_from_args
@@ -86,7 +86,7 @@ def predict_repeated(args: Namespace) -> tuple[SloSpec, Repeated]:
 
 
 def capacity_line(label: str, capacity: TierCapacity, accelerators: int | None = None) -> str:
-    line = f"{label:<28} {answer_words(capacity.to_dict())} ({bracket_words(capacity.to_dict())})"
+    line = f"{label:<28} {capacity_words(capacity.to_dict())}"
     if accelerators and capacity.agents:
         line += f", {capacity.agents / accelerators:.2f} per accelerator"
     return line
