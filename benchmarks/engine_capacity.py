@@ -47,6 +47,15 @@ def search(url: str, folder: Path, trajectories: Path, seed: int, args: argparse
     return {"seed": seed, "exit": completed.returncode, "wall_s": wall_s, "report": report}
 
 
+def search_seconds(steps: list[dict]) -> tuple[float, float]:
+    """From the first step's window start: to the end of the last step before the rechecks (every tier
+    located; a search with or without a prediction is compared on it), and to the last window's end (with the
+    rechecks, which both searches measure alike: the first tier's capacity and first failing count again)."""
+    start = steps[0]["window_start_epoch_s"]
+    searched = [step for step in steps if step["phase"] != "recheck"] or steps
+    return searched[-1]["window_end_epoch_s"] - start, steps[-1]["window_end_epoch_s"] - start
+
+
 def spread_range(spread: dict | None) -> str:
     if not spread:
         return "none stated"
@@ -104,6 +113,12 @@ def main() -> None:
                   f"{spread_range(cap.get('spread'))} | {inside(cap.get('spread'), others)} | "
                   f"{drift_cell(cap.get('drift') or [])} | {len(report['steps'])} | {run['wall_s']:.0f} s | "
                   f"{', '.join(causes)} |")
+    print("\n| seed | steps (rechecks) | every tier located after | with the rechecks |\n|---|---|---|---|")
+    for run in runs:
+        steps = run["report"]["steps"]
+        located, total = search_seconds(steps)
+        rechecks = sum(step["phase"] == "recheck" for step in steps)
+        print(f"| {run['seed']} | {len(steps)} ({rechecks}) | {located:.0f} s | {total:.0f} s |")
     for run in runs:
         for step in run["report"]["steps"]:
             for found in step.get("diagnoses", []):

@@ -202,22 +202,47 @@ def part_b(design: str, folder: Path, measured: dict[tuple[str, int], dict[str, 
           "engine tests replay; long: tests/engine/workload.py LONG_SET)\n")
     print(f"predicted: the median of {repeats} searches (predict --repeats {repeats}, seeds from the measured "
           "search's), their range beside it\n")
+    print("a set measured at several seeds also gets a row for all of them: the twin's median over as many searches "
+          "(at least --repeats) from the first seed on, against the measured searches' lower median and range\n")
     print("| set | seed | tier | predicted (range) | without the front-end term | measured | error | "
           "within max(1, 20 %) | measured inside the range |\n|---|---|---|---|---|---|---|---|---|")
     for (name, seed), tiers in sorted(measured.items()):
-        search_options = ("--trajectories", str(sets[name]), "--seed", str(seed), "--repeats", str(repeats),
-                          *ENGINE_SEARCH)
-        predicted = capacities("predict", twin, *search_options)
-        plain = capacities("predict", without, *search_options)
-        for key, cap in predicted.items():
-            real = next((agents for label, agents in tiers.items() if cap["label"].startswith(label)), "-")
-            error = abs((cap["agents"] or 0) - (real or 0)) if real != "-" else None
-            within = "" if error is None else "yes" if error <= max(1, 0.2 * (real or 0)) else "NO"
-            low, high = cap.get("range", [cap["agents"] or 0] * 2)
-            inside = "" if real == "-" else "yes" if low <= (real or 0) <= high else "NO"
-            print(f"| {name} | {seed} | {cap['label']} | {cap['agents'] or 'none'} ({low}-{high}) | "
-                  f"{plain[key]['agents'] or 'none'} | {real or 'none'} | {'-' if error is None else error} | {within} | "
-                  f"{inside} |", flush=True)
+        print_comparison(twin, without, sets[name], name, str(seed), seed, repeats, {t: [a] for t, a in tiers.items()})
+    for name in sorted({name for name, _ in measured}):  # a set measured at several seeds: the seeds' median
+        seeds = sorted(seed for set_name, seed in measured if set_name == name)
+        if len(seeds) > 1:
+            draws = {}
+            for seed in seeds:
+                for tier, agents in measured[(name, seed)].items():
+                    draws.setdefault(tier, []).append(agents)
+            print_comparison(twin, without, sets[name], name, f"{seeds[0]}-{seeds[-1]}", seeds[0],
+                             max(repeats, len(seeds)), draws)
+
+
+def print_comparison(twin: Path, without: Path, trajectories: Path, name: str, seeds: str, seed: int, repeats: int,
+                     measured: dict[str, list[int | None]]) -> None:
+    """(b)'s rows for one set: per tier, the twin's median of ``repeats`` searches from ``seed`` (and their
+    range) against the lower median of the ``measured`` answers (tier label prefix -> live searches' answers,
+    None for none passed; with their range where there are several), and how many fell inside the twin's range."""
+    search_options = ("--trajectories", str(trajectories), "--seed", str(seed), "--repeats", str(repeats),
+                      *ENGINE_SEARCH)
+    predicted = capacities("predict", twin, *search_options)
+    plain = capacities("predict", without, *search_options)
+    for key, cap in predicted.items():
+        draws = sorted((agents or 0 for label, answers in measured.items() if cap["label"].startswith(label)
+                        for agents in answers))
+        low, high = cap.get("range", [cap["agents"] or 0] * 2)
+        if draws:
+            real = draws[(len(draws) - 1) // 2]
+            error = abs((cap["agents"] or 0) - real)
+            within = "yes" if error <= max(1, 0.2 * real) else "NO"
+            inside = sum(low <= draw <= high for draw in draws)
+            shown = f"{real or 'none'}" + (f" ({draws[0]}-{draws[-1]})" if len(draws) > 1 else "")
+            inside_text = ("yes" if inside else "NO") if len(draws) == 1 else f"{inside} of {len(draws)}"
+        else:
+            shown, error, within, inside_text = "-", "-", "", ""
+        print(f"| {name} | {seeds} | {cap['label']} | {cap['agents'] or 'none'} ({low}-{high}) | "
+              f"{plain[key]['agents'] or 'none'} | {shown} | {error} | {within} | {inside_text} |", flush=True)
 
 
 def print_front_end(sidecar: dict, twin: Path) -> None:

@@ -105,6 +105,7 @@ def test_every_turn_is_sent_in_order_with_the_trajectorys_messages(run):
         assert marker_tokens >= 0
         for record in played:  # the prompt the server counted is exactly this turn's conversation
             assert record.prompt_tokens == trajectory.turns[record.turn].prompt_tokens + marker_tokens
+            assert record.counted_prompt_tokens == record.prompt_tokens  # ours: the simulator counts as we do
             assert record.output_tokens == trajectory.turns[record.turn].output_tokens  # ignore_eos honoured
     assert complete >= len(by_id)
 

@@ -9,6 +9,7 @@ the tests check the sum and the four other constants, not the overhead by itself
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -304,28 +305,57 @@ def truth_run(tmp_path, profile, max_agents: int = 24) -> tuple:
     return folder, result
 
 
-def test_calibrate_from_a_run_recovers_the_decode_and_prefill_constants(tmp_path, capsys):
+@pytest.mark.parametrize("server_tokens", [1.0, 1.25, None])
+def test_calibrate_from_a_run_recovers_the_decode_and_prefill_constants(tmp_path, capsys, server_tokens):
     """A run's records alone (no server metrics: TTFTs for the prefill) give the profile's constants back.
 
     Measured (this profile: the default's bandwidth x 0.6 and MFU x 0.5; a search to 24 agents): decode
     floor (overhead + weights) 1.7 % off, KV read per token 6.6 %, compute per token 12 %, attention per
     pair 19 % (the prefill terms come from TTFTs, which wait part of another request's step). Asserted
     loosely: 3 %, 10 %, 20 %, 35 %.
+
+    ``server_tokens``: the same run on a server whose tokenizer counts 1.25 tokens per agentperf token (its
+    usage says 1.25x, its timings are the same): the records' two counts give that scale, and the profile is
+    priced per agentperf token again, the same constants; the KV cache's size, given in server tokens, is
+    1.25x fewer of agentperf's. None: records from before agentperf kept its own count, which give no scale.
     """
     hidden = write_profile(tmp_path, {"efficiency.bandwidth": 0.6, "efficiency.mfu": 0.5})
     folder, result = truth_run(tmp_path, hidden)
     assert any(r.status.value == "cancelled" and r.ttft_s is not None for r in result.records)
+    assert all(r.counted_prompt_tokens == r.prompt_tokens for r in result.records)  # the simulator counts as we do
+    if server_tokens != 1.0:
+        rewrite_records(folder, result.records, server_tokens)
     out = tmp_path / "twin.yaml"
     limits = ["--kv-cache-tokens", "400000", "--max-model-len", "131072", "--max-num-seqs", "1024"]
     assert main(["calibrate", "--from-run", str(folder), "--out", str(out), *limits]) == 0
     err = capsys.readouterr().err
     assert "client TTFTs" in err and "Not measured by a run (kept): kv_capacity_tokens from --kv-cache-tokens" in err
+    assert (f"token scale {server_tokens:.3f} server tokens per agentperf token" if server_tokens
+            else "token scale 1: the records carry no agentperf count") in err
     errors = off_by(constants_of(load_profile(out)), constants_of(load_profile(hidden)))
     assert errors["floor"] < 0.03 and errors["kv_s_per_token"] < 0.10, errors
     assert errors["compute_s_per_token"] < 0.20 and errors["attention_s_per_pair"] < 0.35, errors
-    assert load_profile(out).kv_capacity_tokens == 400_000  # kept from the option: the run did not measure it
+    # kept from the option (the run did not measure it), in agentperf tokens
+    assert load_profile(out).kv_capacity_tokens == pytest.approx(400_000 / (server_tokens or 1.0), abs=1)
     sidecar = json.loads((tmp_path / "twin.probe.json").read_text())
     assert {o["kind"] for o in sidecar["observations"]} == {"decode", "ttft"} and sidecar["design"] == "run"
+
+
+def rewrite_records(folder, records, server_tokens: float | None) -> None:
+    """The run's records as a server counting ``server_tokens`` per agentperf token reports them (None: as
+    records from before ``counted_prompt_tokens`` was kept, which lack it)."""
+    writer_path = folder / "records" / "records-truth.jsonl"
+    lines = []
+    for record in records:
+        if server_tokens is None:
+            data = json.loads(record.to_json())
+            del data["counted_prompt_tokens"]
+            lines.append(json.dumps(data))
+            continue
+        scaled = {key: round(getattr(record, key) * server_tokens) if getattr(record, key) is not None else None
+                  for key in ("prompt_tokens", "cached_tokens")}
+        lines.append(dataclasses.replace(record, **scaled).to_json())
+    writer_path.write_text("\n".join(lines) + "\n")
 
 
 def test_calibrate_from_a_probe_and_a_run_uses_both(tmp_path, capsys):

@@ -71,6 +71,7 @@ from agentperf_users.loadgen.replay import (
 )
 from agentperf_users.measure import aggregate
 from agentperf_users.measure.records import RequestRecord, Status
+from agentperf_users.tokens import tools_tokens
 from agentperf_users.workload.readers import load_trajectories
 from agentperf_users.workload.trajectory import (
     Trajectory,
@@ -335,6 +336,7 @@ class AgentUser(FastHttpUser):
         self._label = ""
         self._turn = 0
         self._cold_join = False  # the next request is this agent's first since it joined
+        self._untooled_tokens = 0  # what the session's tool definitions add to a turn's count, when not sent
         self._failures_in_a_row = 0
         self._scheduled_perf_s = self._scheduled_epoch_s = 0.0
 
@@ -359,6 +361,8 @@ class AgentUser(FastHttpUser):
         self._trajectory = trajectory.with_namespace(marker) if marker else trajectory
         self._label = trajectory.id if rounds == 0 else f"{trajectory.id}#{rounds}"
         self._turn = start_turn(replay.start_turn, replay.seed, session, len(trajectory.turns)) if first_session else 0
+        # a turn's prompt_tokens counts its tools; under --no-tools the request carries none (one tuple per trajectory)
+        self._untooled_tokens = 0 if replay.tools else len(tools_tokens(trajectory.turns[0].tools))
         self._encoder.clear()
 
     @task
@@ -436,4 +440,5 @@ class AgentUser(FastHttpUser):
             status=result.status,
             message=result.message,
             cold_join=self._cold_join,
+            counted_prompt_tokens=self._trajectory.turns[self._turn].prompt_tokens - self._untooled_tokens,
         )

@@ -53,6 +53,10 @@ class RequestRecord:
     # The agent's first request after it joined the load step: the whole conversation so far, nothing of
     # it cached anywhere. Not a steady-state request: windows never judge it (``slo.records_in_window``).
     cold_join: bool = False
+    # agentperf's own count of the prompt it sent (``tokens.count_prompt_tokens``: what a twin's profile is
+    # priced in), beside the server's ``prompt_tokens``: their ratio is the server's tokens per agentperf
+    # token, which ``calibrate --from-run`` needs. None in records written before it was kept.
+    counted_prompt_tokens: int | None = None
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

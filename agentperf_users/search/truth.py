@@ -310,6 +310,7 @@ class _World:
             output_tokens=request.generated if timed else 0, output_tokens_estimated=False,
             prompt_tokens=request.prompt.num_tokens, cached_tokens=request.cached_tokens if timed else None,
             output_tps=speed, status=status, message=message, cold_join=agent.cold_join,
+            counted_prompt_tokens=request.prompt.num_tokens,
         )
         agent.cold_join = False
         return record

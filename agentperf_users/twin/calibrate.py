@@ -31,7 +31,7 @@ from agentperf_users.loadgen.probe import ProbeTarget, served_models
 from agentperf_users.options import Group, add_options
 from agentperf_users.simulator.profile import SimulatorError
 from agentperf_users.twin.fit import MAX_RMS_RELATIVE, FitResult, FrontEndFit, Observation, fit, fit_front_end
-from agentperf_users.twin.from_run import DECODE_KINDS, describe, read_run_points, refine
+from agentperf_users.twin.from_run import DECODE_KINDS, RunPoints, describe, read_run_points, refine
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import ProbeClient, ProbeData, run_probe
 from agentperf_users.twin.probe_seqs import BURST_REQUESTS, measure_max_num_seqs
@@ -214,14 +214,23 @@ def _from_run(args, probe: Source | None) -> Source:
                    "max_num_batched_tokens": "--max-num-batched-tokens (not reported by servers)"}
     target = _run_target(folder)
     cached = any(obs.steps[-1].prefill_context_tokens > 0 for obs in points.observations if obs.kind not in DECODE_KINDS)
-    base = probe.data if probe is not None else ProbeData((), "on" if cached else "unknown", 1.0)
+    base = probe.data if probe is not None else ProbeData((), "on" if cached else "unknown", points.token_scale or 1.0)
     data = replace(base, observations=base.observations + points.observations)
     unmeasured = ", ".join(f"{name} from {sources[name]}" for name in LIMIT_NAMES)
     note = (f"fitted {'the probe and ' if probe else ''}the run {folder}: {describe(points)}. Not measured by a run "
-            f"(kept): {unmeasured}" + ("" if probe else "; token scale 1 (the profile is priced per server token)"))
+            f"(kept): {unmeasured}" + ("" if probe else f"; {_run_scale_words(points)}"))
     return Source(probe.server if probe else redact_url(target["host"]) if target.get("host") else f"run {folder}",
                   probe.model if probe else target.get("model") or "unknown",
                   f"{probe.design} + run" if probe else "run", limits, sources, data, note)
+
+
+def _run_scale_words(points: RunPoints) -> str:
+    """Where a run-only profile's token scale came from (the probe's, when there is one, is said in its header)."""
+    if points.token_scale is None:
+        return ("token scale 1: the records carry no agentperf count of their prompts (a run from before it was "
+                "kept), so the profile is priced per server token")
+    return (f"token scale {points.token_scale:.3f} server tokens per agentperf token, from {points.scale_requests} "
+            "requests' two counts of their prompts")
 
 
 def _run_target(folder: Path) -> dict:

@@ -28,6 +28,7 @@ dependency beyond numpy, which pandas already brings.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
@@ -309,3 +310,16 @@ def _line(points: Sequence[tuple[int, float]]) -> FrontEndFit:
     matrix = np.array([[1.0, float(n)] for n, _ in points])
     fixed, per_token = _nonnegative_lstsq(matrix, np.array([s for _, s in points]))
     return FrontEndFit(fixed, per_token, tuple(points))
+
+
+def token_scale(sizes: Sequence[tuple[int, int]]) -> float:
+    """The slope of the server's prompt count over agentperf's (least squares with an intercept: a template
+    preamble costs every prompt alike); 1 where the counts agree or there is no spread to draw a line."""
+    if all(ours == theirs for ours, theirs in sizes) or len(sizes) < 2:
+        return 1.0
+    mean_ours = statistics.fmean(o for o, _ in sizes)
+    mean_theirs = statistics.fmean(t for _, t in sizes)
+    spread = sum((o - mean_ours) ** 2 for o, _ in sizes)
+    if spread == 0:
+        return 1.0
+    return sum((o - mean_ours) * (t - mean_theirs) for o, t in sizes) / spread

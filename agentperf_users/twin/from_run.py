@@ -30,9 +30,10 @@ ended with the step that gave its first token. From that timeline:
 What a run cannot say: the KV cache's size (unless the run filled it, which a capacity run at the knee
 rarely does, and even then only as a bound), ``max_num_seqs``, the token budget per step and the context
 limit; those come from the probe (``--from-probe``) or the options, and the output says so. Prompt
-tokens are the server's (usage); with no probe to give the server's tokens per agentperf token, the
-profile is priced per server token (exact on the embedded simulator, ~1.2x off in tokens on a model with
-another tokenizer).
+tokens are the server's (usage), and the profile is priced per agentperf token (what ``predict`` counts
+in its trajectories): the server's tokens per agentperf token are the slope of the records' server counts
+over agentperf's own (``counted_prompt_tokens``; 1.19 for the tiny Llama of the engine tests). Records
+from before agentperf kept its own count give none: the profile is then priced per server token.
 
 Approximations (measured on the virtual clock, ``benchmarks/twin_accuracy.py --part c``): a phase's load
 is its time average, not each step's; requests whose first tokens came in one step are one step only
@@ -53,7 +54,7 @@ from agentperf_users.files import RECORDS_DIR
 from agentperf_users.measure import server_metrics
 from agentperf_users.measure.records import RequestRecord, Status, read_records
 from agentperf_users.simulator.profile import attention_pairs
-from agentperf_users.twin.fit import Observation, StepConstants, StepWork
+from agentperf_users.twin.fit import Observation, StepConstants, StepWork, token_scale
 
 MIN_DECODE_TOKENS = 8
 """A decode phase of fewer tokens has too few steps for its mean step to say much (and its load average
@@ -80,6 +81,8 @@ class RunPoints:
     max_decode_batch: int  # most requests decoding at once
     decode_batch_range: tuple[float, float]  # mean decode batch of the decode points, min and max
     prefill_tokens_range: tuple[int, int]  # uncached prompt tokens per request, min and max
+    token_scale: float | None = None  # the server's prompt tokens per agentperf token; None: records without ours
+    scale_requests: int = 0  # the requests it was drawn from
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,9 @@ def read_run_points(folder: Path, budget_tokens: int, max_num_seqs: int) -> RunP
         prefill = [obs for t in ok if (obs := _ttft_point(t, by_request[id(t)], timeline, budget_tokens, max_num_seqs))]
     batches = [obs.steps[0].decode_batch for obs in decode] or [0.0]  # (a decode point's first step is its pure one)
     news = [t.new_tokens for t in ok]
+    sizes = [(r.counted_prompt_tokens, r.prompt_tokens) for r in (t.record for t in ok) if r.counted_prompt_tokens]
     return RunPoints(tuple(decode + prefill), len(ok), source, timeline.max_batch(), (min(batches), max(batches)),
-                     (min(news), max(news)))
+                     (min(news), max(news)), token_scale(sizes) if len(sizes) >= 2 else None, len(sizes))
 
 
 def _timed(record: RequestRecord) -> _Timed | None:

@@ -37,7 +37,7 @@ from agentperf_users.loadgen import replay
 from agentperf_users.loadgen.probe import ProbeTarget
 from agentperf_users.simulator.profile import attention_pairs
 from agentperf_users.tokens import count_prompt_tokens
-from agentperf_users.twin.fit import Observation, StepWork
+from agentperf_users.twin.fit import Observation, StepWork, token_scale
 from agentperf_users.twin.probe_design import ProbeDesign
 from agentperf_users.workload.synth import CODING_TOOLS
 from agentperf_users.workload.textgen import filler
@@ -339,19 +339,6 @@ def agent_front_end(client: ProbeClient, lengths: Sequence[int],
             progress(f"agentperf calibrate: agent request of {measured.prompt_tokens} tokens ({turn}): front end "
                      f"{(measured.ttft_s - engine_s) * 1e3:.1f} ms")
     return tuple(points), note
-
-
-def token_scale(sizes: Sequence[tuple[int, int]]) -> float:
-    """The slope of the server's prompt count over agentperf's (least squares with an intercept: a template
-    preamble costs every prompt alike); 1 where the counts agree or there is no spread to draw a line."""
-    if all(ours == theirs for ours, theirs in sizes) or len(sizes) < 2:
-        return 1.0
-    mean_ours = statistics.fmean(o for o, _ in sizes)
-    mean_theirs = statistics.fmean(t for _, t in sizes)
-    spread = sum((o - mean_ours) ** 2 for o, _ in sizes)
-    if spread == 0:
-        return 1.0
-    return sum((o - mean_ours) * (t - mean_theirs) for o, t in sizes) / spread
 
 
 def _prefix_pair(client: ProbeClient, tokens: int, budget_tokens: int) -> tuple[str, list[Observation]]:
