@@ -26,6 +26,9 @@
     python benchmarks/twin_accuracy.py [--part a|b|c|r|abcr] [--seeds 0,1,2] [--design standard]
     python benchmarks/twin_accuracy.py --part b --live small,long --measured ''  # ~20 min
     python benchmarks/twin_accuracy.py --part b --probe benchmarks/twin_vllm_cpu_sets.probe.json  # no engine: refit
+    python benchmarks/twin_accuracy.py --part b --live long --live-seeds 0,1,2,3,4,5 --measured ''  # ~40 min
+    python benchmarks/twin_accuracy.py --part b --probe benchmarks/twin_vllm_cpu_long_seeds.probe.json \
+        --measured long-seeds  # its refit
     python benchmarks/twin_accuracy.py --part c --seeds 0,1,2 [--live-run]
     python benchmarks/twin_accuracy.py --part r --replicas 1,2,4
 
@@ -33,7 +36,9 @@ The engine's timings are only as good as the machine is quiet: on the shared 2-c
 taken while other processes ran missed its fit by 32-45 % and calibrate refused it (as it should);
 ``twin_vllm_cpu.probe.json`` is one taken at a quieter moment (2026-12-02 23:39 UTC), before the probe sent
 agent-shaped requests (its twin has no front-end cost); ``twin_vllm_cpu_frontend.probe.json`` is one with them
-(2026-12-03 04:36 UTC), whose twin prices the front end (docs/twin.md (b)).
+(2026-12-03 04:36 UTC), whose twin prices the front end (docs/twin.md (b)); ``twin_vllm_cpu_sets.probe.json``
+(09:32 UTC) is the one the two sets were first measured after, and ``twin_vllm_cpu_long_seeds.probe.json``
+(12:54 UTC) the one the long set was measured after at six seeds.
 """
 
 from __future__ import annotations
@@ -67,6 +72,13 @@ MEASURED = ("small:0:15,small:1:15,long:0:8,long:1:9,small:0:1@60 tok/s,small:1:
             "long:1:1@60 tok/s,small:0:none@100,small:1:none@100,long:0:none@100,long:1:none@100")
 """(b)'s default: engine_capacity.py's searches right after the probe in twin_vllm_cpu_sets.probe.json
 (2026-12-03 09:54-10:24 UTC, ``--part b --live small,long --live-seeds 0,1``)."""
+MEASURED_LONG_SEEDS = ",".join(
+    [f"long:{seed}:{agents}" for seed, agents in enumerate((6, 3, 4, 5, 3, 5))]
+    + [f"long:{seed}:{'1' if seed == 5 else 'none'}@60 tok/s" for seed in range(6)]
+    + [f"long:{seed}:none@100" for seed in range(6)])
+"""The long set searched at seeds 0-5 right after the probe in twin_vllm_cpu_long_seeds.probe.json
+(2026-12-03 12:54-13:33 UTC, ``--part b --live long --live-seeds 0,1,2,3,4,5``)."""
+MEASURED_PRESETS = {"sets": MEASURED, "long-seeds": MEASURED_LONG_SEEDS}
 VLLM_CPU_LIMITS = ["--max-num-batched-tokens", "2048"]  # vLLM 0.32's CPU default; max_num_seqs is measured (burst)
 
 
@@ -387,7 +399,8 @@ def main() -> None:
     parser.add_argument("--design", default="standard")
     parser.add_argument("--measured", default=MEASURED,
                         help="(b): SET:SEED:AGENTS[@TIER], comma-separated: capacities measured by "
-                             "benchmarks/engine_capacity.py (TIER: a label prefix, by default 20 tok/s)")
+                             "benchmarks/engine_capacity.py (TIER: a label prefix, by default 20 tok/s), or the "
+                             f"name of a stored measurement: {', '.join(MEASURED_PRESETS)}")
     parser.add_argument("--live", default="", help="(b): engine sets (small,long) whose seed-0 capacity is "
                         "measured here, after the probe, on the same engine (~6-8 min each)")
     parser.add_argument("--live-seeds", default="0", help="(b): the seeds each --live set is searched at")
@@ -404,7 +417,7 @@ def main() -> None:
             part_a([int(s) for s in args.seeds.split(",")], args.design, Path(tmp))
         if "b" in args.part:
             measured = {}
-            for entry in filter(None, args.measured.split(",")):  # SET:SEED:AGENTS[@TIER]
+            for entry in filter(None, MEASURED_PRESETS.get(args.measured, args.measured).split(",")):  # SET:SEED:AGENTS[@TIER]
                 name, seed, agents = entry.split("@")[0].split(":")
                 tier = entry.split("@")[1] if "@" in entry else "20 tok/s"
                 measured.setdefault((name, int(seed)), {})[tier] = None if agents == "none" else int(agents)
