@@ -2,12 +2,18 @@
 --router R``, beside ``agentperf predict --replicas N --router R`` of the same profile, trajectories and tier.
 Printed, not asserted.
 
-The workload is tests/test_replicas.py's: a profile of few sequence slots (``--max-num-seqs``, default 4),
-one-turn trajectories of ~100-token prompts and 100-token answers, no tool waits, and one tier whose TTFT
-limit (0.1 s) sits above one prefill step and below the wait of one agent more than the slots. So one
-replica holds about its slots, and N round-robin replicas about N times that.
+``--workload slots`` (the default) is tests/test_replicas.py's: a profile of few sequence slots
+(``--max-num-seqs``, default 4), one-turn trajectories of ~100-token prompts and 100-token answers, no tool
+waits, and one tier whose TTFT limit (0.1 s) sits above one prefill step and below the wait of one agent
+more than the slots. So one replica holds about its slots, and N round-robin replicas about N times that.
 
-    python benchmarks/fleet_live.py [--fleets 1:round-robin,2:round-robin,2:prefix-affinity] [--max-num-seqs 4]
+``--workload prefix`` is where the routers' prefix-cache hits decide: the default profile, trajectories and
+tiers (conversations of tens of thousands of tokens growing a few hundred a turn), where a turn routed
+away from its previous turn's replica re-prefills the conversation and stalls that replica's decodes
+(docs/twin.md: predict holds 20 agents on two round-robin replicas and 48 on two prefix-affinity ones).
+
+    python benchmarks/fleet_live.py [--workload slots|prefix] [--fleets 1:round-robin,2:round-robin,2:prefix-affinity]
+        [--max-num-seqs 4]
 """
 
 from __future__ import annotations
@@ -33,26 +39,33 @@ def agentperf(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO)
 
 
-def workload(folder: Path, max_num_seqs: int) -> list[str]:
-    """The profile, trajectories and tier (module docstring) as options."""
+PREFIX_SEARCH = ["--start-agents", "8", "--max-agents", "128", "--warmup-s", "10", "--window-s", "30"]
+"""The prefix workload's search: from 8 agents (the fleets hold 16-100), the engine benchmarks' windows."""
+
+
+def workload(folder: Path, name: str, max_num_seqs: int) -> list[str]:
+    """The profile and options of the workload ``name`` (module docstring)."""
+    if name == "prefix":
+        return ["h100-llama3.1-8b", *PREFIX_SEARCH]
     profile = write_profile(folder, {"engine.max_num_seqs": max_num_seqs})
     return [str(profile), "--trajectories", str(write_flat_set(folder)), "--slo", str(write_tight_slo(folder)), *SEARCH]
 
 
 def agents(capacity: dict) -> str:
-    (tier,) = capacity.values()
-    return f"{tier.get('status')} {tier.get('agents')}"
+    """Each tier's answer, ``found 8`` (one tier) or ``found 20 / found 7 / none_passed None``."""
+    return " / ".join(f"{tier.get('status')} {tier.get('agents')}" for tier in capacity.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fleets", default="1:round-robin,2:round-robin,2:prefix-affinity")
-    parser.add_argument("--max-num-seqs", type=int, default=4)
+    parser.add_argument("--max-num-seqs", type=int, default=4, help="the slots workload's sequence slots")
+    parser.add_argument("--workload", choices=("slots", "prefix"), default="slots")
     args = parser.parse_args()
     print("| replicas | router | predicted | measured live | live wall |\n|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        profile, *options = workload(folder, args.max_num_seqs)
+        profile, *options = workload(folder, args.workload, args.max_num_seqs)
         for fleet in args.fleets.split(","):
             replicas, router = fleet.split(":")
             done = agentperf("predict", "--profile", profile, "--replicas", replicas, "--router", router, *options,

@@ -401,8 +401,8 @@ def main() -> None:
                         help="(b): SET:SEED:AGENTS[@TIER], comma-separated: capacities measured by "
                              "benchmarks/engine_capacity.py (TIER: a label prefix, by default 20 tok/s), or the "
                              f"name of a stored measurement: {', '.join(MEASURED_PRESETS)}")
-    parser.add_argument("--live", default="", help="(b): engine sets (small,long) whose seed-0 capacity is "
-                        "measured here, after the probe, on the same engine (~6-8 min each)")
+    parser.add_argument("--live", default="", help="(b): engine sets (small,long) searched here at each of "
+                        "--live-seeds, after the probe, on the same engine (~6-8 min a search)")
     parser.add_argument("--live-seeds", default="0", help="(b): the seeds each --live set is searched at")
     parser.add_argument("--repeats", type=int, default=8, help="(b): searches per prediction (predict --repeats)")
     parser.add_argument("--probe", default="", help="(b): fit this stored probe (NAME.probe.json) instead of "
