@@ -32,7 +32,7 @@ rarely does, and even then only as a bound), ``max_num_seqs``, the token budget 
 limit; those come from the probe (``--from-probe``) or the options, and the output says so. Prompt
 tokens are the server's (usage), and the profile is priced per agentperf token (what ``predict`` counts
 in its trajectories): the server's tokens per agentperf token are the slope of the records' server counts
-over agentperf's own (``counted_prompt_tokens``; 1.19 for the tiny Llama of the engine tests). Records
+over agentperf's own (``counted_prompt_tokens``; 1.21 on the engine tests' tiny Llama). Records
 from before agentperf kept its own count give none: the profile is then priced per server token.
 
 Approximations (measured on the virtual clock, ``benchmarks/twin_accuracy.py --part c``): a phase's load
