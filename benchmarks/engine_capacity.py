@@ -11,7 +11,7 @@ this engine), each search starts from the twin's prediction: its steps and wall 
 one are issue 14's search-time ratio on a real server. Needs ``.ci/install-vllm``.
 
     python benchmarks/engine_capacity.py [--set small|long] [--seeds 0,1] [--predict TWIN.yaml [--predict-repeats 8]]
-        [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
+        [--tool-wait-median S] [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def search(url: str, folder: Path, trajectories: Path, seed: int, args: argparse
          "--workers", "1", "--seed", str(seed), "--warmup-s", str(args.warmup_s), "--window-s", str(args.window_s),
          "--max-agents", str(args.max_agents), "--start-agents", str(args.start_agents), "--out", str(out),
          *(["--predict", str(args.predict), "--predict-repeats", str(args.predict_repeats)]
-           if getattr(args, "predict", None) else [])],
+           if getattr(args, "predict", None) else []),
+        *(["--tool-wait", "sampled", "--tool-wait-median", str(args.tool_wait_median)]
+          if getattr(args, "tool_wait_median", None) else [])],
         capture_output=True, text=True, preexec_fn=pin(LOAD_CPUS), cwd=REPO)
     wall_s = time.monotonic() - started
     print(completed.stdout[-6000:], completed.stderr[-2000:], sep="\n", flush=True)
@@ -92,6 +94,9 @@ def main() -> None:
     parser.add_argument("--predict", type=Path, default=None, metavar="TWIN.yaml",
                         help="start each search from this twin's prediction (agentperf capacity --predict)")
     parser.add_argument("--predict-repeats", type=int, default=8, help="with --predict: the twin's searches")
+    parser.add_argument("--tool-wait-median", type=float, default=None, metavar="S",
+                        help="sample each tool wait (lognormal, this median, sigma 1) instead of the set's recorded "
+                             "ones: agents idle longer, so the engine holds more of them")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the runs' folders here (agentperf report can rebuild them), not in a temporary folder")
     args = parser.parse_args()
@@ -113,12 +118,15 @@ def main() -> None:
                   f"{spread_range(cap.get('spread'))} | {inside(cap.get('spread'), others)} | "
                   f"{drift_cell(cap.get('drift') or [])} | {len(report['steps'])} | {run['wall_s']:.0f} s | "
                   f"{', '.join(causes)} |")
-    print("\n| seed | steps (rechecks) | every tier located after | with the rechecks |\n|---|---|---|---|")
+    print("\n| seed | steps (rechecks) | every tier located after | with the rechecks | the twin's searches before |"
+          "\n|---|---|---|---|---|")
     for run in runs:
         steps = run["report"]["steps"]
         located, total = search_seconds(steps)
         rechecks = sum(step["phase"] == "recheck" for step in steps)
-        print(f"| {run['seed']} | {len(steps)} ({rechecks}) | {located:.0f} s | {total:.0f} s |")
+        twin_s = (run["report"].get("prediction") or {}).get("wall_s")
+        print(f"| {run['seed']} | {len(steps)} ({rechecks}) | {located:.0f} s | {total:.0f} s | "
+              f"{'none' if twin_s is None else f'{twin_s:.0f} s'} |")
     for run in runs:
         for step in run["report"]["steps"]:
             for found in step.get("diagnoses", []):

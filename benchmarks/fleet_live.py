@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--workload", choices=("slots", "prefix"), default="slots")
     args = parser.parse_args()
     print("| replicas | router | predicted | measured live | live wall |\n|---|---|---|---|---|", flush=True)
+    kept: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         profile, *options = workload(folder, args.workload, args.max_num_seqs)
@@ -80,9 +81,30 @@ def main() -> None:
                 done = agentperf("capacity", "--host", sim.url, *options, "--workers", "1", "--out", str(out))
             if not (out / "report.json").exists():
                 raise SystemExit(f"agentperf capacity failed: {done.stderr[-2000:]}")
-            measured = json.loads((out / "report.json").read_text())["capacity"]
-            print(f"| {replicas} | {router} | {agents(predicted)} | {agents(measured)} | "
+            report = json.loads((out / "report.json").read_text())
+            print(f"| {replicas} | {router} | {agents(predicted)} | {agents(report['capacity'])} | "
                   f"{time.monotonic() - started:.0f} s |", flush=True)
+            kept.extend(f"| {fleet} | {row}" for row in real_time_rows(report))
+    print("\nWhether the simulator kept real time, per step (engine time lost to clock jumps per second, summed "
+          "over replicas; tokens' mean write lateness; the load generator's busiest worker):\n\n"
+          "| fleet | agents | headline margin | engine time lost | write late | load generator CPU |\n"
+          "|---|---|---|---|---|---|", *kept, sep="\n")
+
+
+def real_time_rows(report: dict) -> list[str]:
+    """Per step of a live run: its headline margin, and whether the simulator and the load generator kept up."""
+    first_tier = next(iter(report["capacity"]))
+    rows = []
+    for step in report["steps"]:
+        server, loadgen = step["server"], (step.get("load_generator") or {}).get("worker_cpu") or {}
+        lost, late = server.get("simulator_time_lost_share"), server.get("simulator_write_late_mean_s")
+        margin = step["margin"].get(first_tier)
+        margin = margin if isinstance(margin, (int, float)) else None
+        rows.append(f"{step['agents']} | {'n/a' if margin is None else f'{margin:+.2f}'} | "
+                    f"{'n/a' if lost is None else f'{lost * 100:.1f} %'} | "
+                    f"{'n/a' if late is None else f'{late * 1000:.1f} ms'} | "
+                    f"{f'{max(loadgen.values()) * 100:.0f} %' if loadgen else 'n/a'} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -282,6 +282,17 @@ def test_a_window_averages_gauges_inside_it_and_takes_counter_and_histogram_incr
     assert "queue 1.25 s" in text and "TTFT 2 s" in text and "ITL" not in text
 
 
+def test_the_simulators_lost_time_is_a_share_of_the_window_and_absent_from_other_servers():
+    samples = [reading(9.0, {"simulator_write_late": hist(0.01, 10)}, simulator_clock_slip=1.0),
+               reading(11.0, {"simulator_write_late": hist(0.05, 30)}, simulator_clock_slip=1.5),
+               reading(13.0, {"simulator_write_late": hist(0.09, 50)}, simulator_clock_slip=1.9)]
+    window = window_summary(samples, 9.0, 13.0)
+    assert window.simulator_time_lost_share == pytest.approx(0.9 / 4.0)  # seconds lost per second of window
+    assert window.simulator_write_late_mean_s == pytest.approx(0.08 / 40)
+    vllm = window_summary([reading(9.0, preemptions=0.0), reading(11.0, preemptions=0.0)], 9.0, 11.0)
+    assert vllm.simulator_time_lost_share is None and vllm.simulator_write_late_mean_s is None
+
+
 def test_a_server_restart_in_the_window_counts_what_it_did_after_restarting():
     # Counters 100 -> 160, restart (0) -> 30 -> 45: the window saw 60 + 45 more.
     assert increase([100.0, 160.0, 30.0, 45.0]) == 105.0
@@ -466,3 +477,7 @@ def test_the_sampler_against_the_simulator_matches_its_own_counters(tmp_path):
     assert window.ttft_mean_s == pytest.approx(
         delta("vllm:time_to_first_token_seconds_sum") / delta("vllm:time_to_first_token_seconds_count"))
     assert 0 <= window.kv_cache_usage_max <= 1 and window.requests_waiting_max >= 0
+    assert window.simulator_write_late_mean_s == pytest.approx(
+        delta("agentperf_sim_write_late_seconds_sum") / delta("agentperf_sim_write_late_seconds_count"))
+    assert window.simulator_time_lost_share == pytest.approx(
+        delta("agentperf_sim_clock_slip_seconds_total") / (end - start))

@@ -108,6 +108,9 @@ QUANTITIES: tuple[Quantity, ...] = (
              ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
              ("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds")),
     Quantity("e2e_latency", HISTOGRAM, ("vllm:e2e_request_latency_seconds",), ("sglang:e2e_request_latency_seconds",)),
+    # agentperf's own simulator (which speaks vLLM's names): whether it kept real time (simulator/metrics.py)
+    Quantity("simulator_clock_slip", COUNTER, ("agentperf_sim_clock_slip_seconds",), ()),
+    Quantity("simulator_write_late", HISTOGRAM, ("agentperf_sim_write_late_seconds",), ()),
 )
 
 
@@ -278,6 +281,10 @@ class ServerWindow:
     decode_time_mean_s: float | None
     ttft_mean_s: float | None
     inter_token_latency_mean_s: float | None
+    # Only from agentperf's simulator: the modelled engine time its clock lost per second of the window
+    # (summed over its replicas), and how late after their steps' ends its tokens were written (mean).
+    simulator_time_lost_share: float | None = None
+    simulator_write_late_mean_s: float | None = None
 
     @property
     def available(self) -> bool:
@@ -315,6 +322,7 @@ def window_summary(samples: Sequence[ServerSample], start_epoch_s: float, end_ep
         return None if change is None else change.mean
 
     hits, queries = counter("prefix_cache_hits"), counter("prefix_cache_queries")
+    slipped = counter("simulator_clock_slip")
     return ServerWindow(
         server=server.server,
         readings=len(inside),
@@ -332,6 +340,9 @@ def window_summary(samples: Sequence[ServerSample], start_epoch_s: float, end_ep
         decode_time_mean_s=mean("decode_time"),
         ttft_mean_s=mean("ttft"),
         inter_token_latency_mean_s=mean("inter_token_latency"),
+        simulator_time_lost_share=(None if slipped is None or end_epoch_s <= start_epoch_s
+                                   else slipped / (end_epoch_s - start_epoch_s)),
+        simulator_write_late_mean_s=mean("simulator_write_late"),
     )
 
 

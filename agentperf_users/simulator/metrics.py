@@ -25,6 +25,12 @@ a reader sums them (the harness's server metrics do; the KV usage it takes as th
 ``vllm:cache_config_info`` (a gauge at 1, as vLLM emulates an info metric) labels the KV cache's
 ``num_gpu_blocks`` and ``block_size``.
 
+Whether the simulator kept real time (:mod:`.replica`): ``agentperf_sim_write_late_seconds`` is how long
+after its step's end (the modelled moment its tokens exist) each step's tokens were written, and
+``agentperf_sim_clock_slip_seconds_total`` the modelled engine time lost when the server fell so far
+behind that its clock jumped to now. A load test of a simulator that did not keep real time measured the
+simulator's host, not the modelled server.
+
 Why the inter-token histogram is not a ``prometheus_client.Histogram``: it is observed once per token,
 tens of thousands of times a second on the server's one core, and that class takes a lock per bucket
 and per sum update (about 2 us an observation); :class:`GapHistogram` adds to plain numbers (the
@@ -77,6 +83,8 @@ REQUEST_LATENCY_BUCKETS_S = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
     480.0, 960.0, 1920.0, 7680.0,
 )  # vLLM's buckets for vllm:e2e_request_latency_seconds and the request queue, prefill and decode times
+WRITE_LATE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+"""agentperf_sim_write_late_seconds: from a timer's rounding (under 1 ms) to a server past its clock slip."""
 ITL_BUCKETS_S = (
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # vLLM's buckets for vllm:inter_token_latency_seconds
@@ -242,6 +250,13 @@ class SimulatorMetrics:
         )
         for kind in fault_kinds:  # every configured kind is exported from the start, at 0
             self._faults.labels(kind)
+        self._write_late = GapHistogram("agentperf_sim_write_late_seconds",
+                                        "Time from a simulated step's end to the writing of its tokens.",
+                                        WRITE_LATE_BUCKETS_S, {})
+        registry.register(self._write_late)
+        self._clock_slip = Counter("agentperf_sim_clock_slip_seconds",
+                                   "Simulated engine time lost when the server fell behind real time.",
+                                   registry=registry)
         self._model_name = model_name
         self.registry.register(_EngineCollector(counters, model_name, power))
 
@@ -262,6 +277,14 @@ class SimulatorMetrics:
         self._queue.observe(scheduled_s - request.queued_s)  # from the engine's queue, as vLLM: after the front end
         self._prefill.observe(first_s - scheduled_s)
         self._decode.observe(request.finished_s - first_s)
+
+    def observe_write_late(self, late_s: float) -> None:
+        """A step's tokens were written ``late_s`` after the step's modelled end."""
+        self._write_late.observe(late_s)
+
+    def count_clock_slip(self, lost_s: float) -> None:
+        """The engine's clock jumped ``lost_s`` forward: modelled time in which the engine did nothing."""
+        self._clock_slip.inc(lost_s)
 
     def count_fault(self, kind: str) -> None:
         self._faults.labels(kind).inc()

@@ -9,6 +9,8 @@ built while the ticker waits, so at the step's end only the writes remain.
 The engine's clock is the step boundary, not the moment the server gets round to the next step: while
 the engine has work, a step starts where the previous one ended, so the server's own overhead does not
 slow the modelled GPU. If the server falls more than ``MAX_CLOCK_SLIP_S`` behind, the clock jumps to now.
+Both are counted (:mod:`.metrics`: how late each step's tokens were written, and the modelled time a jump
+lost), so a run can tell a modelled server's limit from its simulator's host falling behind.
 
 With ``agentperf simulate --replicas N`` the server (:mod:`.server`) holds N of these on one event loop,
 each stepping on its own boundaries as data-parallel engines do, and routes every request to one of them
@@ -87,6 +89,8 @@ class EngineReplica:
                 end_s = None
             now_s = time.monotonic()
             start_s = end_s if end_s is not None and now_s - end_s < MAX_CLOCK_SLIP_S else now_s
+            if end_s is not None and start_s != end_s:
+                self.metrics.count_clock_slip(now_s - end_s)
             try:
                 result = self.engine.step(start_s)
             except Exception:  # an engine bug must not hang every stream: fail them and go on
@@ -105,6 +109,7 @@ class EngineReplica:
                 finishing.popleft().finish()
             while (delay_s := end_s - time.monotonic()) > 0:  # uvloop timers round to whole ms
                 await asyncio.sleep(delay_s)
+            self.metrics.observe_write_late(-delay_s)
             for reply in ready:
                 reply.flush()
             for reply in ready:
