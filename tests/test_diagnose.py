@@ -13,6 +13,8 @@ from agentperf_users.measure.diagnose import (
     KV_USAGE_PRESSURE,
     LOADGEN_CPU_BUSY,
     LONE_RUNNING,
+    SIMULATOR_TIME_LOST_SHARE,
+    SIMULATOR_WRITE_LATE_S,
     Cause,
     ClientWindow,
     CpuReading,
@@ -248,6 +250,28 @@ def test_a_busy_worker_makes_the_verdict_not_about_the_server():
                               "the verdict is not about the server")
     assert diagnosis.also == (Cause.QUEUEING,)
     assert why(SLOW_FIRST_TOKENS, QUEUEING, LoadGenerator((("w1", 0.89),))).cause is Cause.QUEUEING
+
+
+def test_a_simulator_that_fell_behind_real_time_makes_the_verdict_not_about_the_modelled_server():
+    behind = replace(QUEUEING, simulator_time_lost_share=SIMULATOR_TIME_LOST_SHARE, simulator_write_late_mean_s=0.031)
+    diagnosis = why(SLOW_FIRST_TOKENS, behind)
+    assert diagnosis.cause is Cause.SIMULATOR and not diagnosis.about_capacity
+    assert diagnosis.text == ("why: the simulator's host — agentperf's simulator lost 10 % of its engine time to "
+                              "falling behind real time and wrote its tokens 31 ms after their steps on average: "
+                              "the verdict is about the machine it runs on, not the modelled server")
+    assert dict(diagnosis.evidence) == {"simulator_time_lost_share": SIMULATOR_TIME_LOST_SHARE,
+                                        "simulator_write_late_mean_s": 0.031}
+    assert diagnosis.also == (Cause.QUEUEING,)
+    # Late tokens without a clock jump are the host too, named before the load generator (whose client TTFT
+    # far above the server's is what late tokens would look like).
+    late = replace(QUEUEING, simulator_time_lost_share=0.0, simulator_write_late_mean_s=SIMULATOR_WRITE_LATE_S)
+    found = why(SLOW_FIRST_TOKENS, late, LoadGenerator((("w1", 0.96),)))
+    assert (found.cause, found.also) == (Cause.SIMULATOR, (Cause.LOAD_GENERATOR, Cause.QUEUEING))
+    # A simulator that kept up, or a server without these metrics (a vLLM: None), leaves it to the server.
+    kept_up = replace(behind, simulator_time_lost_share=SIMULATOR_TIME_LOST_SHARE * 0.99,
+                      simulator_write_late_mean_s=SIMULATOR_WRITE_LATE_S * 0.99)
+    assert why(SLOW_FIRST_TOKENS, kept_up).cause is Cause.QUEUEING
+    assert why(SLOW_FIRST_TOKENS, QUEUEING).cause is Cause.QUEUEING
 
 
 def test_client_ttft_far_above_the_servers_is_the_load_generator():

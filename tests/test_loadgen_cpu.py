@@ -1,5 +1,6 @@
 """The load generator's own CPU per worker: metered between a worker's reports, carried through Locust's
-msgpack with its records, cut to a step's window on the master, and what the search does with a busy one."""
+msgpack with its records, cut to a step's window on the master, and what the search does with a busy one
+(and with agentperf's simulator fallen behind real time, the same doubt on the server's side)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from agentperf_users.measure import aggregate
 from agentperf_users.measure.aggregate import Aggregator, attach_records
-from agentperf_users.measure.diagnose import LOADGEN_CPU_BUSY, CpuReading, LoadGenerator
+from agentperf_users.measure.diagnose import LOADGEN_CPU_BUSY, Cause, CpuReading, LoadGenerator
 from agentperf_users.measure.loadgen_cpu import (
     MIN_INTERVAL_S,
     CpuInterval,
@@ -18,6 +19,7 @@ from agentperf_users.measure.loadgen_cpu import (
     window_load,
 )
 from agentperf_users.measure.records import RecordLog
+from agentperf_users.measure.server_metrics import ServerSample
 from agentperf_users.search.shape import format_step
 from tests.test_aggregate import local_environment, over_the_wire
 from tests.test_shape import shape_environment
@@ -141,6 +143,25 @@ def test_a_busy_worker_is_not_a_capacity_fail_measured_again_then_the_search_sto
     state = json.loads((tmp_path / "capacity.json").read_text())
     assert state["interrupted"] is False and state["stopped"]["cause"] == "the load generator"
     assert state["steps"][1]["load_generator"] == {"worker_cpu": {"worker-1-99": pytest.approx(0.95)}}
+
+
+def test_a_simulator_behind_real_time_is_measured_again_then_the_search_stops_naming_its_host(tmp_path):
+    """The same load, with the server's readings saying agentperf's simulator lost 20 % of its engine time:
+    the strict tier's fail at 4 agents is put down to the simulator's host, measured again, then the search
+    ends saying so."""
+    readings = tmp_path / "server_metrics.jsonl"
+    environment, shape, clock = shape_environment(tmp_path, early_stop=False, server_metrics_file=str(readings))
+    readings.write_text("".join(
+        ServerSample(clock.now - 5 + i, "vllm", {"requests_running": 2.0, "simulator_clock_slip": 0.2 * i}, {})
+        .to_json() + "\n" for i in range(400)))
+    run_search(environment, shape, clock)
+    assert [s.agents for s in shape.steps] == [2, 4, 4]
+    for step in shape.steps[1:]:
+        assert step.server.simulator_time_lost_share == pytest.approx(0.2)
+        (diagnosis,) = step.diagnoses
+        assert (diagnosis.tier, diagnosis.cause, diagnosis.about_capacity) == ("strict", Cause.SIMULATOR, False)
+    assert shape.stopped.line().startswith("search stopped at step 2 (4 agents): the simulator's host is the limit")
+    assert shape.capacity()["strict"].first_failing_agents is None  # never counted as the tier failing
 
 
 def test_a_worker_below_the_threshold_leaves_the_verdict_to_the_server(tmp_path):

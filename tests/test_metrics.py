@@ -88,17 +88,19 @@ def histogram(total_s: float, count: float) -> HistogramValue:
 
 
 def server_readings(path, start_epoch_s: float, seconds: int = 400) -> None:
-    """A vLLM's readings once a second: a queue that grows and shrinks (0..6 waiting), KV usage under the
-    pressure mark, and queue time 0.8 s of every request's 1 s server TTFT."""
+    """agentperf's simulator's readings once a second (vLLM's names and its own real-time numbers): a queue
+    that grows and shrinks (0..6 waiting), KV usage under the pressure mark, queue time 0.8 s of every
+    request's 1 s server TTFT, and 1 % of the engine's time lost to falling behind."""
     lines = []
     for i in range(seconds):
         values = {"requests_running": 4.0 + i % 3, "requests_waiting": float(i % 7),
                   "kv_cache_usage": 0.5 + (i % 5) / 20,
                   "prefix_cache_queries": 1000.0 * i, "prefix_cache_hits": 900.0 * i, "preemptions": 0.0,
-                  "requests_finished": float(i)}
+                  "requests_finished": float(i), "simulator_clock_slip": 0.01 * i}
         histograms = {"queue_time": histogram(0.8 * i, i), "prefill_time": histogram(0.15 * i, i),
                       "decode_time": histogram(2.0 * i, i), "ttft": histogram(1.0 * i, i),
-                      "inter_token_latency": histogram(0.02 * 50 * i, 50 * i)}
+                      "inter_token_latency": histogram(0.02 * 50 * i, 50 * i),
+                      "simulator_write_late": histogram(0.001 * 50 * i, 50 * i)}
         lines.append(ServerSample(start_epoch_s + i, "vllm", values, histograms).to_json())
     path.write_text("\n".join(lines) + "\n")
 

@@ -11,7 +11,14 @@ later ones that also hold are listed beside it (``also``):
    verdict: first, because every other number of the window is about requests that did not run.
 2. **the load generator** — a worker used ``LOADGEN_CPU_BUSY`` of a core or more, or the client's mean
    TTFT is far above the server's own (``CLIENT_TTFT_EXCESS_*``): the time went before the server saw
-   the request. Not a verdict about the server either, so it comes before every server cause.
+   the request. Not a verdict about the server either, so it comes before every server cause. Before it
+   comes its counterpart on the other side of the wire, **the simulator's host**: agentperf's own simulator
+   lost ``SIMULATOR_TIME_LOST_SHARE`` or more of its modelled engine time to falling behind real time
+   (``agentperf_sim_clock_slip_seconds_total``), or wrote its tokens ``SIMULATOR_WRITE_LATE_S`` or more
+   after their modelled times on average (``agentperf_sim_write_late_seconds``), so the step measured the
+   machine the simulator runs on, not the server it models. (Late tokens also make the client's TTFT far
+   above the simulator's own, which the engine clock stamps: the load generator's second test would
+   otherwise take the blame.) No other server exports these.
 3. **server errors** — more than the tier allows, but a minority, of timeouts, 5xx or broken streams:
    what an overloaded server does; a capacity verdict.
 4. **KV-cache pressure** — usage reached ``KV_USAGE_PRESSURE`` or the server preempted requests. Before
@@ -74,6 +81,15 @@ chat template and tokenizer): ~10 ms on a real vLLM (122.9 ms against vLLM's 113
 measurement); a quarter second more, and half again the server's own TTFT, is time spent before the
 engine saw the request."""
 
+SIMULATOR_TIME_LOST_SHARE = 0.10
+"""agentperf's simulator lost this share of its modelled engine time or more: its clock jumps only after a
+stall of more than a quarter second (``simulator.replica.MAX_CLOCK_SLIP_S``), and a tenth of a window is
+more than one such stall in the tests' 5-s windows, so this is a simulator whose host cannot keep up, not
+one hiccup (a 2-replica fleet at 64 agents on two shared cores lost 0.0 %)."""
+SIMULATOR_WRITE_LATE_S = 0.05
+"""agentperf's simulator wrote its tokens this long after their modelled times or more, on average: a whole
+token gap of the 20 tok/s headline floor (the same fleet: 0.4-1.3 ms)."""
+
 KV_USAGE_PRESSURE = 0.95
 """KV-cache usage at which the engine has no room left to admit a request or grow a running one (vLLM
 preempts when a running request cannot get its next block): ~95 % counts as full, since blocks are
@@ -108,6 +124,7 @@ server's own speed, but a lower count, sharing them less, may pass (the real vLL
 class Cause(str, Enum):
     SERVER_ERRORS = "server errors"
     LOAD_GENERATOR = "the load generator"
+    SIMULATOR = "the simulator's host"
     KV_CACHE = "KV-cache pressure"
     QUEUEING = "queueing"
     PREFILL = "prefill"
@@ -306,6 +323,16 @@ def _load_generator(i: _Inputs) -> Diagnosis | None:
     return None
 
 
+def _simulator_behind(i: _Inputs) -> Diagnosis | None:
+    lost, late = i.server.simulator_time_lost_share, i.server.simulator_write_late_mean_s
+    if (lost is None or lost < SIMULATOR_TIME_LOST_SHARE) and (late is None or late < SIMULATOR_WRITE_LATE_S):
+        return None
+    return _finding(Cause.SIMULATOR, f"agentperf's simulator lost {_percent(lost or 0.0)} of its engine time to "
+                    f"falling behind real time and wrote its tokens {seconds(late or 0.0)} after their steps on "
+                    "average: the verdict is about the machine it runs on, not the modelled server",
+                    about_capacity=False, simulator_time_lost_share=lost, simulator_write_late_mean_s=late)
+
+
 def _server_errors(i: _Inputs) -> Diagnosis | None:
     client, limit = i.client, i.verdict.tier.max_error_rate
     if client.error_rate <= limit:
@@ -450,7 +477,7 @@ def _decode_speed(i: _Inputs) -> Diagnosis | None:
 
 
 _CHECKS: tuple[Callable[[_Inputs], Diagnosis | None], ...] = (
-    _failing_server, _load_generator, _server_errors, _kv_cache, _queueing, _prefill, _decode_stalls, _decode_batch,
+    _failing_server, _simulator_behind, _load_generator, _server_errors, _kv_cache, _queueing, _prefill, _decode_stalls, _decode_batch,
     _decode_speed,
 )
 

@@ -61,6 +61,10 @@ SERVER_NUMBERS = {  # ServerWindow's numbers, as each step's gauge documents the
     "decode_time_mean_s": "Mean decode time, from the server's histogram, over the window",
     "ttft_mean_s": "Mean time to first token as the server measured it, over the window",
     "inter_token_latency_mean_s": "Mean inter-token latency as the server measured it, over the window",
+    "simulator_time_lost_share": "agentperf's simulator only: modelled engine time lost to falling behind real "
+                                 "time, per second of the window (summed over its replicas)",
+    "simulator_write_late_mean_s": "agentperf's simulator only: mean delay from a step's modelled end to the "
+                                   "writing of its tokens, over the window",
 }
 OUTPUT_TPS_BUCKETS = (5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 100.0, 150.0, 200.0, 300.0)
 

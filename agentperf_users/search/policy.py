@@ -464,7 +464,8 @@ def _usable_margin(margin: float | None, passed: bool) -> bool:
 @dataclass(frozen=True)
 class SearchStopped:
     """Why the search ended before locating its tiers: a step whose failure was not about capacity (a
-    failing server; the load generator twice at the same count). Its words, and the server's own."""
+    failing server; the load generator, or the machine of agentperf's simulator, twice at the same count).
+    Its words, and the server's own."""
 
     step: int
     agents: int
@@ -473,6 +474,7 @@ class SearchStopped:
     error: str | None  # the most frequent failure message of the step, the server's words
 
     def line(self) -> str:
-        what = "the server is failing" if self.cause == Cause.SERVER_ERRORS.value else "the load generator is the limit"
+        what = {Cause.SERVER_ERRORS.value: "the server is failing",
+                Cause.SIMULATOR.value: "the simulator's host is the limit"}.get(self.cause, "the load generator is the limit")
         said = f"; most frequent error: {self.error}" if self.error else ""
         return f"search stopped at step {self.step} ({self.agents} agents): {what}, not a capacity ({self.text}{said})"

@@ -477,10 +477,11 @@ class CapacitySearchShape(LoadTestShape):
     def _not_a_verdict(self, step: StepResult, doubt: Diagnosis, records: list[RequestRecord]) -> None:
         """A failure that is not about capacity is not recorded as the tier failing at this count. A
         failing server (most requests failed, or the server rejects them) ends the search: no count can
-        be located against it, and "none" would say the server is merely slow. The load generator is given
-        one more measurement of the same count (the busy moment may pass); twice, and the search ends,
-        naming it, rather than report the client's limit as the server's."""
-        if doubt.cause is Cause.LOAD_GENERATOR and self._doubted_agents != step.agents:
+        be located against it, and "none" would say the server is merely slow. The load generator, or the
+        machine of agentperf's own simulator, is given one more measurement of the same count (the busy
+        moment may pass); twice, and the search ends, naming it, rather than report that machine's limit as
+        the server's."""
+        if doubt.cause in (Cause.LOAD_GENERATOR, Cause.SIMULATOR) and self._doubted_agents != step.agents:
             self._doubted_agents = step.agents
             logger.warning("agentperf: step %d: %s; measuring %d agents again", step.index, doubt.text, step.agents)
             return
