@@ -34,13 +34,20 @@ started by the test as a remote worker of the search's master. Its CPU over the 
 search stops naming it. (A worker merely starved of CPU, pinned to a core it shares with a hog, would not
 show it: its CPU is low, and its TTFT is taken from kernel receive timestamps, so it measures the server
 right; a worker that needs more CPU than it gets is the load generator limiting the verdict.)
+
+**The simulator's host**: the simulator itself stopped (SIGSTOP) for most of each second, as a host that
+does not give it the CPU would: its engine clock jumps after each stop, the lost time shows in its
+metrics, and the step is not taken for the modelled server's capacity.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +59,11 @@ from agentperf_users.measure.diagnose import (
     DECODE_MIN_RUNNING,
     LOADGEN_CPU_BUSY,
     MOST_OF_TTFT,
+    SIMULATOR_TIME_LOST_SHARE,
     STALL_SHARE,
 )
 from agentperf_users.search.headline import agents_words
+from agentperf_users.simulator.cli import SimulatorProcess
 from agentperf_users.simulator.profile import PROFILES_DIR
 from tests.support import free_port
 
@@ -281,3 +290,53 @@ def test_a_busy_worker_is_the_load_generator_and_the_search_stops_naming_it(tmp_
     assert "search stopped at step 1 (2 agents): the load generator is the limit, not a capacity" in run.stdout
     assert run.report["capacity"]["first-token"]["first_failing_agents"] is None  # never a fail of the tier
     assert not run.report["interrupted"] and "interrupted" not in run.stdout  # the search ended it, as it meant to
+
+
+class Stalls:
+    """Stops a process for ``stop_s`` of every ``period_s`` (SIGSTOP, SIGCONT) until the block ends: a host
+    that does not give it the CPU. The pauses are the fault injected, not a wait for anything."""
+
+    def __init__(self, pid: int, stop_s: float = 0.8, period_s: float = 1.2):
+        self._pid, self._stop_s, self._period_s = pid, stop_s, period_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.stops = 0
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            os.kill(self._pid, signal.SIGSTOP)
+            self.stops += 1
+            self._done.wait(self._stop_s)
+            os.kill(self._pid, signal.SIGCONT)
+            self._done.wait(self._period_s - self._stop_s)
+
+    def __enter__(self) -> "Stalls":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._done.set()
+        self._thread.join()
+        os.kill(self._pid, signal.SIGCONT)
+
+
+def test_a_simulator_whose_host_stalls_it_is_named_not_taken_for_the_modelled_server(tmp_path):
+    """The simulator stopped for 0.8 s of every 1.2 s: its clock jumps after each stop, so it loses most of
+    its engine time, and a 60 tok/s floor (which the profile's ~100 tok/s for two agents meets) fails; that
+    is put down to its host: measured again, then the search stops naming it (as for a busy load
+    generator), never a capacity of the modelled server."""
+    with SimulatorProcess(["--port", "0"]) as sim, Stalls(sim.process.pid) as stalls:
+        run = finished(tmp_path, capacity(tmp_path, "--host", sim.url, "--trajectories", "demo", "--tool-wait", "none",
+                                          "--start-agents", "2", "--max-agents", "2", "--resolution-agents", "2",
+                                          *SHORT_STEP, tiers=SPEED_TIER % 60))
+    assert stalls.stops > 0
+    assert run.returncode == 4, run.stdout  # the search did not finish: it stopped
+    assert [step["agents"] for step in run.report["steps"]] == [2, 2]  # measured once more, then stopped
+    for index, step in enumerate(run.report["steps"]):
+        assert step["server"]["simulator_time_lost_share"] >= SIMULATOR_TIME_LOST_SHARE
+        found = run.diagnosis(index, tier="speed")
+        assert (found["cause"], found["about_capacity"]) == ("the simulator's host", False)
+        assert found["evidence"]["simulator_time_lost_share"] == step["server"]["simulator_time_lost_share"]
+    assert run.report["stopped"]["cause"] == "the simulator's host"
+    assert "search stopped at step 1 (2 agents): the simulator's host is the limit, not a capacity" in run.stdout
+    assert run.report["capacity"]["speed"]["first_failing_agents"] is None  # never a fail of the tier
