@@ -107,8 +107,10 @@ class EngineReplica:
             ready = self._prepare(result, end_s)
             while finishing and time.monotonic() < end_s:  # bookkeeping uses the slack, never the deadline
                 finishing.popleft().finish()
+            slept = False
             while (delay_s := end_s - time.monotonic()) > 0:  # uvloop timers round to whole ms
                 await asyncio.sleep(delay_s)
+                slept = True
             self.metrics.observe_write_late(-delay_s)
             for reply in ready:
                 reply.flush()
@@ -118,6 +120,8 @@ class EngineReplica:
                     if reply.request.finished_s is None:  # an injected fault cut it short: free its blocks
                         self.engine.abort(reply.request.request_id)
                     finishing.append(reply)
+            if not slept:  # behind real time: still let the loop read requests, scrapes and the other replicas
+                await asyncio.sleep(0)
 
     def _finish_all(self) -> None:
         while self._finishing:

@@ -18,13 +18,16 @@ assert WRITE_LATE_BUCKETS_S[-2] < STALL_S <= WRITE_LATE_BUCKETS_S[-1]
 
 
 class ShiftedClock:
-    """``time.monotonic`` moved forward by ``offset_s``: the replica sees a stall the loop never had."""
+    """``time.monotonic`` moved forward by ``offset_s`` (a stall the loop never had), and running ``rate``
+    times as fast as the real one (a host too slow for the modelled steps)."""
 
-    def __init__(self):
-        self.offset_s = 0.0
+    def __init__(self, rate: float = 1.0):
+        self.offset_s, self.rate = 0.0, rate
+        self._start = time.monotonic()
 
     def monotonic(self) -> float:
-        return time.monotonic() + self.offset_s
+        now = time.monotonic()
+        return now + (now - self._start) * (self.rate - 1.0) + self.offset_s
 
 
 class CollectingReply:
@@ -49,10 +52,12 @@ class CollectingReply:
         raise AssertionError(f"the reply failed: {error}")
 
 
-def serve_one_request(monkeypatch, stall_after_steps: int | None) -> tuple[EngineReplica, CollectingReply, list[float]]:
+def serve_one_request(monkeypatch, stall_after_steps: int | None, clock_rate: float = 1.0,
+                      beside=None) -> tuple[EngineReplica, CollectingReply, list[float]]:
     """One 20-token request through a replica; after ``stall_after_steps`` steps the clock jumps
-    :data:`STALL_S` ahead, as if the server had been descheduled that long. Also the steps' durations."""
-    clock = ShiftedClock()
+    :data:`STALL_S` ahead, as if the server had been descheduled that long. Also the steps' durations.
+    ``beside``: a coroutine function run on the same loop meanwhile, given the replica."""
+    clock = ShiftedClock(clock_rate)
     monkeypatch.setattr(replica_module, "time", clock)
     replica = EngineReplica(load_profile(), seed=0, model_name="m")
     durations: list[float] = []
@@ -74,7 +79,10 @@ def serve_one_request(monkeypatch, stall_after_steps: int | None) -> tuple[Engin
         replica.engine.submit(request)
         reply = CollectingReply(request, done)
         replica.add(reply)
+        side = asyncio.get_running_loop().create_task(beside(replica)) if beside else None
         await asyncio.wait_for(done.wait(), timeout=30)
+        if side is not None:
+            side.cancel()
         replica._ticker.cancel()
         return reply
 
@@ -117,3 +125,19 @@ def assert_steps_back_to_back_but_for_the_slip(reply: CollectingReply, durations
     assert len(reply.token_times) == len(durations) == reply.request.max_output_tokens
     spent = reply.token_times[-1] - reply.token_times[0]
     assert abs(spent - (sum(durations[1:]) + lost_s)) < 1e-6
+
+
+def test_a_replica_behind_real_time_still_lets_the_loop_serve_others(monkeypatch):
+    """A clock running 1,000 times fast: every step is over before it is computed, so the ticker never
+    sleeps. It must still yield each step, or the loop could read no request and no scrape (and tick no
+    other replica) until the engine ran out of work."""
+    seen_while_running = []
+
+    async def watch(replica: EngineReplica) -> None:
+        while True:
+            seen_while_running.append(bool(replica.replies))
+            await asyncio.sleep(0)
+
+    replica, reply, durations = serve_one_request(monkeypatch, stall_after_steps=None, clock_rate=1000.0, beside=watch)
+    assert len(reply.token_times) == len(durations) == reply.request.max_output_tokens
+    assert sum(seen_while_running) >= len(durations) // 2  # the loop ran other work while the reply streamed
