@@ -12,6 +12,11 @@ tiers (conversations of tens of thousands of tokens growing a few hundred a turn
 away from its previous turn's replica re-prefills the conversation and stalls that replica's decodes
 (docs/twin.md: predict holds 20 agents on two round-robin replicas and 48 on two prefix-affinity ones).
 
+After the table, one row per live step says whether the measurement was of the modelled fleet: the
+simulator's engine time lost to falling behind real time and its tokens' write lateness (from its own
+metrics, as the harness read them into the step's server numbers), and the load generator's busiest
+worker's CPU.
+
     python benchmarks/fleet_live.py [--workload slots|prefix] [--fleets 1:round-robin,2:round-robin,2:prefix-affinity]
         [--max-num-seqs 4]
 """
