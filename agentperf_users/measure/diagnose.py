@@ -477,8 +477,8 @@ def _decode_speed(i: _Inputs) -> Diagnosis | None:
 
 
 _CHECKS: tuple[Callable[[_Inputs], Diagnosis | None], ...] = (
-    _failing_server, _simulator_behind, _load_generator, _server_errors, _kv_cache, _queueing, _prefill, _decode_stalls, _decode_batch,
-    _decode_speed,
+    _failing_server, _simulator_behind, _load_generator, _server_errors, _kv_cache, _queueing, _prefill,
+    _decode_stalls, _decode_batch, _decode_speed,
 )
 
 

@@ -461,6 +461,10 @@ def _usable_margin(margin: float | None, passed: bool) -> bool:
     return margin is not None and math.isfinite(margin) and (margin >= 0) == passed
 
 
+_STOPPED_BY = {Cause.SERVER_ERRORS.value: "the server is failing",
+               Cause.SIMULATOR.value: "the simulator's host is the limit"}
+
+
 @dataclass(frozen=True)
 class SearchStopped:
     """Why the search ended before locating its tiers: a step whose failure was not about capacity (a
@@ -474,7 +478,6 @@ class SearchStopped:
     error: str | None  # the most frequent failure message of the step, the server's words
 
     def line(self) -> str:
-        what = {Cause.SERVER_ERRORS.value: "the server is failing",
-                Cause.SIMULATOR.value: "the simulator's host is the limit"}.get(self.cause, "the load generator is the limit")
+        what = _STOPPED_BY.get(self.cause, "the load generator is the limit")
         said = f"; most frequent error: {self.error}" if self.error else ""
         return f"search stopped at step {self.step} ({self.agents} agents): {what}, not a capacity ({self.text}{said})"
