@@ -88,9 +88,12 @@ class EngineReplica:
                 await self._wake.wait()
                 end_s = None
             now_s = time.monotonic()
-            start_s = end_s if end_s is not None and now_s - end_s < MAX_CLOCK_SLIP_S else now_s
-            if end_s is not None and start_s != end_s:
-                self.metrics.count_clock_slip(now_s - end_s)
+            if end_s is not None and now_s - end_s < MAX_CLOCK_SLIP_S:
+                start_s = end_s
+            else:
+                if end_s is not None:  # fell too far behind: the jump to now is engine time lost
+                    self.metrics.count_clock_slip(now_s - end_s)
+                start_s = now_s
             try:
                 result = self.engine.step(start_s)
             except Exception:  # an engine bug must not hang every stream: fail them and go on
