@@ -11,7 +11,11 @@ this engine), each search starts from the twin's prediction: its steps and wall 
 one are issue 14's search-time ratio on a real server. Needs ``.ci/install-vllm``.
 
     python benchmarks/engine_capacity.py [--set small|long] [--seeds 0,1] [--predict TWIN.yaml [--predict-repeats 8]]
-        [--tool-wait-median S] [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
+        [--tool-wait-median S] [--max-num-seqs N] [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
+
+``--max-num-seqs N`` starts the engine with that many sequence slots (vLLM's default is 256): past them requests
+queue, so the knee is where the queue's wait reaches the TTFT limit, not where decoding slows; a twin for it is
+``agentperf calibrate --from-probe ... --max-num-seqs N``.
 """
 
 from __future__ import annotations
@@ -97,11 +101,14 @@ def main() -> None:
     parser.add_argument("--tool-wait-median", type=float, default=None, metavar="S",
                         help="sample each tool wait (lognormal, this median, sigma 1) instead of the set's recorded "
                              "ones: agents idle longer, so the engine holds more of them")
+    parser.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                        help="start vLLM with --max-num-seqs N (default: vLLM's own, 256)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the runs' folders here (agentperf report can rebuild them), not in a temporary folder")
     args = parser.parse_args()
     install = require_install()
-    with tempfile.TemporaryDirectory(prefix="engine-capacity-") as tmp, VllmServer(install) as server:
+    with tempfile.TemporaryDirectory(prefix="engine-capacity-") as tmp, VllmServer(
+            install, extra_args=("--max-num-seqs", str(args.max_num_seqs)) if args.max_num_seqs else ()) as server:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         trajectories = write_engine_set(folder / "set.jsonl", args.set)

@@ -15,6 +15,7 @@ import math
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -37,7 +38,7 @@ from agentperf_users.twin.fit import (
     fit,
 )
 from agentperf_users.twin.calibrate import _measured_seqs
-from agentperf_users.twin.from_run import read_run_points
+from agentperf_users.twin.from_run import read_run_points, recheck_drift
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import prefill_steps
 from agentperf_users.twin.probe_seqs import (
@@ -202,6 +203,39 @@ def test_predict_repeats_gives_the_median_search_and_the_range_over_seeds(capsys
     assert line.split()[6] == str(repeated["capacity"]["aa-20tps"]["agents"])
 
 
+def test_a_speed_spread_runs_each_search_on_a_server_slowed_or_sped_by_its_quantile(capsys):
+    """``--repeats 3 --speed-spread 0.5``: the seeds' searches on servers exp(0.5 z) as slow at z = -0.97, 0,
+    0.97 (0.62, 1, 1.62). The middle one is the unspread search at its seed, exactly; the faster server holds
+    more agents at the headline tier than the same seed's unspread search, the slower one fewer, so the
+    range is wider than the seeds' alone."""
+    options = ["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--warmup-s", "5", "--window-s", "15",
+               "--seed", "2", "--repeats", "3", "--json"]
+    assert main(["predict", *options]) == 0
+    seeds_only = json.loads(capsys.readouterr().out)
+    assert main(["predict", *options, "--speed-spread", "0.5"]) == 0
+    spread = json.loads(capsys.readouterr().out)
+    assert seeds_only["repeats"]["speed_factors"] == []
+    assert spread["repeats"]["speed_factors"] == pytest.approx([math.exp(-0.5 * 0.9674), 1.0, math.exp(0.5 * 0.9674)],
+                                                               rel=1e-3)
+    fast, middle, slow = spread["repeats"]["agents"]["aa-20tps"]
+    alone = seeds_only["repeats"]["agents"]["aa-20tps"]
+    assert (fast > alone[0], middle == alone[1], slow < alone[2]) == (True, True, True), (spread["repeats"], alone)
+    assert spread["capacity"]["aa-20tps"]["range"][1] - spread["capacity"]["aa-20tps"]["range"][0] > (
+        max(alone) - min(alone))
+    assert main(["predict", *options[:-1], "--speed-spread", "0.5"]) == 0
+    assert "3 searches at seeds 2-4 on servers 0.62-1.62x as slow, their median" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value, repeats, expected", [
+    ("-0.1", "8", "expected a number from 0 to 1"), ("1.5", "8", "expected a number from 0 to 1"),
+    ("wide", "8", "expected a number from 0 to 1"), ("nan", "8", "expected a number from 0 to 1"),
+    ("0.2", "1", "needs --repeats 2 or more")])
+def test_a_bad_speed_spread_is_one_line(value, repeats, expected, capsys):
+    assert main(["predict", "--profile", "l4-llama3.2-3b", "--repeats", repeats, "--speed-spread", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("agentperf: error: --speed-spread: ") and expected in err[0], err
+
+
 @pytest.mark.parametrize("value", ["0", "101", "two", "-1"])
 def test_a_bad_repeats_is_one_line(value, capsys):
     assert main(["predict", "--profile", "l4-llama3.2-3b", "--repeats", value]) == 2
@@ -358,6 +392,52 @@ def rewrite_records(folder, records, server_tokens: float | None) -> None:
     writer_path.write_text("\n".join(lines) + "\n")
 
 
+def stored_probe(tmp_path, true: StepConstants) -> Path:
+    """A probe sidecar as calibrate stores it: exact synthetic timings of ``true``, limits 300,000 KV tokens,
+    131,072 context, 1,024 sequences, :data:`BUDGET_TOKENS` a step."""
+    probe = tmp_path / "probe.probe.json"
+    names = ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")
+    probe.write_text(json.dumps({
+        "server": "http://127.0.0.1:1", "model": "m", "design": "standard", "prefix_caching": "on", "token_scale": 1.0,
+        "limits": dict(zip(names, (300_000, 131072, 1024, BUDGET_TOKENS))), "limit_sources": {n: "probe" for n in names},
+        "observations": [o.to_dict() for o in synthetic(true, 0.0, 0)]}))
+    return probe
+
+
+def test_a_stored_probe_is_priced_for_the_limits_given_as_options(tmp_path):
+    """The same timings for a server set up with fewer sequence slots: the option's limit, named in the header
+    with what the probe had; the limits not given stay the probe's, and the fitted constants are the same."""
+    probe = stored_probe(tmp_path, constants_of(load_profile(write_profile(tmp_path, {}))))
+    kept, slots = tmp_path / "kept.yaml", tmp_path / "slots.yaml"
+    assert main(["calibrate", "--from-probe", str(probe), "--out", str(kept)]) == 0
+    assert main(["calibrate", "--from-probe", str(probe), "--max-num-seqs", "3", "--out", str(slots)]) == 0
+    before, after = load_profile(kept), load_profile(slots)
+    assert (before.engine.max_num_seqs, after.engine.max_num_seqs) == (1024, 3)
+    assert after.engine.max_num_batched_tokens == before.engine.max_num_batched_tokens == BUDGET_TOKENS
+    assert after.kv_capacity_tokens == before.kv_capacity_tokens == 300_000
+    assert constants_of(after) == constants_of(before)
+    assert "max_num_seqs 3 from --max-num-seqs (the probe's 1024 from probe)" in slots.read_text()
+    assert "max_num_seqs 1024 from probe" in kept.read_text()
+
+
+def test_a_runs_rechecks_say_how_far_its_server_drifted(tmp_path):
+    """The headline tier's recheck changes (log ratios) give sigma = rms / sqrt 2, each change printed as a
+    speed change; a run without rechecks, without a report or with only non-finite changes gives none."""
+    report = {"capacity": {"aa-20tps": {"drift": [{"agents": 8, "change": math.log(1.16)},
+                                                   {"agents": 9, "change": math.log(0.75)},
+                                                   {"agents": 9, "change": None}]},
+                           "example-60tps": {"drift": [{"agents": 8, "change": 3.0}]}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    drift = recheck_drift(tmp_path)
+    assert drift.changes == pytest.approx((math.log(1.16), math.log(0.75)))
+    assert drift.speed_spread == pytest.approx(math.sqrt((math.log(1.16) ** 2 + math.log(0.75) ** 2) / 4))
+    assert "speed move +16 %, -25 %" in drift.words() and "--speed-spread 0.16 " in drift.words()
+    for capacity in ({"aa-20tps": {"drift": []}}, {"aa-20tps": {"drift": [{"change": None}]}}, {}):
+        (tmp_path / "report.json").write_text(json.dumps({"capacity": capacity}))
+        assert recheck_drift(tmp_path) is None
+    assert recheck_drift(tmp_path / "absent") is None
+
+
 def test_calibrate_from_a_probe_and_a_run_uses_both(tmp_path, capsys):
     """A stored probe's timings (exact, synthetic) and a run's together: the probe's limits are kept, and the
     terms the probe pins come back. Measured: floor 0.06 %, compute 0.07 %, attention 2.7 %, KV read per
@@ -365,12 +445,7 @@ def test_calibrate_from_a_probe_and_a_run_uses_both(tmp_path, capsys):
     Asserted: 3 %, and 10 % for KV."""
     hidden = write_profile(tmp_path, {"efficiency.bandwidth": 0.6, "efficiency.mfu": 0.5})
     true = constants_of(load_profile(hidden))
-    probe = tmp_path / "probe.probe.json"
-    names = ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")
-    probe.write_text(json.dumps({
-        "server": "http://127.0.0.1:1", "model": "m", "design": "standard", "prefix_caching": "on", "token_scale": 1.0,
-        "limits": dict(zip(names, (300_000, 131072, 1024, BUDGET_TOKENS))), "limit_sources": {n: "probe" for n in names},
-        "observations": [o.to_dict() for o in synthetic(true, 0.0, 0)]}))
+    probe = stored_probe(tmp_path, true)
     folder, _ = truth_run(tmp_path, hidden, max_agents=8)
     out = tmp_path / "twin.yaml"
     assert main(["calibrate", "--from-probe", str(probe), "--from-run", str(folder), "--out", str(out)]) == 0

@@ -409,14 +409,17 @@ def add_arguments(parser, profile_default: str | None = DEFAULT_PROFILE) -> None
     add_options(parser, (Group.WORKLOAD, Group.REPLAY, Group.SLO, Group.SEARCH))
 
 
-def capacity_from_args(args) -> tuple[SloSpec, TruthResult]:
-    """The search that ``add_arguments``' options ask for, and its SLO spec."""
+def capacity_from_args(args, slower: float = 1.0) -> tuple[SloSpec, TruthResult]:
+    """The search that ``add_arguments``' options ask for, and its SLO spec; ``slower``: on the profile's
+    server with every cost that many times as long (:meth:`~agentperf_users.simulator.profile.Profile.slower`)."""
     replicas, router = fleet_from_args(args)
     spec = load_slo(args.slo or None)
     try:
         profile = load_profile(args.profile)
     except SimulatorError as exc:
         raise AgentperfError(str(exc)) from None
+    if slower != 1.0:
+        profile = profile.slower(slower)
     result = find_capacity(profile, load_trajectories(args.trajectories, args.trajectory_format), spec,
                            SearchParameters.from_options(args), replay.ReplaySettings.from_options(args),
                            replicas, router)

@@ -231,6 +231,26 @@ class Profile:
         efficiency = self.efficiency
         return ((efficiency.frontend_ms or 0.0) + (efficiency.frontend_ms_per_1k_tokens or 0.0) * prompt_tokens / 1e3) / 1e3
 
+    def slower(self, factor: float) -> Profile:
+        """The same deployment with every step and every front-end charge ``factor`` times as long (under 1:
+        faster). Why: a measured server's speed moves between measurements (other tenants, clocks, a shared
+        host), and a twin asked where a search may land must search the server as it may be, not only as it
+        was probed. The peaks are divided and the fixed costs multiplied, so each term of :class:`StepCost`
+        scales alike and the memory limits stay as they are."""
+        if not 0 < factor < math.inf:
+            raise ValueError(f"a speed factor must be positive and finite, got {factor}")
+        gpu, efficiency = self.gpu, self.efficiency
+
+        def times(ms: float | None) -> float | None:
+            return None if ms is None else ms * factor
+
+        return dataclasses.replace(
+            self, gpu=dataclasses.replace(gpu, bandwidth_gb_s=gpu.bandwidth_gb_s / factor, bf16_tflops=gpu.bf16_tflops / factor),
+            efficiency=dataclasses.replace(
+                efficiency, step_overhead_ms=efficiency.step_overhead_ms * factor,
+                sequence_overhead_ms=times(efficiency.sequence_overhead_ms), frontend_ms=times(efficiency.frontend_ms),
+                frontend_ms_per_1k_tokens=times(efficiency.frontend_ms_per_1k_tokens)))
+
     @cached_property
     def cost(self) -> StepCost:
         return StepCost(self)

@@ -31,7 +31,7 @@ from agentperf_users.loadgen.probe import ProbeTarget, served_models
 from agentperf_users.options import Group, add_options
 from agentperf_users.simulator.profile import SimulatorError
 from agentperf_users.twin.fit import MAX_RMS_RELATIVE, FitResult, FrontEndFit, Observation, fit, fit_front_end
-from agentperf_users.twin.from_run import DECODE_KINDS, RunPoints, describe, read_run_points, refine
+from agentperf_users.twin.from_run import DECODE_KINDS, RunPoints, describe, read_run_points, recheck_drift, refine
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import ProbeClient, ProbeData, run_probe
 from agentperf_users.twin.probe_seqs import BURST_REQUESTS, measure_max_num_seqs
@@ -40,6 +40,7 @@ from agentperf_users.twin.profile_yaml import Limits, profile_data, write_profil
 METRICS_TIMEOUT_S = 10.0
 SIDECAR_SUFFIX = ".probe.json"
 LIMIT_NAMES = ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192  # what calibrate assumes where --max-num-batched-tokens is not given
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default (1024 on large GPUs): kept where a burst cannot tell the limit
 
 
@@ -66,8 +67,9 @@ def register_cli(subparsers) -> None:
                              f"{BURST_REQUESTS} short requests against /metrics' running and waiting gauges; where "
                              f"the burst never queues or the server has no such gauges, {DEFAULT_MAX_NUM_SEQS} "
                              "(vLLM's default; 1024 on large GPUs)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                        help="the server's token budget per step (chunked prefill size; vLLM logs it at start)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help=f"the server's token budget per step (chunked prefill size; vLLM logs it at start); "
+                             f"not given: {DEFAULT_MAX_NUM_BATCHED_TOKENS}")
     parser.add_argument("--kv-cache-tokens", type=int, default=0,
                         help="the KV cache's size in tokens, where the server does not report vllm:cache_config_info")
     parser.add_argument("--max-model-len", type=int, default=0, help="the context limit, where /v1/models does not say")
@@ -80,10 +82,11 @@ def run(args) -> int:
         raise AgentperfError(f"--out {out}: no folder {out.parent}; expected a profile path in an existing folder")
     if not 0 < args.max_residual < 10:
         raise AgentperfError(f"--max-residual: expected a fraction such as 0.25, got {args.max_residual}")
+    stored = _given_limits(_stored(args.from_probe), args) if args.from_probe else None
     if args.from_run:
-        source = _from_run(args, _stored(args.from_probe) if args.from_probe else None)
+        source = _from_run(args, stored)
     else:
-        source = _stored(args.from_probe) if args.from_probe else _probed(args)
+        source = stored or _probed(args)
     observations = source.data.observations
     if args.from_run:  # a run's TTFTs may have queued, and are noisier: by what a first, lenient fit says
         observations = refine(observations, fit(observations, math.inf).constants)
@@ -107,6 +110,9 @@ def run(args) -> int:
     _say(f"agentperf calibrate: {_front_end_line(source.data, front_end)}")
     if source.run_note:
         _say(f"agentperf calibrate: {source.run_note}")
+    drift = recheck_drift(args.from_run) if args.from_run else None
+    if drift:
+        _say(f"agentperf calibrate: {drift.words()}")
     return 0
 
 
@@ -193,6 +199,23 @@ def _stored(path: Path) -> Source:
                              f"({type(exc).__name__}: {str(exc)[:80]})") from None
 
 
+def _given_limits(source: Source, args) -> Source:
+    """A stored probe with the limits given as options in place of its own: the same timings priced for the
+    server as it is now set up (``--max-num-seqs 3`` on a server probed with vLLM's default), since none of
+    the fitted constants depends on them. The header names the option, and what the probe had."""
+    _check_engine_options(args)
+    given = {"max_num_seqs": (args.max_num_seqs, "--max-num-seqs"),
+             "max_num_batched_tokens": (args.max_num_batched_tokens, "--max-num-batched-tokens"),
+             "kv_capacity_tokens": (args.kv_cache_tokens or None, "--kv-cache-tokens"),
+             "max_context_tokens": (args.max_model_len or None, "--max-model-len")}
+    changed = {name: value for name, (value, _) in given.items() if value is not None and value != getattr(source.limits, name)}
+    if not changed:
+        return source
+    sources = {**source.sources, **{name: f"{given[name][1]} (the probe's {getattr(source.limits, name)} "
+                                          f"from {source.sources[name]})" for name in changed}}
+    return replace(source, limits=replace(source.limits, **changed), sources=sources)
+
+
 def _from_run(args, probe: Source | None) -> Source:
     """The points of a finished run (``twin.from_run``), after a stored probe's when one is given; limits a run
     cannot measure come from the probe, else from the options (KV cache size and context limit required)."""
@@ -200,7 +223,7 @@ def _from_run(args, probe: Source | None) -> Source:
     _check_engine_options(args)
     limits = probe.limits if probe is not None else None
     seqs = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS
-    points = read_run_points(folder, limits.max_num_batched_tokens if limits else args.max_num_batched_tokens,
+    points = read_run_points(folder, limits.max_num_batched_tokens if limits else _batched_tokens(args),
                              limits.max_num_seqs if limits else seqs)
     if probe is not None:
         limits, sources = probe.limits, dict(probe.sources)
@@ -208,10 +231,10 @@ def _from_run(args, probe: Source | None) -> Source:
         if args.kv_cache_tokens < 1 or args.max_model_len < 1:
             raise AgentperfError(f"--from-run {folder}: a run does not measure the KV cache's size or the context "
                                  "limit: pass --kv-cache-tokens and --max-model-len (or --from-probe with a probe's)")
-        limits = Limits(args.kv_cache_tokens, args.max_model_len, seqs, args.max_num_batched_tokens)
+        limits = Limits(args.kv_cache_tokens, args.max_model_len, seqs, _batched_tokens(args))
         sources = {"kv_capacity_tokens": "--kv-cache-tokens", "max_context_tokens": "--max-model-len",
                    "max_num_seqs": _seqs_source(args),
-                   "max_num_batched_tokens": "--max-num-batched-tokens (not reported by servers)"}
+                   "max_num_batched_tokens": _batched_source(args)}
     target = _run_target(folder)
     cached = any(obs.steps[-1].prefill_context_tokens > 0 for obs in points.observations if obs.kind not in DECODE_KINDS)
     base = probe.data if probe is not None else ProbeData((), "on" if cached else "unknown", points.token_scale or 1.0)
@@ -251,7 +274,7 @@ def _limits(args, target: ProbeTarget, max_model_len: int | None) -> tuple[Limit
     """The server's limits and where each came from (reported, or an option; max_num_seqs not given is
     measured after, see ``_measured_seqs``)."""
     sources = {"max_num_seqs": _seqs_source(args),
-               "max_num_batched_tokens": "--max-num-batched-tokens (not reported by servers)"}
+               "max_num_batched_tokens": _batched_source(args)}
     context = max_model_len or args.max_model_len
     if not context:
         raise AgentperfError(f"{redact_url(args.host)}/v1/models does not say max_model_len: pass --max-model-len")
@@ -264,7 +287,16 @@ def _limits(args, target: ProbeTarget, max_model_len: int | None) -> tuple[Limit
     else:
         raise AgentperfError(f"{redact_url(args.host)}/metrics has no vllm:cache_config_info (num_gpu_blocks, "
                              "block_size): pass the KV cache's size as --kv-cache-tokens")
-    return Limits(kv_tokens, context, args.max_num_seqs or DEFAULT_MAX_NUM_SEQS, args.max_num_batched_tokens), sources
+    return Limits(kv_tokens, context, args.max_num_seqs or DEFAULT_MAX_NUM_SEQS, _batched_tokens(args)), sources
+
+
+def _batched_tokens(args) -> int:
+    return args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+
+def _batched_source(args) -> str:
+    return ("--max-num-batched-tokens (not reported by servers)" if args.max_num_batched_tokens
+            else f"calibrate's default {DEFAULT_MAX_NUM_BATCHED_TOKENS} (--max-num-batched-tokens not given; servers do not report it)")
 
 
 def _seqs_source(args) -> str:

@@ -43,6 +43,7 @@ when their first-token times agree within ``SAME_STEP_S``.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -50,7 +51,7 @@ from typing import Sequence
 import numpy as np
 
 from agentperf_users.errors import AgentperfError
-from agentperf_users.files import RECORDS_DIR
+from agentperf_users.files import RECORDS_DIR, read_json_object
 from agentperf_users.measure import server_metrics
 from agentperf_users.measure.records import RequestRecord, Status, read_records
 from agentperf_users.simulator.profile import attention_pairs
@@ -291,3 +292,39 @@ def describe(points: RunPoints) -> str:
             f"{len(points.observations) - decode} prefill points from {points.prefill_source} "
             f"({points.prefill_tokens_range[0]:,} to {points.prefill_tokens_range[1]:,} new prompt tokens)")
 
+
+
+@dataclass(frozen=True)
+class RecheckDrift:
+    """What a run's rechecks measured of the server's own drift: each recheck's change of the headline tier's
+    margin (the log of its binding speed or TTFT ratio), and the sigma of the log speed that implies."""
+
+    changes: tuple[float, ...]
+
+    @property
+    def speed_spread(self) -> float:
+        """``rms(changes) / sqrt 2``: each change is the difference of two measurements that each drew the
+        server's speed, so it varies by sqrt 2 times one's sigma. An upper bound: the two windows also drew
+        different turns, which a twin's seeds already draw."""
+        return math.sqrt(sum(change * change for change in self.changes) / len(self.changes) / 2)
+
+    def words(self) -> str:
+        moved = ", ".join(f"{math.expm1(change) * 100:+.0f} %" for change in self.changes)
+        return (f"the run's rechecks measured the server's speed move {moved} between two measurements of one "
+                f"count: predict --repeats 8 --speed-spread {self.speed_spread:.2f} gives a range that includes "
+                "such drift")
+
+
+def recheck_drift(folder: Path) -> RecheckDrift | None:
+    """The rechecks of the run's first (headline) tier from its ``report.json``; None where the run has no
+    report or measured no count again (``--recheck off``, or stopped before)."""
+    try:
+        report = read_json_object(folder / "report.json", missing_ok=True) or {}
+    except AgentperfError:
+        return None
+    capacity = report.get("capacity")
+    first = next(iter(capacity.values()), None) if isinstance(capacity, dict) and capacity else None
+    drifts = first.get("drift") if isinstance(first, dict) else None
+    changes = tuple(float(d["change"]) for d in drifts or () if isinstance(d, dict)
+                    and isinstance(d.get("change"), (int, float)) and math.isfinite(d["change"]))
+    return RecheckDrift(changes) if changes else None

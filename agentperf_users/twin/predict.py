@@ -13,13 +13,22 @@ agent's 2K-token prefill runs), so the same twin searched at seeds 0-7 answers 3
 vLLM's long set (benchmarks/twin_accuracy.py (b)), and the measured search is one more draw. The searches
 at ``--seed``, ``--seed`` + 1, ... give the answer's median (the prediction) and range (where a measured
 search may land), as the live report states its own rerun spread.
+
+Why ``--speed-spread``: the seeds draw the workload, not the server. A measured server's speed moves between
+two measurements of one count (+16 % to +31 % on the shared machine's vLLM, benchmarks/engine_capacity.py's
+rechecks), so three of four measured searches fell under a range the seeds alone gave. With a spread S the
+searches run on the profile's server slowed or sped by factors at evenly spaced quantiles of a lognormal of
+sigma S (``exp(S * z)``, the middle one 1), so the range covers where a measured search may land on a server
+that drifts that much; ``agentperf calibrate --from-run`` says what a run's rechecks measured.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from argparse import Namespace
 from dataclasses import dataclass
+from statistics import NormalDist
 
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure.slo import SloSpec
@@ -40,6 +49,10 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--repeats", default="1", metavar="N",
                         help="searches at seeds --seed, --seed + 1, ...: the answer per tier is their median, with "
                              "their range (default 1: the one search agentperf truth runs)")
+    parser.add_argument("--speed-spread", default="0", metavar="S",
+                        help="with --repeats: how much the server's speed moves between measurements (the sigma of "
+                             "its log, e.g. 0.1 for about ±10 %%); each search runs on the profile slowed or sped by "
+                             "a factor at evenly spaced quantiles, so the range includes that drift (default 0)")
     parser.add_argument("--json", action="store_true", help="print the search's JSON (as agentperf truth does)")
     parser.set_defaults(func=run)
 
@@ -50,6 +63,7 @@ class Repeated:
 
     seeds: tuple[int, ...]
     results: tuple[TruthResult, ...]
+    factors: tuple[float, ...] = ()  # each search's server this many times as slow as the profile's (--speed-spread)
 
     def capacities(self, tier: str) -> list[TierCapacity]:
         return [result.capacity[tier] for result in self.results]
@@ -69,20 +83,48 @@ class Repeated:
                 "capacity": {name: {**self.median(name).to_dict(), "label": spec.tier(name).label,
                                     "range": list(answer_range(self.capacities(name)))}
                              for name in self.results[0].capacity},
-                "repeats": {"seeds": list(self.seeds),
+                "repeats": {"seeds": list(self.seeds), "speed_factors": [round(f, 4) for f in self.factors],
                             "agents": {name: self.agents(name) for name in self.results[0].capacity}},
                 "simulated_s": round(sum(r.simulated_s for r in self.results), 3),
                 "wall_s": round(sum(r.wall_s for r in self.results), 3)}
 
 
+MAX_SPEED_SPREAD = 1.0
+"""Sigma of the log speed: 1 already spans a server 4.6x slower to 4.6x faster over 8 searches."""
+
+
+def speed_factors(spread: float, searches: int) -> tuple[float, ...]:
+    """How many times as slow each of ``searches`` searches' server is: ``exp(spread * z)`` at the normal
+    quantiles (i + 0.5) / searches (fastest first), the middle one 1 for an odd count; all 1 without a spread."""
+    normal = NormalDist()
+    return tuple(math.exp(spread * normal.inv_cdf((i + 0.5) / searches)) for i in range(searches))
+
+
 def predict_repeated(args: Namespace) -> tuple[SloSpec, Repeated]:
-    """``capacity_from_args`` at each of ``--repeats`` seeds from ``--seed`` on (:func:`repeat_seeds`)."""
+    """``capacity_from_args`` at each of ``--repeats`` seeds from ``--seed`` on (:func:`repeat_seeds`), each
+    on a server slowed by its :func:`speed_factors` (``--speed-spread``)."""
     text = str(args.repeats).strip()
     if not text.isdigit() or not 1 <= int(text) <= MAX_REPEATS:
         raise AgentperfError(f"--repeats: expected a whole number from 1 to {MAX_REPEATS}, got {args.repeats!r}")
+    spread = _speed_spread(getattr(args, "speed_spread", "0"), int(text))
     seeds = repeat_seeds(args.seed, int(text))
-    runs = [capacity_from_args(Namespace(**{**vars(args), "seed": seed})) for seed in seeds]
-    return runs[0][0], Repeated(seeds, tuple(result for _, result in runs))
+    factors = speed_factors(spread, len(seeds))
+    runs = [capacity_from_args(Namespace(**{**vars(args), "seed": seed}), slower=factor)
+            for seed, factor in zip(seeds, factors)]
+    return runs[0][0], Repeated(seeds, tuple(result for _, result in runs), factors if spread else ())
+
+
+def _speed_spread(value: object, searches: int) -> float:
+    try:
+        spread = float(str(value).strip())
+    except ValueError:
+        spread = math.nan
+    if not 0 <= spread <= MAX_SPEED_SPREAD:
+        raise AgentperfError(f"--speed-spread: expected a number from 0 to {MAX_SPEED_SPREAD:g} (the sigma of the "
+                             f"server's log speed, e.g. 0.1), got {value!r}")
+    if spread and searches < 2:
+        raise AgentperfError("--speed-spread: needs --repeats 2 or more (one search has no spread to draw)")
+    return spread
 
 
 def capacity_line(label: str, capacity: TierCapacity, accelerators: int | None = None) -> str:
@@ -102,8 +144,9 @@ def run(args) -> int:
     served = (f"{len(fleet.replicas)} replicas of {args.profile} behind {fleet.router} ({fleet.accelerators} "
               "accelerators)" if fleet else str(args.profile))
     steps = sum(len(result.steps) for result in repeated.results)
+    drift = (f" on servers {min(repeated.factors):.2f}-{max(repeated.factors):.2f}x as slow" if repeated.factors else "")
     searches = "" if len(repeated.seeds) == 1 else (f"; {len(repeated.seeds)} searches at seeds "
-                                                     f"{repeated.seeds[0]}-{repeated.seeds[-1]}, their median")
+                                                     f"{repeated.seeds[0]}-{repeated.seeds[-1]}{drift}, their median")
     print(f"predicted capacity of {served} ({steps} load steps, "
           f"{sum(r.simulated_s for r in repeated.results):,.0f} s simulated in "
           f"{sum(r.wall_s for r in repeated.results):.1f} s{searches}):")

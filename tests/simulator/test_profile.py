@@ -81,6 +81,27 @@ def test_step_time_is_a_roofline_of_the_scheduled_work():
     assert later_chunk > expected * 1.3
 
 
+@pytest.mark.parametrize("name", ["h100-gpt-oss-120b", "l4-llama3.2-3b"])
+@pytest.mark.parametrize("factor", [0.6, 1.3])
+def test_a_slower_server_takes_each_step_and_front_end_charge_that_many_times_as_long(tmp_path, name, factor):
+    """Every term of the step (overhead, per-sequence cost, the memory or compute roofline) scales alike, for
+    an MoE too, and the front end's charges with them; the memory limits do not move."""
+    base = load_profile(name)
+    efficiency = {"efficiency.sequence_overhead_ms": 0.4, "efficiency.frontend_ms": 13.0,
+                  "efficiency.frontend_ms_per_1k_tokens": 5.5}
+    for profile in (base, load_profile(write_profile(tmp_path, efficiency, name))):
+        slower = profile.slower(factor)
+        for work in ({"decode_batch": 1, "decode_context_tokens": 1}, {"decode_batch": 48, "decode_context_tokens": 48 * 9000},
+                     {"prefill_tokens": 8192, "prefill_attention_pairs": attention_pairs(8192, 4096),
+                      "prefill_context_tokens": 4096, "decode_batch": 7, "decode_context_tokens": 7 * 3000}):
+            assert slower.step_time_s(**work) == pytest.approx(factor * profile.step_time_s(**work), rel=1e-9)
+        assert slower.frontend_s(6000) == pytest.approx(factor * profile.frontend_s(6000), rel=1e-9)
+        assert (slower.kv_capacity_tokens, slower.engine) == (profile.kv_capacity_tokens, profile.engine)
+    assert base.slower(factor).frontend_s(6000) == 0.0  # a GPU profile has no front-end charge to scale
+    with pytest.raises(ValueError):
+        base.slower(0.0)
+
+
 def test_moe_reads_more_experts_as_the_batch_grows():
     dense, moe = load_profile(DEFAULT_PROFILE), load_profile("h100-gpt-oss-120b")
     dense_growth = dense.decode_step_s(8, 1) / dense.decode_step_s(1, 1)
