@@ -293,7 +293,6 @@ def describe(points: RunPoints) -> str:
             f"({points.prefill_tokens_range[0]:,} to {points.prefill_tokens_range[1]:,} new prompt tokens)")
 
 
-
 @dataclass(frozen=True)
 class RecheckDrift:
     """What a run's rechecks measured of the server's own drift: each recheck's change of the headline tier's
