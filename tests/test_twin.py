@@ -204,10 +204,10 @@ def test_predict_repeats_gives_the_median_search_and_the_range_over_seeds(capsys
 
 
 def test_a_speed_spread_runs_each_search_on_a_server_slowed_or_sped_by_its_quantile(capsys):
-    """``--repeats 3 --speed-spread 0.5``: the seeds' searches on servers exp(0.5 z) as slow at z = -0.97, 0,
-    0.97 (0.62, 1, 1.62). The middle one is the unspread search at its seed, exactly; the faster server holds
-    more agents at the headline tier than the same seed's unspread search, the slower one fewer, so the
-    range is wider than the seeds' alone."""
+    """``--repeats 3 --speed-spread 0.5``: the seeds' searches on servers exp(0.5 z) as slow at z = 0, -0.97,
+    0.97 (1, 0.62, 1.62: nearest 1 first). The first is the unspread search at its seed, exactly; the faster
+    server holds more agents at the headline tier than the same seed's unspread search, the slower one
+    fewer, so the range is wider than the seeds' alone."""
     options = ["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--warmup-s", "5", "--window-s", "15",
                "--seed", "2", "--repeats", "3", "--json"]
     assert main(["predict", *options]) == 0
@@ -215,11 +215,12 @@ def test_a_speed_spread_runs_each_search_on_a_server_slowed_or_sped_by_its_quant
     assert main(["predict", *options, "--speed-spread", "0.5"]) == 0
     spread = json.loads(capsys.readouterr().out)
     assert seeds_only["repeats"]["speed_factors"] == []
-    assert spread["repeats"]["speed_factors"] == pytest.approx([math.exp(-0.5 * 0.9674), 1.0, math.exp(0.5 * 0.9674)],
+    assert spread["repeats"]["speed_factors"] == pytest.approx([1.0, math.exp(-0.5 * 0.9674), math.exp(0.5 * 0.9674)],
                                                                rel=1e-3)
-    fast, middle, slow = spread["repeats"]["agents"]["aa-20tps"]
+    middle, fast, slow = spread["repeats"]["agents"]["aa-20tps"]
     alone = seeds_only["repeats"]["agents"]["aa-20tps"]
-    assert (fast > alone[0], middle == alone[1], slow < alone[2]) == (True, True, True), (spread["repeats"], alone)
+    assert (middle == alone[0], fast > alone[1], slow < alone[2]) == (True, True, True), (spread["repeats"], alone)
+    assert spread["steps"] == seeds_only["steps"]  # the JSON's steps are the search at --seed, unmoved
     assert spread["capacity"]["aa-20tps"]["range"][1] - spread["capacity"]["aa-20tps"]["range"][0] > (
         max(alone) - min(alone))
     assert main(["predict", *options[:-1], "--speed-spread", "0.5"]) == 0

@@ -95,9 +95,12 @@ MAX_SPEED_SPREAD = 1.0
 
 def speed_factors(spread: float, searches: int) -> tuple[float, ...]:
     """How many times as slow each of ``searches`` searches' server is: ``exp(spread * z)`` at the normal
-    quantiles (i + 0.5) / searches (fastest first), the middle one 1 for an odd count; all 1 without a spread."""
+    quantiles (i + 0.5) / searches, nearest 1 first (the faster of a pair first; exactly 1 for the middle
+    of an odd count), so the search at ``--seed``, whose steps the JSON shows, is the least moved; all 1
+    without a spread."""
     normal = NormalDist()
-    return tuple(math.exp(spread * normal.inv_cdf((i + 0.5) / searches)) for i in range(searches))
+    quantiles = sorted((normal.inv_cdf((i + 0.5) / searches) for i in range(searches)), key=lambda z: (abs(round(z, 12)), z))
+    return tuple(math.exp(spread * z) for z in quantiles)
 
 
 def predict_repeated(args: Namespace) -> tuple[SloSpec, Repeated]:
