@@ -37,7 +37,7 @@ from agentperf_users.twin.fit import (
     StepWork,
     fit,
 )
-from agentperf_users.twin.calibrate import _measured_seqs
+from agentperf_users.twin.calibrate import LIMIT_NAMES, _measured_seqs
 from agentperf_users.twin.from_run import read_run_points, recheck_drift
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import prefill_steps
@@ -397,10 +397,10 @@ def stored_probe(tmp_path, true: StepConstants) -> Path:
     """A probe sidecar as calibrate stores it: exact synthetic timings of ``true``, limits 300,000 KV tokens,
     131,072 context, 1,024 sequences, :data:`BUDGET_TOKENS` a step."""
     probe = tmp_path / "probe.probe.json"
-    names = ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")
     probe.write_text(json.dumps({
         "server": "http://127.0.0.1:1", "model": "m", "design": "standard", "prefix_caching": "on", "token_scale": 1.0,
-        "limits": dict(zip(names, (300_000, 131072, 1024, BUDGET_TOKENS))), "limit_sources": {n: "probe" for n in names},
+        "limits": dict(zip(LIMIT_NAMES, (300_000, 131072, 1024, BUDGET_TOKENS))),
+        "limit_sources": {n: "probe" for n in LIMIT_NAMES},
         "observations": [o.to_dict() for o in synthetic(true, 0.0, 0)]}))
     return probe
 
@@ -448,9 +448,12 @@ def test_calibrate_from_a_probe_and_a_run_uses_both(tmp_path, capsys):
     true = constants_of(load_profile(hidden))
     probe = stored_probe(tmp_path, true)
     folder, _ = truth_run(tmp_path, hidden, max_agents=8)
+    (folder / "report.json").write_text(json.dumps({"capacity": {"aa-20tps": {"drift": [{"change": math.log(0.8)}]}}}))
     out = tmp_path / "twin.yaml"
     assert main(["calibrate", "--from-probe", str(probe), "--from-run", str(folder), "--out", str(out)]) == 0
-    assert "fitted the probe and the run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fitted the probe and the run" in err
+    assert "the run's rechecks measured the server's speed move -20 %" in err and "--speed-spread 0.16 " in err
     errors = off_by(constants_of(load_profile(out)), true)
     assert errors["kv_s_per_token"] < 0.10, errors
     assert max(errors["floor"], errors["compute_s_per_token"], errors["attention_s_per_pair"]) < 0.03, errors
