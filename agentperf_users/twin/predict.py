@@ -109,7 +109,7 @@ def predict_repeated(args: Namespace) -> tuple[SloSpec, Repeated]:
     text = str(args.repeats).strip()
     if not text.isdigit() or not 1 <= int(text) <= MAX_REPEATS:
         raise AgentperfError(f"--repeats: expected a whole number from 1 to {MAX_REPEATS}, got {args.repeats!r}")
-    spread = _speed_spread(getattr(args, "speed_spread", "0"), int(text))
+    spread = _speed_spread(args.speed_spread, int(text))
     seeds = repeat_seeds(args.seed, int(text))
     factors = speed_factors(spread, len(seeds))
     runs = [capacity_from_args(Namespace(**{**vars(args), "seed": seed}), slower=factor)
