@@ -34,6 +34,7 @@ MAX_TOOL_WAIT_S = 86_400.0
 MAX_TOOL_WAIT_SIGMA = 10.0  # e^10 times the median at one sigma: already no tool wait a trajectory holds
 MAX_SEED = 2**63  # what every random generator in the replay takes without surprise
 MAX_REPEATS = 100  # searches of one prediction (predict --repeats, capacity --predict-repeats): minutes at most
+MAX_SPEED_SPREAD = 1.0  # sigma of a server's log speed: 1 already spans 4.6x slower to 4.6x faster over 8 searches
 _MAX_NUMBER_CHARS = 40  # a web UI string longer than this is not a number anyone meant
 
 
@@ -154,6 +155,10 @@ OPTIONS: tuple[Option, ...] = (
     _number("--predict-repeats", Group.PREDICT, 1, "searches of the --predict twin at seeds --seed, --seed + 1, ...: "
             "the search starts from their median per tier and steers by their mean margins (agentperf predict "
             "--repeats)", 1, MAX_REPEATS, web_ui=False),
+    _number("--predict-speed-spread", Group.PREDICT, 0.0, "with --predict-repeats: how much the server's speed moves "
+            "between measurements (the sigma of its log, e.g. 0.1; agentperf calibrate --from-run suggests one): the "
+            "twin's searches run on its profile slowed or sped by evenly spaced quantiles, so the range the report "
+            "gives includes that drift (agentperf predict --speed-spread)", 0.0, MAX_SPEED_SPREAD, web_ui=False),
     Option("--capacity-json", Group.SEARCH_FILES, "", "write the search's state (steps, capacity) to this file, whole, "
            "after every judged step"),
     Option("--progress-events", Group.SEARCH_FILES, False, "log the search's progress as events for agentperf "

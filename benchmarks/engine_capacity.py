@@ -10,7 +10,8 @@ checked on (benchmarks/twin_accuracy.py (b)). With ``--predict TWIN.yaml`` (a tw
 this engine), each search starts from the twin's prediction: its steps and wall time against a search without
 one are issue 14's search-time ratio on a real server. Needs ``.ci/install-vllm``.
 
-    python benchmarks/engine_capacity.py [--set small|long] [--seeds 0,1] [--predict TWIN.yaml [--predict-repeats 8]]
+    python benchmarks/engine_capacity.py [--set small|long] [--seeds 0,1] [--predict TWIN.yaml [--predict-repeats 8]
+        [--predict-speed-spread S]]
         [--tool-wait-median S] [--max-num-seqs N] [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
 
 ``--max-num-seqs N`` starts the engine with that many sequence slots (vLLM's default is 256): past them requests
@@ -42,7 +43,8 @@ def search(url: str, folder: Path, trajectories: Path, seed: int, args: argparse
         [sys.executable, "-m", "agentperf_users.cli.main", "capacity", "--host", url, "--trajectories", str(trajectories),
          "--workers", "1", "--seed", str(seed), "--warmup-s", str(args.warmup_s), "--window-s", str(args.window_s),
          "--max-agents", str(args.max_agents), "--start-agents", str(args.start_agents), "--out", str(out),
-         *(["--predict", str(args.predict), "--predict-repeats", str(args.predict_repeats)]
+         *(["--predict", str(args.predict), "--predict-repeats", str(args.predict_repeats), "--predict-speed-spread",
+            str(args.predict_speed_spread)]
            if getattr(args, "predict", None) else []),
         *(["--tool-wait", "sampled", "--tool-wait-median", str(args.tool_wait_median)]
           if getattr(args, "tool_wait_median", None) else [])],
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--predict", type=Path, default=None, metavar="TWIN.yaml",
                         help="start each search from this twin's prediction (agentperf capacity --predict)")
     parser.add_argument("--predict-repeats", type=int, default=8, help="with --predict: the twin's searches")
+    parser.add_argument("--predict-speed-spread", type=float, default=0.0, metavar="S",
+                        help="with --predict: the twin's searches on servers slowed or sped by S (the report's range)")
     parser.add_argument("--tool-wait-median", type=float, default=None, metavar="S",
                         help="sample each tool wait (lognormal, this median, sigma 1) instead of the set's recorded "
                              "ones: agents idle longer, so the engine holds more of them")

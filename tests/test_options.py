@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,35 @@ def test_a_bad_value_is_one_line_naming_the_option(dest, given, message):
 
 def test_groups_partition_the_table():
     assert {option.group for option in OPTIONS} == set(Group)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["capacity", "--window-s", "wide"], "agentperf capacity: error: argument --window-s: invalid float value: 'wide'"),
+    (["predict", "--repeats", "3"], "agentperf predict: error: the following arguments are required: --profile"),
+    (["trajectories", "synth", "--count", "x"], "agentperf trajectories synth: error: argument --count"),
+])
+def test_a_mistyped_command_line_is_one_line_without_the_usage(argv, said, capsys):
+    """argparse's own errors (a number that is not one, a missing required option) are one line naming the
+    option, as agentperf's are, not the forty-line usage before it; exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(err) == 1 and err[0].startswith(said), err
+    assert err[0].endswith(f"(see agentperf {' '.join(argv[:2 if argv[0] == 'trajectories' else 1])} --help)")
+
+
+def test_options_neither_agentperf_nor_locust_knows_are_one_line_before_anything_starts(tmp_path):
+    """``agentperf capacity`` hands Locust what it does not know itself: Locust's parser reads those first, so a
+    typo ends at once (exit 2, one line naming it, no run folder) instead of after qualification and the
+    ground truth."""
+    done = subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", "capacity", "--stop-timeout", "3",
+                           "--nope", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "agentperf: error: unrecognized arguments (neither agentperf's nor Locust's): --nope"], done.stderr
+    assert not (tmp_path / "run").exists() and "run folder" not in done.stdout
+    capacity.check_locust_args(["--loglevel", "DEBUG", "--stop-timeout", "3"])  # Locust's: no error
+    for given, said in ((["--stop-timeout", "3", "--nope"], "unrecognized arguments (neither agentperf's nor "
+                         "Locust's): --nope"), (["--loglevel"], "argument --loglevel/-L: expected one argument")):
+        with pytest.raises(AgentperfError) as raised:
+            capacity.check_locust_args(given)
+        assert str(raised.value) == said

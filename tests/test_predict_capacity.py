@@ -16,6 +16,7 @@ import pytest
 from agentperf_users.loadgen import replay
 from agentperf_users.measure.slo import load_slo
 from agentperf_users.search import predicted, truth
+from agentperf_users.search.headline import predicted_words
 from agentperf_users.search.margin_curve import last_crossing, margin_at
 from agentperf_users.search.policy import CapacitySearch, CapacityStatus, SearchParameters, TierCapacity
 from agentperf_users.simulator.profile import load_profile
@@ -146,6 +147,30 @@ def test_a_repeated_prediction_is_the_median_search_with_the_mean_margins(demo_t
             sum(p.margins[agents]["aa-20tps"] for p in alone) / 3)
 
 
+def test_a_speed_spread_prediction_runs_the_searches_on_slowed_and_sped_servers(demo_truth):
+    """``--predict-repeats 3 --predict-speed-spread 0.5``: the searches at seeds 0-2 on the twin's profile
+    exp(0.5 z) times as slow (z = 0, -0.97, 0.97: 1, 0.62, 1.62); the first is the unspread search at the
+    run's seed, the faster server holds more agents than the same seed's unspread search, the slower one
+    fewer; the report's words say which servers the range was searched on."""
+    (profile, trajectories, spec, params, settings), plain = demo_truth
+    alone = [predicted.predict("l4-llama3.2-3b", trajectories, spec, params, replace(settings, seed=seed))
+             for seed in (0, 1, 2)]
+    spread = predicted.predict("l4-llama3.2-3b", trajectories, spec, params, settings, repeats=3, speed_spread=0.5)
+    assert spread.speed_factors == pytest.approx((1.0, math.exp(-0.5 * 0.9674), math.exp(0.5 * 0.9674)), rel=1e-3)
+    assert spread.to_dict()["speed_factors"] == [round(factor, 4) for factor in spread.speed_factors]
+    middle, fast, slow = [
+        truth.find_capacity(profile.slower(factor) if factor != 1 else profile, trajectories, spec, params,
+                            replace(settings, seed=seed)).capacity["aa-20tps"].agents or 0
+        for seed, factor in zip((0, 1, 2), spread.speed_factors)]
+    unspread = [p.capacity["aa-20tps"].agents or 0 for p in alone]
+    assert (middle == unspread[0], fast > unspread[1], slow < unspread[2]) == (True, True, True), (middle, fast, slow)
+    assert spread.ranges["aa-20tps"] == (min(middle, fast, slow), max(middle, fast, slow))
+    tier = spread.to_dict()["capacity"]["aa-20tps"]
+    assert tier["range_slower"] == [0.62, 1.62] and tier["range"] == list(spread.ranges["aa-20tps"])
+    low, high = spread.ranges["aa-20tps"]
+    assert predicted_words(tier).endswith(f"; the twin's searches found {low}-{high} on servers 0.62-1.62x as slow")
+
+
 def agentperf(*args: str, timeout_s: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agentperf_users.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout_s)
@@ -163,6 +188,18 @@ def test_a_bad_prediction_profile_is_one_line_and_starts_nothing(tmp_path, conte
     assert "Traceback" not in done.stderr and not out.exists() and "run folder" not in done.stdout
 
 
+@pytest.mark.parametrize("given, expected", [
+    (["--predict-speed-spread", "0.2"], "--predict-speed-spread: needs --predict-repeats 2 or more"),
+    (["--predict-repeats", "4", "--predict-speed-spread", "1.5"], "--predict-speed-spread"),
+    (["--predict-repeats", "4", "--predict-speed-spread", "wide"], "--predict-speed-spread")])
+def test_a_bad_prediction_speed_spread_is_one_line_and_starts_nothing(tmp_path, given, expected):
+    out = tmp_path / "run"
+    done = agentperf("capacity", "--predict", "l4-llama3.2-3b", *given, "--out", str(out), timeout_s=60)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and expected in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_capacity_starts_at_the_predicted_knee_and_reports_predicted_against_measured(tmp_path):
@@ -171,7 +208,8 @@ def test_capacity_starts_at_the_predicted_knee_and_reports_predicted_against_mea
     out = tmp_path / "run"
     done = agentperf("capacity", "--profile", "l4-llama3.2-3b", "--predict", "l4-llama3.2-3b", "--trajectories",
                      "demo", "--max-agents", "24", "--warmup-s", "2", "--window-s", "6", "--workers", "1",
-                     "--no-truth", "--slo", str(slo), "--out", str(out), "--predict-repeats", "3", timeout_s=170)
+                     "--no-truth", "--slo", str(slo), "--out", str(out), "--predict-repeats", "3",
+                     "--predict-speed-spread", "0.1", timeout_s=170)
     report = json.loads((out / "report.json").read_text())
     state = json.loads((out / "search.json").read_text())
     tier = report["prediction"]["tiers"]["aa-20tps"]
@@ -184,7 +222,9 @@ def test_capacity_starts_at_the_predicted_knee_and_reports_predicted_against_mea
     low, high = state["prediction"]["capacity"]["aa-20tps"]["range"]  # the median of three searches, and their range
     assert state["prediction"]["repeats"] == 3 and tier["predicted"]["range"] == [low, high] and low <= knee <= high
     line = next(line for line in done.stdout.splitlines() if line.startswith("predicted @ 20 tok/s"))
-    assert f"; the twin's searches found {low}" + ("" if low == high else f"-{high}") in line, line
+    found = f"; the twin's searches found {low}" + ("" if low == high else f"-{high}")
+    assert f"{found} on servers 0.91-1.10x as slow, measured " in line, line
+    assert len(state["prediction"]["speed_factors"]) == 3 and tier["predicted"]["range_slower"] == [0.91, 1.1]
     assert done.returncode in (0, 3), done.stdout + done.stderr
     rebuilt = agentperf("report", str(out), timeout_s=60)
     assert json.loads((out / "report.json").read_text())["prediction"] == report["prediction"], rebuilt.stderr

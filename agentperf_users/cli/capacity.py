@@ -139,8 +139,11 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
         raise AgentperfError("--profile describes the embedded simulator; it cannot be combined with --host")
     if args.predict:  # the master predicts from it; a bad one is said here, before anything starts
         predicted.check_profile(args.predict)
+        predicted.check_speed_spread(options.value(args, "predict_speed_spread"), options.value(args, "predict_repeats"),
+                                     ("--predict-speed-spread", "--predict-repeats"))
         if Path(args.predict).is_file():
             args.predict = str(Path(args.predict).resolve())
+    check_locust_args(locust_args)
     for option, url in (("--power-metrics-url", args.power_metrics_url), ("--server-metrics-url", args.server_metrics_url),
                         ("--host", args.host)):
         if url and not url.startswith(("http://", "https://")):
@@ -196,6 +199,30 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
             _exit_at_once_on_a_second_signal(children, out)
             interrupted = True
     return _report(args, out, spec, params, trajectories, profile, interrupted, master_code, context)
+
+
+# Locust's own parser, in a process of its own: importing Locust monkey-patches the threads this one runs.
+_LOCUST_ARGS_CHECK = """
+import sys
+from locust.argument_parser import get_parser
+_, unknown = get_parser(default_config_files=()).parse_known_args(sys.argv[1:])
+if unknown:
+    sys.exit("unrecognized arguments (neither agentperf's nor Locust's): " + " ".join(unknown))
+"""
+
+
+def check_locust_args(locust_args: Sequence[str]) -> None:
+    """Options agentperf does not know go to Locust as they are (``--loglevel``, ``--stop-timeout``, ...); one
+    that Locust does not know either would end the run only after its qualification and ground truth, with a
+    report of no steps. Locust's parser reads them first, so a typo is one line, before anything starts."""
+    if not locust_args:
+        return
+    done = subprocess.run([sys.executable, "-c", _LOCUST_ARGS_CHECK, *locust_args], capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode:
+        said = [line for line in done.stderr.splitlines() if line.strip()]
+        words = said[-1].split("error: ", 1)[-1] if said else f"Locust's parser exited {done.returncode}"
+        raise AgentperfError(words[:300])
 
 
 def _qualify(args: argparse.Namespace, host: str, trajectories, out: Path) -> str:

@@ -22,8 +22,17 @@ SUBCOMMAND_MODULES = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, as agentperf's own are: a mistyped number among forty
+    options is said without the forty-line usage above it (``--help`` still prints it). Its subcommands'
+    parsers are of this class too (argparse makes them of their parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="agentperf",
         description="How many concurrent coding agents can an LLM serving system hold within its SLOs?",
     )

@@ -255,7 +255,8 @@ def prediction_against_measured(prediction: dict, capacity: dict, steps: list[di
         keys = ("status", "agents", "first_failing_agents")
         ratio = cap["agents"] / predicted["agents"] if cap.get("agents") and predicted.get("agents") else None
         tiers[name] = {"label": cap["label"],
-                       "predicted": {key: predicted.get(key) for key in (*keys, "range") if key in predicted},
+                       "predicted": {key: predicted.get(key) for key in (*keys, "range", "range_slower")
+                                     if key in predicted},
                        "measured": {key: cap.get(key) for key in keys}, "measured_over_predicted": ratio}
     return {**{key: value for key, value in prediction.items() if key != "capacity"}, "tiers": tiers,
             "first_step_agents": steps[0]["agents"] if steps else None, "steps": len(steps)}

@@ -136,9 +136,14 @@ def prediction_line(tier: dict) -> str:
 
 def predicted_words(predicted: dict) -> str:
     """A prediction's capacity words, with the range its searches found where it is the median of several
-    (``--predict-repeats``): ``14 agents (fails at 15); the twin's searches found 12-16``."""
+    (``--predict-repeats``): ``14 agents (fails at 15); the twin's searches found 12-16``, and the servers
+    they ran on where their speed was spread (``--predict-speed-spread``): ``... on servers 0.81-1.23x as slow``."""
     low, high = predicted.get("range") or (None, None)
-    return capacity_words(predicted) + ("" if low is None else f"; the twin's {range_words(low, high)}")
+    if low is None:
+        return capacity_words(predicted)
+    slower = predicted.get("range_slower")
+    on = f" on servers {slower[0]:.2f}-{slower[1]:.2f}x as slow" if slower else ""
+    return capacity_words(predicted) + f"; the twin's {range_words(low, high)}{on}"
 
 
 def range_words(low: int, high: int) -> str:

@@ -28,14 +28,20 @@ import json
 import math
 from argparse import Namespace
 from dataclasses import dataclass
-from statistics import NormalDist
 
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure.slo import SloSpec
-from agentperf_users.options import MAX_REPEATS
+from agentperf_users.options import MAX_REPEATS, MAX_SPEED_SPREAD
 from agentperf_users.search.headline import capacity_words, range_words
 from agentperf_users.search.policy import TierCapacity
-from agentperf_users.search.predicted import answer_count, answer_range, median_capacity, repeat_seeds
+from agentperf_users.search.predicted import (
+    answer_count,
+    answer_range,
+    check_speed_spread,
+    median_capacity,
+    repeat_seeds,
+    speed_factors,
+)
 from agentperf_users.search.truth import TruthResult, add_arguments, capacity_from_args
 
 
@@ -89,20 +95,6 @@ class Repeated:
                 "wall_s": round(sum(r.wall_s for r in self.results), 3)}
 
 
-MAX_SPEED_SPREAD = 1.0
-"""Sigma of the log speed: 1 already spans a server 4.6x slower to 4.6x faster over 8 searches."""
-
-
-def speed_factors(spread: float, searches: int) -> tuple[float, ...]:
-    """How many times as slow each of ``searches`` searches' server is: ``exp(spread * z)`` at the normal
-    quantiles (i + 0.5) / searches, nearest 1 first (the faster of a pair first; exactly 1 for the middle
-    of an odd count), so the search at ``--seed``, whose steps the JSON shows, is the least moved; all 1
-    without a spread."""
-    normal = NormalDist()
-    quantiles = sorted((normal.inv_cdf((i + 0.5) / searches) for i in range(searches)), key=lambda z: (abs(round(z, 12)), z))
-    return tuple(math.exp(spread * z) for z in quantiles)
-
-
 def predict_repeated(args: Namespace) -> tuple[SloSpec, Repeated]:
     """``capacity_from_args`` at each of ``--repeats`` seeds from ``--seed`` on (:func:`repeat_seeds`), each
     on a server slowed by its :func:`speed_factors` (``--speed-spread``)."""
@@ -125,9 +117,7 @@ def _speed_spread(value: object, searches: int) -> float:
     if not 0 <= spread <= MAX_SPEED_SPREAD:
         raise AgentperfError(f"--speed-spread: expected a number from 0 to {MAX_SPEED_SPREAD:g} (the sigma of the "
                              f"server's log speed, e.g. 0.1), got {value!r}")
-    if spread and searches < 2:
-        raise AgentperfError("--speed-spread: needs --repeats 2 or more (one search has no spread to draw)")
-    return spread
+    return check_speed_spread(spread, searches, ("--speed-spread", "--repeats"))
 
 
 def capacity_line(label: str, capacity: TierCapacity, accelerators: int | None = None) -> str:
