@@ -27,6 +27,7 @@ from agentperf_users.measure.records import RecordWriter, RequestRecord, Status
 from agentperf_users.measure.server_metrics import HistogramValue, ServerSample
 from agentperf_users.measure.slo import load_slo
 from agentperf_users.search import truth
+from agentperf_users.search.headline import band_words
 from agentperf_users.search.policy import SearchParameters
 from agentperf_users.simulator.profile import attention_pairs, load_profile
 from agentperf_users.twin.fit import (
@@ -262,8 +263,43 @@ def test_predict_gives_the_truth_of_the_profile(tmp_path, capsys):
     predicted = json.loads(capsys.readouterr().out)
     assert predicted["capacity"] == truth["capacity"]
     assert truth["capacity"]["tight"]["agents"] == 4  # max_num_seqs: one agent more queues past the TTFT limit
+    assert predicted["bands"]["tight"] == {"passes_up_to": 4, "fails_above": 4, "measured_up_to": 6}  # 1.2 x 5
     assert main(["predict", *options]) == 0
-    assert "4 agents (fails at 5)" in capsys.readouterr().out
+    assert "4 agents (fails at 5); verdicts monotone to 6 agents" in capsys.readouterr().out
+    assert main(["predict", *options, "--no-band", "--json"]) == 0
+    assert "bands" not in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("repeats", ["1", "3"])
+def test_predict_gives_each_tiers_verdict_band_around_its_answer(repeats, capsys):
+    """The band is the truth's verdict at every count up to a fifth past the highest first failing count, at
+    --seed on the profile as given, where a count's verdict is the search's at that seed (a restarted step
+    depends on its count and seed alone): the search's first failure lies past every count that passed from
+    1 up, its answer at or below the last pass, and where the band is monotone the two meet. The line says it."""
+    options = ["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--warmup-s", "5", "--window-s", "15",
+               "--seed", "3", "--repeats", repeats]
+    assert main(["predict", *options, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert main(["predict", *options, "--repeats", "1", "--json"]) == 0
+    at_seed = json.loads(capsys.readouterr().out)["capacity"]
+    failing = max(cap["first_failing_agents"] for cap in found["capacity"].values() if cap["first_failing_agents"])
+    for tier, band in found["bands"].items():
+        assert band["measured_up_to"] == math.ceil(1.2 * failing)
+        agents = at_seed[tier]["agents"] or 0
+        assert band["passes_up_to"] < at_seed[tier]["first_failing_agents"] and agents <= band["fails_above"]
+        if band["passes_up_to"] == band["fails_above"]:
+            assert agents == band["passes_up_to"], (tier, band, at_seed[tier])
+    assert main(["predict", *options]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("20 tok/s"))
+    assert ("; at seed 3, " if repeats == "3" else "; ") + band_words(found["bands"]["aa-20tps"]) in line
+
+
+@pytest.mark.parametrize("band, words", [
+    ({"passes_up_to": 8, "fails_above": 8, "measured_up_to": 11}, "verdicts monotone to 11 agents"),
+    ({"passes_up_to": 6, "fails_above": 9, "measured_up_to": 49}, "true verdicts flip between 7 and 9 agents"),
+    ({"passes_up_to": 0, "fails_above": 0, "measured_up_to": 5}, "verdicts monotone to 5 agents")])
+def test_a_verdict_band_in_words(band, words):
+    assert band_words(band) == words
 
 
 def calibrate_error(tmp_path, capsys, host: str) -> str:

@@ -178,7 +178,19 @@ def _binding(steps: list[dict], tier: str, failing: int | None) -> str | None:
 
 def _truth_words(cap: dict, band: dict | None) -> str:
     """``10 agents`` and, where the truth's verdicts are not monotone, where they flip."""
-    words = answer_words(cap)
-    if band and band["fails_above"] > band["passes_up_to"]:
-        words += f", true verdicts flip between {band['passes_up_to'] + 1} and {band['fails_above']} agents"
-    return words
+    flips = flip_words(band) if band else None
+    return answer_words(cap) + (f", {flips}" if flips else "")
+
+
+def flip_words(band: dict) -> str | None:
+    """``true verdicts flip between 7 and 9 agents``: where a tier's verdict band (``truth.VerdictBand``'s
+    dict) is not monotone in agents, any capacity in it as true as another; None where it is."""
+    if band["fails_above"] <= band["passes_up_to"]:
+        return None
+    return f"true verdicts flip between {band['passes_up_to'] + 1} and {band['fails_above']} agents"
+
+
+def band_words(band: dict) -> str:
+    """A verdict band in words: where it flips (:func:`flip_words`), or ``verdicts monotone to 49 agents``
+    (every count measured up to there)."""
+    return flip_words(band) or f"verdicts monotone to {band['measured_up_to']} agents"

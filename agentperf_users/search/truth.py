@@ -352,12 +352,14 @@ def measure_steps(
     params: SearchParameters,
     steps: Sequence[tuple[int, float | None]],
     settings: replay.ReplaySettings = replay.ReplaySettings(),
+    replicas: int = 1,
+    router: str = ROUND_ROBIN,
 ) -> tuple[TruthStep, ...]:
     """The truth's verdicts on given steps, (agent count, window length or None) each, in order: a live
     run's steps measured without a load generator, so each live step has its ideal counterpart. None
     ends the window by the search's own rule (``search.window_end``, extension included); a length (a
-    live step that ended early) ends it there."""
-    world = _World(Engine(profile, seed=settings.seed), trajectories, settings)
+    live step that ended early) ends it there. ``replicas`` and ``router``: as :func:`find_capacity`'s."""
+    world = _World(Fleet.of(profile, replicas, router, seed=settings.seed), trajectories, settings)
     return tuple(world.measure(agents, params, spec, window_s) for agents, window_s in steps)
 
 
@@ -383,10 +385,12 @@ def verdict_bands(
     params: SearchParameters,
     up_to: int,
     settings: replay.ReplaySettings = replay.ReplaySettings(),
+    replicas: int = 1,
+    router: str = ROUND_ROBIN,
 ) -> dict[str, VerdictBand]:
     """Each tier's band, from the truth's verdict at every count 1 .. ``up_to`` (a +1 ladder)."""
     steps = measure_steps(profile, trajectories, spec, params, [(agents, None) for agents in range(1, up_to + 1)],
-                          settings)
+                          settings, replicas, router)
     bands = {}
     for tier in spec.tiers:
         passed = [step.verdict.tier(tier.name).passed for step in steps]
@@ -409,26 +413,51 @@ def add_arguments(parser, profile_default: str | None = DEFAULT_PROFILE) -> None
     add_options(parser, (Group.WORKLOAD, Group.REPLAY, Group.SLO, Group.SEARCH))
 
 
+@dataclass(frozen=True)
+class TruthInputs:
+    """What ``add_arguments``' options ask the truth to search, loaded and checked (one line naming a bad
+    one): the search (:meth:`capacity`) and the verdict at every count (:meth:`bands`) run on the same."""
+
+    profile: Profile
+    trajectories: TrajectorySet
+    spec: SloSpec
+    params: SearchParameters
+    settings: replay.ReplaySettings
+    replicas: int = 1
+    router: str = ROUND_ROBIN
+
+    @classmethod
+    def from_args(cls, args, slower: float = 1.0) -> "TruthInputs":
+        """``slower``: the profile's server with every cost that many times as long
+        (:meth:`~agentperf_users.simulator.profile.Profile.slower`)."""
+        replicas, router = fleet_from_args(args)
+        spec = load_slo(args.slo or None)
+        try:
+            profile = load_profile(args.profile)
+        except SimulatorError as exc:
+            raise AgentperfError(str(exc)) from None
+        return cls(profile.slower(slower) if slower != 1.0 else profile,
+                   load_trajectories(args.trajectories, args.trajectory_format), spec,
+                   SearchParameters.from_options(args), replay.ReplaySettings.from_options(args), replicas, router)
+
+    def capacity(self) -> TruthResult:
+        return find_capacity(self.profile, self.trajectories, self.spec, self.params, self.settings, self.replicas,
+                             self.router)
+
+    def bands(self, up_to: int) -> dict[str, VerdictBand]:
+        return verdict_bands(self.profile, self.trajectories, self.spec, self.params, up_to, self.settings,
+                             self.replicas, self.router)
+
+
 def capacity_from_args(args, slower: float = 1.0) -> tuple[SloSpec, TruthResult]:
-    """The search that ``add_arguments``' options ask for, and its SLO spec; ``slower``: on the profile's
-    server with every cost that many times as long (:meth:`~agentperf_users.simulator.profile.Profile.slower`)."""
-    replicas, router = fleet_from_args(args)
-    spec = load_slo(args.slo or None)
-    try:
-        profile = load_profile(args.profile)
-    except SimulatorError as exc:
-        raise AgentperfError(str(exc)) from None
-    if slower != 1.0:
-        profile = profile.slower(slower)
-    result = find_capacity(profile, load_trajectories(args.trajectories, args.trajectory_format), spec,
-                           SearchParameters.from_options(args), replay.ReplaySettings.from_options(args),
-                           replicas, router)
-    return spec, result
+    """The search that ``add_arguments``' options ask for (:class:`TruthInputs`), and its SLO spec."""
+    inputs = TruthInputs.from_args(args, slower)
+    return inputs.spec, inputs.capacity()
 
 
 def fleet_from_args(args) -> tuple[int, str]:
-    """``--replicas`` and ``--router``, checked: one line naming the option and what it takes (argparse's
-    own messages are two lines, with the usage)."""
+    """``--replicas`` and ``--router``, checked: one line naming the option and what it takes (taken as
+    text, so a web form's or a script's value is checked by the same rule)."""
     text = str(args.replicas).strip()
     if not text.isdigit() or not 1 <= int(text) <= MAX_REPLICAS:
         raise AgentperfError(f"--replicas: expected a whole number from 1 to {MAX_REPLICAS}, got {args.replicas!r}")

@@ -14,6 +14,10 @@ vLLM's long set (benchmarks/twin_accuracy.py (b)), and the measured search is on
 at ``--seed``, ``--seed`` + 1, ... give the answer's median (the prediction) and range (where a measured
 search may land), as the live report states its own rerun spread.
 
+Why the verdict band (``--band``, on by default): a search answers one count, but where the verdicts flip
+(a count passes above one that fails) any count in the flip is as true, and a measured search may stop
+anywhere in it; the band says how sharp the knee is before anyone holds the server for it.
+
 Why ``--speed-spread``: the seeds draw the workload, not the server. A measured server's speed moves between
 two measurements of one count (+16 % to +31 % on the shared machine's vLLM, benchmarks/engine_capacity.py's
 rechecks), so three of four measured searches fell under a range the seeds alone gave. With a spread S the
@@ -24,6 +28,7 @@ that drifts that much; ``agentperf calibrate --from-run`` says what a run's rech
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from argparse import Namespace
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 from agentperf_users.errors import AgentperfError
 from agentperf_users.measure.slo import SloSpec
 from agentperf_users.options import MAX_REPEATS, MAX_SPEED_SPREAD
-from agentperf_users.search.headline import capacity_words, range_words
+from agentperf_users.search.headline import band_words, capacity_words, range_words
 from agentperf_users.search.policy import TierCapacity
 from agentperf_users.search.predicted import (
     answer_count,
@@ -42,7 +47,7 @@ from agentperf_users.search.predicted import (
     repeat_seeds,
     speed_factors,
 )
-from agentperf_users.search.truth import TruthResult, add_arguments, capacity_from_args
+from agentperf_users.search.truth import TruthInputs, TruthResult, VerdictBand, add_arguments, capacity_from_args
 
 
 def register_cli(subparsers) -> None:
@@ -59,6 +64,11 @@ def register_cli(subparsers) -> None:
                         help="with --repeats: how much the server's speed moves between measurements (the sigma of "
                              "its log, e.g. 0.1 for about ±10 %%); each search runs on the profile slowed or sped by "
                              "a factor at evenly spaced quantiles, so the range includes that drift (default 0)")
+    parser.add_argument("--band", default=True, action=argparse.BooleanOptionalAction,
+                        help="also judge every count from 1 to a fifth past the highest first failing count, at "
+                             "--seed on the profile as given, and print each tier's verdict band: where the "
+                             "verdicts flip, any capacity between is as true as the answer (--no-band: the "
+                             "searches alone; the band costs one to three searches' time)")
     parser.add_argument("--json", action="store_true", help="print the search's JSON (as agentperf truth does)")
     parser.set_defaults(func=run)
 
@@ -120,6 +130,23 @@ def _speed_spread(value: object, searches: int) -> float:
     return check_speed_spread(spread, searches, ("--speed-spread", "--repeats"))
 
 
+BAND_PAST_FAILING = 1.2
+"""How far past the highest first failing count the band judges every count: a pass above a tier's first
+failure (verdicts that flip) shows only where counts above it are judged."""
+
+
+def bands(args: Namespace, repeated: Repeated) -> dict[str, VerdictBand]:
+    """Each tier's verdict band at ``--seed`` on the profile as given (``truth.verdict_bands``), judged up to
+    :data:`BAND_PAST_FAILING` times the highest first failing count the searches' median answers have (at
+    most --max-agents); none where no tier failed."""
+    failing = [capacity.first_failing_agents for name in repeated.results[0].capacity
+               if (capacity := repeated.median(name)).first_failing_agents]
+    if not failing:
+        return {}
+    inputs = TruthInputs.from_args(args)
+    return inputs.bands(min(inputs.params.max_agents, math.ceil(BAND_PAST_FAILING * max(failing))))
+
+
 def capacity_line(label: str, capacity: TierCapacity, accelerators: int | None = None) -> str:
     line = f"{label:<28} {capacity_words(capacity.to_dict())}"
     if accelerators and capacity.agents:
@@ -129,8 +156,10 @@ def capacity_line(label: str, capacity: TierCapacity, accelerators: int | None =
 
 def run(args) -> int:
     spec, repeated = predict_repeated(args)
+    band = bands(args, repeated) if args.band else {}
     if args.json:
-        print(json.dumps(repeated.to_dict(spec), indent=2))
+        print(json.dumps({**repeated.to_dict(spec), **({"bands": {name: b.to_dict() for name, b in band.items()}}
+                                                          if args.band else {})}, indent=2))
         return 0
     first = repeated.results[0]
     fleet = first.fleet
@@ -145,6 +174,8 @@ def run(args) -> int:
           f"{sum(r.wall_s for r in repeated.results):.1f} s{searches}):")
     for name in first.capacity:
         line = capacity_line(spec.tier(name).label, repeated.median(name), fleet.accelerators if fleet else None)
+        if name in band:  # at --seed: the median may be another seed's search
+            line += f"; {'' if len(repeated.seeds) == 1 else f'at seed {args.seed}, '}{band_words(band[name].to_dict())}"
         if len(repeated.seeds) > 1:
             line += f"; the {range_words(*answer_range(repeated.capacities(name)))}"
         print(line)
