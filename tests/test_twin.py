@@ -294,6 +294,21 @@ def test_predict_gives_each_tiers_verdict_band_around_its_answer(repeats, capsys
     assert ("; at seed 3, " if repeats == "3" else "; ") + band_words(found["bands"]["aa-20tps"]) in line
 
 
+def test_a_tier_that_never_failed_has_no_band(capsys):
+    """--max-agents under the headline tier's knee: it never fails, so it has no knee to band; the tiers that
+    fail at 1 agent are judged to a fifth past that (2 agents)."""
+    options = ["--profile", "l4-llama3.2-3b", "--trajectories", "demo", "--warmup-s", "5", "--window-s", "15",
+               "--max-agents", "6"]
+    assert main(["predict", *options, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["capacity"]["aa-20tps"]["status"] == "never_failed"
+    assert sorted(found["bands"]) == ["example-100tps", "example-60tps"]
+    assert all(band["measured_up_to"] == 2 for band in found["bands"].values())
+    assert main(["predict", *options]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("20 tok/s"))
+    assert "verdicts" not in line
+
+
 @pytest.mark.parametrize("band, words", [
     ({"passes_up_to": 8, "fails_above": 8, "measured_up_to": 11}, "verdicts monotone to 11 agents"),
     ({"passes_up_to": 6, "fails_above": 9, "measured_up_to": 49}, "true verdicts flip between 7 and 9 agents"),

@@ -142,7 +142,8 @@ def predict(ref: str, trajectories, spec: SloSpec, params: SearchParameters,
     :func:`speed_factors` of ``speed_spread``. Never rechecked (``--recheck``): a virtual clock does not
     drift, and a repeated virtual step would only cost time before the live search can start."""
     profile = check_profile(ref)
-    factors = speed_factors(check_speed_spread(speed_spread, repeats, ("--predict-speed-spread", "--predict-repeats")), repeats)
+    check_speed_spread(speed_spread, repeats, ("--predict-speed-spread", "--predict-repeats"))
+    factors = speed_factors(speed_spread, repeats)
     results = [truth.find_capacity(profile.slower(factor) if factor != 1 else profile, trajectories, spec,
                                    replace(params, recheck=False), replace(settings, seed=seed))
                for seed, factor in zip(repeat_seeds(settings.seed, repeats), factors)]

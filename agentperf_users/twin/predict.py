@@ -138,13 +138,15 @@ failure (verdicts that flip) shows only where counts above it are judged."""
 def bands(args: Namespace, repeated: Repeated) -> dict[str, VerdictBand]:
     """Each tier's verdict band at ``--seed`` on the profile as given (``truth.verdict_bands``), judged up to
     :data:`BAND_PAST_FAILING` times the highest first failing count the searches' median answers have (at
-    most --max-agents); none where no tier failed."""
-    failing = [capacity.first_failing_agents for name in repeated.results[0].capacity
-               if (capacity := repeated.median(name)).first_failing_agents]
+    most --max-agents), for the tiers whose median answer failed somewhere (one that never failed has no
+    knee in the band)."""
+    failing = {name: capacity.first_failing_agents for name in repeated.results[0].capacity
+               if (capacity := repeated.median(name)).first_failing_agents}
     if not failing:
         return {}
     inputs = TruthInputs.from_args(args)
-    return inputs.bands(min(inputs.params.max_agents, math.ceil(BAND_PAST_FAILING * max(failing))))
+    judged = inputs.bands(min(inputs.params.max_agents, math.ceil(BAND_PAST_FAILING * max(failing.values()))))
+    return {name: band for name, band in judged.items() if name in failing}
 
 
 def capacity_line(label: str, capacity: TierCapacity, accelerators: int | None = None) -> str:
