@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agentperf_users.loadgen.probe import ProbeTarget  # noqa: E402
-from agentperf_users.twin.calibrate import kv_cache_tokens  # noqa: E402
+from agentperf_users.twin.server_limits import read_told_limits  # noqa: E402
 from agentperf_users.twin.probe_run import ProbeClient  # noqa: E402
 from agentperf_users.twin.probe_seqs import measure_max_num_seqs  # noqa: E402
 from tests.engine.vllm_server import VllmInstall, VllmServer, find_install  # noqa: E402
@@ -29,7 +29,8 @@ from tests.simulator import simulator, write_profile  # noqa: E402
 def burst(url: str, model: str | None, limit: str) -> None:
     target = ProbeTarget(url, timeout_s=600)
     started = time.monotonic()
-    found = measure_max_num_seqs(ProbeClient(target, model), kv_cache_tokens(url, target) or 10**6)
+    kv_tokens = read_told_limits(url, target).get("kv_capacity_tokens") or 10**6
+    found = measure_max_num_seqs(ProbeClient(target, model), kv_tokens)
     print(f"  set {limit:>7}  read {found.value if found.value is not None else '-':>4}  "
           f"({time.monotonic() - started:.1f} s)  {found.note}", flush=True)
 

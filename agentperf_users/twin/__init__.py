@@ -7,8 +7,9 @@ prices engine steps as *this* server does. So:
 
 * ``calibrate`` (:mod:`agentperf_users.twin.calibrate`) sends a short designed probe
   (:mod:`agentperf_users.twin.probe_design`): cold prefills of rising length, groups of concurrent decodes
-  at fixed contexts, a shared-prefix pair; reads the limits the server tells (``/v1/models``,
-  ``vllm:cache_config_info``) and measures ``max_num_seqs`` unless given (:mod:`agentperf_users.twin.probe_seqs`);
+  at fixed contexts, a shared-prefix pair; reads the limits the server tells (``/v1/models``, vLLM's or
+  SGLang's ``/metrics``: :mod:`agentperf_users.twin.server_limits`) and measures ``max_num_seqs`` where neither
+  an option nor the server gives it (:mod:`agentperf_users.twin.probe_seqs`);
 * :mod:`agentperf_users.twin.fit` fits the step-time constants of the simulator's roofline to what the
   probe measured (piecewise least squares: a step is memory- or compute-bound);
 * :mod:`agentperf_users.twin.profile_yaml` turns the constants into a profile YAML that every

@@ -1,9 +1,10 @@
 """``agentperf calibrate``: probe a server, fit the simulator's step constants, write a profile YAML.
 
-Steps: ask the server what it serves and its limits (``/v1/models``'s ``max_model_len``; vLLM's
-``vllm:cache_config_info`` on ``/metrics`` for the KV cache's blocks and block size; ``max_num_seqs``
-measured by a burst against ``/metrics``' queue gauges unless given (:mod:`agentperf_users.twin.probe_seqs`);
-options for what no server tells: ``max_num_batched_tokens``); send the probe
+Steps: ask the server what it serves and its limits (``/v1/models``'s ``max_model_len``; on ``/metrics``,
+vLLM's ``vllm:cache_config_info`` for the KV cache's blocks and block size, SGLang's KV pool, running-request
+limit and context, :mod:`agentperf_users.twin.server_limits`; ``max_num_seqs`` neither given nor stated
+measured by a burst against ``/metrics``' queue gauges, :mod:`agentperf_users.twin.probe_seqs`; options
+for what no server tells: ``max_num_batched_tokens``); send the probe
 (:mod:`agentperf_users.twin.probe_run`); fit (:mod:`agentperf_users.twin.fit`); write the profile
 (:mod:`agentperf_users.twin.profile_yaml`, checked by the simulator's own loader and renamed into place)
 with a comment block saying where every number came from, and beside it ``NAME.probe.json`` with each
@@ -21,9 +22,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import requests
-from prometheus_client.parser import text_string_to_metric_families
-
 from agentperf_users.client.chat import redact_url
 from agentperf_users.errors import AgentperfError
 from agentperf_users.files import CONTEXT_FILE, atomic_write, read_json_object
@@ -36,8 +34,8 @@ from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import ProbeClient, ProbeData, run_probe
 from agentperf_users.twin.probe_seqs import BURST_REQUESTS, measure_max_num_seqs
 from agentperf_users.twin.profile_yaml import Limits, profile_data, write_profile
+from agentperf_users.twin.server_limits import SGLANG_LIMITS, VLLM_CACHE_INFO, ToldLimits, read_told_limits
 
-METRICS_TIMEOUT_S = 10.0
 SIDECAR_SUFFIX = ".probe.json"
 LIMIT_NAMES = ("kv_capacity_tokens", "max_context_tokens", "max_num_seqs", "max_num_batched_tokens")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192  # what calibrate assumes where --max-num-batched-tokens is not given
@@ -63,16 +61,19 @@ def register_cli(subparsers) -> None:
                         help="the probe: standard (minutes on a slow server) or quick (seconds, coarser)")
     add_options(parser, [Group.AGENT])  # --model, --api-key-env, --request-timeout (--stall-timeout unused)
     parser.add_argument("--max-num-seqs", type=int, default=None,
-                        help=f"the server's max_num_seqs (no server reports it). Not given: measured by a burst of "
-                             f"{BURST_REQUESTS} short requests against /metrics' running and waiting gauges; where "
-                             f"the burst never queues or the server has no such gauges, {DEFAULT_MAX_NUM_SEQS} "
-                             "(vLLM's default; 1024 on large GPUs)")
+                        help=f"the server's max_num_seqs. Not given: SGLang's sglang:max_running_requests where "
+                             f"/metrics states it (vLLM does not), else measured by a burst of {BURST_REQUESTS} short "
+                             "requests against /metrics' running and waiting gauges; where the burst never queues "
+                             f"or the server has no such gauges, {DEFAULT_MAX_NUM_SEQS} (vLLM's default; 1024 on "
+                             "large GPUs)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help=f"the server's token budget per step (chunked prefill size; vLLM logs it at start); "
                              f"not given: {DEFAULT_MAX_NUM_BATCHED_TOKENS}")
     parser.add_argument("--kv-cache-tokens", type=int, default=0,
-                        help="the KV cache's size in tokens, where the server does not report vllm:cache_config_info")
-    parser.add_argument("--max-model-len", type=int, default=0, help="the context limit, where /v1/models does not say")
+                        help="the KV cache's size in tokens, where /metrics does not state it (vLLM's "
+                             "vllm:cache_config_info, SGLang's sglang:max_total_num_tokens)")
+    parser.add_argument("--max-model-len", type=int, default=0,
+                        help="the context limit, where neither /v1/models nor /metrics (sglang:context_len) says it")
     parser.set_defaults(func=run)
 
 
@@ -87,6 +88,7 @@ def run(args) -> int:
         source = _from_run(args, stored)
     else:
         source = stored or _probed(args)
+    source = _context_within_cache(source)
     observations = source.data.observations
     if args.from_run:  # a run's TTFTs may have queued, and are noisier: by what a first, lenient fit says
         observations = refine(observations, fit(observations, math.inf).constants)
@@ -114,6 +116,19 @@ def run(args) -> int:
     if drift:
         _say(f"agentperf calibrate: {drift.words()}")
     return 0
+
+
+def _context_within_cache(source: Source) -> Source:
+    """``source`` with its context capped at its KV cache: a server may state a context longer than its cache
+    holds (an SGLang pool smaller than its context_len; an option given), but no request runs past the
+    cache, and a profile's context must fit it."""
+    limits = source.limits
+    if limits.max_context_tokens <= limits.kv_capacity_tokens:
+        return source
+    said = source.sources.get("max_context_tokens", "")
+    return replace(source, limits=replace(limits, max_context_tokens=limits.kv_capacity_tokens),
+                   sources={**source.sources, "max_context_tokens": f"{said} {limits.max_context_tokens}, capped at "
+                            f"the KV cache's {limits.kv_capacity_tokens} tokens (no request holds more)"})
 
 
 def _front_end_line(data: ProbeData, front_end: FrontEndFit | None) -> str:
@@ -151,9 +166,10 @@ def _probed(args) -> Source:
     model = args.model or next(iter(served))
     if model not in served:
         raise AgentperfError(f"--model {model!r} is not served by {redact_url(args.host)}; it serves {', '.join(served)}")
-    limits, sources = _limits(args, target, served[model])
+    told = read_told_limits(args.host, target)
+    limits, sources = _limits(args, served[model], told)
     client = ProbeClient(target, model)
-    if args.max_num_seqs is None:
+    if args.max_num_seqs is None and told.get("max_num_seqs") is None:
         limits, sources = _measured_seqs(client, limits, sources)
     design = DESIGNS[args.design].fitted_to(limits.max_context_tokens, limits.kv_capacity_tokens, limits.max_num_seqs)
     _say(f"agentperf calibrate: probing {redact_url(args.host)} ({model}) with the {design.name} design")
@@ -270,24 +286,26 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _limits(args, target: ProbeTarget, max_model_len: int | None) -> tuple[Limits, dict[str, str]]:
-    """The server's limits and where each came from (reported, or an option; max_num_seqs not given is
-    measured after, see ``_measured_seqs``)."""
-    sources = {"max_num_seqs": _seqs_source(args),
-               "max_num_batched_tokens": _batched_source(args)}
-    context = max_model_len or args.max_model_len
+def _limits(args, max_model_len: int | None, told: ToldLimits) -> tuple[Limits, dict[str, str]]:
+    """The server's limits and where each came from: an option given, else what the server states
+    (``/v1/models``' max_model_len; ``/metrics``, :mod:`~agentperf_users.twin.server_limits`); max_num_seqs
+    neither given nor stated is measured after (``_measured_seqs``)."""
+    sources = {"max_num_batched_tokens": _batched_source(args)}
+    context = max_model_len or told.get("max_context_tokens") or args.max_model_len
     if not context:
         raise AgentperfError(f"{redact_url(args.host)}/v1/models does not say max_model_len: pass --max-model-len")
-    sources["max_context_tokens"] = "/v1/models max_model_len" if max_model_len else "--max-model-len"
-    kv_tokens = kv_cache_tokens(args.host, target) if not args.kv_cache_tokens else None
-    if kv_tokens:
-        sources["kv_capacity_tokens"] = "vllm:cache_config_info (num_gpu_blocks x block_size)"
-    elif args.kv_cache_tokens > 0:
+    sources["max_context_tokens"] = ("/v1/models max_model_len" if max_model_len else
+                                     told.sources.get("max_context_tokens") or "--max-model-len")
+    if args.kv_cache_tokens > 0:
         kv_tokens, sources["kv_capacity_tokens"] = args.kv_cache_tokens, "--kv-cache-tokens"
+    elif told.get("kv_capacity_tokens"):
+        kv_tokens, sources["kv_capacity_tokens"] = told.get("kv_capacity_tokens"), told.sources["kv_capacity_tokens"]
     else:
-        raise AgentperfError(f"{redact_url(args.host)}/metrics has no vllm:cache_config_info (num_gpu_blocks, "
-                             "block_size): pass the KV cache's size as --kv-cache-tokens")
-    return Limits(kv_tokens, context, args.max_num_seqs or DEFAULT_MAX_NUM_SEQS, _batched_tokens(args)), sources
+        raise AgentperfError(f"{redact_url(args.host)}/metrics states no KV cache size (vLLM's {VLLM_CACHE_INFO}, "
+                             f"SGLang's {SGLANG_LIMITS['kv_capacity_tokens']}): pass it as --kv-cache-tokens")
+    seqs = args.max_num_seqs or told.get("max_num_seqs")
+    sources["max_num_seqs"] = _seqs_source(args) if args.max_num_seqs or not seqs else told.sources["max_num_seqs"]
+    return Limits(kv_tokens, context, seqs or DEFAULT_MAX_NUM_SEQS, _batched_tokens(args)), sources
 
 
 def _batched_tokens(args) -> int:
@@ -301,27 +319,6 @@ def _batched_source(args) -> str:
 
 def _seqs_source(args) -> str:
     return "--max-num-seqs" if args.max_num_seqs else "vLLM's default (--max-num-seqs not given)"
-
-
-def kv_cache_tokens(host: str, target: ProbeTarget) -> int | None:
-    """num_gpu_blocks x block_size from vLLM's ``vllm:cache_config_info``; None where the server has no such metric."""
-    base = host.rstrip("/").removesuffix("/v1")
-    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-    try:
-        with requests.Session() as session:
-            session.trust_env = False
-            response = session.get(f"{base}/metrics", headers=headers, timeout=METRICS_TIMEOUT_S)
-        if response.status_code != 200:
-            return None
-        for family in text_string_to_metric_families(response.text):
-            for sample in family.samples:
-                if sample.name == "vllm:cache_config_info":
-                    blocks, size = sample.labels.get("num_gpu_blocks", ""), sample.labels.get("block_size", "")
-                    if blocks.isdigit() and size.isdigit() and int(blocks) * int(size) > 0:
-                        return int(blocks) * int(size)
-    except (requests.RequestException, ValueError):
-        return None
-    return None
 
 
 def _header(source: Source, result: FitResult, out: Path, front_end: FrontEndFit | None) -> str:

@@ -1,7 +1,8 @@
 """Measure a server's ``max_num_seqs``: a burst of short requests, and the server's own queue gauges.
 
-No server reports its sequence limit, and a twin that queues at the wrong count predicts the wrong
-capacity. So ``agentperf calibrate`` (unless ``--max-num-seqs`` is given) sends :data:`BURST_REQUESTS`
+vLLM does not state its sequence limit (a recent SGLang does: :mod:`~agentperf_users.twin.server_limits`),
+and a twin that queues at the wrong count predicts the wrong capacity. So ``agentperf calibrate`` (where
+neither ``--max-num-seqs`` nor the server gives it) sends :data:`BURST_REQUESTS`
 requests at once, each a short prompt and an output long enough to keep the burst in the engine for
 many scrapes, and reads the server's ``/metrics`` meanwhile, every :data:`POLL_S`: the requests running
 (``vllm:num_requests_running``, SGLang's ``num_running_reqs``) and waiting (``num_requests_waiting``,

@@ -14,7 +14,7 @@ import pytest
 
 from agentperf_users.loadgen.probe import ProbeTarget
 from agentperf_users.measure.records import RequestRecord, Status
-from agentperf_users.twin.calibrate import kv_cache_tokens
+from agentperf_users.twin.server_limits import read_told_limits
 from agentperf_users.twin.probe_run import ProbeClient
 from agentperf_users.twin.probe_seqs import measure_max_num_seqs
 from tests.engine.accounting import (
@@ -98,5 +98,7 @@ def test_the_calibrate_burst_reads_the_engines_max_num_seqs(vllm: VllmServer) ->
     64" in 3.1 s, benchmarks/max_num_seqs.py)."""
     wait_idle(vllm.url)
     target = ProbeTarget(vllm.url, timeout_s=300)
-    found = measure_max_num_seqs(ProbeClient(target, vllm.model), kv_cache_tokens(vllm.url, target))
+    told = read_told_limits(vllm.url, target)  # the cache it states, and no sequence limit: vLLM states none
+    assert told.sources["kv_capacity_tokens"].startswith("vllm:cache_config_info") and "max_num_seqs" not in told.values
+    found = measure_max_num_seqs(ProbeClient(target, vllm.model), told.get("kv_capacity_tokens"))
     assert found.value == FIXTURE_MAX_NUM_SEQS, found.note
