@@ -8,7 +8,9 @@ The server is the embedded simulator on ``--profile`` (default h100-llama3.1-8b)
   serving that profile, one probe each: the twin ``--predict`` is meant to be given, and
 * ``±S % seed N``: the same profile with its five step-cost fields and its memory each scaled by a factor
   drawn in [1 - S, 1 + S] (``--spreads``, one twin per ``--seeds`` seed; ``twin_accuracy.hidden_profile``):
-  an imperfect twin, off by what a good (10 %) to a poor (40 %) calibration would be.
+  an imperfect twin, off by what a good (10 %) to a poor (40 %) calibration would be; with ``--memory
+  exact`` its memory (the KV cache) stays the server's, as calibrate reads it where the server states it,
+  so only the step costs are off.
 
 (1) Virtual clock (seconds): the ground truth's search (``search.truth``) with and without the
     prediction, on the same engine: its load steps and the search's simulated seconds (ramps, warm-ups
@@ -19,7 +21,7 @@ The server is the embedded simulator on ``--profile`` (default h100-llama3.1-8b)
     prediction included) and the steps it measured.
 
     python benchmarks/predict_speedup.py [--profile h100-llama3.1-8b] [--spreads 0.1,0.2,0.4] [--seeds 0,1,2]
-        [--calibrated 3] [--trajectories default] [--live]
+        [--memory perturbed|exact] [--calibrated 3] [--trajectories default] [--live]
 """
 
 from __future__ import annotations
@@ -150,11 +152,16 @@ def main() -> None:
                         help="how far the perturbed twins' fields are scaled: a factor in [1 - spread, 1 + spread]")
     parser.add_argument("--seeds", default="0,1,2", help="perturbed twins, one per seed and spread")
     parser.add_argument("--trajectories", default="default")
+    parser.add_argument("--memory", choices=("perturbed", "exact"), default="perturbed",
+                        help="exact: the perturbed twins keep the server's memory (its KV cache), as calibrate's "
+                             "twins do where the server states it (vLLM, SGLang), so only their step costs are off")
     parser.add_argument("--calibrated", type=int, default=0, metavar="N",
                         help="also N twins agentperf calibrate fits to the server (a live probe each, ~1 min)")
     parser.add_argument("--live", action="store_true", help="also run the live searches (perfect, first perturbed)")
     args = parser.parse_args()
     twin_accuracy.BASE_PROFILE = args.profile
+    if args.memory == "exact":
+        twin_accuracy.PERTURBED = tuple(field for field in twin_accuracy.PERTURBED if field != ("gpu", "memory_gib"))
     with tempfile.TemporaryDirectory(prefix="predict-speedup-") as tmp:
         cases = twins(Path(tmp), [float(s) for s in args.spreads.split(",") if s],
                       [int(seed) for seed in args.seeds.split(",") if seed])

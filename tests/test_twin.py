@@ -140,6 +140,31 @@ def test_calibrate_recovers_the_profile_of_a_simulator(tmp_path, capsys):
     assert "calibrate: cold prefill" in capsys.readouterr().err  # progress lines
 
 
+
+def test_a_server_without_prefix_caching_gets_a_twin_without_it(tmp_path, capsys):
+    """The shared-prefix pair finds the server caches nothing: the twin's engine does not either, so on an
+    agent workload (every turn resends the conversation) it holds fewer agents than the same twin caching."""
+    hidden = write_profile(tmp_path, {"engine.enable_prefix_caching": False, "engine.max_num_seqs": 64})
+    out = tmp_path / "twin.yaml"
+    with simulator("--profile", str(hidden)) as sim:
+        code = main(["calibrate", "--host", sim.url, "--out", str(out), "--design", "quick", "--max-residual", "0.5",
+                     "--max-num-seqs", "64"])
+    assert code == 0, capsys.readouterr().err
+    assert "prefix caching off" in capsys.readouterr().err
+    twin = load_profile(out)
+    assert twin.engine.enable_prefix_caching is False
+    assert "Prefix caching on the server: off (the shared-prefix pair; engine.enable_prefix_caching false)" in (
+        out.read_text())
+    caching = tmp_path / "caching.yaml"
+    caching.write_text(out.read_text().replace("enable_prefix_caching: false", "enable_prefix_caching: true"))
+    options = ["--trajectories", "demo", "--warmup-s", "5", "--window-s", "15", "--json", "--no-band"]
+    answers = {}
+    for name, profile in (("off", out), ("on", caching)):
+        assert main(["predict", "--profile", str(profile), *options]) == 0
+        answers[name] = json.loads(capsys.readouterr().out)["capacity"]["aa-20tps"]["agents"] or 0
+    assert answers["off"] < answers["on"], answers
+
+
 @pytest.mark.parametrize("case", ["queued", "arrivals only", "no gauges"])
 def test_the_burst_reads_max_num_seqs_only_where_requests_queued_for_a_slot(case):
     """Running while others wait is the limit; requests that wait only as they arrive (every one started

@@ -145,7 +145,7 @@ class Engine:
     def __init__(self, profile: Profile, seed: int = 0) -> None:
         self.profile = profile
         self.counters = EngineCounters()
-        self._kv = KVCache(profile.kv_capacity_blocks)
+        self._kv = KVCache(profile.kv_capacity_blocks, profile.engine.enable_prefix_caching)
         self._rng = random.Random(seed)
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []

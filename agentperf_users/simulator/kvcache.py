@@ -25,10 +25,11 @@ from agentperf_users.tokens import BLOCK_SIZE
 class KVCache:
     """A pool of ``num_blocks`` KV blocks. Invariant: ``num_used_blocks + num_free_blocks == num_blocks``."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, caching: bool = True) -> None:
         if num_blocks <= 0:
             raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.caching = caching  # prefix caching on: computed prompt blocks are registered for reuse
         self._refs = [0] * num_blocks
         self._hash_of: list[int | None] = [None] * num_blocks
         self._block_of: dict[int, int] = {}  # block hash -> the block caching it
@@ -106,8 +107,9 @@ class KVCache:
         return blocks
 
     def cache(self, block: int, block_hash: int) -> None:
-        """Register a just-computed full prompt block under its hash (first writer wins, as in vLLM)."""
-        if self._hash_of[block] is None and block_hash not in self._block_of:
+        """Register a just-computed full prompt block under its hash (first writer wins, as in vLLM); nothing
+        with prefix caching off, so no prompt ever finds a cached block."""
+        if self.caching and self._hash_of[block] is None and block_hash not in self._block_of:
             self._block_of[block_hash] = block
             self._hash_of[block] = block_hash
             self.version += 1

@@ -97,6 +97,7 @@ class CacheInfo:
     num_gpu_blocks: int
     block_size: int
     gpu_memory_utilization: float
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ class SimulatorMetrics:
         self._itl = GapHistogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
                                  ITL_BUCKETS_S, {"model_name": model_name})
         registry.register(self._itl)
-        info = {"block_size": str(cache.block_size), "enable_prefix_caching": "True",
+        info = {"block_size": str(cache.block_size), "enable_prefix_caching": str(cache.enable_prefix_caching),
                 "gpu_memory_utilization": str(cache.gpu_memory_utilization),
                 "num_gpu_blocks": str(cache.num_gpu_blocks), "engine": "0"}
         Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(info),

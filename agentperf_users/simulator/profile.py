@@ -124,6 +124,9 @@ class EngineLimits:
     gpu_memory_utilization: float = dataclasses.field(metadata=FRACTION)
     activation_reserve_gib: float
     """Per GPU: peak activations, CUDA graphs and non-torch memory, which vLLM subtracts before sizing KV."""
+    enable_prefix_caching: bool = True
+    """vLLM's flag: off, no prompt block is ever a cache hit, so an agent's every turn prefills its whole
+    conversation (a server run so, which calibrate's shared-prefix pair tells, holds far fewer agents)."""
 
 
 @dataclass(frozen=True)
@@ -412,6 +415,10 @@ def _value(hint: Any, value: Any, path: str, source: str, limits: Any) -> Any:
             return None
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, source)
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(source, path, "true or false", value)
+        return value
     if hint is str:
         if not is_single_line_text(value, max_chars=500):
             _fail(source, path, "a non-empty string of one line, at most 500 characters", value)

@@ -44,7 +44,8 @@ class EngineReplica:
         self.engine = Engine(profile, seed=seed)
         gpu, counters = profile.gpu, self.engine.counters
         power = PowerModel(PowerSpec(gpu.count, gpu.name, gpu.idle_w, gpu.tdp_w), lambda: counters.busy_s_total)
-        cache = CacheInfo(profile.kv_capacity_blocks, profile.engine.block_size, profile.engine.gpu_memory_utilization)
+        cache = CacheInfo(profile.kv_capacity_blocks, profile.engine.block_size, profile.engine.gpu_memory_utilization,
+                          profile.engine.enable_prefix_caching)
         self.metrics = SimulatorMetrics(model_name, counters, power, cache, fault_kinds)
         self.replies: dict[EngineRequest, Reply] = {}
         # Replies whose last token is written; their usage chunk and [DONE] go out in the next step's

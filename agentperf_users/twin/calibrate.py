@@ -100,7 +100,8 @@ def run(args) -> int:
                    max_context_tokens=int(limits.max_context_tokens / scale))
     try:
         profile = write_profile(out, profile_data(out.stem, result.constants.per_token_of(scale), ours,
-                                                  front_end.per_token_of(scale) if front_end else None),
+                                                  front_end.per_token_of(scale) if front_end else None,
+                                                  caches_prefixes(source.data)),
                                 _header(source, result, out, front_end))
     except SimulatorError as exc:
         raise AgentperfError(f"the fitted numbers make no valid profile ({exc}): run calibrate again, or with the "
@@ -116,6 +117,13 @@ def run(args) -> int:
     if drift:
         _say(f"agentperf calibrate: {drift.words()}")
     return 0
+
+
+def caches_prefixes(data: ProbeData) -> bool:
+    """Whether the twin caches prompt prefixes: unless the probe's shared-prefix pair found the server does not
+    (an agent's every turn then prefills its whole conversation); a probe that could not tell keeps the
+    simulator's default, on."""
+    return not data.prefix_caching.startswith("off")
 
 
 def _context_within_cache(source: Source) -> Source:
@@ -338,7 +346,8 @@ def _header(source: Source, result: FitResult, out: Path, front_end: FrontEndFit
         f"{result.max_relative:.1%} max; {len(result.spikes)} set aside as spikes (much slower than the fit); "
         f"every timing and its residual: {out.stem}{SIDECAR_SUFFIX}",
         "Limits: " + "; ".join(f"{name} {getattr(limits, name)} from {sources[name]}" for name in LIMIT_NAMES),
-        f"Prefix caching on the server: {data.prefix_caching} (the simulator always caches prefixes).",
+        f"Prefix caching on the server: {data.prefix_caching} (the shared-prefix pair; engine.enable_prefix_caching "
+        f"{str(caches_prefixes(data)).lower()}{'' if data.prefix_caching != 'unknown' else ', the default'}).",
         f"Token scale: the server counts {data.token_scale:.4g} tokens per agentperf token; the constants and limits "
         "above are per server token, the profile's are per agentperf token (the simulator's count).",
         *([f"From a run: {source.run_note}."] if source.run_note else []),

@@ -66,9 +66,11 @@ def constants_of(profile: Profile) -> StepConstants:
                          pair_flops / flops, sequence_s=(efficiency.sequence_overhead_ms or 0.0) / 1e3)
 
 
-def profile_data(name: str, constants: StepConstants, limits: Limits, front_end: FrontEndFit | None = None) -> dict:
-    """The profile YAML's mapping whose ``StepCost`` prices steps as ``constants`` do (module docstring), and
-    whose engine charges ``front_end``'s work per request (absent: none)."""
+def profile_data(name: str, constants: StepConstants, limits: Limits, front_end: FrontEndFit | None = None,
+                 prefix_caching: bool = True) -> dict:
+    """The profile YAML's mapping whose ``StepCost`` prices steps as ``constants`` do (module docstring),
+    whose engine charges ``front_end``'s work per request (absent: none) and caches prompt prefixes where
+    the server does (``prefix_caching``)."""
     bandwidth_gb_s = min(MAX_RATE, KV_BYTES_PER_TOKEN / max(constants.kv_s_per_token, 1e-30) / 1e9)
     tflops = min(MAX_RATE, PAIR_FLOPS / max(constants.attention_s_per_pair, 1e-30) / 1e12)
     weights_gib = max(constants.weights_s, 1e-9) * bandwidth_gb_s * 1e9 / GIB
@@ -83,7 +85,8 @@ def profile_data(name: str, constants: StepConstants, limits: Limits, front_end:
                   "weights_gib": weights_gib, **STAND_IN, "max_context_tokens": limits.max_context_tokens},
         "engine": {"max_num_seqs": limits.max_num_seqs, "max_num_batched_tokens": limits.max_num_batched_tokens,
                    "max_waiting_requests": limits.max_waiting_requests, "block_size": BLOCK_SIZE,
-                   "gpu_memory_utilization": 1.0, "activation_reserve_gib": RESERVE_GIB},
+                   "gpu_memory_utilization": 1.0, "activation_reserve_gib": RESERVE_GIB,
+                   "enable_prefix_caching": prefix_caching},
         "efficiency": {"bandwidth": 1.0, "mfu": 1.0, "step_overhead_ms": max(constants.overhead_s * 1e3, 1e-6),
                        **({"sequence_overhead_ms": constants.sequence_s * 1e3} if constants.sequence_s > 1e-9 else {}),
                        **_front_end_fields(front_end)},

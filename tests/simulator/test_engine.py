@@ -147,6 +147,26 @@ def test_identical_prompt_recomputes_only_its_last_block(profile):
     assert steps[0].prefill_tokens == BLOCK_SIZE
 
 
+def test_without_prefix_caching_an_identical_prompt_is_prefilled_whole(tmp_path):
+    """``engine.enable_prefix_caching: false`` (a vLLM run so): the same prompt again is no hit, its whole
+    length is prefilled, and the server says so on its cache info."""
+    engine = Engine(custom_profile(tmp_path, {"engine.enable_prefix_caching": False}))
+    engine.submit(request("a", 3200, 1))
+    drain(engine)
+    again = request("b", 3200, 1)
+    engine.submit(again)
+    steps, _ = drain(engine)
+    assert again.cached_tokens == 0 and sum(step.prefill_tokens for step in steps) == 3200
+    assert engine.counters.prefix_hits_tokens == 0 and engine.counters.prefix_queries_tokens == 6400
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_prefix_caching_is_true_or_false_in_one_line(tmp_path, value):
+    with pytest.raises(SimulatorError) as raised:
+        custom_profile(tmp_path, {"engine.enable_prefix_caching": value})
+    assert "engine.enable_prefix_caching: expected true or false" in str(raised.value)
+
+
 def small_kv_profile(tmp_path, kv_gib: float = 1.0, **changes) -> Profile:
     """Default profile with ``kv_gib`` of KV cache (8192 tokens per GiB) and a 4K context: easy to exhaust."""
     utilisation = (14.99 + 5.65 + kv_gib) / 79.2
