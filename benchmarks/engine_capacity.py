@@ -12,11 +12,15 @@ one are issue 14's search-time ratio on a real server. Needs ``.ci/install-vllm`
 
     python benchmarks/engine_capacity.py [--set small|long] [--seeds 0,1] [--predict TWIN.yaml [--predict-repeats 8]
         [--predict-speed-spread S]]
-        [--tool-wait-median S] [--max-num-seqs N] [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
+        [--tool-wait-median S] [--max-num-seqs N] [--no-prefix-caching] [--calibrate TWIN.yaml]
+        [--warmup-s 10] [--window-s 30] [--max-agents 48] [--keep DIR]
 
 ``--max-num-seqs N`` starts the engine with that many sequence slots (vLLM's default is 256): past them requests
 queue, so the knee is where the queue's wait reaches the TTFT limit, not where decoding slows; a twin for it is
-``agentperf calibrate --from-probe ... --max-num-seqs N``.
+``agentperf calibrate --from-probe ... --max-num-seqs N``. ``--no-prefix-caching`` starts it with
+``--no-enable-prefix-caching``: every turn prefills its whole conversation. ``--calibrate TWIN.yaml`` runs
+``agentperf calibrate`` against the engine as started, before the searches (the probe and the searches see
+the same engine), so ``agentperf predict --profile TWIN.yaml`` can be set against what they measured.
 """
 
 from __future__ import annotations
@@ -88,6 +92,20 @@ def drift_cell(drifts: list[dict]) -> str:
     return "; ".join(cells) or "none"
 
 
+def calibrate(url: str, out: Path, max_num_seqs: int | None) -> None:
+    """``agentperf calibrate`` against the engine, pinned as the searches are (vLLM 0.32's CPU token budget
+    given: no server reports it; max_num_seqs given where the engine was started with one)."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "agentperf_users.cli.main", "calibrate", "--host", url, "--out", str(out),
+         "--max-num-batched-tokens", "2048", *(("--max-num-seqs", str(max_num_seqs)) if max_num_seqs else ())],
+        capture_output=True, text=True, preexec_fn=pin(LOAD_CPUS), cwd=REPO)
+    print("\n".join(line for line in done.stderr.splitlines() if "wrote" in line or "prefix caching" in line
+                    or "error" in line), f"({time.monotonic() - started:.0f} s)", flush=True)
+    if done.returncode != 0:
+        raise SystemExit(f"agentperf calibrate failed: {done.stderr[-2000:]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1")
@@ -107,16 +125,24 @@ def main() -> None:
                              "ones: agents idle longer, so the engine holds more of them")
     parser.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
                         help="start vLLM with --max-num-seqs N (default: vLLM's own, 256)")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="start vLLM with --no-enable-prefix-caching")
+    parser.add_argument("--calibrate", type=Path, default=None, metavar="TWIN.yaml",
+                        help="calibrate a twin of the engine as started (standard design) before the searches")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the runs' folders here (agentperf report can rebuild them), not in a temporary folder")
     args = parser.parse_args()
     install = require_install()
-    with tempfile.TemporaryDirectory(prefix="engine-capacity-") as tmp, VllmServer(
-            install, extra_args=("--max-num-seqs", str(args.max_num_seqs)) if args.max_num_seqs else ()) as server:
+    engine_args = [*(("--max-num-seqs", str(args.max_num_seqs)) if args.max_num_seqs else ()),
+                   *(("--no-enable-prefix-caching",) if args.no_prefix_caching else ())]
+    with tempfile.TemporaryDirectory(prefix="engine-capacity-") as tmp, VllmServer(install, extra_args=engine_args) \
+            as server:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         trajectories = write_engine_set(folder / "set.jsonl", args.set)
         print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
+        if args.calibrate:
+            calibrate(server.url, args.calibrate, args.max_num_seqs)
         runs = [search(server.url, folder, trajectories, int(seed), args) for seed in args.seeds.split(",")]
     print("\n| seed | tier | capacity | first failing | stated spread | other seeds inside it | drift (margins, speed) | "
           "steps | wall | failing steps' causes |\n|---|---|---|---|---|---|---|---|---|---|")

@@ -39,7 +39,7 @@ from agentperf_users.twin.fit import (
     fit,
 )
 from agentperf_users.twin.calibrate import LIMIT_NAMES, _measured_seqs
-from agentperf_users.twin.from_run import read_run_points, recheck_drift
+from agentperf_users.twin.from_run import RunPoints, read_run_points, recheck_drift
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import prefill_steps
 from agentperf_users.twin.probe_seqs import (
@@ -153,7 +153,7 @@ def test_a_server_without_prefix_caching_gets_a_twin_without_it(tmp_path, capsys
     assert "prefix caching off" in capsys.readouterr().err
     twin = load_profile(out)
     assert twin.engine.enable_prefix_caching is False
-    assert "Prefix caching on the server: off (the shared-prefix pair; engine.enable_prefix_caching false)" in (
+    assert "Prefix caching on the server: off (so engine.enable_prefix_caching false)" in (
         out.read_text())
     caching = tmp_path / "caching.yaml"
     caching.write_text(out.read_text().replace("enable_prefix_caching: false", "enable_prefix_caching: true"))
@@ -450,6 +450,25 @@ def test_calibrate_from_a_run_recovers_the_decode_and_prefill_constants(tmp_path
     assert load_profile(out).kv_capacity_tokens == pytest.approx(400_000 / (server_tokens or 1.0), abs=1)
     sidecar = json.loads((tmp_path / "twin.probe.json").read_text())
     assert {o["kind"] for o in sidecar["observations"]} == {"decode", "ttft"} and sidecar["design"] == "run"
+
+
+def test_a_run_on_a_server_without_prefix_caching_gives_a_twin_without_it(tmp_path, capsys):
+    """No request of the run hit the cache though the server reported each one's cached tokens: an agent
+    resends its conversation every turn, so the server caches nothing, and neither does its twin."""
+    hidden = write_profile(tmp_path, {"engine.enable_prefix_caching": False})
+    folder, result = truth_run(tmp_path, hidden, max_agents=8)
+    out = tmp_path / "twin.yaml"
+    limits = ["--kv-cache-tokens", "400000", "--max-model-len", "131072", "--max-num-seqs", "1024"]
+    assert main(["calibrate", "--from-run", str(folder), "--out", str(out), *limits]) == 0, capsys.readouterr().err
+    assert load_profile(out).engine.enable_prefix_caching is False
+    assert "Prefix caching on the server: off (the server reported no cached token on any of " in out.read_text()
+
+
+@pytest.mark.parametrize("reported, hits, said", [(200, 3, "on"), (200, 0, "off"), (19, 0, "unknown"),
+                                                   (0, 0, "unknown")])
+def test_what_a_run_says_of_prefix_caching(reported, hits, said):
+    points = RunPoints((), 200, "", 1, (1.0, 1.0), (1, 1), cache_reported=reported, cache_hits=hits)
+    assert points.prefix_caching().split()[0] == said
 
 
 def rewrite_records(folder, records, server_tokens: float | None) -> None:

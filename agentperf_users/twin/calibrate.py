@@ -29,7 +29,7 @@ from agentperf_users.loadgen.probe import ProbeTarget, served_models
 from agentperf_users.options import Group, add_options
 from agentperf_users.simulator.profile import SimulatorError
 from agentperf_users.twin.fit import MAX_RMS_RELATIVE, FitResult, FrontEndFit, Observation, fit, fit_front_end
-from agentperf_users.twin.from_run import DECODE_KINDS, RunPoints, describe, read_run_points, recheck_drift, refine
+from agentperf_users.twin.from_run import RunPoints, describe, read_run_points, recheck_drift, refine
 from agentperf_users.twin.probe_design import DESIGNS
 from agentperf_users.twin.probe_run import ProbeClient, ProbeData, run_probe
 from agentperf_users.twin.probe_seqs import BURST_REQUESTS, measure_max_num_seqs
@@ -260,8 +260,7 @@ def _from_run(args, probe: Source | None) -> Source:
                    "max_num_seqs": _seqs_source(args),
                    "max_num_batched_tokens": _batched_source(args)}
     target = _run_target(folder)
-    cached = any(obs.steps[-1].prefill_context_tokens > 0 for obs in points.observations if obs.kind not in DECODE_KINDS)
-    base = probe.data if probe is not None else ProbeData((), "on" if cached else "unknown", points.token_scale or 1.0)
+    base = probe.data if probe is not None else ProbeData((), points.prefix_caching(), points.token_scale or 1.0)
     data = replace(base, observations=base.observations + points.observations)
     unmeasured = ", ".join(f"{name} from {sources[name]}" for name in LIMIT_NAMES)
     note = (f"fitted {'the probe and ' if probe else ''}the run {folder}: {describe(points)}. Not measured by a run "
@@ -346,8 +345,8 @@ def _header(source: Source, result: FitResult, out: Path, front_end: FrontEndFit
         f"{result.max_relative:.1%} max; {len(result.spikes)} set aside as spikes (much slower than the fit); "
         f"every timing and its residual: {out.stem}{SIDECAR_SUFFIX}",
         "Limits: " + "; ".join(f"{name} {getattr(limits, name)} from {sources[name]}" for name in LIMIT_NAMES),
-        f"Prefix caching on the server: {data.prefix_caching} (the shared-prefix pair; engine.enable_prefix_caching "
-        f"{str(caches_prefixes(data)).lower()}{'' if data.prefix_caching != 'unknown' else ', the default'}).",
+        f"Prefix caching on the server: {data.prefix_caching} (so engine.enable_prefix_caching "
+        f"{str(caches_prefixes(data)).lower()}{'' if data.prefix_caching != 'unknown' else ': the default'}).",
         f"Token scale: the server counts {data.token_scale:.4g} tokens per agentperf token; the constants and limits "
         "above are per server token, the profile's are per agentperf token (the simulator's count).",
         *([f"From a run: {source.run_note}."] if source.run_note else []),

@@ -72,6 +72,11 @@ MIN_MEAN_SQUARE = 1e-4
 """A kind's residuals count as at least 1 % RMS when weighing it (an exact kind would weigh infinitely)."""
 
 
+MIN_CACHE_REPORTS = 20
+"""Requests with a cached-token count, none a hit, that say a server does not cache prefixes: an agent's
+second turn already resends its first, so a caching server hits within any agent's first turns."""
+
+
 @dataclass(frozen=True)
 class RunPoints:
     """What a run folder gave the fit, and what it says about the run's reach."""
@@ -84,6 +89,18 @@ class RunPoints:
     prefill_tokens_range: tuple[int, int]  # uncached prompt tokens per request, min and max
     token_scale: float | None = None  # the server's prompt tokens per agentperf token; None: records without ours
     scale_requests: int = 0  # the requests it was drawn from
+    cache_reported: int = 0  # ok requests whose server said how many of their prompt tokens were cached
+    cache_hits: int = 0  # of those, the requests with any
+
+    def prefix_caching(self) -> str:
+        """What the run says of the server's prefix caching: ``on`` where a request hit the cache; ``off`` where
+        at least :data:`MIN_CACHE_REPORTS` requests had their cached tokens reported and none hit (an agent
+        resends its conversation every turn, so a caching server hits within a few turns); else ``unknown``."""
+        if self.cache_hits:
+            return "on"
+        if self.cache_reported >= MIN_CACHE_REPORTS:
+            return f"off (the server reported no cached token on any of {self.cache_reported} requests of the run)"
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -169,8 +186,10 @@ def read_run_points(folder: Path, budget_tokens: int, max_num_seqs: int) -> RunP
     batches = [obs.steps[0].decode_batch for obs in decode] or [0.0]  # (a decode point's first step is its pure one)
     news = [t.new_tokens for t in ok]
     sizes = [(r.counted_prompt_tokens, r.prompt_tokens) for r in (t.record for t in ok) if r.counted_prompt_tokens]
+    reported = [t for t in ok if t.record.cached_tokens is not None]
     return RunPoints(tuple(decode + prefill), len(ok), source, timeline.max_batch(), (min(batches), max(batches)),
-                     (min(news), max(news)), token_scale(sizes) if len(sizes) >= 2 else None, len(sizes))
+                     (min(news), max(news)), token_scale(sizes) if len(sizes) >= 2 else None, len(sizes),
+                     len(reported), sum(t.record.cached_tokens > 0 for t in reported))
 
 
 def _timed(record: RequestRecord) -> _Timed | None:
