@@ -97,8 +97,8 @@ def test_one_replica_is_the_single_engine_exactly(tmp_path, capsys, flat, slo):
     single = predict_json(capsys, *options)
     for router in (ROUND_ROBIN, PREFIX_AFFINITY):
         one = predict_json(capsys, *options, "--replicas", "1", "--router", router)
-        assert {k: one[k] for k in ("capacity", "steps", "simulated_s")} == \
-            {k: single[k] for k in ("capacity", "steps", "simulated_s")}
+        assert {k: one[k] for k in ("capacity", "steps", "simulated_s", "bands")} == \
+            {k: single[k] for k in ("capacity", "steps", "simulated_s", "bands")}  # the band's ladder too
         assert "fleet" not in one
 
 
@@ -107,7 +107,7 @@ def test_two_round_robin_replicas_hold_twice_the_agents(tmp_path, capsys, flat, 
     options = ["--profile", str(profile), "--trajectories", str(flat), "--slo", str(slo), *SEARCH]
     agents, fleets = {}, {}
     for replicas in (1, 2, 4):
-        predicted = predict_json(capsys, *options, "--replicas", str(replicas))
+        predicted = predict_json(capsys, *options, "--replicas", str(replicas), "--no-band")
         assert predicted["capacity"]["tight"]["status"] == CapacityStatus.FOUND.value
         agents[replicas], fleets[replicas] = predicted["capacity"]["tight"]["agents"], predicted.get("fleet")
     assert agents[1] == MAX_NUM_SEQS
@@ -115,7 +115,7 @@ def test_two_round_robin_replicas_hold_twice_the_agents(tmp_path, capsys, flat, 
     fleet = fleets[2]
     assert fleet["accelerators"] == 4  # the profile's 2 per replica, times 2
     assert fleet["agents_per_accelerator"]["tight"] == pytest.approx(agents[2] / 4, abs=1e-3)
-    assert main(["predict", *options, "--replicas", "2"]) == 0
+    assert main(["predict", *options, "--replicas", "2", "--no-band"]) == 0
     out = capsys.readouterr().out
     assert f"{agents[2] / 4:.2f} per accelerator" in out and "2 replicas" in out
 
