@@ -36,6 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import twin_accuracy  # noqa: E402
 from tests.engine.vllm_server import LOAD_CPUS, VllmServer, pin, require_install  # noqa: E402
 from tests.engine.workload import ENGINE_SETS, write_engine_set  # noqa: E402
 
@@ -92,20 +95,6 @@ def drift_cell(drifts: list[dict]) -> str:
     return "; ".join(cells) or "none"
 
 
-def calibrate(url: str, out: Path, max_num_seqs: int | None) -> None:
-    """``agentperf calibrate`` against the engine, pinned as the searches are (vLLM 0.32's CPU token budget
-    given: no server reports it; max_num_seqs given where the engine was started with one)."""
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "agentperf_users.cli.main", "calibrate", "--host", url, "--out", str(out),
-         "--max-num-batched-tokens", "2048", *(("--max-num-seqs", str(max_num_seqs)) if max_num_seqs else ())],
-        capture_output=True, text=True, preexec_fn=pin(LOAD_CPUS), cwd=REPO)
-    print("\n".join(line for line in done.stderr.splitlines() if "wrote" in line or "prefix caching" in line
-                    or "error" in line), f"({time.monotonic() - started:.0f} s)", flush=True)
-    if done.returncode != 0:
-        raise SystemExit(f"agentperf calibrate failed: {done.stderr[-2000:]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1")
@@ -141,8 +130,10 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         trajectories = write_engine_set(folder / "set.jsonl", args.set)
         print(f"vLLM healthy in {server.start_s:.0f} s at {server.url}", flush=True)
-        if args.calibrate:
-            calibrate(server.url, args.calibrate, args.max_num_seqs)
+        if args.calibrate:  # pinned as the searches are; the CPU's token budget given (no server reports it)
+            twin_accuracy.calibrate(server.url, args.calibrate, "standard", *twin_accuracy.VLLM_CPU_LIMITS,
+                                    *(("--max-num-seqs", str(args.max_num_seqs)) if args.max_num_seqs else ()),
+                                    pin=pin(LOAD_CPUS))
         runs = [search(server.url, folder, trajectories, int(seed), args) for seed in args.seeds.split(",")]
     print("\n| seed | tier | capacity | first failing | stated spread | other seeds inside it | drift (margins, speed) | "
           "steps | wall | failing steps' causes |\n|---|---|---|---|---|---|---|---|---|---|")

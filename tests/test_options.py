@@ -148,6 +148,9 @@ def test_options_neither_agentperf_nor_locust_knows_are_one_line_before_anything
         "agentperf: error: unrecognized arguments (neither agentperf's nor Locust's): --nope"], done.stderr
     assert not (tmp_path / "run").exists() and "run folder" not in done.stdout
     capacity.check_locust_args(["--loglevel", "DEBUG", "--stop-timeout", "3"])  # Locust's: no error
+    with pytest.raises(AgentperfError) as raised:  # the option is named, never a value given with it
+        capacity.check_locust_args(["--api-key", "sk-canary-1234567890", "--token=sk-canary-0987654321"])
+    assert str(raised.value) == "unrecognized arguments (neither agentperf's nor Locust's): --api-key --token"
     for given, said in ((["--stop-timeout", "3", "--nope"], "unrecognized arguments (neither agentperf's nor "
                          "Locust's): --nope"), (["--loglevel"], "argument --loglevel/-L: expected one argument")):
         with pytest.raises(AgentperfError) as raised:

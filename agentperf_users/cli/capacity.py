@@ -202,12 +202,14 @@ def run(args: argparse.Namespace, locust_args: Sequence[str] = ()) -> int:
 
 
 # Locust's own parser, in a process of its own: importing Locust monkey-patches the threads this one runs.
+# Only the options are named, never the values after them (a key pasted after a mistyped option stays unsaid).
 _LOCUST_ARGS_CHECK = """
 import sys
 from locust.argument_parser import get_parser
 _, unknown = get_parser(default_config_files=()).parse_known_args(sys.argv[1:])
+named = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")] or ["a value without its option"]
 if unknown:
-    sys.exit("unrecognized arguments (neither agentperf's nor Locust's): " + " ".join(unknown))
+    sys.exit("unrecognized arguments (neither agentperf's nor Locust's): " + " ".join(named))
 """
 
 
