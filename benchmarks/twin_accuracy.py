@@ -113,7 +113,7 @@ def true_band(profile: Path, tier: str, up_to: int):
     from agentperf_users.measure.slo import load_slo
     from agentperf_users.search import truth
     from agentperf_users.search.policy import SearchParameters
-    from agentperf_users.workload.trajectory import load_trajectories
+    from agentperf_users.workload.readers import load_trajectories
 
     parser = argparse.ArgumentParser()
     truth.add_arguments(parser)

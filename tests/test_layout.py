@@ -107,6 +107,72 @@ def test_the_simulator_and_the_leaves_import_nothing_of_the_harness():
     assert simulator == set() and leaves == set()
 
 
+def _module_file(module: str, beside: Path) -> Path | None:
+    """The file of a project module (``agentperf_users``, ``tests``, ``benchmarks``, ``locustfiles``), or of a
+    bare name a benchmark imports from its own folder (they put it on ``sys.path``); None: not the project's."""
+    if module.split(".")[0] not in ("agentperf_users", "tests", "benchmarks", "locustfiles"):
+        own = REPO / "benchmarks" / f"{module}.py"
+        return own if beside.parent == own.parent and own.is_file() else None
+    base = REPO.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return base  # a module that does not exist: reported below
+
+
+def _defined_names(path: Path) -> set[str]:
+    """The names a module defines at its top level (inside ``if``/``try``/``with`` too), and its submodules."""
+    names = {child.stem if child.suffix == ".py" else child.name for child in path.parent.iterdir()} \
+        if path.name == "__init__.py" else set()
+    pending = list(ast.parse(path.read_text()).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            pending += [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", []),
+                        *(stmt for handler in getattr(node, "handlers", []) for stmt in handler.body)]
+    return names
+
+
+def unresolved_imports(files: list[Path]) -> list[str]:
+    """``file:line module.name`` for each ``from MODULE import NAME`` of the project, at any depth of a file (a lazy
+    import inside a benchmark's function runs only when that part runs), whose module or name does not exist."""
+    wrong = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                continue
+            target = _module_file(node.module, path)
+            if target is None:
+                continue
+            defined = _defined_names(target) if target.is_file() else set()
+            where = path.relative_to(REPO) if path.is_relative_to(REPO) else path.name
+            wrong += [f"{where}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                      if a.name != "*" and a.name not in defined]
+    return wrong
+
+
+def test_every_project_name_imported_anywhere_exists():
+    """A refactor that moves a function breaks a benchmark's lazy import only when that part is run: found here."""
+    files = [p for folder in ("agentperf_users", "tests", "benchmarks", "locustfiles") for p in (REPO / folder).rglob("*.py")]
+    assert unresolved_imports(files) == []
+
+
+def test_an_import_of_a_moved_name_is_found(tmp_path):  # the check above can fail
+    stale = tmp_path / "stale.py"
+    stale.write_text("from agentperf_users.workload.readers import load_trajectories\n"
+                     "def part():\n    from agentperf_users.workload.trajectory import load_trajectories\n"
+                     "    from agentperf_users.nowhere import anything\n")
+    assert unresolved_imports([stale]) == ["stale.py:3 agentperf_users.workload.trajectory.load_trajectories",
+                                           "stale.py:4 agentperf_users.nowhere.anything"]
+
+
 def test_every_stage_says_what_it_does():
     for stage in STAGES:
         docstring = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text()))
