@@ -160,7 +160,8 @@ def unresolved_imports(files: list[Path]) -> list[str]:
 
 def test_every_project_name_imported_anywhere_exists():
     """A refactor that moves a function breaks a benchmark's lazy import only when that part is run: found here."""
-    files = [p for folder in ("agentperf_users", "tests", "benchmarks", "locustfiles") for p in (REPO / folder).rglob("*.py")]
+    folders = ("agentperf_users", "tests", "benchmarks", "locustfiles")
+    files = [path for folder in folders for path in (REPO / folder).rglob("*.py")]
     assert unresolved_imports(files) == []
 
 
