@@ -59,7 +59,12 @@ class ProbeDesign:
 
 
 DESIGNS = {
-    "standard": ProbeDesign("standard", prefill_tokens=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+    # The 16K and 32K prefills pin the attention term: agents' contexts run to 131K (mean ~27K), and at 8K
+    # attention is a tenth of a prefill's time. Without them it came out up to 6 % off, and the twins' worst
+    # step-time errors were 0.6-3.0 %; with them 0.3-0.5 % (benchmarks/twin_accuracy.py part a, docs/twin.md).
+    # fitted_to drops them where the server's context is shorter.
+    "standard": ProbeDesign("standard", prefill_tokens=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                                        32768),
                             prefill_repeats=3, decode_batches=(1, 2, 4, 8, 16), decode_contexts=(128, 1024, 4096),
                             decode_output_tokens=48, prefix_tokens=2048, agent_tokens=(256, 1024, 2048, 4096, 8192)),
     "quick": ProbeDesign("quick", prefill_tokens=(16, 64, 256, 1024, 4096), prefill_repeats=1,
