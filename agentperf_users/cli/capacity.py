@@ -207,8 +207,8 @@ _LOCUST_ARGS_CHECK = """
 import sys
 from locust.argument_parser import get_parser
 _, unknown = get_parser(default_config_files=()).parse_known_args(sys.argv[1:])
-named = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")] or ["a value without its option"]
 if unknown:
+    named = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")] or ["a value without its option"]
     sys.exit("unrecognized arguments (neither agentperf's nor Locust's): " + " ".join(named))
 """
 
